@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each creates the virtual
+# environment and installs what it needs on first use; nothing is installed by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+PORT ?= 8000
+export PORT
+
+.PHONY: install run test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+## run: serve the API on http://127.0.0.1:$(PORT) with 2 gunicorn workers on the embedded
+## default (a redis-server and SQLite under var/), unless TIMELINE_* variables say otherwise.
+run: $(STAMP)
+	$(BIN)/gunicorn app:app
+
+## lint: ruff (lint and format) and mypy.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## test: lint, then the whole test suite against real redis-server processes.
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

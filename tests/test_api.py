@@ -1,0 +1,435 @@
+"""The HTTP contract through Flask's test client, on both stores."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from timeline.model import Document, Kind, Message
+from timeline.store import Store
+
+
+def post(client: Any, path: str, body: Any, **kwargs: Any) -> Any:
+    return client.post(path, data=json.dumps(body), content_type="application/json", **kwargs)
+
+
+def send(client: Any, sender: str, receiver: str, text: str) -> Any:
+    message = json.dumps({"from": sender, "to": receiver, "text": text}, ensure_ascii=False)
+    return post(client, "/timeline/send", {"from": sender, "to": receiver, "message": message})
+
+
+def send_group(client: Any, sender: str, group: str, members: list[str], text: str) -> Any:
+    message = json.dumps({"from": sender, "group": group, "text": text}, ensure_ascii=False)
+    body = {"group_name": group, "group_members": members, "message": message}
+    return post(client, "/timeline/sendGroup", body)
+
+
+def texts(entries: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(e["sequence"], json.loads(e["message"])["text"]) for e in entries]
+
+
+# --- the seed's example ---------------------------------------------------------------
+
+
+def test_seed_example(client: Any) -> None:
+    assert send(client, "a", "b", "吃了吗？").get_json() == {"sequence": "1"}
+    assert send(client, "b", "a", "吃了").get_json() == {"sequence": "2"}
+    group = ["a", "c", "d"]
+    for sender, text in [("a", "大家好"), ("c", "报三围"), ("a", "初次见面，多多指教")]:
+        reply = send_group(client, sender, "group_a", group, text)
+        assert reply.status_code == 200
+        assert reply.get_json() == {"failedMembers": []}
+
+    sync = client.get("/timeline/sync?member=a&last_read=0&count=10").get_json()
+    assert texts(sync["entrySet"]) == [
+        ("1", "吃了吗？"),
+        ("2", "吃了"),
+        ("3", "大家好"),
+        ("4", "报三围"),
+        ("5", "初次见面，多多指教"),
+    ]
+    assert sync["latestSeq"] == "5"
+    assert sync["entrySetLastSeq"] == "5"
+
+    for path in ("/timeline/history/single/a/b", "/timeline/history/single/b/a"):
+        history = client.get(path + "?last_read=0&count=10").get_json()
+        assert texts(history["entrySet"]) == [("1", "吃了吗？"), ("2", "吃了")]
+    history = client.get("/timeline/history/group/group_a?last_read=0&count=10").get_json()
+    assert texts(history["entrySet"]) == [
+        ("1", "大家好"),
+        ("2", "报三围"),
+        ("3", "初次见面，多多指教"),
+    ]
+    # The messages come back exactly as the clients wrote them.
+    first = json.loads(sync["entrySet"][0]["message"])
+    assert first == {"from": "a", "to": "b", "text": "吃了吗？"}
+
+
+# --- protojson conventions --------------------------------------------------------------
+
+
+def test_zero_values_are_written(client: Any) -> None:
+    reply = client.get("/timeline/sync?member=nobody")
+    assert reply.status_code == 200
+    assert reply.get_json() == {"latestSeq": "0", "entrySetLastSeq": "0", "entrySet": []}
+    assert client.get("/timeline/history/group/nobody").get_json() == {"entrySet": []}
+    assert client.get("/timeline/history/single/x/y").get_json() == {"entrySet": []}
+
+
+def test_int64_fields_are_strings_and_accept_numbers_or_strings(client: Any) -> None:
+    for i in range(3):
+        send(client, "a", "b", f"m{i}")
+    for last_read in ("1", 1):
+        reply = client.get("/timeline/sync", query_string={"member": "b", "last_read": last_read})
+        body = reply.get_json()
+        assert body["latestSeq"] == "3"
+        assert [e["sequence"] for e in body["entrySet"]] == ["2", "3"]
+    # The contract's history routes read last_read as string or number alike.
+    body = client.get("/timeline/history/single/a/b?last_read=2").get_json()
+    assert [e["sequence"] for e in body["entrySet"]] == ["3"]
+
+
+def test_both_field_spellings_are_accepted(client: Any) -> None:
+    body = {"groupName": "g", "groupMembers": ["a", "b"], "message": {"text": "camel"}}
+    assert post(client, "/timeline/sendGroup", body).get_json() == {"failedMembers": []}
+    send_group(client, "a", "g", ["a", "b"], "proto")
+    reply = client.get("/timeline/sync?member=a&lastRead=1&count=5").get_json()
+    assert texts(reply["entrySet"]) == [("2", "proto")]
+
+
+def test_message_object_is_accepted_as_extension(client: Any) -> None:
+    body = {"from": "a", "to": "b", "message": {"text": "object", "n": 1}}
+    assert post(client, "/timeline/send", body).get_json() == {"sequence": "1"}
+    [entry] = client.get("/timeline/sync?member=b").get_json()["entrySet"]
+    assert json.loads(entry["message"]) == {"text": "object", "n": 1}
+
+
+def test_unknown_request_fields_are_ignored(client: Any) -> None:
+    body = {"from": "a", "to": "b", "message": "{}", "priority": 5, "extra": {"x": 1}}
+    assert post(client, "/timeline/send", body).status_code == 200
+
+
+def test_form_content_type_is_read_as_json(client: Any) -> None:
+    # curl -d '{...}' sends application/x-www-form-urlencoded.
+    data = json.dumps({"from": "a", "to": "b", "message": '{"text":"curl"}'})
+    reply = client.post(
+        "/timeline/send", data=data, content_type="application/x-www-form-urlencoded"
+    )
+    assert reply.status_code == 200
+    assert reply.get_json() == {"sequence": "1"}
+
+
+def test_send_to_self_writes_one_sync_copy(client: Any) -> None:
+    assert send(client, "a", "a", "note to self").get_json() == {"sequence": "1"}
+    body = client.get("/timeline/sync?member=a").get_json()
+    assert texts(body["entrySet"]) == [("1", "note to self")]
+    history = client.get("/timeline/history/single/a/a").get_json()
+    assert texts(history["entrySet"]) == [("1", "note to self")]
+
+
+def test_duplicate_group_members_receive_one_copy(client: Any) -> None:
+    send_group(client, "a", "g", ["a", "b", "a", "b"], "once")
+    assert texts(client.get("/timeline/sync?member=a").get_json()["entrySet"]) == [("1", "once")]
+    assert client.get("/timeline/sync?member=a").get_json()["latestSeq"] == "1"
+
+
+def test_sync_pages_with_count_and_entry_set_last_seq(client: Any) -> None:
+    for i in range(5):
+        send(client, "a", "b", f"m{i}")
+    seen: list[str] = []
+    last_read = "0"
+    while True:
+        body = client.get(f"/timeline/sync?member=b&last_read={last_read}&count=2").get_json()
+        if not body["entrySet"]:
+            break
+        seen += [e["sequence"] for e in body["entrySet"]]
+        last_read = body["entrySetLastSeq"]
+        if last_read == body["latestSeq"]:
+            break
+    assert seen == ["1", "2", "3", "4", "5"]
+
+
+def test_count_defaults_to_100(client: Any) -> None:
+    members = ["a"]
+    for i in range(101):
+        send_group(client, "a", "g", members, f"m{i}")
+    assert len(client.get("/timeline/sync?member=a").get_json()["entrySet"]) == 100
+    assert len(client.get("/timeline/sync?member=a&count=0").get_json()["entrySet"]) == 100
+    assert len(client.get("/timeline/history/group/g?count=101").get_json()["entrySet"]) == 101
+
+
+# --- validation: every bad input is a 4xx envelope and stores nothing ---------------------
+
+DEEP: Any = {"x": 1}
+for _ in range(70):
+    DEEP = {"x": DEEP}
+
+SEND = "/timeline/send"
+GROUP = "/timeline/sendGroup"
+OK_MESSAGE = '{"text":"hi"}'
+
+
+def bad_send(**fields: Any) -> dict[str, Any]:
+    """A valid send body with some fields replaced; a field set to None is left out."""
+    body = {"from": "a", "to": "b", "message": OK_MESSAGE} | fields
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def bad_group(**fields: Any) -> dict[str, Any]:
+    body = {"group_name": "g", "group_members": ["a", "b"], "message": OK_MESSAGE} | fields
+    return {key: value for key, value in body.items() if value is not None}
+
+
+BIG = "x" * 65536
+BAD_POSTS: list[tuple[str, str, Any, int]] = [
+    ("send without from", SEND, bad_send(**{"from": None}), 400),
+    ("send without to", SEND, bad_send(to=None), 400),
+    ("send without message", SEND, bad_send(message=None), 400),
+    ("empty body", SEND, None, 400),
+    ("operator object as from", SEND, bad_send(**{"from": {"$gt": ""}}), 400),
+    ("number as to", SEND, bad_send(to=7), 400),
+    ("list as from", SEND, bad_send(**{"from": ["a"]}), 400),
+    ("colon in from", SEND, bad_send(**{"from": "a:b"}), 400),
+    ("id too long", SEND, bad_send(**{"from": "a" * 129}), 400),
+    ("control char in id", SEND, bad_send(**{"from": "a\x01"}), 400),
+    ("newline in id", SEND, bad_send(to="b\n"), 400),
+    ("message not JSON", SEND, bad_send(message="hello"), 400),
+    ("message a JSON array", SEND, bad_send(message="[1]"), 400),
+    ("message a number", SEND, bad_send(message=5), 400),
+    ("message a list", SEND, bad_send(message=[{"a": 1}]), 400),
+    ("message too deep", SEND, bad_send(message=DEEP), 400),
+    ("message too deep as string", SEND, bad_send(message=json.dumps(DEEP)), 400),
+    ("message int over int64", SEND, bad_send(message={"n": 2**63}), 400),
+    ("message int over uint64", SEND, bad_send(message={"n": 2**64}), 400),
+    ("message text int over uint64", SEND, bad_send(message=f'{{"n":{2**70}}}'), 400),
+    ("message NUL in key", SEND, bad_send(message={"a\x00b": 1}), 400),
+    ("message over 64 KiB", SEND, bad_send(message={"t": BIG}), 413),
+    ("message text over 64 KiB", SEND, bad_send(message=f'{{"t":"{BIG}"}}'), 413),
+    ("body not an object", SEND, [1, 2], 400),
+    ("group without name", GROUP, bad_group(group_name=None), 400),
+    ("group with no members", GROUP, bad_group(group_members=[]), 400),
+    ("members not a list", GROUP, bad_group(group_members="a"), 400),
+    ("member not a string", GROUP, bad_group(group_members=["a", {"$ne": 1}]), 400),
+    ("member with colon", GROUP, bad_group(group_members=["a", "b:c"]), 400),
+    ("group name with colon", GROUP, bad_group(group_name="a:b"), 400),
+    ("too many members", GROUP, bad_group(group_members=[f"m{i}" for i in range(10_001)]), 400),
+    ("both spellings", GROUP, bad_group(groupName="h"), 400),
+    ("group without message", GROUP, bad_group(message=None), 400),
+]
+
+
+def assert_envelope(reply: Any, status: int) -> dict[str, Any]:
+    assert reply.status_code == status, reply.get_data(as_text=True)
+    assert reply.mimetype == "application/json"
+    body: dict[str, Any] = reply.get_json()
+    assert set(body) == {"code", "reason", "message", "metadata"}
+    assert body["code"] == status
+    assert body["reason"].startswith("TIMELINE_")
+    assert body["message"]
+    return body
+
+
+def assert_nothing_stored(redis_client: redis.Redis, key_prefix: str, store: Store) -> None:
+    assert redis_client.keys(f"{key_prefix}*") == []
+    for kind in Kind:
+        for timeline_id in ("a", "b", "c", "g", "a:b", "h"):
+            assert store.read(kind, timeline_id, 0, 10) == []
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "body", "status"), BAD_POSTS, ids=[c[0] for c in BAD_POSTS]
+)
+def test_bad_posts_get_a_4xx_and_store_nothing(
+    client: Any,
+    redis_client: redis.Redis,
+    key_prefix: str,
+    store: Store,
+    case: str,
+    path: str,
+    body: Any,
+    status: int,
+) -> None:
+    data = b"" if body is None else json.dumps(body).encode()
+    reply = client.post(path, data=data, content_type="application/json")
+    envelope = assert_envelope(reply, status)
+    assert envelope["reason"] == (
+        "TIMELINE_INVALID_PARAM" if status == 400 else "TIMELINE_PAYLOAD_TOO_LARGE"
+    )
+    assert_nothing_stored(redis_client, key_prefix, store)
+
+
+def test_body_that_is_not_json_is_a_400(client: Any) -> None:
+    reply = client.post(SEND, data=b"from=a&to=b", content_type="application/x-www-form-urlencoded")
+    assert assert_envelope(reply, 400)["reason"] == "TIMELINE_INVALID_PARAM"
+
+
+def test_body_over_the_limit_is_a_413(client: Any, app: Any) -> None:
+    app.config["MAX_CONTENT_LENGTH"] = 1000
+    body = {"from": "a", "to": "b", "message": {"t": "x" * 2000}}
+    assert_envelope(post(client, SEND, body), 413)
+
+
+BAD_GETS = [
+    ("sync without member", "/timeline/sync"),
+    ("sync member empty", "/timeline/sync?member="),
+    ("sync member with colon", "/timeline/sync?member=a:b"),
+    ("last_read not a number", "/timeline/sync?member=a&last_read=abc"),
+    ("last_read negative", "/timeline/sync?member=a&last_read=-1"),
+    ("last_read over int64", f"/timeline/sync?member=a&last_read={2**63}"),
+    ("last_read fraction", "/timeline/sync?member=a&last_read=1.5"),
+    ("count over the cap", "/timeline/sync?member=a&count=1001"),
+    ("count negative", "/timeline/sync?member=a&count=-1"),
+    ("member repeated", "/timeline/sync?member=a&member=b"),
+    ("last_read in both spellings", "/timeline/sync?member=a&last_read=1&lastRead=2"),
+    ("history single with colon", "/timeline/history/single/a:b/c"),
+    ("history group with colon", "/timeline/history/group/a:b"),
+    ("history count over the cap", "/timeline/history/group/g?count=5000"),
+    ("history bad last_read", "/timeline/history/single/a/b?last_read=x"),
+]
+
+
+@pytest.mark.parametrize(("case", "url"), BAD_GETS, ids=[c[0] for c in BAD_GETS])
+def test_bad_reads_get_a_400(client: Any, case: str, url: str) -> None:
+    assert assert_envelope(client.get(url), 400)["reason"] == "TIMELINE_INVALID_PARAM"
+
+
+def test_errors_name_the_field(client: Any) -> None:
+    body = assert_envelope(post(client, SEND, {"from": {"$gt": ""}, "to": "b"}), 400)
+    assert body["metadata"] == {"field": "from"}
+    assert "from" in body["message"]
+
+
+def test_unknown_route_and_wrong_method_use_the_envelope(client: Any) -> None:
+    assert assert_envelope(client.get("/timeline/nope"), 404)["reason"] == "TIMELINE_NOT_FOUND"
+    assert assert_envelope(client.get("/"), 404)["reason"] == "TIMELINE_NOT_FOUND"
+    reply = client.get("/timeline/send")
+    assert assert_envelope(reply, 405)["reason"] == "TIMELINE_METHOD_NOT_ALLOWED"
+    assert "POST" in reply.headers["Allow"]
+    assert_envelope(client.delete("/timeline/sync?member=a"), 405)
+
+
+# --- concurrency -------------------------------------------------------------------------
+
+
+def test_concurrent_senders_leave_every_timeline_contiguous(app: Any) -> None:
+    users = ["u0", "u1", "u2", "u3", "u4"]
+    expected: dict[str, set[str]] = defaultdict(set)  # sync timeline -> message ids
+    lock = threading.Lock()
+
+    def work(worker: int) -> None:
+        client = app.test_client()
+        for i in range(12):
+            message_id = f"w{worker}-{i}"
+            if i % 3 == 0:
+                members = users[: 2 + (worker + i) % 4]
+                reply = send_group(client, users[worker % 5], "g", members, message_id)
+                assert reply.get_json() == {"failedMembers": []}
+                recipients = set(members)
+            else:
+                sender, receiver = users[worker % 5], users[(worker + i) % 5]
+                assert send(client, sender, receiver, message_id).status_code == 200
+                recipients = {sender, receiver}
+            with lock:
+                for user in recipients:
+                    expected[user].add(message_id)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
+
+    client = app.test_client()
+    for user in users:
+        body = client.get(f"/timeline/sync?member={user}&count=1000").get_json()
+        sequences = [int(e["sequence"]) for e in body["entrySet"]]
+        ids = [json.loads(e["message"])["text"] for e in body["entrySet"]]
+        assert sequences == list(range(1, len(sequences) + 1)), user
+        assert sorted(ids) == sorted(expected[user]), user  # each message once, none lost
+        assert body["latestSeq"] == str(len(sequences))
+    history = client.get("/timeline/history/group/g?count=1000").get_json()["entrySet"]
+    assert [int(e["sequence"]) for e in history] == list(range(1, 8 * 4 + 1))
+
+
+# --- one Redis command per request --------------------------------------------------------
+
+
+def commands_during(redis_client: redis.Redis, action: Any) -> list[str]:
+    """The commands clients (not scripts) sent to Redis while `action` ran, per MONITOR."""
+    marker = f"marker-{time.monotonic_ns()}"
+    seen: list[str] = []
+    ready = threading.Event()
+
+    def watch() -> None:
+        with redis_client.monitor() as monitor:
+            ready.set()
+            recording = False
+            for command in monitor.listen():
+                text = command["command"]
+                if text == f"ECHO {marker}-start":
+                    recording = True
+                elif text == f"ECHO {marker}-end":
+                    return
+                elif recording and command.get("client_type") != "lua":
+                    seen.append(text)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    ready.wait(5)
+    time.sleep(0.1)
+    other = redis.Redis(connection_pool=redis_client.connection_pool)
+    other.echo(f"{marker}-start")
+    action()
+    other.echo(f"{marker}-end")
+    watcher.join(10)
+    return seen
+
+
+def test_each_request_costs_one_redis_command(client: Any, redis_url: str) -> None:
+    monitor_client = redis.Redis.from_url(redis_url)
+    send(client, "a", "b", "warm up")  # the first call loads the script and connects
+    members = [f"m{i}" for i in range(500)]
+
+    sent = commands_during(monitor_client, lambda: send(client, "a", "b", "one"))
+    assert [c.split()[0] for c in sent] == ["EVALSHA"]
+
+    grouped = commands_during(
+        monitor_client, lambda: send_group(client, "a", "g", members, "five hundred")
+    )
+    assert [c.split()[0] for c in grouped] == ["EVALSHA"]
+
+    synced = commands_during(monitor_client, lambda: client.get("/timeline/sync?member=m7"))
+    assert [c.split()[0] for c in synced] == ["GET"]
+
+    read = commands_during(monitor_client, lambda: client.get("/timeline/history/group/g"))
+    assert read == []
+    monitor_client.close()
+
+
+# --- readers never step over a write in flight --------------------------------------------
+
+
+def test_sync_stops_before_a_fresh_hole_and_passes_an_old_one(client: Any, store: Store) -> None:
+    now = int(time.time() * 1000)
+
+    def doc(seq: int, created_at_ms: int) -> Document:
+        return Document(
+            "r", seq, Message({"n": seq}, orjson.dumps({"n": seq}).decode()), created_at_ms
+        )
+
+    # Given seq 2 allocated but not yet written, and seq 3 written just now,
+    store.write([], [doc(1, now), doc(3, now)])
+    body = client.get("/timeline/sync?member=r").get_json()
+    # then a reader gets seq 1 only, and will come back for 2 and 3.
+    assert [e["sequence"] for e in body["entrySet"]] == ["1"]
+    assert body["entrySetLastSeq"] == "1"
+
+    # Given a hole whose next entry is older than the grace period, the writer has failed:
+    store.write([], [doc(5, now - 60_000)])
+    body = client.get("/timeline/sync?member=r&last_read=3").get_json()
+    assert [e["sequence"] for e in body["entrySet"]] == ["5"]

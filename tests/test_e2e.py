@@ -1,0 +1,172 @@
+"""End to end: the service under gunicorn with 2 workers, driven over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.e2e
+
+
+class Service:
+    """gunicorn serving app:app from the repository, as `make run` does."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = env | {"PORT": str(self.port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2"}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "app:app"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status, _ = self.request("GET", "/timeline/sync?member=probe")
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not come up:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(20)
+            self.process = None
+
+    def workers(self) -> int:
+        assert self.process is not None
+        return len(psutil.Process(self.process.pid).children())
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIMELINE_")}
+    return env | values
+
+
+@pytest.fixture
+def service(tmp_path: Path, redis_url: str, key_prefix: str) -> Iterator[Service]:
+    env = clean_env(
+        TIMELINE_REDIS_URL=redis_url,
+        TIMELINE_REDIS_KEY_PREFIX=key_prefix,
+        TIMELINE_SQLITE_PATH=str(tmp_path / "timeline.sqlite3"),
+        TIMELINE_DATA_DIR=str(tmp_path / "var"),
+    )
+    running = Service(env, tmp_path / "gunicorn.log").start()
+    yield running
+    running.stop()
+
+
+def test_seed_example_over_http(service: Service) -> None:
+    assert service.workers() == 2
+    sends = [
+        ("/timeline/send", {"from": "a", "to": "b", "message": '{"text":"吃了吗？"}'}),
+        ("/timeline/send", {"from": "b", "to": "a", "message": '{"text":"吃了"}'}),
+    ]
+    for text in ("大家好", "报三围", "初次见面，多多指教"):
+        body = {"group_name": "group_a", "group_members": ["a", "c", "d"]}
+        sends.append(("/timeline/sendGroup", body | {"message": json.dumps({"text": text})}))
+    for path, body in sends:
+        assert service.request("POST", path, body)[0] == 200
+
+    status, sync = service.request("GET", "/timeline/sync?member=a&last_read=0&count=10")
+    assert status == 200
+    assert [(e["sequence"], json.loads(e["message"])["text"]) for e in sync["entrySet"]] == [
+        ("1", "吃了吗？"),
+        ("2", "吃了"),
+        ("3", "大家好"),
+        ("4", "报三围"),
+        ("5", "初次见面，多多指教"),
+    ]
+    assert (sync["latestSeq"], sync["entrySetLastSeq"]) == ("5", "5")
+    _, history = service.request("GET", "/timeline/history/single/b/a")
+    assert [e["sequence"] for e in history["entrySet"]] == ["1", "2"]
+    _, history = service.request("GET", "/timeline/history/group/group_a")
+    assert [e["sequence"] for e in history["entrySet"]] == ["1", "2", "3"]
+
+    status, error = service.request("POST", "/timeline/send", {"from": "a"})
+    assert status == 400
+    assert error["reason"] == "TIMELINE_INVALID_PARAM"
+
+
+def test_concurrent_clients_over_http_leave_timelines_contiguous(service: Service) -> None:
+    members = [f"u{i}" for i in range(20)]
+
+    def one(i: int) -> int:
+        body = {"group_name": "room", "group_members": members, "message": {"i": i}}
+        return service.request("POST", "/timeline/sendGroup", body)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(60))) == {200}
+    for member in members:
+        _, sync = service.request("GET", f"/timeline/sync?member={member}&count=1000")
+        assert [int(e["sequence"]) for e in sync["entrySet"]] == list(range(1, 61))
+        assert sorted(json.loads(e["message"])["i"] for e in sync["entrySet"]) == list(range(60))
+
+
+def test_embedded_default_starts_persists_and_stops_its_redis(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    env = clean_env(TIMELINE_DATA_DIR=str(data), TIMELINE_SQLITE_PATH=str(data / "t.sqlite3"))
+    log = tmp_path / "gunicorn.log"
+
+    first = Service(env, log).start()
+    try:
+        assert first.request(
+            "POST", "/timeline/send", {"from": "a", "to": "b", "message": "{}"}
+        ) == (
+            200,
+            {"sequence": "1"},
+        )
+        assert (data / "redis.sock").exists()
+    finally:
+        first.stop()
+    # gunicorn stopped its redis-server, which flushed its AOF on the way out.
+    assert not (data / "redis.sock").exists()
+    aof = [p for p in data.rglob("timeline.aof*") if p.is_file()]  # 7.x: appendonlydir/
+    assert sum(p.stat().st_size for p in aof) > 0
+
+    second = Service(env, log).start()
+    try:
+        body = {"from": "a", "to": "b", "message": "{}"}
+        assert second.request("POST", "/timeline/send", body) == (200, {"sequence": "2"})
+        _, sync = second.request("GET", "/timeline/sync?member=b")
+        assert [e["sequence"] for e in sync["entrySet"]] == ["1", "2"]
+    finally:
+        second.stop()

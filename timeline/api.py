@@ -1,0 +1,211 @@
+"""The Flask layer: parse and validate, call the service, encode protojson. Nothing more."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+import orjson
+from flask import Blueprint, Flask, Response, current_app, request
+from flask.json.provider import JSONProvider
+from werkzeug.exceptions import HTTPException
+
+from timeline.errors import (
+    InvalidParam,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    TimelineError,
+)
+from timeline.model import Entry, conversation_id
+from timeline.service import TimelineService
+from timeline.validation import (
+    Limits,
+    decode_body,
+    field,
+    parse_count,
+    parse_id,
+    parse_int64,
+    parse_members,
+    parse_message,
+    reread_body,
+)
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("timeline", __name__, url_prefix="/timeline")
+
+EXTENSION = "timeline"
+
+
+class OrjsonProvider(JSONProvider):
+    """Flask's JSON through orjson: the replies are most of what the service encodes."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj).decode()
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        obj = self._prepare_response_obj(args, kwargs)
+        app = cast(Flask, self._app)
+        return app.response_class(orjson.dumps(obj), mimetype="application/json")
+
+
+def _service() -> TimelineService:
+    service: TimelineService = current_app.extensions[EXTENSION]["service"]
+    return service
+
+
+def _limits() -> Limits:
+    limits: Limits = current_app.extensions[EXTENSION]["limits"]
+    return limits
+
+
+def _body() -> tuple[dict[str, Any], bytes]:
+    # Read raw, whatever the Content-Type: curl -d sends JSON as a form by default.
+    data = request.get_data(cache=False)
+    return decode_body(data), data
+
+
+def _message(body: dict[str, Any], data: bytes) -> Any:
+    value = body.get("message")
+    return parse_message(value, _limits(), source=lambda: reread_body(data).get("message"))
+
+
+def _query(proto_name: str, json_name: str | None = None) -> str | None:
+    """One query parameter by either spelling; repeating it is an error, not a silent pick."""
+    values = request.args.getlist(proto_name)
+    if json_name and json_name != proto_name:
+        other = request.args.getlist(json_name)
+        if values and other:
+            raise InvalidParam(f"{proto_name} and {json_name} are the same parameter; send one")
+        values = values or other
+    if len(values) > 1:
+        raise InvalidParam(f"{proto_name} is given more than once", field=proto_name)
+    return values[0] if values else None
+
+
+def _entries(entries: list[Entry]) -> list[dict[str, str]]:
+    return [{"sequence": str(e.seq), "message": e.message} for e in entries]
+
+
+@bp.post("/send")
+def send() -> dict[str, Any]:
+    body, data = _body()
+    limits = _limits()
+    sender = parse_id(body.get("from"), "from", limits)
+    receiver = parse_id(body.get("to"), "to", limits)
+    message = _message(body, data)
+    sequence = _service().send(sender, receiver, message)
+    return {"sequence": str(sequence)}
+
+
+@bp.post("/sendGroup")
+def send_group() -> dict[str, Any]:
+    body, data = _body()
+    limits = _limits()
+    group = parse_id(field(body, "group_name", "groupName"), "group_name", limits)
+    members = parse_members(field(body, "group_members", "groupMembers"), "group_members", limits)
+    message = _message(body, data)
+    failed = _service().send_group(group, members, message)
+    return {"failedMembers": failed}
+
+
+@bp.get("/sync")
+def sync() -> dict[str, Any]:
+    limits = _limits()
+    member = parse_id(_query("member"), "member", limits)
+    last_read = parse_int64(_query("last_read", "lastRead"), "last_read")
+    count = parse_count(_query("count"), "count", limits)
+    result = _service().sync(member, last_read, count)
+    return {
+        "latestSeq": str(result.latest_seq),
+        "entrySetLastSeq": str(result.entries[-1].seq if result.entries else 0),
+        "entrySet": _entries(result.entries),
+    }
+
+
+def _history(timeline_id: str) -> dict[str, Any]:
+    last_read = parse_int64(_query("last_read", "lastRead"), "last_read")
+    count = parse_count(_query("count"), "count", _limits())
+    return {"entrySet": _entries(_service().history(timeline_id, last_read, count))}
+
+
+@bp.get("/history/single/<sender>/<receiver>")
+def history_single(sender: str, receiver: str) -> dict[str, Any]:
+    limits = _limits()
+    a = parse_id(sender, "from", limits)
+    b = parse_id(receiver, "to", limits)
+    return _history(conversation_id(a, b))
+
+
+@bp.get("/history/group/<group>")
+def history_group(group: str) -> dict[str, Any]:
+    return _history(parse_id(group, "group", _limits()))
+
+
+def envelope(
+    code: int, reason: str, message: str, metadata: dict[str, Any] | None = None
+) -> Response:
+    """The Kratos error body: {code, reason, message, metadata}, with the code as status."""
+    body = {
+        "code": code,
+        "reason": reason,
+        "message": message,
+        "metadata": {key: _metadata_value(value) for key, value in (metadata or {}).items()},
+    }
+    response = current_app.response_class(
+        orjson.dumps(body), status=code, mimetype="application/json"
+    )
+    if code == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def _metadata_value(value: Any) -> Any:
+    # Kratos metadata is map<string, string>; lists (failedMembers) stay lists for callers.
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return str(value)
+
+
+def _on_timeline_error(error: TimelineError) -> Response:
+    if error.code >= 500:
+        log.warning("%s %s: %s (%s)", request.method, request.path, error.reason, error.message)
+    return envelope(error.code, error.reason, error.message, error.metadata)
+
+
+def _on_http_error(error: HTTPException) -> Response:
+    code = error.code or 500
+    mapped: TimelineError | None = None
+    if code == 404:
+        mapped = NotFound(f"no route {request.method} {request.path}")
+    elif code == 405:
+        mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+    elif code == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        mapped = PayloadTooLarge(f"request body is larger than {limit} bytes", limit=limit)
+    if mapped is not None:
+        response = envelope(mapped.code, mapped.reason, mapped.message, mapped.metadata)
+    else:
+        reason = InvalidParam.reason if code < 500 else TimelineError.reason
+        response = envelope(code, reason, error.description or error.name)
+    allowed = dict(error.get_headers()).get("Allow")
+    if allowed:
+        response.headers["Allow"] = allowed
+    return response
+
+
+def _on_unexpected(error: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return envelope(TimelineError.code, TimelineError.reason, "internal error")
+
+
+def register(app: Flask) -> None:
+    """Mount the routes and map every error, expected or not, to the envelope."""
+    app.register_blueprint(bp)
+    app.register_error_handler(TimelineError, _on_timeline_error)
+    app.register_error_handler(HTTPException, _on_http_error)
+    app.register_error_handler(Exception, _on_unexpected)

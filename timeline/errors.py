@@ -1,0 +1,66 @@
+"""The error hierarchy; each error knows its HTTP code and Kratos-style reason."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TimelineError(Exception):
+    """Base of every error the service reports to a caller."""
+
+    code: ClassVar[int] = 500
+    reason: ClassVar[str] = "TIMELINE_INTERNAL"
+
+    def __init__(self, message: str, **metadata: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+class InvalidParam(TimelineError):
+    """The request is malformed or breaks a rule; the caller must change it."""
+
+    code = 400
+    reason = "TIMELINE_INVALID_PARAM"
+
+
+class Unauthorized(TimelineError):
+    """The request lacks valid credentials."""
+
+    code = 401
+    reason = "TIMELINE_UNAUTHORIZED"
+
+
+class NotFound(TimelineError):
+    """No such route."""
+
+    code = 404
+    reason = "TIMELINE_NOT_FOUND"
+
+
+class MethodNotAllowed(TimelineError):
+    """The route exists, but not with this method."""
+
+    code = 405
+    reason = "TIMELINE_METHOD_NOT_ALLOWED"
+
+
+class PayloadTooLarge(TimelineError):
+    """The body or the message is over its size limit."""
+
+    code = 413
+    reason = "TIMELINE_PAYLOAD_TOO_LARGE"
+
+
+class Unavailable(TimelineError):
+    """Redis or the store cannot be reached; the caller may retry later."""
+
+    code = 503
+    reason = "TIMELINE_UNAVAILABLE"
+
+
+class WriteFailed(TimelineError):
+    """Sequences were allocated but some documents could not be stored."""
+
+    code = 503
+    reason = "TIMELINE_WRITE_FAILED"

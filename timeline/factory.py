@@ -1,0 +1,54 @@
+"""create_app: settings, clients, the service and the routes, wired once per process."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from timeline import api
+from timeline.embedded import ensure_redis
+from timeline.sequence import SequenceAllocator, connect_redis
+from timeline.service import TimelineService
+from timeline.settings import Settings, load_settings
+from timeline.store import Store, open_store
+from timeline.validation import Limits
+
+log = logging.getLogger(__name__)
+
+
+def redis_url(settings: Settings) -> str:
+    """The configured Redis, or the embedded redis-server (started if need be)."""
+    if settings.redis_url:
+        return settings.redis_url
+    url, _ = ensure_redis(settings.data_dir)
+    return url
+
+
+def create_app(settings: Settings | None = None, *, store: Store | None = None) -> Flask:
+    """Build the WSGI app. Call it after gunicorn forks: the clients it creates are per process.
+
+    `store` replaces the store the settings name (tests use it for mongomock).
+    """
+    settings = settings or load_settings()
+    app = Flask("timeline")
+    app.json = api.OrjsonProvider(app)
+    app.config["MAX_CONTENT_LENGTH"] = settings.body_max_bytes
+
+    allocator = SequenceAllocator(
+        connect_redis(redis_url(settings), settings), settings.redis_key_prefix
+    )
+    store = store or open_store(settings)
+    service = TimelineService(allocator, store, gap_grace_ms=settings.gap_grace_ms)
+    app.extensions[api.EXTENSION] = {
+        "settings": settings,
+        "service": service,
+        "limits": Limits.from_settings(settings),
+    }
+    api.register(app)
+    log.info(
+        "timeline ready: store=%s redis=%s",
+        store.backend,
+        "embedded" if settings.embedded_redis else "external",
+    )
+    return app

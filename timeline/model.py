@@ -1,0 +1,54 @@
+"""The domain's values: timelines, messages, stored documents and the entries read back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Kind(StrEnum):
+    """The two kinds of timeline of the seed's model."""
+
+    SYNC = "sync"  # write-diffusion: one per user, the offline inbox (chat_sync)
+    HISTORY = "history"  # read-diffusion: one per conversation (chat_history)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """One timeline: a kind and the id it is kept under (a user or a conversation)."""
+
+    kind: Kind
+    id: str
+
+
+def conversation_id(a: str, b: str) -> str:
+    """The history timeline of a one-to-one chat: `smaller:larger` in plain string order."""
+    return f"{a}:{b}" if a <= b else f"{b}:{a}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A validated client message: the JSON object and its compact encoding."""
+
+    document: dict[str, Any]
+    json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One stored copy of a message: `{id, seq, message}` plus its creation time."""
+
+    id: str
+    seq: int
+    message: Message
+    created_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One message read back from a timeline; `message` is its JSON text."""
+
+    seq: int
+    message: str
+    created_at_ms: int

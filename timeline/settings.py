@@ -1,0 +1,148 @@
+"""Typed settings: defaults in code, then a YAML file, then TIMELINE_* environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "TIMELINE_"
+DEFAULT_CONFIG_PATH = Path("configs/timeline.yaml")
+
+
+class SettingsError(ValueError):
+    """A settings file or variable that cannot be used; raised at start-up."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the service; `configs/timeline.yaml` documents each one."""
+
+    # Redis: the sequence allocator. None means the embedded redis-server under data_dir.
+    redis_url: str | None = None
+    redis_key_prefix: str = "timeline:"
+    redis_connect_timeout_ms: int = 200
+    redis_socket_timeout_ms: int = 500
+    redis_max_connections: int = 64
+
+    # Store: MongoDB when mongo_uri is set, else SQLite.
+    mongo_uri: str | None = None
+    mongo_database: str = "im"
+    mongo_timeout_ms: int = 500
+    sqlite_path: str = "var/timeline.sqlite3"
+    sqlite_busy_timeout_ms: int = 2000
+
+    # Where the embedded default keeps its redis-server data and socket.
+    data_dir: str = "var"
+
+    # Request limits: going over one is a 4xx, never a silent cut.
+    count_default: int = 100
+    count_max: int = 1000
+    group_members_max: int = 10_000
+    message_max_bytes: int = 64 * 1024
+    message_max_depth: int = 64
+    id_max_length: int = 128
+    body_max_bytes: int = 4 * 1024 * 1024
+
+    # A reader never steps over a sequence whose write may still be in flight; after
+    # this long the writer is known to have failed and the hole is passed over.
+    gap_grace_ms: int = 5000
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def store_backend(self) -> str:
+        return "mongo" if self.mongo_uri else "sqlite"
+
+    def validate(self) -> Settings:
+        """Reject values that would only fail later, at the first request."""
+        positive = (
+            "redis_connect_timeout_ms",
+            "redis_socket_timeout_ms",
+            "redis_max_connections",
+            "mongo_timeout_ms",
+            "sqlite_busy_timeout_ms",
+            "count_default",
+            "count_max",
+            "group_members_max",
+            "message_max_bytes",
+            "message_max_depth",
+            "id_max_length",
+            "body_max_bytes",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if self.gap_grace_ms < 0:
+            raise SettingsError("gap_grace_ms must not be negative")
+        if self.count_default > self.count_max:
+            raise SettingsError("count_default must not exceed count_max")
+        if not self.redis_key_prefix:
+            raise SettingsError("redis_key_prefix must not be empty")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("redis_url must start with redis://, rediss:// or unix://")
+        return self
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _coerce(name: str, kind: Any, raw: Any, origin: str) -> Any:
+    """Turn a YAML value or an environment string into the field's type."""
+    optional = kind == "str | None"
+    base = "str" if optional else kind
+    if raw is None or (optional and isinstance(raw, str) and raw == ""):
+        if optional:
+            return None
+        raise SettingsError(f"{origin}: {name} must not be empty")
+    if base == "int":
+        if isinstance(raw, bool):
+            raise SettingsError(f"{origin}: {name} must be an integer")
+        try:
+            return int(str(raw).replace("_", ""))
+        except ValueError as exc:
+            raise SettingsError(f"{origin}: {name} must be an integer, got {raw!r}") from exc
+    if base == "str":
+        if not isinstance(raw, str | int | float) or isinstance(raw, bool):
+            raise SettingsError(f"{origin}: {name} must be a string")
+        return str(raw)
+    raise SettingsError(f"{origin}: {name} has unsupported type {kind}")  # pragma: no cover
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, config_path: str | Path | None = None
+) -> Settings:
+    """Build Settings from the defaults, the YAML file and the environment, in that order."""
+    env = os.environ if environ is None else environ
+    types = {f.name: f.type for f in fields(Settings)}
+    values: dict[str, Any] = {}
+
+    explicit = config_path or env.get(ENV_PREFIX + "CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{path}: expected a mapping of setting names to values")
+        for name, raw in loaded.items():
+            if name not in types:
+                raise SettingsError(f"{path}: unknown setting {name!r}")
+            values[name] = _coerce(name, types[name], raw, str(path))
+    elif explicit:
+        raise SettingsError(f"settings file {path} does not exist")
+
+    for name, kind in types.items():
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            values[name] = _coerce(name, kind, env[var], var)
+
+    return Settings(**values).validate()

@@ -1,0 +1,157 @@
+"""The MongoDB store: the production backend, collections chat_sync and chat_history."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pymongo
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+from timeline.errors import Unavailable, WriteFailed
+from timeline.model import Document, Entry, Kind
+from timeline.settings import Settings
+from timeline.store import COLLECTIONS
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "id_seq_unique"
+
+
+def _bson(document: Document) -> dict[str, Any]:
+    return {
+        "id": document.id,
+        "seq": document.seq,
+        "message": document.message.document,
+        "created_at": datetime.fromtimestamp(document.created_at_ms / 1000, tz=UTC),
+    }
+
+
+def _ms(value: Any) -> int:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # pymongo decodes naive UTC datetimes by default
+            value = value.replace(tzinfo=UTC)
+        return int(value.timestamp() * 1000)
+    return 0  # documents written by go-timeline carry no creation time
+
+
+class MongoStore:
+    """pymongo's client pools connections and is thread-safe; create it after the fork."""
+
+    backend = "mongo"
+
+    def __init__(self, database: Database[Any], client: Any = None) -> None:
+        self._client = client
+        self._collections: dict[Kind, Collection[Any]] = {
+            kind: database[name] for kind, name in COLLECTIONS.items()
+        }
+        self._indexes_ready = False
+        self._indexes_lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, settings: Settings) -> MongoStore:
+        """A store on the settings' URI; connecting happens lazily, at the first operation."""
+        timeout = settings.mongo_timeout_ms
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(
+            settings.mongo_uri,
+            serverSelectionTimeoutMS=timeout,
+            connectTimeoutMS=timeout,
+            socketTimeoutMS=max(timeout, 2000),  # a 10,000-document insert_many needs room
+            appname="timeline",
+            tz_aware=True,
+        )
+        return cls(client[settings.mongo_database], client=client)
+
+    def ensure_indexes(self) -> None:
+        """Create the unique (id, seq) index on both collections; idempotent, once per process."""
+        if self._indexes_ready:
+            return
+        with self._indexes_lock:
+            if self._indexes_ready:
+                return
+            try:
+                for collection in self._collections.values():
+                    collection.create_index(
+                        [("id", pymongo.ASCENDING), ("seq", pymongo.ASCENDING)],
+                        unique=True,
+                        name=INDEX_NAME,
+                    )
+            except PyMongoError as exc:
+                # Also raised when old data holds duplicates: never write without the index.
+                log.error("cannot create the unique (id, seq) index: %s", exc)
+                raise Unavailable("store (mongo) is unavailable") from exc
+            self._indexes_ready = True
+
+    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> list[int]:
+        self.ensure_indexes()
+        try:
+            self._write_history(history)
+            if not sync:
+                return []
+            try:
+                self._collections[Kind.SYNC].insert_many([_bson(d) for d in sync], ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                for error in errors[:3]:
+                    log.warning("sync document not stored: %s", error.get("errmsg"))
+                return sorted({int(error["index"]) for error in errors})
+        except PyMongoError as exc:
+            log.warning("mongo write failed: %s", exc)
+            raise Unavailable("store (mongo) is unavailable") from exc
+        return []
+
+    def _write_history(self, history: Sequence[Document]) -> None:
+        collection = self._collections[Kind.HISTORY]
+        try:
+            if len(history) == 1:
+                collection.insert_one(_bson(history[0]))
+            elif history:
+                collection.insert_many([_bson(d) for d in history], ordered=True)
+        except (DuplicateKeyError, BulkWriteError) as exc:
+            raise WriteFailed(
+                "history sequence already stored",
+                timeline=history[0].id,
+                sequences=[d.seq for d in history],
+            ) from exc
+
+    def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
+        self.ensure_indexes()
+        try:
+            cursor = (
+                self._collections[kind]
+                .find(
+                    {"id": timeline_id, "seq": {"$gt": after}},
+                    {"_id": 0, "seq": 1, "message": 1, "created_at": 1},
+                )
+                .sort("seq", pymongo.ASCENDING)
+                .limit(limit)
+            )
+            documents = list(cursor)
+        except PyMongoError as exc:
+            log.warning("mongo read failed: %s", exc)
+            raise Unavailable("store (mongo) is unavailable") from exc
+        return [
+            Entry(
+                int(d["seq"]),
+                orjson.dumps(d.get("message") or {}).decode(),
+                _ms(d.get("created_at")),
+            )
+            for d in documents
+        ]
+
+    def ping(self) -> None:
+        try:
+            database = next(iter(self._collections.values())).database
+            database.command("ping")
+        except PyMongoError as exc:
+            raise Unavailable("store (mongo) is unavailable") from exc
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()

@@ -1,0 +1,214 @@
+"""Strict parsing of request values (protojson rules), free of any web framework."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from timeline.errors import InvalidParam, PayloadTooLarge
+from timeline.model import Message
+from timeline.settings import Settings
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+_INT_STRING = re.compile(r"[+-]?[0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The request limits of the settings, in the form validation needs them."""
+
+    count_default: int
+    count_max: int
+    group_members_max: int
+    message_max_bytes: int
+    message_max_depth: int
+    id_max_length: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            count_default=settings.count_default,
+            count_max=settings.count_max,
+            group_members_max=settings.group_members_max,
+            message_max_bytes=settings.message_max_bytes,
+            message_max_depth=settings.message_max_depth,
+            id_max_length=settings.id_max_length,
+        )
+
+
+def field(data: Mapping[str, Any], proto_name: str, json_name: str | None = None) -> Any:
+    """A field by its proto name or its lowerCamelCase name; both at once is an error."""
+    value = data.get(proto_name)
+    if json_name is None or json_name == proto_name or json_name not in data:
+        return value
+    if proto_name in data:
+        raise InvalidParam(f"{proto_name} and {json_name} are the same field; send one")
+    return data[json_name]
+
+
+def parse_id(value: Any, name: str, limits: Limits) -> str:
+    """A user, member or group id: 1..id_max_length printable characters, no ':'."""
+    if value is None or value == "":
+        raise InvalidParam(f"{name} is required", field=name)
+    if not isinstance(value, str):
+        raise InvalidParam(f"{name} must be a string", field=name)
+    if len(value) > limits.id_max_length:
+        raise InvalidParam(f"{name} is longer than {limits.id_max_length} characters", field=name)
+    if not value.isprintable():
+        raise InvalidParam(f"{name} must hold printable characters only", field=name)
+    if ":" in value:
+        # ':' joins the two users of a one-to-one conversation id.
+        raise InvalidParam(f"{name} must not contain ':'", field=name)
+    return value
+
+
+def parse_members(value: Any, name: str, limits: Limits) -> list[str]:
+    """A non-empty list of ids; duplicates collapse to the first, order is kept."""
+    if value is None or value == []:
+        raise InvalidParam(f"{name} must list at least one member", field=name)
+    if not isinstance(value, list):
+        raise InvalidParam(f"{name} must be a list of strings", field=name)
+    if len(value) > limits.group_members_max:
+        raise InvalidParam(
+            f"{name} lists {len(value)} members; at most {limits.group_members_max} are allowed",
+            field=name,
+            limit=limits.group_members_max,
+        )
+    return list(dict.fromkeys(parse_id(member, name, limits) for member in value))
+
+
+def parse_int64(value: Any, name: str, default: int = 0, minimum: int = 0) -> int:
+    """An int64 as protojson reads it: a JSON number or a string of digits."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise InvalidParam(f"{name} must be an integer", field=name)
+    if isinstance(value, str):
+        if not _INT_STRING.fullmatch(value.strip()):
+            raise InvalidParam(f"{name} must be an integer", field=name)
+        number = int(value)
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    else:
+        raise InvalidParam(f"{name} must be an integer", field=name)
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise InvalidParam(f"{name} is out of the int64 range", field=name)
+    if number < minimum:
+        raise InvalidParam(f"{name} must be at least {minimum}", field=name)
+    return number
+
+
+def parse_count(value: Any, name: str, limits: Limits) -> int:
+    """How many entries to return: absent or 0 means the default; over the cap is an error."""
+    count = parse_int64(value, name)
+    if count == 0:
+        return limits.count_default
+    if count > limits.count_max:
+        raise InvalidParam(
+            f"{name} must be at most {limits.count_max}", field=name, limit=limits.count_max
+        )
+    return count
+
+
+def _check_tree(value: Any, limits: Limits) -> bool:
+    """Walk a message: depth, integer range, keys BSON can store; iterative, no recursion.
+
+    Returns True when a float of 2**63 or more was seen: orjson reads an integer literal
+    beyond 64 bits as a float, so only the source text can tell which it was.
+    """
+    ambiguous = False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limits.message_max_depth:
+            raise InvalidParam(
+                f"message is nested deeper than {limits.message_max_depth} levels",
+                field="message",
+            )
+        children = node.values() if isinstance(node, dict) else node
+        if isinstance(node, dict) and any("\x00" in key for key in node):
+            raise InvalidParam("message keys must not contain NUL", field="message")
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+            elif isinstance(child, bool):
+                continue
+            elif isinstance(child, int):
+                if not INT64_MIN <= child <= INT64_MAX:
+                    raise InvalidParam(
+                        "message holds an integer out of the int64 range", field="message"
+                    )
+            elif isinstance(child, float) and abs(child) >= 2**63:
+                ambiguous = True
+    return ambiguous
+
+
+def _strict_int(literal: str) -> int:
+    number = int(literal)
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise InvalidParam("message holds an integer out of the int64 range", field="message")
+    return number
+
+
+def parse_message(value: Any, limits: Limits, source: Callable[[], Any] | None = None) -> Message:
+    """The client's message: a JSON object, or a string holding one (go-timeline's form).
+
+    `source` re-reads the value exactly, with Python's json (unbounded integers); it is
+    called only in the rare case where orjson may have turned a huge integer into a float.
+    """
+    if value is None or value == "":
+        raise InvalidParam("message is required", field="message")
+    if isinstance(value, str):
+        if len(value) > limits.message_max_bytes:  # characters <= bytes: a cheap early no
+            raise PayloadTooLarge(
+                f"message is larger than {limits.message_max_bytes} bytes",
+                limit=limits.message_max_bytes,
+            )
+        text = value
+        try:
+            document = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidParam(f"message is not valid JSON: {exc}", field="message") from exc
+
+        def source() -> Any:
+            return json.loads(text, parse_int=_strict_int)
+
+    else:
+        document = value
+    if not isinstance(document, dict):
+        raise InvalidParam("message must be a JSON object", field="message")
+    if _check_tree(document, limits) and source is not None:
+        _check_tree(source(), limits)  # raises if the float was an oversized integer
+    encoded = orjson.dumps(document)
+    if len(encoded) > limits.message_max_bytes:
+        raise PayloadTooLarge(
+            f"message is larger than {limits.message_max_bytes} bytes",
+            limit=limits.message_max_bytes,
+        )
+    return Message(document=document, json=encoded.decode())
+
+
+def decode_body(data: bytes) -> dict[str, Any]:
+    """A request body: a JSON object, whatever the Content-Type said; empty reads as {}."""
+    if not data.strip():
+        return {}
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidParam(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidParam("request body must be a JSON object")
+    return body
+
+
+def reread_body(data: bytes) -> Any:
+    """The body again, integers exact; the rare path of parse_message's `source`."""
+    return json.loads(data, parse_int=_strict_int)
