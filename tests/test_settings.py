@@ -76,3 +76,9 @@ def test_bad_settings_fail_at_start_with_a_clear_message(
 def test_a_named_config_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings({"TIMELINE_CONFIG": str(tmp_path / "missing.yaml")})
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for f in fields(Settings):
+        assert f"`TIMELINE_{f.name.upper()}`" in readme, f.name

@@ -34,6 +34,7 @@ class Settings:
     mongo_uri: str | None = None
     mongo_database: str = "im"
     mongo_timeout_ms: int = 500
+    mongo_socket_timeout_ms: int = 2000
     sqlite_path: str = "var/timeline.sqlite3"
     sqlite_busy_timeout_ms: int = 2000
 
@@ -68,6 +69,7 @@ class Settings:
             "redis_socket_timeout_ms",
             "redis_max_connections",
             "mongo_timeout_ms",
+            "mongo_socket_timeout_ms",
             "sqlite_busy_timeout_ms",
             "count_default",
             "count_max",

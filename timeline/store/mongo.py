@@ -62,7 +62,7 @@ class MongoStore:
             settings.mongo_uri,
             serverSelectionTimeoutMS=timeout,
             connectTimeoutMS=timeout,
-            socketTimeoutMS=max(timeout, 2000),  # a 10,000-document insert_many needs room
+            socketTimeoutMS=settings.mongo_socket_timeout_ms,
             appname="timeline",
             tz_aware=True,
         )
