@@ -433,3 +433,53 @@ def test_sync_stops_before_a_fresh_hole_and_passes_an_old_one(client: Any, store
     store.write([], [doc(5, now - 60_000)])
     body = client.get("/timeline/sync?member=r&last_read=3").get_json()
     assert [e["sequence"] for e in body["entrySet"]] == ["5"]
+
+
+# --- one bulk write per collection --------------------------------------------------------
+
+
+class CountingCollection:
+    """Delegates to a real collection and counts the write calls made on it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, int]] = []
+
+    def insert_one(self, document: Any, **kwargs: Any) -> Any:
+        self.calls.append(("insert_one", 1))
+        return self.inner.insert_one(document, **kwargs)
+
+    def insert_many(self, documents: Any, **kwargs: Any) -> Any:
+        documents = list(documents)
+        self.calls.append(("insert_many", len(documents)))
+        assert kwargs.get("ordered") is False
+        return self.inner.insert_many(documents, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_mongo_fan_out_is_one_insert_one_and_one_insert_many(
+    settings: Any, mongo_store: Any
+) -> None:
+    from timeline.factory import create_app
+
+    client = create_app(settings, store=mongo_store).test_client()
+    counting = {kind: CountingCollection(c) for kind, c in mongo_store._collections.items()}
+    mongo_store._collections = counting
+    members = [f"m{i}" for i in range(300)]
+    assert send_group(client, "a", "g", members, "hello").get_json() == {"failedMembers": []}
+    assert counting[Kind.HISTORY].calls == [("insert_one", 1)]
+    assert counting[Kind.SYNC].calls == [("insert_many", 300)]
+
+
+def test_sqlite_fan_out_is_one_transaction(settings: Any, sqlite_store: Any) -> None:
+    from timeline.factory import create_app
+
+    client = create_app(settings, store=sqlite_store).test_client()
+    send(client, "a", "b", "warm up")  # opens this thread's connection
+    statements: list[str] = []
+    sqlite_store._connection().set_trace_callback(statements.append)
+    send_group(client, "a", "g", [f"m{i}" for i in range(300)], "hello")
+    transactions = [s for s in statements if s.split()[0] in {"BEGIN", "COMMIT", "ROLLBACK"}]
+    assert transactions == ["BEGIN IMMEDIATE", "COMMIT"]
