@@ -483,3 +483,109 @@ def test_sqlite_fan_out_is_one_transaction(settings: Any, sqlite_store: Any) -> 
     send_group(client, "a", "g", [f"m{i}" for i in range(300)], "hello")
     transactions = [s for s in statements if s.split()[0] in {"BEGIN", "COMMIT", "ROLLBACK"}]
     assert transactions == ["BEGIN IMMEDIATE", "COMMIT"]
+
+
+# --- edges found in review ------------------------------------------------------------------
+
+
+def test_an_oversized_integer_elsewhere_in_the_body_does_not_taint_the_message(
+    client: Any,
+) -> None:
+    # orjson reads 1e19 as a float; the message is read again exactly, and only the message.
+    data = b'{"from":"a","to":"b","x":18446744073709551616,"message":{"f":1e19}}'
+    reply = client.post(SEND, data=data)
+    assert reply.status_code == 200
+    [entry] = client.get("/timeline/sync?member=b").get_json()["entrySet"]
+    assert json.loads(entry["message"]) == {"f": 1e19}
+
+
+def test_a_deeply_nested_unknown_field_is_a_400_not_a_500(client: Any) -> None:
+    deep = "[" * 1000 + "]" * 1000
+    data = f'{{"from":"a","to":"b","x":{deep},"message":{{"f":1e19}}}}'.encode()
+    assert_envelope(client.post(SEND, data=data), 400)
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(client: Any, app: Any) -> None:
+    import io
+
+    app.config["MAX_CONTENT_LENGTH"] = 1000
+    body = json.dumps({"from": "a", "to": "b", "message": "{}"}).encode()
+    data = body + b" " * 2000 + b"not json"
+    reply = client.post(
+        SEND,
+        input_stream=io.BytesIO(data),
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert_envelope(reply, 413)
+    assert client.get("/timeline/sync?member=b").get_json()["latestSeq"] == "0"
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(client: Any) -> None:
+    import io
+
+    body = json.dumps({"from": "a", "to": "b", "message": "{}"}).encode()
+    reply = client.post(
+        SEND,
+        input_stream=io.BytesIO(body),
+        environ_overrides={"wsgi.input_terminated": True, "CONTENT_LENGTH": str(len(body) + 100)},
+    )
+    assert_envelope(reply, 400)
+    assert client.get("/timeline/sync?member=b").get_json()["latestSeq"] == "0"
+
+
+def test_cors_headers_as_go_timeline_sends_them(client: Any) -> None:
+    reply = client.get("/timeline/sync?member=a", headers={"Origin": "http://localhost:3000"})
+    assert reply.headers["Access-Control-Allow-Origin"] == "*"
+    preflight = client.options("/timeline/send", headers={"Origin": "http://x"})
+    assert preflight.status_code == 204
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "Content-Type" in preflight.headers["Access-Control-Allow-Headers"]
+    assert client.get("/timeline/nope").headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_cors_can_be_switched_off(settings: Any, sqlite_store: Any) -> None:
+    from timeline.factory import create_app
+
+    client = create_app(settings.replace(cors_allow_origin=""), store=sqlite_store).test_client()
+    assert "Access-Control-Allow-Origin" not in client.get("/timeline/sync?member=a").headers
+
+
+def test_doubled_slashes_get_the_envelope_not_a_redirect(client: Any) -> None:
+    assert_envelope(client.get("//timeline/sync?member=a"), 404)
+
+
+def test_a_pretty_printed_message_is_measured_compact(client: Any) -> None:
+    message = json.dumps({"a": "x" * 30000}, indent=40000)  # 40 KB of spaces
+    assert len(message) > 65536
+    assert post(client, SEND, {"from": "a", "to": "b", "message": message}).status_code == 200
+
+
+def test_a_fan_out_over_the_byte_budget_is_a_413(client: Any, store: Store) -> None:
+    members = [f"m{i}" for i in range(1200)]  # 1,201 x 60 KB > 64 MiB
+    body = {"group_name": "g", "group_members": members, "message": {"t": "x" * 60000}}
+    assert_envelope(post(client, GROUP, body), 413)
+    assert store.read(Kind.HISTORY, "g", 0, 10) == []
+
+
+def test_dollar_keys_are_refused_and_dotted_keys_stored_as_they_are(client: Any) -> None:
+    for message in ({"$ref": "x", "$id": 1}, {"a": {"$gt": 1}}, '{"$where":"1"}'):
+        assert_envelope(post(client, SEND, {"from": "a", "to": "b", "message": message}), 400)
+    dotted = {"user.name": "a", "a": {"b.c": [1, {"d.e": None}]}, "x$": 1}
+    assert post(client, SEND, {"from": "a", "to": "b", "message": dotted}).status_code == 200
+    [entry] = client.get("/timeline/sync?member=b").get_json()["entrySet"]
+    assert json.loads(entry["message"]) == dotted
+
+
+@pytest.mark.parametrize("encoded", ["%FF", "%FE", "%ED%A0%80"])
+def test_path_ids_that_are_not_utf8_are_refused(client: Any, encoded: str) -> None:
+    # Werkzeug decodes such a path segment to U+FFFD: %FF and %FE would name one group.
+    # (In a query string it keeps the bytes percent-encoded: a distinct, printable id.)
+    assert_envelope(client.get(f"/timeline/history/group/{encoded}"), 400)
+    assert_envelope(client.get(f"/timeline/history/single/a/{encoded}"), 400)
+
+
+def test_a_bad_member_is_named_by_its_position(client: Any) -> None:
+    body = {"group_name": "g", "group_members": ["a", None], "message": "{}"}
+    envelope = assert_envelope(post(client, GROUP, body), 400)
+    assert envelope["metadata"] == {"field": "group_members[1]"}

@@ -21,6 +21,7 @@ from timeline.model import Entry, conversation_id
 from timeline.service import TimelineService
 from timeline.validation import (
     Limits,
+    check_fan_out,
     decode_body,
     field,
     parse_count,
@@ -28,7 +29,7 @@ from timeline.validation import (
     parse_int64,
     parse_members,
     parse_message,
-    reread_body,
+    reread_message,
 )
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,20 @@ def _limits() -> Limits:
 def _body() -> tuple[dict[str, Any], bytes]:
     # Read raw, whatever the Content-Type: curl -d sends JSON as a form by default.
     data = request.get_data(cache=False)
+    declared = request.content_length
+    if declared is None:
+        # A chunked body is cut at the limit rather than refused: refuse it here.
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        if limit is not None and len(data) >= limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes", limit=limit)
+    elif len(data) != declared:
+        raise InvalidParam(f"request body has {len(data)} of its {declared} bytes")
     return decode_body(data), data
 
 
 def _message(body: dict[str, Any], data: bytes) -> Any:
     value = body.get("message")
-    return parse_message(value, _limits(), source=lambda: reread_body(data).get("message"))
+    return parse_message(value, _limits(), source=lambda: reread_message(data))
 
 
 def _query(proto_name: str, json_name: str | None = None) -> str | None:
@@ -109,6 +118,7 @@ def send_group() -> dict[str, Any]:
     group = parse_id(field(body, "group_name", "groupName"), "group_name", limits)
     members = parse_members(field(body, "group_members", "groupMembers"), "group_members", limits)
     message = _message(body, data)
+    check_fan_out(members, message, limits)
     failed = _service().send_group(group, members, message)
     return {"failedMembers": failed}
 
@@ -203,9 +213,33 @@ def _on_unexpected(error: Exception) -> Response:
     return envelope(TimelineError.code, TimelineError.reason, "internal error")
 
 
+def _preflight() -> Response | None:
+    """OPTIONS on a known route: an empty 204 carrying the CORS headers."""
+    if request.method == "OPTIONS" and request.routing_exception is None:
+        return current_app.response_class(status=204)
+    return None
+
+
+def _cors(response: Response) -> Response:
+    # go-timeline's browser demo calls the API from another origin; keep it working.
+    origin = current_app.extensions[EXTENSION]["settings"].cors_allow_origin
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = (
+            "Content-Type, Authorization, X-Requested-With, X-Request-ID"
+        )
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
 def register(app: Flask) -> None:
     """Mount the routes and map every error, expected or not, to the envelope."""
+    # '//timeline/sync' would be answered with an HTML redirect; let it be a 404 envelope.
+    app.url_map.merge_slashes = False
     app.register_blueprint(bp)
+    app.before_request(_preflight)
+    app.after_request(_cors)
     app.register_error_handler(TimelineError, _on_timeline_error)
     app.register_error_handler(HTTPException, _on_http_error)
     app.register_error_handler(Exception, _on_unexpected)

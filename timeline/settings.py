@@ -49,10 +49,15 @@ class Settings:
     message_max_depth: int = 64
     id_max_length: int = 128
     body_max_bytes: int = 4 * 1024 * 1024
+    # What one sendGroup may write in all: (members + 1) x the message's bytes.
+    fanout_max_bytes: int = 64 * 1024 * 1024
+
+    # Access-Control-Allow-Origin on every reply, as go-timeline sends it; empty: none.
+    cors_allow_origin: str = "*"
 
     # A reader never steps over a sequence whose write may still be in flight; after
     # this long the writer is known to have failed and the hole is passed over.
-    gap_grace_ms: int = 5000
+    gap_grace_ms: int = 30_000
 
     @property
     def embedded_redis(self) -> bool:
@@ -78,6 +83,7 @@ class Settings:
             "message_max_depth",
             "id_max_length",
             "body_max_bytes",
+            "fanout_max_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:

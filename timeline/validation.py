@@ -29,6 +29,7 @@ class Limits:
     message_max_bytes: int
     message_max_depth: int
     id_max_length: int
+    fanout_max_bytes: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -39,6 +40,7 @@ class Limits:
             message_max_bytes=settings.message_max_bytes,
             message_max_depth=settings.message_max_depth,
             id_max_length=settings.id_max_length,
+            fanout_max_bytes=settings.fanout_max_bytes,
         )
 
 
@@ -58,6 +60,9 @@ def parse_id(value: Any, name: str, limits: Limits) -> str:
         raise InvalidParam(f"{name} is required", field=name)
     if not isinstance(value, str):
         raise InvalidParam(f"{name} must be a string", field=name)
+    if "\ufffd" in value:
+        # What a URL's invalid UTF-8 decodes to: %FF and %FE would name the same id.
+        raise InvalidParam(f"{name} is not valid UTF-8", field=name)
     if len(value) > limits.id_max_length:
         raise InvalidParam(f"{name} is longer than {limits.id_max_length} characters", field=name)
     if not value.isprintable():
@@ -80,7 +85,9 @@ def parse_members(value: Any, name: str, limits: Limits) -> list[str]:
             field=name,
             limit=limits.group_members_max,
         )
-    return list(dict.fromkeys(parse_id(member, name, limits) for member in value))
+    return list(
+        dict.fromkeys(parse_id(member, f"{name}[{i}]", limits) for i, member in enumerate(value))
+    )
 
 
 def parse_int64(value: Any, name: str, default: int = 0, minimum: int = 0) -> int:
@@ -134,8 +141,16 @@ def _check_tree(value: Any, limits: Limits) -> bool:
                 field="message",
             )
         children = node.values() if isinstance(node, dict) else node
-        if isinstance(node, dict) and any("\x00" in key for key in node):
-            raise InvalidParam("message keys must not contain NUL", field="message")
+        if isinstance(node, dict):
+            for key in node:
+                if key.startswith("$"):
+                    # MongoDB reads {"$ref", "$id"} back as a DBRef and gives other
+                    # $-names operator meaning; refused here, on every store alike.
+                    raise InvalidParam(
+                        f"message keys must not start with '$' ({key[:32]!r})", field="message"
+                    )
+                if "\x00" in key:
+                    raise InvalidParam("message keys must not contain NUL", field="message")
         for child in children:
             if isinstance(child, dict | list):
                 stack.append((child, depth + 1))
@@ -151,27 +166,16 @@ def _check_tree(value: Any, limits: Limits) -> bool:
     return ambiguous
 
 
-def _strict_int(literal: str) -> int:
-    number = int(literal)
-    if not INT64_MIN <= number <= INT64_MAX:
-        raise InvalidParam("message holds an integer out of the int64 range", field="message")
-    return number
-
-
 def parse_message(value: Any, limits: Limits, source: Callable[[], Any] | None = None) -> Message:
     """The client's message: a JSON object, or a string holding one (go-timeline's form).
 
-    `source` re-reads the value exactly, with Python's json (unbounded integers); it is
-    called only in the rare case where orjson may have turned a huge integer into a float.
+    `source` reads the object form again with Python's json, whose integers are exact; it
+    is called only in the rare case where orjson may have turned a huge integer literal
+    into a float (the string form is read again from the string itself).
     """
     if value is None or value == "":
         raise InvalidParam("message is required", field="message")
     if isinstance(value, str):
-        if len(value) > limits.message_max_bytes:  # characters <= bytes: a cheap early no
-            raise PayloadTooLarge(
-                f"message is larger than {limits.message_max_bytes} bytes",
-                limit=limits.message_max_bytes,
-            )
         text = value
         try:
             document = orjson.loads(text)
@@ -179,21 +183,33 @@ def parse_message(value: Any, limits: Limits, source: Callable[[], Any] | None =
             raise InvalidParam(f"message is not valid JSON: {exc}", field="message") from exc
 
         def source() -> Any:
-            return json.loads(text, parse_int=_strict_int)
+            return json.loads(text)
 
     else:
         document = value
     if not isinstance(document, dict):
         raise InvalidParam("message must be a JSON object", field="message")
+    # The depth is checked before `source` runs, so the re-read cannot recurse too far.
     if _check_tree(document, limits) and source is not None:
         _check_tree(source(), limits)  # raises if the float was an oversized integer
     encoded = orjson.dumps(document)
     if len(encoded) > limits.message_max_bytes:
         raise PayloadTooLarge(
-            f"message is larger than {limits.message_max_bytes} bytes",
+            f"message is larger than {limits.message_max_bytes} bytes (compact JSON)",
             limit=limits.message_max_bytes,
         )
     return Message(document=document, json=encoded.decode())
+
+
+def check_fan_out(members: list[str], message: Message, limits: Limits) -> None:
+    """What one request may write: every member's copy and the history's, in bytes."""
+    total = (len(members) + 1) * len(message.json)
+    if total > limits.fanout_max_bytes:
+        raise PayloadTooLarge(
+            f"{len(members)} copies of a {len(message.json)}-byte message exceed "
+            f"{limits.fanout_max_bytes} bytes; send a smaller message (or a reference to it)",
+            limit=limits.fanout_max_bytes,
+        )
 
 
 def decode_body(data: bytes) -> dict[str, Any]:
@@ -209,6 +225,10 @@ def decode_body(data: bytes) -> dict[str, Any]:
     return body
 
 
-def reread_body(data: bytes) -> Any:
-    """The body again, integers exact; the rare path of parse_message's `source`."""
-    return json.loads(data, parse_int=_strict_int)
+def reread_message(data: bytes) -> Any:
+    """The body's message again, integers exact; the rare path of parse_message's `source`."""
+    try:
+        body = json.loads(data)
+    except RecursionError as exc:  # an unknown field nested far deeper than any message may be
+        raise InvalidParam("request body is nested too deeply") from exc
+    return body.get("message") if isinstance(body, dict) else None

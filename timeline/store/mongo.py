@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pymongo
+from bson.dbref import DBRef
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
@@ -31,6 +32,13 @@ def _bson(document: Document) -> dict[str, Any]:
         "message": document.message.document,
         "created_at": datetime.fromtimestamp(document.created_at_ms / 1000, tz=UTC),
     }
+
+
+def _json_default(value: Any) -> Any:
+    """BSON types JSON lacks, in documents this service did not write (go-timeline's)."""
+    if isinstance(value, DBRef):
+        return dict(value.as_doc())
+    return str(value)  # ObjectId, Decimal128, Binary, Timestamp...
 
 
 def _ms(value: Any) -> int:
@@ -139,7 +147,7 @@ class MongoStore:
         return [
             Entry(
                 int(d["seq"]),
-                orjson.dumps(d.get("message") or {}).decode(),
+                orjson.dumps(d.get("message") or {}, default=_json_default).decode(),
                 _ms(d.get("created_at")),
             )
             for d in documents
