@@ -1,26 +1,65 @@
--- allocate.lua: give several timelines a contiguous range of sequences each, atomically.
+-- allocate.lua: give every timeline of a request a contiguous range of sequences, atomically,
+-- and (for an idempotent request) record what was given.
 --
--- KEYS[1..N]  the sequence counter of every timeline the request touches: one history
---             timeline and the sync timeline of every recipient. A counter is a string
---             holding an integer; a missing counter counts as 0. N may be tens of
---             thousands: the keys are walked in a loop, never unpacked onto the stack.
--- ARGV[1]     count: how many sequences each timeline receives (a positive integer;
---             1 for one message, the batch size for a batch).
+-- KEYS[1]     the idempotency record of the message when ARGV[2] is '1'; otherwise the
+--             first timeline counter.
+-- KEYS[...]   the sequence counter of every timeline the request touches: its history
+--             timeline, then each recipient's sync timeline. A counter is a string holding
+--             an integer. N may be tens of thousands: KEYS are walked in a loop, never
+--             unpacked onto the Lua stack.
+-- ARGV[1]     count: how many sequences each timeline receives (a positive integer).
+-- ARGV[2]     '1' when KEYS[1] is an idempotency record, '0' when there is none.
+-- ARGV[3]     the record's time to live in milliseconds (when ARGV[2] is '1').
+-- ARGV[4]     the request's fingerprint, stored at the head of the record.
 --
--- Reply: an array of N integers; the i-th is the last sequence given to KEYS[i], so
---        KEYS[i] owns (reply[i] - count + 1) .. reply[i]. Error reply, with nothing
---        changed, when count is not a positive integer.
+-- Reply, one of:
+--   {'ok', last_1, ..., last_n}   each timeline i now owns (last_i - count + 1) .. last_i; the
+--                                  record, if kept, is "<fingerprint>,<last_1>,...,<last_n>".
+--   {'replay', record}            the record already exists: an earlier attempt of the same
+--                                  message allocated its sequences. Nothing changed.
+--   {'missing', i, j, ...}        counters i, j, ... (1-based among the timelines) do not
+--                                  exist: Redis lost them, or the timeline is new. Nothing
+--                                  changed; the caller seeds them from the store (seed.lua)
+--                                  and calls again.
+--   an error reply, nothing changed, when count is not a positive integer.
 --
--- The script runs atomically, so concurrent requests never interleave inside a range and
--- every timeline stays strictly increasing and contiguous.
+-- The script runs atomically: concurrent requests never interleave inside a range, and two
+-- attempts of one idempotent message never both allocate.
 
 local count = tonumber(ARGV[1])
 if count == nil or count < 1 or count ~= math.floor(count) then
   return redis.error_reply('ERR allocate: count must be a positive integer')
 end
 
-local last = {}
-for i = 1, #KEYS do
-  last[i] = redis.call('INCRBY', KEYS[i], count)
+local first = 1
+local recorded = ARGV[2] == '1'
+if recorded then
+  local record = redis.call('GET', KEYS[1])
+  if record then
+    return {'replay', record}
+  end
+  first = 2
 end
-return last
+
+local missing = {'missing'}
+for i = first, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    missing[#missing + 1] = i - first + 1
+  end
+end
+if #missing > 1 then
+  return missing
+end
+
+local reply = {'ok'}
+for i = first, #KEYS do
+  reply[#reply + 1] = redis.call('INCRBY', KEYS[i], count)
+end
+if recorded then
+  local parts = {ARGV[4]}
+  for i = 2, #reply do
+    parts[i] = tostring(reply[i])
+  end
+  redis.call('SET', KEYS[1], table.concat(parts, ','), 'PX', ARGV[3])
+end
+return reply

@@ -1,8 +1,9 @@
-"""The allocation script and its Python side, against a real redis-server."""
+"""The Lua scripts and their Python side, against a real redis-server."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,7 +12,7 @@ import redis
 from servers import free_port
 from timeline.errors import Unavailable
 from timeline.model import Kind, Timeline
-from timeline.sequence import SequenceAllocator, connect_redis, load_script
+from timeline.sequence import Record, SequenceAllocator, connect_redis, load_script
 from timeline.settings import Settings
 
 
@@ -24,66 +25,164 @@ def sync(member: str) -> Timeline:
     return Timeline(Kind.SYNC, member)
 
 
+def fresh(allocator: SequenceAllocator, timelines: Sequence[Timeline]) -> None:
+    """Seed new timelines at 0, as the service does after the store says they are empty."""
+    allocator.seed(dict.fromkeys(timelines, 0))
+
+
+def lasts(allocator: SequenceAllocator, timelines: Sequence[Timeline], count: int = 1) -> list[int]:
+    allocation = allocator.allocate(timelines, count)
+    assert not allocation.missing
+    return allocation.lasts
+
+
+def test_missing_counters_are_reported_and_nothing_changes(
+    allocator: SequenceAllocator, redis_client: redis.Redis
+) -> None:
+    fresh(allocator, [sync("a")])
+    allocation = allocator.allocate([sync("a"), sync("b"), sync("c")])
+    assert allocation.missing == [1, 2]
+    assert allocation.lasts == []
+    assert redis_client.get(allocator.key(sync("a"))) == b"0"  # a was not advanced either
+    assert allocator.latest(sync("b")) is None
+
+
 def test_each_timeline_gets_its_own_contiguous_sequence(allocator: SequenceAllocator) -> None:
     history = Timeline(Kind.HISTORY, "a:b")
-    assert allocator.allocate([history, sync("a"), sync("b")]) == [1, 1, 1]
-    assert allocator.allocate([history, sync("a"), sync("b")]) == [2, 2, 2]
-    assert allocator.allocate([sync("b")]) == [3]
+    fresh(allocator, [history, sync("a"), sync("b")])
+    assert lasts(allocator, [history, sync("a"), sync("b")]) == [1, 1, 1]
+    assert lasts(allocator, [history, sync("a"), sync("b")]) == [2, 2, 2]
+    assert lasts(allocator, [sync("b")]) == [3]
     assert allocator.latest(sync("b")) == 3
     assert allocator.latest(sync("a")) == 2
-    assert allocator.latest(sync("nobody")) == 0
 
 
 def test_count_gives_each_timeline_a_contiguous_range(allocator: SequenceAllocator) -> None:
-    allocator.allocate([sync("a")])
-    # Given a at 1 and b new, when a batch of 3 is allocated for both,
+    fresh(allocator, [sync("a"), sync("b")])
+    lasts(allocator, [sync("a")])
+    # Given a at 1 and b at 0, when a batch of 3 is allocated for both,
     # then a owns 2..4 and b owns 1..3: the reply is the last of each range.
-    assert allocator.allocate([sync("a"), sync("b")], count=3) == [4, 3]
+    assert lasts(allocator, [sync("a"), sync("b")], count=3) == [4, 3]
 
 
 def test_sync_and_history_counters_never_collide(allocator: SequenceAllocator) -> None:
     # A group called "a" and a user called "a" are different timelines.
-    allocator.allocate([Timeline(Kind.HISTORY, "a")], count=5)
-    assert allocator.allocate([sync("a")]) == [1]
-    assert allocator.key(sync("a")) != allocator.key(Timeline(Kind.HISTORY, "a"))
+    group = Timeline(Kind.HISTORY, "a")
+    fresh(allocator, [group, sync("a")])
+    lasts(allocator, [group], count=5)
+    assert lasts(allocator, [sync("a")]) == [1]
+    assert allocator.key(sync("a")) != allocator.key(group)
+
+
+def test_seed_only_ever_raises_a_counter(allocator: SequenceAllocator) -> None:
+    allocator.seed({sync("a"): 7})
+    allocator.seed({sync("a"): 3})  # a slower worker with an older view
+    assert allocator.latest(sync("a")) == 7
+    allocator.seed({sync("a"): 9, sync("b"): 2})
+    assert lasts(allocator, [sync("a"), sync("b")]) == [10, 3]
 
 
 def test_twenty_thousand_timelines_in_one_call(
     allocator: SequenceAllocator, redis_client: redis.Redis
 ) -> None:
     timelines = [Timeline(Kind.HISTORY, "g")] + [sync(f"m{i}") for i in range(20_000)]
-    assert allocator.allocate(timelines) == [1] * 20_001
-    assert allocator.allocate(timelines, count=2) == [3] * 20_001
-    assert int(redis_client.get(allocator.key(sync("m19999")))) == 3  # type: ignore[arg-type]
+    assert allocator.allocate(timelines).missing == list(range(20_001))
+    fresh(allocator, timelines)
+    assert lasts(allocator, timelines) == [1] * 20_001
+    assert lasts(allocator, timelines, count=2) == [3] * 20_001
+    assert redis_client.get(allocator.key(sync("m19999"))) == b"3"
 
 
-def test_script_reloads_after_script_flush(
+def test_scripts_reload_after_script_flush(
     allocator: SequenceAllocator, redis_client: redis.Redis
 ) -> None:
-    assert allocator.allocate([sync("a")]) == [1]
+    fresh(allocator, [sync("a")])
+    assert lasts(allocator, [sync("a")]) == [1]
     redis_client.script_flush()
     assert redis_client.script_exists(allocator._allocate.sha) == [False]
-    assert allocator.allocate([sync("a")]) == [2]
+    assert lasts(allocator, [sync("a")]) == [2]
+    allocator.seed({sync("b"): 4})
+    assert allocator.reallocate([(sync("b"), 1, 4)]) == [5]
     assert redis_client.script_exists(allocator._allocate.sha) == [True]
 
 
 @pytest.mark.parametrize("count", ["0", "-1", "1.5", "x"])
-def test_script_refuses_a_bad_count_and_changes_nothing(
+def test_allocate_refuses_a_bad_count_and_changes_nothing(
     redis_client: redis.Redis, key_prefix: str, count: str
 ) -> None:
     script = redis_client.register_script(load_script("allocate"))
+    redis_client.set(f"{key_prefix}k", 0)
     with pytest.raises(redis.ResponseError, match="positive integer"):
-        script(keys=[f"{key_prefix}k"], args=[count])
-    assert redis_client.exists(f"{key_prefix}k") == 0
+        script(keys=[f"{key_prefix}k"], args=[count, 0, 0, ""])
+    assert redis_client.get(f"{key_prefix}k") == b"0"
 
 
 def test_concurrent_allocations_never_share_a_sequence(allocator: SequenceAllocator) -> None:
-    def allocate(_: int) -> list[int]:
-        return allocator.allocate([sync("hot"), sync(f"cold{_ % 3}")])
+    fresh(allocator, [sync("hot"), sync("cold0"), sync("cold1"), sync("cold2")])
+
+    def allocate(i: int) -> list[int]:
+        return lasts(allocator, [sync("hot"), sync(f"cold{i % 3}")])
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(allocate, range(400)))
     assert sorted(r[0] for r in results) == list(range(1, 401))
+
+
+# --- idempotency records --------------------------------------------------------------------
+
+
+def record(allocator: SequenceAllocator, fingerprint: str = "fp1") -> Record:
+    return Record(allocator.record_key("a:b", "m-1"), fingerprint, ttl_ms=60_000)
+
+
+def test_a_record_makes_the_second_attempt_a_replay(
+    allocator: SequenceAllocator, redis_client: redis.Redis
+) -> None:
+    timelines = [Timeline(Kind.HISTORY, "a:b"), sync("a"), sync("b")]
+    fresh(allocator, timelines)
+    first = allocator.allocate(timelines, 1, record(allocator))
+    assert (first.lasts, first.replayed) == ([1, 1, 1], False)
+
+    again = allocator.allocate(timelines, 1, record(allocator))
+    assert (again.lasts, again.replayed, again.fingerprint) == ([1, 1, 1], True, "fp1")
+    assert allocator.latest(sync("b")) == 1  # nothing allocated by the replay
+    ttl = redis_client.pttl(record(allocator).key)
+    assert 0 < ttl <= 60_000
+
+
+def test_racing_attempts_of_one_message_allocate_once(allocator: SequenceAllocator) -> None:
+    timelines = [Timeline(Kind.HISTORY, "a:b"), sync("a"), sync("b")]
+    fresh(allocator, timelines)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda _: allocator.allocate(timelines, 1, record(allocator)), range(16))
+        )
+    assert {tuple(r.lasts) for r in results} == {(1, 1, 1)}
+    assert sum(not r.replayed for r in results) == 1
+    assert allocator.latest(sync("a")) == 1
+
+
+def test_reallocate_moves_a_taken_sequence_once_for_racing_attempts(
+    allocator: SequenceAllocator, redis_client: redis.Redis
+) -> None:
+    timelines = [Timeline(Kind.HISTORY, "a:b"), sync("a"), sync("b")]
+    fresh(allocator, timelines)
+    allocator.allocate(timelines, 1, record(allocator))
+    # Given b's seq 1 turned out to be taken, two attempts move it at once:
+    moved = [allocator.reallocate([(sync("b"), 2, 1)], 1, record(allocator)) for _ in range(2)]
+    # then both agree on seq 2, the counter moved once, and the record says 2.
+    assert moved == [[2], [2]]
+    assert allocator.latest(sync("b")) == 2
+    assert redis_client.get(record(allocator).key) == b"fp1,1,1,2"
+    assert allocator.allocate(timelines, 1, record(allocator)).lasts == [1, 1, 2]
+
+
+def test_reallocate_without_a_record_gives_new_ranges(allocator: SequenceAllocator) -> None:
+    allocator.seed({sync("a"): 5, sync("b"): 1})
+    assert allocator.reallocate([(sync("a"), 1, 2), (sync("b"), 2, 1)], count=2) == [7, 3]
+
+
+# --- failures -------------------------------------------------------------------------------
 
 
 def test_unreachable_redis_is_unavailable_fast() -> None:

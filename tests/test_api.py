@@ -392,8 +392,10 @@ def commands_during(redis_client: redis.Redis, action: Any) -> list[str]:
 
 def test_each_request_costs_one_redis_command(client: Any, redis_url: str) -> None:
     monitor_client = redis.Redis.from_url(redis_url)
-    send(client, "a", "b", "warm up")  # the first call loads the script and connects
     members = [f"m{i}" for i in range(500)]
+    # The first calls load the script, connect, and create the counters of new timelines.
+    send(client, "a", "b", "warm up")
+    send_group(client, "a", "g", members, "warm up")
 
     sent = commands_during(monitor_client, lambda: send(client, "a", "b", "one"))
     assert [c.split()[0] for c in sent] == ["EVALSHA"]

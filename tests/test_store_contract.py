@@ -5,11 +5,9 @@ from __future__ import annotations
 import sqlite3
 
 import orjson
-import pytest
 
-from timeline.errors import WriteFailed
 from timeline.model import Document, Kind, Message
-from timeline.store import Store
+from timeline.store import Store, WriteResult
 from timeline.store.mongo import INDEX_NAME, MongoStore
 from timeline.store.sqlite import SQLiteStore
 
@@ -18,13 +16,15 @@ def message(**fields: object) -> Message:
     return Message(document=dict(fields), json=orjson.dumps(fields).decode())
 
 
-def doc(id_: str, seq: int, created_at_ms: int = 1_000, **fields: object) -> Document:
-    return Document(id_, seq, message(**(fields or {"n": seq})), created_at_ms)
+def doc(
+    id_: str, seq: int, created_at_ms: int = 1_000, mid: str = "m", **fields: object
+) -> Document:
+    return Document(id_, seq, message(**(fields or {"n": seq})), created_at_ms, mid)
 
 
 def test_written_documents_read_back_in_sequence_order(store: Store) -> None:
-    assert store.write([doc("g", 1)], [doc("a", 2), doc("b", 1)]) == []
-    assert store.write([doc("g", 2)], [doc("a", 1)]) == []
+    assert store.write([doc("g", 1)], [doc("a", 2), doc("b", 1)]) == WriteResult()
+    assert store.write([doc("g", 2)], [doc("a", 1)]) == WriteResult()
 
     entries = store.read(Kind.SYNC, "a", after=0, limit=10)
     assert [(e.seq, orjson.loads(e.message)) for e in entries] == [(1, {"n": 1}), (2, {"n": 2})]
@@ -56,14 +56,14 @@ def test_message_and_creation_time_round_trip(store: Store) -> None:
     assert entry.created_at_ms == 1_700_000_000_123
 
 
-def test_duplicate_sync_documents_are_reported_and_the_rest_kept(store: Store) -> None:
+def test_taken_sync_keys_are_reported_and_the_rest_kept(store: Store) -> None:
     store.write([], [doc("a", 1, text="first"), doc("c", 1)])
     # Given a and c already hold seq 1, when a fan-out writes seq 1 to a, b, c, d,
     # then a and c are reported (positions 0 and 2) and b and d are stored.
-    failed = store.write(
+    result = store.write(
         [doc("g", 1)], [doc("a", 1, text="second"), doc("b", 1), doc("c", 1), doc("d", 1)]
     )
-    assert failed == [0, 2]
+    assert result == WriteResult(sync_taken=[0, 2])
     assert [e.seq for e in store.read(Kind.SYNC, "b", 0, 10)] == [1]
     assert [e.seq for e in store.read(Kind.SYNC, "d", 0, 10)] == [1]
     [kept] = store.read(Kind.SYNC, "a", 0, 10)
@@ -71,10 +71,9 @@ def test_duplicate_sync_documents_are_reported_and_the_rest_kept(store: Store) -
     assert [e.seq for e in store.read(Kind.HISTORY, "g", 0, 10)] == [1]
 
 
-def test_duplicate_history_fails_the_write_and_stores_no_sync_copy(store: Store) -> None:
+def test_a_taken_history_key_stops_the_write_before_any_sync_copy(store: Store) -> None:
     store.write([doc("g", 1)], [])
-    with pytest.raises(WriteFailed):
-        store.write([doc("g", 1)], [doc("a", 1)])
+    assert store.write([doc("g", 1)], [doc("a", 1)]) == WriteResult(history_taken=True)
     assert store.read(Kind.SYNC, "a", 0, 10) == []
     assert len(store.read(Kind.HISTORY, "g", 0, 10)) == 1
 
@@ -83,8 +82,26 @@ def test_large_fan_out_in_one_write(store: Store) -> None:
     # mongomock checks unique indexes in quadratic time; real stores take the full 10,000.
     members = 1_000 if getattr(store, "simulated", False) else 10_000
     sync = [doc(f"m{i}", 1) for i in range(members)]
-    assert store.write([doc("g", 1)], sync) == []
+    assert store.write([doc("g", 1)], sync) == WriteResult()
     assert [e.seq for e in store.read(Kind.SYNC, f"m{members - 1}", 0, 10)] == [1]
+
+
+def test_owners_name_the_message_holding_each_key(store: Store) -> None:
+    store.write([doc("g", 1, mid="m1")], [doc("a", 1, mid="m1"), doc("a", 2, mid="m2")])
+    assert store.owners(Kind.SYNC, [("a", 1), ("a", 2), ("a", 3), ("b", 1)]) == {
+        ("a", 1): "m1",
+        ("a", 2): "m2",
+    }
+    assert store.owners(Kind.HISTORY, [("g", 1)]) == {("g", 1): "m1"}
+    assert store.owners(Kind.SYNC, []) == {}
+
+
+def test_max_seqs_give_each_timeline_its_highest_stored_sequence(store: Store) -> None:
+    store.write([doc("g", 4)], [doc("a", seq) for seq in (1, 2, 9)] + [doc("b", 3)])
+    assert store.max_seqs(Kind.SYNC, ["a", "b", "nobody"]) == {"a": 9, "b": 3, "nobody": 0}
+    assert store.max_seqs(Kind.HISTORY, ["g", "a"]) == {"g": 4, "a": 0}
+    many = [f"m{i}" for i in range(1_200)]  # more than one statement's worth
+    assert store.max_seqs(Kind.SYNC, many) == dict.fromkeys(many, 0)
 
 
 def test_ping_answers(store: Store) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any, cast
 
@@ -16,6 +17,7 @@ from timeline.errors import (
     NotFound,
     PayloadTooLarge,
     TimelineError,
+    Unauthorized,
 )
 from timeline.model import Entry, conversation_id
 from timeline.service import TimelineService
@@ -83,6 +85,14 @@ def _message(body: dict[str, Any], data: bytes) -> Any:
     return parse_message(value, _limits(), source=lambda: reread_message(data))
 
 
+def _client_msg_id(body: dict[str, Any], limits: Limits) -> str | None:
+    """Extension: the sender's id for this message, making retries idempotent."""
+    value = field(body, "client_msg_id", "clientMsgId")
+    if value is None or value == "":
+        return None
+    return parse_id(value, "client_msg_id", limits)
+
+
 def _query(proto_name: str, json_name: str | None = None) -> str | None:
     """One query parameter by either spelling; repeating it is an error, not a silent pick."""
     values = request.args.getlist(proto_name)
@@ -107,7 +117,8 @@ def send() -> dict[str, Any]:
     sender = parse_id(body.get("from"), "from", limits)
     receiver = parse_id(body.get("to"), "to", limits)
     message = _message(body, data)
-    sequence = _service().send(sender, receiver, message)
+    client_msg_id = _client_msg_id(body, limits)
+    sequence = _service().send(sender, receiver, message, client_msg_id)
     return {"sequence": str(sequence)}
 
 
@@ -119,7 +130,8 @@ def send_group() -> dict[str, Any]:
     members = parse_members(field(body, "group_members", "groupMembers"), "group_members", limits)
     message = _message(body, data)
     check_fan_out(members, message, limits)
-    failed = _service().send_group(group, members, message)
+    client_msg_id = _client_msg_id(body, limits)
+    failed = _service().send_group(group, members, message, client_msg_id)
     return {"failedMembers": failed}
 
 
@@ -171,6 +183,8 @@ def envelope(
     )
     if code == 503:
         response.headers["Retry-After"] = "1"
+    elif code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="timeline"'
     return response
 
 
@@ -220,6 +234,19 @@ def _preflight() -> Response | None:
     return None
 
 
+def _authorize() -> None:
+    """With an api_token set, /timeline/* needs `Authorization: Bearer <token>`."""
+    token = current_app.extensions[EXTENSION]["settings"].api_token
+    if not token or not request.path.startswith(bp.url_prefix or ""):
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest takes as long whatever the first wrong byte: no timing oracle.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthorized("a valid bearer token is required")
+
+
 def _cors(response: Response) -> Response:
     # go-timeline's browser demo calls the API from another origin; keep it working.
     origin = current_app.extensions[EXTENSION]["settings"].cors_allow_origin
@@ -239,6 +266,7 @@ def register(app: Flask) -> None:
     app.url_map.merge_slashes = False
     app.register_blueprint(bp)
     app.before_request(_preflight)
+    app.before_request(_authorize)
     app.after_request(_cors)
     app.register_error_handler(TimelineError, _on_timeline_error)
     app.register_error_handler(HTTPException, _on_http_error)

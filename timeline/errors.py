@@ -45,6 +45,13 @@ class MethodNotAllowed(TimelineError):
     reason = "TIMELINE_METHOD_NOT_ALLOWED"
 
 
+class ClientMsgIdReused(TimelineError):
+    """A client_msg_id already names another message of the conversation."""
+
+    code = 409
+    reason = "TIMELINE_CLIENT_MSG_ID_REUSED"
+
+
 class PayloadTooLarge(TimelineError):
     """The body or the message is over its size limit."""
 

@@ -9,7 +9,7 @@ from flask import Flask
 from timeline import api
 from timeline.embedded import ensure_redis
 from timeline.sequence import SequenceAllocator, connect_redis
-from timeline.service import TimelineService
+from timeline.service import Policy, TimelineService
 from timeline.settings import Settings, load_settings
 from timeline.store import Store, open_store
 from timeline.validation import Limits
@@ -39,7 +39,13 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         connect_redis(redis_url(settings), settings), settings.redis_key_prefix
     )
     store = store or open_store(settings)
-    service = TimelineService(allocator, store, gap_grace_ms=settings.gap_grace_ms)
+    policy = Policy(
+        gap_grace_ms=settings.gap_grace_ms,
+        record_ttl_ms=settings.idempotency_ttl_seconds * 1000,
+        write_attempts=settings.store_write_attempts,
+        retry_backoff_ms=settings.store_retry_backoff_ms,
+    )
+    service = TimelineService(allocator, store, policy)
     app.extensions[api.EXTENSION] = {
         "settings": settings,
         "service": service,

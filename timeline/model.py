@@ -37,12 +37,18 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Document:
-    """One stored copy of a message: `{id, seq, message}` plus its creation time."""
+    """One stored copy of a message: `{id, seq, message}`, its creation time and `mid`.
+
+    `mid` names the message across all its copies and all attempts to store it: when a
+    write finds its `(id, seq)` taken, the stored `mid` says whether it is this message
+    (written by an earlier attempt) or another one (the counter was behind).
+    """
 
     id: str
     seq: int
     message: Message
     created_at_ms: int
+    mid: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,25 @@ def connect_redis(url: str, settings: Settings) -> redis.Redis:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """What allocate.lua answered: sequences, a replayed record, or missing counters."""
+
+    lasts: list[int]  # the last sequence of each timeline's range (empty when missing)
+    replayed: bool = False  # an earlier attempt of the same message allocated these
+    fingerprint: str = ""  # the replayed record's fingerprint
+    missing: list[int] = field(default_factory=list)  # positions of counters to seed
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """An idempotent message's record: its key and the fingerprint of its request."""
+
+    key: str
+    fingerprint: str
+    ttl_ms: int
+
+
 class SequenceAllocator:
     """Allocates contiguous sequence ranges, one Redis round trip per request."""
 
@@ -50,6 +70,8 @@ class SequenceAllocator:
         self._prefix = key_prefix
         # register_script calls EVALSHA and reloads the script on NOSCRIPT by itself.
         self._allocate = client.register_script(load_script("allocate"))
+        self._seed = client.register_script(load_script("seed"))
+        self._reallocate = client.register_script(load_script("reallocate"))
 
     @property
     def client(self) -> redis.Redis:
@@ -59,16 +81,59 @@ class SequenceAllocator:
         """The counter's key: `<prefix>seq:<kind>:<id>`; the kind keeps sync and history apart."""
         return f"{self._prefix}seq:{timeline.kind}:{timeline.id}"
 
-    def allocate(self, timelines: Sequence[Timeline], count: int = 1) -> list[int]:
-        """Give each timeline `count` new sequences; return the last one of each range."""
+    def record_key(self, conversation: str, client_msg_id: str) -> str:
+        """Where an idempotent message's record lives: scoped to its conversation."""
+        return f"{self._prefix}msg:{conversation}:{client_msg_id}"
+
+    def allocate(
+        self, timelines: Sequence[Timeline], count: int = 1, record: Record | None = None
+    ) -> Allocation:
+        """Give each timeline `count` new sequences, unless a counter is missing or the
+        record shows an earlier attempt; see lua/allocate.lua."""
         keys = [self.key(t) for t in timelines]
-        reply = self._call("allocate", lambda: self._allocate(keys=keys, args=[count]))
+        if record is None:
+            args: list[Any] = [count, 0, 0, ""]
+        else:
+            keys.insert(0, record.key)
+            args = [count, 1, record.ttl_ms, record.fingerprint]
+        reply = self._call("allocate", lambda: self._allocate(keys=keys, args=args))
+        status = reply[0]
+        if status == b"ok":
+            return Allocation(lasts=[int(last) for last in reply[1:]])
+        if status == b"missing":
+            return Allocation(lasts=[], missing=[int(i) - 1 for i in reply[1:]])
+        fingerprint, *lasts = reply[1].decode().split(",")
+        return Allocation(
+            lasts=[int(last) for last in lasts], replayed=True, fingerprint=fingerprint
+        )
+
+    def seed(self, floors: dict[Timeline, int]) -> None:
+        """Raise each counter to at least its floor (the store's highest sequence)."""
+        keys = [self.key(t) for t in floors]
+        values = list(floors.values())
+        self._call("seed", lambda: self._seed(keys=keys, args=values))
+
+    def reallocate(
+        self,
+        moves: Sequence[tuple[Timeline, int, int]],
+        count: int = 1,
+        record: Record | None = None,
+    ) -> list[int]:
+        """New ranges for (timeline, position in the message, last held) whose sequence was
+        taken; racing attempts of one idempotent message agree (lua/reallocate.lua)."""
+        keys = [self.key(timeline) for timeline, _, _ in moves]
+        args: list[Any] = [count, 0 if record is None else 1]
+        for _, position, held in moves:
+            args += [position + 1, held]
+        if record is not None:
+            keys.insert(0, record.key)
+        reply = self._call("reallocate", lambda: self._reallocate(keys=keys, args=args))
         return [int(last) for last in reply]
 
-    def latest(self, timeline: Timeline) -> int:
-        """The newest sequence allocated to the timeline, 0 if none."""
+    def latest(self, timeline: Timeline) -> int | None:
+        """The newest sequence allocated to the timeline; None if its counter is missing."""
         value = self._call("latest", lambda: self._redis.get(self.key(timeline)))
-        return int(value) if value is not None else 0
+        return int(value) if value is not None else None
 
     def ping(self) -> None:
         self._call("ping", self._redis.ping)

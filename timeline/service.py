@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from timeline.errors import WriteFailed
+from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
 from timeline.model import Document, Entry, Kind, Message, Timeline, conversation_id
-from timeline.sequence import SequenceAllocator
+from timeline.sequence import Record, SequenceAllocator
 from timeline.store import Store
 
 log = logging.getLogger(__name__)
 
+#: How often allocation may find counters missing (seeding them in between) before giving up;
+#: more than once means Redis is losing data while we work.
+_SEED_ROUNDS = 3
+#: How often a write may find its sequences taken by other messages (a counter behind the
+#: store) before the copies are reported as not stored.
+_MOVE_ROUNDS = 3
+
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,68 +41,225 @@ class SyncResult:
     entries: list[Entry]
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message stored: each recipient's sequence, and who has no copy."""
+
+    sequences: dict[str, int]
+    failed: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The service's knobs, from the settings."""
+
+    gap_grace_ms: int = 30_000
+    record_ttl_ms: int = 86_400_000
+    write_attempts: int = 3
+    retry_backoff_ms: int = 50
+
+
 class TimelineService:
-    """Allocates sequences in one Redis round trip and stores a request in one bulk write."""
+    """Allocates sequences in one Redis round trip and stores a request in one bulk write.
+
+    Off the steady state it repairs what it finds: counters Redis lost are seeded from the
+    store; sequences found taken by another message move to new ones; failed writes are
+    retried; an idempotent message's retries reuse its recorded sequences.
+    """
 
     def __init__(
         self,
         allocator: SequenceAllocator,
         store: Store,
-        gap_grace_ms: int = 5000,
+        policy: Policy | None = None,
         clock_ms: Callable[[], int] = _now_ms,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.allocator = allocator
         self.store = store
-        self._gap_grace_ms = gap_grace_ms
+        self.policy = policy or Policy()
         self._clock_ms = clock_ms
+        self._sleep = sleep
 
-    def send(self, sender: str, receiver: str, message: Message) -> int:
+    # --- writing -------------------------------------------------------------------------
+
+    def send(
+        self, sender: str, receiver: str, message: Message, client_msg_id: str | None = None
+    ) -> int:
         """A one-to-one message; returns the receiver's sync sequence for it."""
         recipients = [sender] if sender == receiver else [sender, receiver]
-        failed, sequences = self._fan_out(conversation_id(sender, receiver), recipients, message)
-        if failed:
+        conversation = conversation_id(sender, receiver)
+        delivery = self._deliver(conversation, recipients, message, client_msg_id)
+        if delivery.failed:
             raise WriteFailed(
-                "message could not be stored for every recipient", failedMembers=failed
+                "message could not be stored for every recipient; retry with the same "
+                "client_msg_id",
+                failedMembers=delivery.failed,
             )
-        return sequences[-1]  # the receiver is the last recipient
+        return delivery.sequences[receiver]
 
-    def send_group(self, group: str, members: Sequence[str], message: Message) -> list[str]:
+    def send_group(
+        self,
+        group: str,
+        members: Sequence[str],
+        message: Message,
+        client_msg_id: str | None = None,
+    ) -> list[str]:
         """A group message to the listed (distinct) members; returns those not written."""
-        failed, _ = self._fan_out(group, members, message)
-        return failed
+        return self._deliver(group, members, message, client_msg_id).failed
 
-    def _fan_out(
-        self, history_id: str, recipients: Sequence[str], message: Message
-    ) -> tuple[list[str], list[int]]:
-        """Allocate for the history and every recipient at once, then write it all.
-
-        Returns the recipients whose sync copy was not stored and each one's sequence.
-        """
+    def _deliver(
+        self,
+        history_id: str,
+        recipients: Sequence[str],
+        message: Message,
+        client_msg_id: str | None,
+    ) -> Delivery:
+        """Allocate for the history timeline and every recipient at once, then store it all."""
         timelines = [Timeline(Kind.HISTORY, history_id)]
         timelines += [Timeline(Kind.SYNC, member) for member in recipients]
-        last = self.allocator.allocate(timelines)
+        record = None
+        mid = uuid.uuid4().hex
+        if client_msg_id is not None:
+            record = Record(
+                key=self.allocator.record_key(history_id, client_msg_id),
+                fingerprint=_digest(history_id, *recipients, message.json)[:16],
+                ttl_ms=self.policy.record_ttl_ms,
+            )
+            # The same for every attempt, so each can tell the copies of another apart.
+            mid = _digest(history_id, client_msg_id)[:32]
+        lasts = self._allocate(timelines, record)
         now = self._clock_ms()
-        history = [Document(history_id, last[0], message, now)]
-        sync = [
-            Document(member, seq, message, now)
-            for member, seq in zip(recipients, last[1:], strict=True)
+        documents = [
+            Document(timeline.id, last, message, now, mid)
+            for timeline, last in zip(timelines, lasts, strict=True)
         ]
-        failed = [recipients[i] for i in self.store.write(history, sync)]
-        if failed:
+        stored, failed = self._store(timelines, documents, record)
+        sequences = {d.id: d.seq for d in stored[1:]}
+        failed_members = [timelines[position].id for position in failed]
+        if failed_members:
             log.warning(
                 "%d of %d sync copies not stored (timeline %s seq %d)",
-                len(failed),
-                len(sync),
+                len(failed_members),
+                len(recipients),
                 history_id,
-                last[0],
+                stored[0].seq,
             )
-        return failed, last[1:]
+        return Delivery(sequences=sequences, failed=failed_members)
+
+    def _allocate(self, timelines: list[Timeline], record: Record | None) -> list[int]:
+        """One EVALSHA in the steady state; seeds missing counters from the store first."""
+        for _ in range(_SEED_ROUNDS):
+            allocation = self.allocator.allocate(timelines, 1, record)
+            if allocation.replayed:
+                assert record is not None
+                if allocation.fingerprint != record.fingerprint:
+                    raise ClientMsgIdReused(
+                        "client_msg_id was already used for another message in this conversation"
+                    )
+                return allocation.lasts
+            if not allocation.missing:
+                return allocation.lasts
+            self._seed([timelines[i] for i in allocation.missing])
+        raise Unavailable("sequence counters keep disappearing from redis")
+
+    def _seed(self, timelines: Sequence[Timeline]) -> None:
+        """Raise counters to the store's highest sequence: continue at max + 1, never reuse."""
+        floors: dict[Timeline, int] = {}
+        for kind in Kind:
+            ids = [t.id for t in timelines if t.kind is kind]
+            if ids:
+                for id_, seq in self.store.max_seqs(kind, ids).items():
+                    floors[Timeline(kind, id_)] = seq
+        self.allocator.seed(floors)
+
+    def _store(
+        self, timelines: list[Timeline], documents: list[Document], record: Record | None
+    ) -> tuple[list[Document], list[int]]:
+        """Write until every document is stored, retrying what may succeed.
+
+        Returns the documents as finally stored (some may have moved to new sequences) and
+        the positions of those that could not be. Raises when the history document cannot be
+        stored: without it no sync copy is attempted.
+        """
+        documents = list(documents)
+        pending = list(range(len(documents)))  # positions still to write; 0 is the history
+        mid = documents[0].mid
+        failures = moves = 0
+        while pending:
+            history = [documents[0]] if pending[0] == 0 else []
+            sync_positions = pending[1:] if history else pending
+            try:
+                result = self.store.write(history, [documents[p] for p in sync_positions])
+            except Unavailable:
+                failures += 1
+                if failures >= self.policy.write_attempts:
+                    if history:
+                        raise
+                    return documents, sync_positions
+                self._sleep(self.policy.retry_backoff_ms * 2 ** (failures - 1) / 1000)
+                continue
+            if result.history_taken:
+                taken = [0]
+            else:
+                taken = [sync_positions[i] for i in result.sync_taken]
+                if not taken:
+                    return documents, []
+            owners = self.store.owners(
+                timelines[taken[0]].kind, [(documents[p].id, documents[p].seq) for p in taken]
+            )
+            # Taken by this very message (an earlier attempt) means stored.
+            conflicts = [p for p in taken if owners.get((documents[p].id, documents[p].seq)) != mid]
+            if not conflicts:
+                if not result.history_taken:
+                    return documents, []
+                pending = pending[1:]  # the history is stored: on to the sync copies
+                continue
+            moves += 1
+            if moves > _MOVE_ROUNDS:
+                if result.history_taken:
+                    raise Unavailable("history sequence keeps being taken")
+                return documents, conflicts
+            documents = self._move(timelines, documents, conflicts, record)
+            pending = conflicts if not result.history_taken else pending
+        return documents, []
+
+    def _move(
+        self,
+        timelines: list[Timeline],
+        documents: list[Document],
+        positions: list[int],
+        record: Record | None,
+    ) -> list[Document]:
+        """New sequences for documents whose sequence another message holds."""
+        moving = [timelines[p] for p in positions]
+        log.warning(
+            "%d sequence(s) already taken (first: %s %s seq %d); the counter was behind the store",
+            len(positions),
+            moving[0].kind,
+            moving[0].id,
+            documents[positions[0]].seq,
+        )
+        self._seed(moving)
+        lasts = self.allocator.reallocate(
+            [(timelines[p], p, documents[p].seq) for p in positions], 1, record
+        )
+        moved = list(documents)
+        for p, last in zip(positions, lasts, strict=True):
+            moved[p] = dataclasses.replace(documents[p], seq=last)
+        return moved
+
+    # --- reading -------------------------------------------------------------------------
 
     def sync(self, member: str, last_read: int, count: int) -> SyncResult:
         """The member's sync entries after last_read, and the newest sequence allocated."""
         # Store first, then Redis: latestSeq is then never below the last entry returned.
         entries = self._readable(Kind.SYNC, member, last_read, count)
         latest = self.allocator.latest(Timeline(Kind.SYNC, member))
+        if latest is None:  # a new member, or Redis lost the counter: the store knows
+            latest = self.store.max_seqs(Kind.SYNC, [member]).get(member, 0)
+        if entries and entries[-1].seq > latest:
+            latest = entries[-1].seq  # a counter behind the store; the next send repairs it
         return SyncResult(latest_seq=latest, entries=entries)
 
     def history(self, conversation: str, last_read: int, count: int) -> list[Entry]:
@@ -110,7 +281,7 @@ class TimelineService:
         for position, entry in enumerate(entries):
             if entry.seq != expected:
                 now = self._clock_ms() if now is None else now
-                if now - entry.created_at_ms < self._gap_grace_ms:
+                if now - entry.created_at_ms < self.policy.gap_grace_ms:
                     return entries[:position]
             expected = entry.seq + 1
         return entries

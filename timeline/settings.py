@@ -55,6 +55,16 @@ class Settings:
     # Access-Control-Allow-Origin on every reply, as go-timeline sends it; empty: none.
     cors_allow_origin: str = "*"
 
+    # Idempotent sends: how long a client_msg_id's record (its sequences) is kept.
+    idempotency_ttl_seconds: int = 86_400
+    # A store write that fails is tried again, this many times in all, backing off from
+    # store_retry_backoff_ms (doubling), before the copies are reported as not stored.
+    store_write_attempts: int = 3
+    store_retry_backoff_ms: int = 50
+
+    # When set, every /timeline/* route needs `Authorization: Bearer <api_token>`.
+    api_token: str | None = None
+
     # A reader never steps over a sequence whose write may still be in flight; after
     # this long the writer is known to have failed and the hole is passed over.
     gap_grace_ms: int = 30_000
@@ -84,10 +94,14 @@ class Settings:
             "id_max_length",
             "body_max_bytes",
             "fanout_max_bytes",
+            "idempotency_ttl_seconds",
+            "store_write_attempts",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.store_retry_backoff_ms < 0:
+            raise SettingsError("store_retry_backoff_ms must not be negative")
         if self.gap_grace_ms < 0:
             raise SettingsError("gap_grace_ms must not be negative")
         if self.count_default > self.count_max:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from timeline.model import Document, Entry, Kind
@@ -12,19 +13,36 @@ from timeline.settings import Settings
 COLLECTIONS = {Kind.SYNC: "chat_sync", Kind.HISTORY: "chat_history"}
 
 
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What a write left undone because an `(id, seq)` was already stored."""
+
+    history_taken: bool = False  # then no sync document was attempted
+    sync_taken: list[int] = field(default_factory=list)  # positions in `sync`
+
+
 class Store(Protocol):
     """Documents `{id, seq, message}`, unique on `(id, seq)`, read back in sequence order."""
 
     backend: str
 
-    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> list[int]:
+    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> WriteResult:
         """Store a request's documents: one bulk write per collection.
 
-        The history documents are written first and all together: if any fails, nothing
-        of the sync documents is attempted and WriteFailed (or Unavailable) is raised. The
-        sync documents are written independently of each other; the positions (in `sync`)
-        of those that could not be stored are returned, the others are kept.
+        The history documents are written first, all or none: if one's `(id, seq)` is
+        taken, no sync document is attempted. The sync documents are written independently
+        of each other; those whose `(id, seq)` is taken are reported, the others kept.
+        Any other failure raises Unavailable; the write may then have been partly done
+        (MongoDB), and writing the same documents again is how to finish it.
         """
+        ...
+
+    def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """The `mid` of the stored document at each `(id, seq)` that exists."""
+        ...
+
+    def max_seqs(self, kind: Kind, ids: Sequence[str]) -> dict[str, int]:
+        """The highest stored sequence of each timeline; 0 for one with no document."""
         ...
 
     def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:

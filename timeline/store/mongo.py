@@ -15,14 +15,15 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from timeline.errors import Unavailable, WriteFailed
+from timeline.errors import Unavailable
 from timeline.model import Document, Entry, Kind
 from timeline.settings import Settings
-from timeline.store import COLLECTIONS
+from timeline.store import COLLECTIONS, WriteResult
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "id_seq_unique"
+_DUPLICATE_KEY = 11000
 
 
 def _bson(document: Document) -> dict[str, Any]:
@@ -31,6 +32,7 @@ def _bson(document: Document) -> dict[str, Any]:
         "seq": document.seq,
         "message": document.message.document,
         "created_at": datetime.fromtimestamp(document.created_at_ms / 1000, tz=UTC),
+        "mid": document.mid,
     }
 
 
@@ -96,37 +98,83 @@ class MongoStore:
                 raise Unavailable("store (mongo) is unavailable") from exc
             self._indexes_ready = True
 
-    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> list[int]:
+    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> WriteResult:
         self.ensure_indexes()
         try:
-            self._write_history(history)
+            if history and not self._write_history(history):
+                return WriteResult(history_taken=True)
             if not sync:
-                return []
+                return WriteResult()
             try:
                 self._collections[Kind.SYNC].insert_many([_bson(d) for d in sync], ordered=False)
             except BulkWriteError as exc:
                 errors = exc.details.get("writeErrors", [])
-                for error in errors[:3]:
-                    log.warning("sync document not stored: %s", error.get("errmsg"))
-                return sorted({int(error["index"]) for error in errors})
+                others = [e for e in errors if e.get("code") != _DUPLICATE_KEY]
+                if others:
+                    # Not a taken key: a failure to retry. Writing all again is safe: what
+                    # did get stored comes back as taken, with this message's mid.
+                    log.warning("mongo write error code %s", others[0].get("code"))
+                    raise Unavailable("store (mongo) refused a write") from exc
+                return WriteResult(sync_taken=sorted({int(e["index"]) for e in errors}))
         except PyMongoError as exc:
             log.warning("mongo write failed: %s", exc)
             raise Unavailable("store (mongo) is unavailable") from exc
-        return []
+        return WriteResult()
 
-    def _write_history(self, history: Sequence[Document]) -> None:
+    def _write_history(self, history: Sequence[Document]) -> bool:
+        """Insert the history documents; False when one's (id, seq) is taken."""
         collection = self._collections[Kind.HISTORY]
         try:
             if len(history) == 1:
                 collection.insert_one(_bson(history[0]))
-            elif history:
+            else:
                 collection.insert_many([_bson(d) for d in history], ordered=True)
-        except (DuplicateKeyError, BulkWriteError) as exc:
-            raise WriteFailed(
-                "history sequence already stored",
-                timeline=history[0].id,
-                sequences=[d.seq for d in history],
-            ) from exc
+        except DuplicateKeyError:
+            return False
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if errors and all(e.get("code") == _DUPLICATE_KEY for e in errors):
+                # ordered: those before the taken one are stored; the caller writes them
+                # again and finds them taken with its own mid.
+                return False
+            raise
+        return True
+
+    def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        if not keys:
+            return {}
+        by_id: dict[str, list[int]] = {}
+        for id_, seq in keys:
+            by_id.setdefault(id_, []).append(seq)
+        query = {"$or": [{"id": id_, "seq": {"$in": seqs}} for id_, seqs in by_id.items()]}
+        documents = self._find(kind, query, {"_id": 0, "id": 1, "seq": 1, "mid": 1})
+        return {(d["id"], int(d["seq"])): d.get("mid", "") for d in documents}
+
+    def max_seqs(self, kind: Kind, ids: Sequence[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        self.ensure_indexes()
+        # Sorted backwards along the (id, seq) index, $first per id is one index probe each
+        # (a DISTINCT_SCAN), not a scan of every entry.
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"id": {"$in": list(ids)}}},
+            {"$sort": {"id": -1, "seq": -1}},
+            {"$group": {"_id": "$id", "seq": {"$first": "$seq"}}},
+        ]
+        try:
+            found = {d["_id"]: int(d["seq"]) for d in self._collections[kind].aggregate(pipeline)}
+        except PyMongoError as exc:
+            log.warning("mongo read failed: %s", exc)
+            raise Unavailable("store (mongo) is unavailable") from exc
+        return {id_: found.get(id_, 0) for id_ in ids}
+
+    def _find(self, kind: Kind, query: dict[str, Any], projection: dict[str, Any]) -> list[Any]:
+        self.ensure_indexes()
+        try:
+            return list(self._collections[kind].find(query, projection))
+        except PyMongoError as exc:
+            log.warning("mongo read failed: %s", exc)
+            raise Unavailable("store (mongo) is unavailable") from exc
 
     def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
         self.ensure_indexes()

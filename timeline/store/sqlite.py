@@ -8,10 +8,11 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from timeline.errors import Unavailable, WriteFailed
+from timeline.errors import Unavailable
 from timeline.model import Document, Entry, Kind
-from timeline.store import COLLECTIONS
+from timeline.store import COLLECTIONS, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +24,19 @@ CREATE TABLE IF NOT EXISTS {table} (
     seq INTEGER NOT NULL,
     message TEXT NOT NULL,
     created_at INTEGER NOT NULL,
+    mid TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (id, seq)
 ) WITHOUT ROWID
 """
+_COLUMNS = "(id, seq, message, created_at, mid)"
+_CHUNK = 500  # rows per statement in lookups: well under SQLite's 32,766 variables
 
 _HISTORY = COLLECTIONS[Kind.HISTORY]
 _SYNC = COLLECTIONS[Kind.SYNC]
 
 
-def _rows(documents: Sequence[Document]) -> list[tuple[str, int, str, int]]:
-    return [(d.id, d.seq, d.message.json, d.created_at_ms) for d in documents]
+def _rows(documents: Sequence[Document]) -> list[tuple[str, int, str, int, str]]:
+    return [(d.id, d.seq, d.message.json, d.created_at_ms, d.mid) for d in documents]
 
 
 class SQLiteStore:
@@ -50,6 +54,9 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode=WAL")
             for table in COLLECTIONS.values():
                 conn.execute(_SCHEMA.format(table=table))
+                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if "mid" not in columns:  # a file made before documents carried a mid
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN mid TEXT NOT NULL DEFAULT ''")
         except sqlite3.Error as exc:
             raise Unavailable(f"sqlite store at {self.path} cannot be opened") from exc
 
@@ -68,61 +75,86 @@ class SQLiteStore:
             self._local.pid = os.getpid()
         return conn
 
-    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> list[int]:
+    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> WriteResult:
         conn = self._connection()
-        failed: list[int] = []
         try:
             # IMMEDIATE takes the write lock up front, so two writers never deadlock on upgrade.
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(
-                    f"INSERT INTO {_HISTORY} VALUES (?, ?, ?, ?)",  # noqa: S608 - constant name
-                    _rows(history),
+                    f"INSERT INTO {_HISTORY} {_COLUMNS} VALUES (?, ?, ?, ?, ?)", _rows(history)
                 )
-            except sqlite3.IntegrityError as exc:
+            except sqlite3.IntegrityError:
                 conn.execute("ROLLBACK")
-                seqs = [d.seq for d in history]
-                raise WriteFailed(
-                    "history sequence already stored", timeline=history[0].id, sequences=seqs
-                ) from exc
-            failed = self._write_sync(conn, sync)
+                return WriteResult(history_taken=True)
+            taken = self._write_sync(conn, sync)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.warning("sqlite write failed: %s", exc)
             raise Unavailable("store (sqlite) is unavailable") from exc
-        return failed
+        return WriteResult(sync_taken=taken)
 
     @staticmethod
     def _write_sync(conn: sqlite3.Connection, sync: Sequence[Document]) -> list[int]:
-        """One statement for all rows; only when it hits a duplicate, find which, row by row."""
+        """One statement for all rows; only when it hits a taken key, find which, row by row."""
         rows = _rows(sync)
+        insert = f"INSERT INTO {_SYNC} {_COLUMNS} VALUES (?, ?, ?, ?, ?)"
         conn.execute("SAVEPOINT sync_rows")
         try:
-            conn.executemany(f"INSERT INTO {_SYNC} VALUES (?, ?, ?, ?)", rows)  # noqa: S608
+            conn.executemany(insert, rows)
             conn.execute("RELEASE sync_rows")
             return []
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK TO sync_rows")
-        failed = []
+        taken = []
         for position, row in enumerate(rows):
-            cursor = conn.execute(f"INSERT OR IGNORE INTO {_SYNC} VALUES (?, ?, ?, ?)", row)  # noqa: S608
-            if cursor.rowcount != 1:
-                failed.append(position)
+            if conn.execute(insert.replace("INSERT", "INSERT OR IGNORE", 1), row).rowcount != 1:
+                taken.append(position)
         conn.execute("RELEASE sync_rows")
-        return failed
+        return taken
 
-    def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
-        sql = (
-            f"SELECT seq, message, created_at FROM {COLLECTIONS[kind]} "  # noqa: S608
-            "WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?"
-        )
+    def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        found: dict[tuple[str, int], str] = {}
+        table = COLLECTIONS[kind]
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            values = ", ".join("(?, ?)" for _ in chunk)
+            sql = f"SELECT id, seq, mid FROM {table} WHERE (id, seq) IN (VALUES {values})"
+            params = [value for key in chunk for value in key]
+            for id_, seq, mid in self._query(sql, params):
+                found[(id_, seq)] = mid
+        return found
+
+    def max_seqs(self, kind: Kind, ids: Sequence[str]) -> dict[str, int]:
+        highest: dict[str, int] = {}
+        table = COLLECTIONS[kind]
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            values = ", ".join("(?)" for _ in chunk)
+            # A correlated MAX per id is one index probe each; GROUP BY would scan every row.
+            sql = (
+                f"SELECT v.column1, (SELECT MAX(seq) FROM {table} WHERE id = v.column1) "
+                f"FROM (VALUES {values}) AS v"
+            )
+            for id_, seq in self._query(sql, list(chunk)):
+                highest[id_] = seq or 0
+        return highest
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         try:
-            rows = self._connection().execute(sql, (timeline_id, after, limit)).fetchall()
+            return self._connection().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             log.warning("sqlite read failed: %s", exc)
             raise Unavailable("store (sqlite) is unavailable") from exc
+
+    def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
+        sql = (
+            f"SELECT seq, message, created_at FROM {COLLECTIONS[kind]} "
+            "WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        )
+        rows = self._query(sql, (timeline_id, after, limit))
         return [Entry(seq, message, created_at) for seq, message, created_at in rows]
 
     def ping(self) -> None:
