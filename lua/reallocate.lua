@@ -5,13 +5,16 @@
 -- KEYS[...]   the counters of the timelines to move.
 -- ARGV[1]     count: sequences per timeline, as in allocate.lua.
 -- ARGV[2]     '1' when KEYS[1] is an idempotency record, '0' when there is none.
--- ARGV[3...]  for each timeline to move, two values: its position in the record (1-based
---             among the message's timelines) and the last sequence the caller holds for it.
+-- ARGV[3...]  for each timeline to move, three values: its position in the record (1-based
+--             among the message's timelines), the last sequence the caller holds for it,
+--             and a floor: the highest sequence the store holds for that timeline.
 --
--- Reply: {last_1, ..., last_n}, the last sequence each timeline owns now. Where the record
--- already holds another value than the caller's, an earlier attempt moved that timeline:
--- its value is returned and nothing is allocated, so racing attempts agree on one sequence.
--- Without a record, each timeline simply gets a new range.
+-- Reply: {last_1, ..., last_n}, the last sequence each timeline owns now. A timeline's
+-- counter is first raised to its floor (a counter that Redis lost or that lags the store
+-- starts over from the store), then advanced by count; both in this one atomic step, so no
+-- other writer can slip in between. Where the record already holds another value than the
+-- caller's, an earlier attempt of the same message moved that timeline: its value is
+-- returned and nothing is allocated, so racing attempts agree on one sequence.
 
 local count = tonumber(ARGV[1])
 local recorded = ARGV[2] == '1'
@@ -31,11 +34,16 @@ end
 local reply = {}
 for i = first, #KEYS do
   local k = i - first + 1
-  local position = tonumber(ARGV[1 + 2 * k]) + 1  -- +1: the fingerprint leads the record
-  local held = ARGV[2 + 2 * k]
+  local position = tonumber(ARGV[3 * k]) + 1  -- +1: the fingerprint leads the record
+  local held = ARGV[3 * k + 1]
+  local floor = tonumber(ARGV[3 * k + 2])
   if fields and fields[position] and fields[position] ~= held then
     reply[k] = tonumber(fields[position])
   else
+    local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if current < floor then
+      redis.call('SET', KEYS[i], floor)
+    end
     reply[k] = redis.call('INCRBY', KEYS[i], count)
     if fields then
       fields[position] = tostring(reply[k])

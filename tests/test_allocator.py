@@ -102,7 +102,7 @@ def test_scripts_reload_after_script_flush(
     assert redis_client.script_exists(allocator._allocate.sha) == [False]
     assert lasts(allocator, [sync("a")]) == [2]
     allocator.seed({sync("b"): 4})
-    assert allocator.reallocate([(sync("b"), 1, 4)]) == [5]
+    assert allocator.reallocate([(sync("b"), 1, 4, 0)]) == [5]
     assert redis_client.script_exists(allocator._allocate.sha) == [True]
 
 
@@ -169,7 +169,7 @@ def test_reallocate_moves_a_taken_sequence_once_for_racing_attempts(
     fresh(allocator, timelines)
     allocator.allocate(timelines, 1, record(allocator))
     # Given b's seq 1 turned out to be taken, two attempts move it at once:
-    moved = [allocator.reallocate([(sync("b"), 2, 1)], 1, record(allocator)) for _ in range(2)]
+    moved = [allocator.reallocate([(sync("b"), 2, 1, 1)], 1, record(allocator)) for _ in range(2)]
     # then both agree on seq 2, the counter moved once, and the record says 2.
     assert moved == [[2], [2]]
     assert allocator.latest(sync("b")) == 2
@@ -179,7 +179,18 @@ def test_reallocate_moves_a_taken_sequence_once_for_racing_attempts(
 
 def test_reallocate_without_a_record_gives_new_ranges(allocator: SequenceAllocator) -> None:
     allocator.seed({sync("a"): 5, sync("b"): 1})
-    assert allocator.reallocate([(sync("a"), 1, 2), (sync("b"), 2, 1)], count=2) == [7, 3]
+    moves = [(sync("a"), 1, 2, 0), (sync("b"), 2, 1, 0)]
+    assert allocator.reallocate(moves, count=2) == [7, 3]
+
+
+def test_reallocate_starts_above_the_store_floor_even_with_the_counter_gone(
+    allocator: SequenceAllocator,
+) -> None:
+    # Given the counter vanished (FLUSHALL) and the store holds up to 9,
+    # then the move lands on 10, in the same atomic step: no window to reuse 1..9.
+    assert allocator.reallocate([(sync("a"), 1, 3, 9)]) == [10]
+    allocator.seed({sync("b"): 20})
+    assert allocator.reallocate([(sync("b"), 1, 3, 9)]) == [21]  # never lowered
 
 
 # --- failures -------------------------------------------------------------------------------

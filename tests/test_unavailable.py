@@ -84,6 +84,7 @@ def test_locked_sqlite_is_a_503_within_the_busy_timeout(
         redis_key_prefix=key_prefix,
         sqlite_path=str(path),
         sqlite_busy_timeout_ms=200,
+        store_retry_budget_ms=250,  # one retry fits: 200 ms wait + 100 ms backoff > 250
     )
     client = create_app(settings).test_client()
     assert post_send(client).status_code == 200

@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         record_ttl_ms=settings.idempotency_ttl_seconds * 1000,
         write_attempts=settings.store_write_attempts,
         retry_backoff_ms=settings.store_retry_backoff_ms,
+        retry_budget_ms=settings.store_retry_budget_ms,
     )
     service = TimelineService(allocator, store, policy)
     app.extensions[api.EXTENSION] = {

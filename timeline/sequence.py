@@ -115,16 +115,17 @@ class SequenceAllocator:
 
     def reallocate(
         self,
-        moves: Sequence[tuple[Timeline, int, int]],
+        moves: Sequence[tuple[Timeline, int, int, int]],
         count: int = 1,
         record: Record | None = None,
     ) -> list[int]:
-        """New ranges for (timeline, position in the message, last held) whose sequence was
-        taken; racing attempts of one idempotent message agree (lua/reallocate.lua)."""
-        keys = [self.key(timeline) for timeline, _, _ in moves]
+        """New ranges for (timeline, position in the message, last held, store floor) whose
+        sequence was taken; racing attempts of one idempotent message agree on one new
+        sequence (lua/reallocate.lua)."""
+        keys = [self.key(move[0]) for move in moves]
         args: list[Any] = [count, 0 if record is None else 1]
-        for _, position, held in moves:
-            args += [position + 1, held]
+        for _, position, held, floor in moves:
+            args += [position + 1, held, floor]
         if record is not None:
             keys.insert(0, record.key)
         reply = self._call("reallocate", lambda: self._reallocate(keys=keys, args=args))

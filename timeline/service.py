@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 #: more than once means Redis is losing data while we work.
 _SEED_ROUNDS = 3
 #: How often a write may find its sequences taken by other messages (a counter behind the
-#: store) before the copies are reported as not stored.
-_MOVE_ROUNDS = 3
+#: store) before giving up; each move starts above the store's highest, so one is the rule.
+_MOVE_ROUNDS = 5
 
 
 def _now_ms() -> int:
@@ -55,8 +55,9 @@ class Policy:
 
     gap_grace_ms: int = 30_000
     record_ttl_ms: int = 86_400_000
-    write_attempts: int = 3
-    retry_backoff_ms: int = 50
+    write_attempts: int = 4
+    retry_backoff_ms: int = 100
+    retry_budget_ms: int = 1000
 
 
 class TimelineService:
@@ -180,48 +181,57 @@ class TimelineService:
 
         Returns the documents as finally stored (some may have moved to new sequences) and
         the positions of those that could not be. Raises when the history document cannot be
-        stored: without it no sync copy is attempted.
+        stored: without it no sync copy is attempted. Once it is stored the request tries
+        hard to finish (store errors and Redis hiccups alike are retried with backoff, up to
+        write_attempts), because a client retry is only idempotent while Redis keeps the
+        message's record; before, it gives up once retry_budget_ms is spent.
         """
         documents = list(documents)
         pending = list(range(len(documents)))  # positions still to write; 0 is the history
         mid = documents[0].mid
         failures = moves = 0
+        deadline = self._clock_ms() + self.policy.retry_budget_ms
         while pending:
             history = [documents[0]] if pending[0] == 0 else []
             sync_positions = pending[1:] if history else pending
             try:
                 result = self.store.write(history, [documents[p] for p in sync_positions])
+                if result.history_taken:
+                    taken = [0]
+                else:
+                    taken = [sync_positions[i] for i in result.sync_taken]
+                    if not taken:
+                        return documents, []
+                owners = self.store.owners(
+                    timelines[taken[0]].kind,
+                    [(documents[p].id, documents[p].seq) for p in taken],
+                )
+                # Taken by this very message (an earlier attempt) means stored.
+                conflicts = [
+                    p for p in taken if owners.get((documents[p].id, documents[p].seq)) != mid
+                ]
+                if not conflicts:
+                    if not result.history_taken:
+                        return documents, []
+                    pending = pending[1:]  # the history is stored: on to the sync copies
+                    continue
+                moves += 1
+                if moves > _MOVE_ROUNDS:
+                    raise Unavailable("sequences keep being taken by other messages")
+                documents = self._move(timelines, documents, conflicts, record)
+                if not result.history_taken:
+                    pending = conflicts
             except Unavailable:
                 failures += 1
+                backoff_ms = self.policy.retry_backoff_ms * 2 ** (failures - 1)
+                nothing_stored = pending[0] == 0
+                if nothing_stored and self._clock_ms() + backoff_ms > deadline:
+                    raise  # nothing written yet: a fast 503 costs the client nothing
                 if failures >= self.policy.write_attempts:
-                    if history:
+                    if nothing_stored:
                         raise
-                    return documents, sync_positions
-                self._sleep(self.policy.retry_backoff_ms * 2 ** (failures - 1) / 1000)
-                continue
-            if result.history_taken:
-                taken = [0]
-            else:
-                taken = [sync_positions[i] for i in result.sync_taken]
-                if not taken:
-                    return documents, []
-            owners = self.store.owners(
-                timelines[taken[0]].kind, [(documents[p].id, documents[p].seq) for p in taken]
-            )
-            # Taken by this very message (an earlier attempt) means stored.
-            conflicts = [p for p in taken if owners.get((documents[p].id, documents[p].seq)) != mid]
-            if not conflicts:
-                if not result.history_taken:
-                    return documents, []
-                pending = pending[1:]  # the history is stored: on to the sync copies
-                continue
-            moves += 1
-            if moves > _MOVE_ROUNDS:
-                if result.history_taken:
-                    raise Unavailable("history sequence keeps being taken")
-                return documents, conflicts
-            documents = self._move(timelines, documents, conflicts, record)
-            pending = conflicts if not result.history_taken else pending
+                    return documents, pending
+                self._sleep(backoff_ms / 1000)
         return documents, []
 
     def _move(
@@ -231,7 +241,7 @@ class TimelineService:
         positions: list[int],
         record: Record | None,
     ) -> list[Document]:
-        """New sequences for documents whose sequence another message holds."""
+        """New sequences, above the store's highest, for documents another message holds."""
         moving = [timelines[p] for p in positions]
         log.warning(
             "%d sequence(s) already taken (first: %s %s seq %d); the counter was behind the store",
@@ -240,9 +250,12 @@ class TimelineService:
             moving[0].id,
             documents[positions[0]].seq,
         )
-        self._seed(moving)
+        kind = moving[0].kind  # one kind at a time: the history alone, or sync copies
+        floors = self.store.max_seqs(kind, [t.id for t in moving])
         lasts = self.allocator.reallocate(
-            [(timelines[p], p, documents[p].seq) for p in positions], 1, record
+            [(timelines[p], p, documents[p].seq, floors[timelines[p].id]) for p in positions],
+            1,
+            record,
         )
         moved = list(documents)
         for p, last in zip(positions, lasts, strict=True):

@@ -36,7 +36,7 @@ class Settings:
     mongo_timeout_ms: int = 500
     mongo_socket_timeout_ms: int = 2000
     sqlite_path: str = "var/timeline.sqlite3"
-    sqlite_busy_timeout_ms: int = 2000
+    sqlite_busy_timeout_ms: int = 1000
 
     # Where the embedded default keeps its redis-server data and socket.
     data_dir: str = "var"
@@ -59,8 +59,10 @@ class Settings:
     idempotency_ttl_seconds: int = 86_400
     # A store write that fails is tried again, this many times in all, backing off from
     # store_retry_backoff_ms (doubling), before the copies are reported as not stored.
-    store_write_attempts: int = 3
-    store_retry_backoff_ms: int = 50
+    store_write_attempts: int = 4
+    store_retry_backoff_ms: int = 100
+    # Before anything is stored a request stops retrying after this long: a fast 503.
+    store_retry_budget_ms: int = 1000
 
     # When set, every /timeline/* route needs `Authorization: Bearer <api_token>`.
     api_token: str | None = None
@@ -100,8 +102,9 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
-        if self.store_retry_backoff_ms < 0:
-            raise SettingsError("store_retry_backoff_ms must not be negative")
+        for name in ("store_retry_backoff_ms", "store_retry_budget_ms"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative")
         if self.gap_grace_ms < 0:
             raise SettingsError("gap_grace_ms must not be negative")
         if self.count_default > self.count_max:

@@ -44,7 +44,7 @@ class SQLiteStore:
 
     backend = "sqlite"
 
-    def __init__(self, path: str | Path, busy_timeout_ms: int = 2000) -> None:
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 1000) -> None:
         self.path = Path(path)
         self._busy_timeout = busy_timeout_ms / 1000
         self._local = threading.local()
