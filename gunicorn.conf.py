@@ -18,16 +18,16 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 control_socket = str(Path(_settings.data_dir).resolve() / "gunicorn.ctl")
 
 # The embedded redis-server is started here, in the master, before the workers fork, and
-# stopped when the master exits; workers find it running and only connect.
-_embedded_started = False
+# stopped when the last master using it exits; workers find it running and only connect.
+_lease: embedded.Lease | None = None
 
 
 def on_starting(server: Any) -> None:
-    global _embedded_started
+    global _lease
     if _settings.embedded_redis:
-        _, _embedded_started = embedded.ensure_redis(_settings.data_dir)
+        _lease = embedded.Lease(_settings.data_dir)
 
 
 def on_exit(server: Any) -> None:
-    if _embedded_started:
-        embedded.stop_redis(_settings.data_dir)
+    if _lease is not None:
+        _lease.release()

@@ -170,3 +170,21 @@ def test_embedded_default_starts_persists_and_stops_its_redis(tmp_path: Path) ->
         assert [e["sequence"] for e in sync["entrySet"]] == ["1", "2"]
     finally:
         second.stop()
+
+
+def test_overlapping_instances_share_the_embedded_redis_until_the_last_exits(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "var"
+    env = clean_env(TIMELINE_DATA_DIR=str(data), TIMELINE_SQLITE_PATH=str(data / "t.sqlite3"))
+    body = {"from": "a", "to": "b", "message": "{}"}
+    old = Service(env, tmp_path / "old.log").start()
+    new = Service(env, tmp_path / "new.log").start()  # a restart that overlaps the old one
+    try:
+        assert old.request("POST", "/timeline/send", body) == (200, {"sequence": "1"})
+        old.stop()  # the old one exits first: it must not take the server with it
+        assert new.request("POST", "/timeline/send", body) == (200, {"sequence": "2"})
+    finally:
+        old.stop()
+        new.stop()
+    assert not (data / "redis.sock").exists()  # the last one out stopped it

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,21 @@ def socket_path(data_dir: str | Path) -> Path:
     return Path(data_dir).resolve() / SOCKET_NAME
 
 
+def _client(sock: Path) -> redis.Redis:
+    # No retries: redis-py's default backs off and reconnects for seconds, which is wrong both
+    # for a probe and for SHUTDOWN (whose closed connection is the expected answer).
+    return redis.Redis(
+        unix_socket_path=str(sock),
+        socket_timeout=5,
+        socket_connect_timeout=1,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 def _answers(sock: Path) -> bool:
     if not sock.exists():
         return False
-    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=1, socket_connect_timeout=1)
+    client = _client(sock)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -108,12 +121,41 @@ def ensure_redis(data_dir: str | Path, timeout: float = 10.0) -> tuple[str, bool
         return url, True
 
 
+class Lease:
+    """A gunicorn master's use of the embedded redis-server, from start-up to exit.
+
+    Each master holds a shared lock on `redis.users` while it runs (the kernel drops it if the
+    master dies). On exit, a master that can then take the lock exclusively is the last user
+    and stops the server; otherwise another instance (a restart that overlapped this one)
+    still needs it and it is left running.
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._users = (self.data_dir / "redis.users").open("a")
+        # Shared lock first, then start: a master exiting meanwhile cannot stop it under us.
+        fcntl.flock(self._users, fcntl.LOCK_SH)
+        self.url, _ = ensure_redis(self.data_dir)
+
+    def release(self) -> None:
+        fcntl.flock(self._users, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self._users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("embedded redis-server left running: another instance uses it")
+        else:
+            stop_redis(self.data_dir)
+        finally:
+            self._users.close()
+
+
 def stop_redis(data_dir: str | Path) -> None:
     """Shut the embedded redis-server down, flushing its AOF; no-op if it is not running."""
     sock = socket_path(data_dir)
     if not _answers(sock):
         return
-    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=5)
+    client = _client(sock)
     try:
         client.shutdown()
     except redis.ConnectionError:
