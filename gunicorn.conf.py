@@ -1,21 +1,43 @@
-"""gunicorn settings: `gunicorn app:app` reads this file from the working directory."""
+"""gunicorn settings: `gunicorn app:app` reads this file from the working directory.
+
+Environment: PORT (8000), HOST (127.0.0.1; 0.0.0.0 in the container), WEB_CONCURRENCY
+(workers, 2), GUNICORN_TIMEOUT (30 s), plus every TIMELINE_* setting.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from timeline import embedded
 from timeline.settings import load_settings
 
 _settings = load_settings()
+_data_dir = Path(_settings.data_dir).resolve()
+
+# Metrics from every worker add up: prometheus_client's multiprocess mode reads this variable
+# at import, so it is set here, in the master, before any worker exists.
+_metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_data_dir / "metrics")))
+
+from timeline import embedded  # noqa: E402  (after the variable above)
+from timeline.logs import logging_config  # noqa: E402
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# A request never lives longer than this; gap_grace_ms (30 s) relies on it.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = 20
+keepalive = 5
+# The app (and its Redis and MongoDB clients) is built in each worker after the fork:
+# pymongo's client is not fork-safe.
+preload_app = False
+# The service writes one JSON access line per request itself (with its request id).
+accesslog = None
+logconfig_dict = logging_config(_settings.log_level)
 # gunicorn >= 25 opens a control socket under $HOME by default, shared by every instance
 # of the user; keep each deployment's next to its data instead.
-control_socket = str(Path(_settings.data_dir).resolve() / "gunicorn.ctl")
+control_socket = str(_data_dir / "gunicorn.ctl")
 
 # The embedded redis-server is started here, in the master, before the workers fork, and
 # stopped when the last master using it exits; workers find it running and only connect.
@@ -24,8 +46,24 @@ _lease: embedded.Lease | None = None
 
 def on_starting(server: Any) -> None:
     global _lease
+    shutil.rmtree(_metrics_dir, ignore_errors=True)  # samples of a previous run
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
     if _settings.embedded_redis:
         _lease = embedded.Lease(_settings.data_dir)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    from timeline.factory import close_app
+
+    app = getattr(worker, "wsgi", None)
+    if app is not None and hasattr(app, "extensions"):
+        close_app(app)
 
 
 def on_exit(server: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from servers import RedisServer
+from support import RedisServer
 from timeline.embedded import redis_server_binary
 from timeline.factory import create_app
 from timeline.settings import Settings

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from servers import free_port
+from support import free_port
 from timeline.errors import Unavailable
 from timeline.model import Kind, Timeline
 from timeline.sequence import Record, SequenceAllocator, connect_redis, load_script

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from servers import free_port
+from support import free_port, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +65,10 @@ class Service:
     def workers(self) -> int:
         assert self.process is not None
         return len(psutil.Process(self.process.pid).children())
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.base + path, timeout=10) as reply:
+            return str(reply.read().decode())
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -188,3 +192,53 @@ def test_overlapping_instances_share_the_embedded_redis_until_the_last_exits(
         old.stop()
         new.stop()
     assert not (data / "redis.sock").exists()  # the last one out stopped it
+
+
+def test_probes_metrics_logs_and_document_under_gunicorn(
+    tmp_path: Path, redis_factory: Any, key_prefix: str
+) -> None:
+    redis_server = redis_factory()
+    env = clean_env(
+        TIMELINE_REDIS_URL=redis_server.url,
+        TIMELINE_REDIS_KEY_PREFIX=key_prefix,
+        TIMELINE_SQLITE_PATH=str(tmp_path / "timeline.sqlite3"),
+        TIMELINE_DATA_DIR=str(tmp_path / "var"),
+    )
+    service = Service(env, tmp_path / "gunicorn.log").start()
+    try:
+        assert service.request("GET", "/healthz") == (200, {"status": "ok"})
+        assert service.request("GET", "/readyz")[0] == 200
+        for i in range(20):
+            body = {"group_name": "g", "group_members": ["a", "b", "c"], "message": {"i": i}}
+            assert service.request("POST", "/timeline/sendGroup", body)[0] == 200
+
+        # Whichever worker answers the scrape, the counts are those of all workers.
+        for _ in range(6):
+            text = service.text("/metrics")
+            assert sample(text, "timeline_messages_written_total", kind="history") == 20
+            assert sample(text, "timeline_messages_written_total", kind="sync") == 60
+
+        status, document = service.request("GET", "/openapi.json")
+        assert status == 200
+        assert "/timeline/sendGroup" in document["paths"]
+
+        request = urllib.request.Request(
+            service.base + "/timeline/sync?member=a", headers={"X-Request-ID": "e2e-req-42"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.headers["X-Request-ID"] == "e2e-req-42"
+
+        redis_server.stop()
+        status, error = service.request("GET", "/readyz")
+        assert status == 503
+        assert error["metadata"]["redis"] == "down"
+        assert service.request("GET", "/healthz")[0] == 200
+    finally:
+        service.stop()
+
+    lines = [json.loads(line) for line in service.log.read_text().splitlines() if line]
+    access = [line for line in lines if line.get("logger") == "timeline.access"]
+    [tagged] = [line for line in access if line.get("request_id") == "e2e-req-42"]
+    assert (tagged["method"], tagged["path"], tagged["status"]) == ("GET", "/timeline/sync", 200)
+    assert tagged["duration_ms"] > 0
+    assert len([line for line in access if line["path"] == "/timeline/sendGroup"]) == 20

@@ -13,7 +13,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from servers import free_port
+from support import free_port
 from timeline.factory import create_app
 from timeline.settings import Settings
 from timeline.store.sqlite import SQLiteStore

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from servers import free_port
+from support import free_port
 from timeline.factory import create_app
 from timeline.settings import Settings
 from timeline.store.sqlite import SQLiteStore

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from timeline import api
+from timeline import api, ops
 from timeline.embedded import ensure_redis
 from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import Policy, TimelineService
@@ -23,6 +23,13 @@ def redis_url(settings: Settings) -> str:
         return settings.redis_url
     url, _ = ensure_redis(settings.data_dir)
     return url
+
+
+def close_app(app: Flask) -> None:
+    """Close the app's Redis and store clients (a worker exiting cleanly)."""
+    service: TimelineService = app.extensions[api.EXTENSION]["service"]
+    service.allocator.close()
+    service.store.close()
 
 
 def create_app(settings: Settings | None = None, *, store: Store | None = None) -> Flask:
@@ -52,6 +59,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         "service": service,
         "limits": Limits.from_settings(settings),
     }
+    ops.register(app)  # first: the request id exists before anything can log
     api.register(app)
     log.info(
         "timeline ready: store=%s redis=%s",

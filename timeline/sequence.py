@@ -13,6 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from timeline.errors import Unavailable
+from timeline.metrics import dependency_failed
 from timeline.model import Timeline
 from timeline.settings import Settings
 
@@ -147,9 +148,11 @@ class SequenceAllocator:
         try:
             return command()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            dependency_failed("redis")
             log.warning("redis %s failed: %s", what, exc)
             raise Unavailable("sequence allocator (redis) is unavailable") from exc
         except redis.ResponseError as exc:
             # READONLY after a failover, OOM, MISCONF, LOADING: Redis refuses, the caller retries.
+            dependency_failed("redis")
             log.error("redis %s refused: %s", what, exc)
             raise Unavailable("sequence allocator (redis) refused the request") from exc

@@ -10,10 +10,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from timeline import metrics
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
 from timeline.model import Document, Entry, Kind, Message, Timeline, conversation_id
 from timeline.sequence import Record, SequenceAllocator
-from timeline.store import Store
+from timeline.store import Store, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ class TimelineService:
         stored, failed = self._store(timelines, documents, record)
         sequences = {d.id: d.seq for d in stored[1:]}
         failed_members = [timelines[position].id for position in failed]
+        metrics.FAN_OUT.observe(len(recipients))
         if failed_members:
+            metrics.FAILED_MEMBERS.inc(len(failed_members))
             log.warning(
                 "%d of %d sync copies not stored (timeline %s seq %d)",
                 len(failed_members),
@@ -173,6 +176,7 @@ class TimelineService:
                 for id_, seq in self.store.max_seqs(kind, ids).items():
                     floors[Timeline(kind, id_)] = seq
         self.allocator.seed(floors)
+        metrics.SEQUENCE_REPAIRS.labels("seeded").inc(len(floors))
 
     def _store(
         self, timelines: list[Timeline], documents: list[Document], record: Record | None
@@ -196,6 +200,7 @@ class TimelineService:
             sync_positions = pending[1:] if history else pending
             try:
                 result = self.store.write(history, [documents[p] for p in sync_positions])
+                self._count_written(history, sync_positions, result)
                 if result.history_taken:
                     taken = [0]
                 else:
@@ -234,6 +239,19 @@ class TimelineService:
                 self._sleep(backoff_ms / 1000)
         return documents, []
 
+    @staticmethod
+    def _count_written(
+        history: list[Document], sync_positions: list[int], result: WriteResult
+    ) -> None:
+        """Count the documents this write inserted (a taken history means none were)."""
+        if result.history_taken:
+            return
+        if history:
+            metrics.MESSAGES_WRITTEN.labels("history").inc()
+        written = len(sync_positions) - len(result.sync_taken)
+        if written:
+            metrics.MESSAGES_WRITTEN.labels("sync").inc(written)
+
     def _move(
         self,
         timelines: list[Timeline],
@@ -250,6 +268,7 @@ class TimelineService:
             moving[0].id,
             documents[positions[0]].seq,
         )
+        metrics.SEQUENCE_REPAIRS.labels("moved").inc(len(positions))
         kind = moving[0].kind  # one kind at a time: the history alone, or sync copies
         floors = self.store.max_seqs(kind, [t.id for t in moving])
         lasts = self.allocator.reallocate(

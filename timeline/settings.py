@@ -38,6 +38,9 @@ class Settings:
     sqlite_path: str = "var/timeline.sqlite3"
     sqlite_busy_timeout_ms: int = 1000
 
+    # Log level of the service's JSON log lines (one access line per request at info).
+    log_level: str = "info"
+
     # Where the embedded default keeps its redis-server data and socket.
     data_dir: str = "var"
 
@@ -109,6 +112,8 @@ class Settings:
             raise SettingsError("gap_grace_ms must not be negative")
         if self.count_default > self.count_max:
             raise SettingsError("count_default must not exceed count_max")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise SettingsError("log_level must be debug, info, warning, error or critical")
         if not self.redis_key_prefix:
             raise SettingsError("redis_key_prefix must not be empty")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

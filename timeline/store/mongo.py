@@ -16,6 +16,7 @@ from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from timeline.errors import Unavailable
+from timeline.metrics import dependency_failed
 from timeline.model import Document, Entry, Kind
 from timeline.settings import Settings
 from timeline.store import COLLECTIONS, WriteResult
@@ -95,6 +96,7 @@ class MongoStore:
             except PyMongoError as exc:
                 # Also raised when old data holds duplicates: never write without the index.
                 log.error("cannot create the unique (id, seq) index: %s", exc)
+                dependency_failed("store")
                 raise Unavailable("store (mongo) is unavailable") from exc
             self._indexes_ready = True
 
@@ -114,10 +116,12 @@ class MongoStore:
                     # Not a taken key: a failure to retry. Writing all again is safe: what
                     # did get stored comes back as taken, with this message's mid.
                     log.warning("mongo write error code %s", others[0].get("code"))
+                    dependency_failed("store")
                     raise Unavailable("store (mongo) refused a write") from exc
                 return WriteResult(sync_taken=sorted({int(e["index"]) for e in errors}))
         except PyMongoError as exc:
             log.warning("mongo write failed: %s", exc)
+            dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
         return WriteResult()
 
@@ -165,6 +169,7 @@ class MongoStore:
             found = {d["_id"]: int(d["seq"]) for d in self._collections[kind].aggregate(pipeline)}
         except PyMongoError as exc:
             log.warning("mongo read failed: %s", exc)
+            dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
         return {id_: found.get(id_, 0) for id_ in ids}
 
@@ -174,6 +179,7 @@ class MongoStore:
             return list(self._collections[kind].find(query, projection))
         except PyMongoError as exc:
             log.warning("mongo read failed: %s", exc)
+            dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
 
     def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
@@ -191,6 +197,7 @@ class MongoStore:
             documents = list(cursor)
         except PyMongoError as exc:
             log.warning("mongo read failed: %s", exc)
+            dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
         return [
             Entry(
@@ -206,6 +213,7 @@ class MongoStore:
             database = next(iter(self._collections.values())).database
             database.command("ping")
         except PyMongoError as exc:
+            dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
 
     def close(self) -> None:

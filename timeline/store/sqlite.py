@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from timeline.errors import Unavailable
+from timeline.metrics import dependency_failed
 from timeline.model import Document, Entry, Kind
 from timeline.store import COLLECTIONS, WriteResult
 
@@ -58,6 +59,7 @@ class SQLiteStore:
                 if "mid" not in columns:  # a file made before documents carried a mid
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN mid TEXT NOT NULL DEFAULT ''")
         except sqlite3.Error as exc:
+            dependency_failed("store")
             raise Unavailable(f"sqlite store at {self.path} cannot be opened") from exc
 
     def _connection(self) -> sqlite3.Connection:
@@ -93,6 +95,7 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.warning("sqlite write failed: %s", exc)
+            dependency_failed("store")
             raise Unavailable("store (sqlite) is unavailable") from exc
         return WriteResult(sync_taken=taken)
 
@@ -147,6 +150,7 @@ class SQLiteStore:
             return self._connection().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             log.warning("sqlite read failed: %s", exc)
+            dependency_failed("store")
             raise Unavailable("store (sqlite) is unavailable") from exc
 
     def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
@@ -161,6 +165,7 @@ class SQLiteStore:
         try:
             self._connection().execute("SELECT 1").fetchone()
         except sqlite3.Error as exc:
+            dependency_failed("store")
             raise Unavailable("store (sqlite) is unavailable") from exc
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
-"""Real servers for the tests: a redis-server of our own on a free port."""
+"""Test support: a redis-server of our own on a free port, and reading metrics."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -68,3 +69,15 @@ class RedisServer:
             self.process.kill()
             self.process.wait(10)
             self.process = None
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from the Prometheus text format."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        metric, _, value = line.rpartition(" ")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', metric))
+        if metric.split("{")[0] == name and found == labels:
+            return float(value)
+    return 0.0

@@ -1,0 +1,36 @@
+# timeline: the service under gunicorn, as a non-root user.
+#   docker build -t timeline .      (or: make docker)
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    WEB_CONCURRENCY=2
+
+WORKDIR /app
+
+# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# The service itself: run from /app (app.py, gunicorn.conf.py, lua/, configs/, timeline/).
+COPY app.py gunicorn.conf.py ./
+COPY configs/ configs/
+COPY lua/ lua/
+COPY timeline/ timeline/
+
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app timeline \
+    && mkdir -p /app/var \
+    && chown timeline:timeline /app/var
+USER timeline
+
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/healthz', timeout=2)"]
+
+CMD ["gunicorn", "app:app"]

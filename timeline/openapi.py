@@ -1,0 +1,270 @@
+"""The OpenAPI 3 document of the service, as the routes really behave.
+
+Kept true by tests: its paths are checked against the routes the app serves, and
+schemathesis drives every operation from it and validates each reply against it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from timeline import __version__
+
+INT64_MAX = 2**63 - 1
+
+_ID = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 128,
+    "pattern": "^[^:\\x00-\\x1f\\x7f]+$",
+    "description": "1 to 128 printable characters, no ':'.",
+}
+_INT64_OUT = {"type": "string", "pattern": "^-?[0-9]+$", "description": "An int64, as a string."}
+_INT64_IN = {
+    "oneOf": [
+        {"type": "string", "pattern": "^[0-9]+$"},
+        {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+    ],
+    "description": "An int64, as a string or a number.",
+}
+_MESSAGE = {
+    "oneOf": [
+        {"type": "string", "description": "A JSON object, as text (go-timeline's form)."},
+        {"type": "object", "description": "Extension: the JSON object itself."},
+    ],
+    "description": "At most 64 KiB compact, 64 levels deep, no key starting with '$'.",
+}
+_CLIENT_MSG_ID = {**_ID, "description": "Extension: makes retries idempotent."}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    reasons = {
+        400: "Invalid parameter (TIMELINE_INVALID_PARAM); nothing was stored.",
+        401: "Missing or wrong bearer token, when one is configured.",
+        404: "No such route (TIMELINE_NOT_FOUND).",
+        409: "client_msg_id already names another message (TIMELINE_CLIENT_MSG_ID_REUSED).",
+        413: "Body, message or fan-out over its limit (TIMELINE_PAYLOAD_TOO_LARGE).",
+        503: "Redis or the store unavailable, or copies not stored (retry; Retry-After).",
+    }
+    return {str(code): _json(_ref("Error"), reasons[code]) for code in codes}
+
+
+def _query(name: str, schema: dict[str, Any], description: str, required: bool = False) -> Any:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": _ID}
+
+
+_PAGE = [
+    _query("last_read", _INT64_IN, "Return entries after this sequence (also: lastRead)."),
+    _query("lastRead", _INT64_IN, "The same as last_read; give one of the two."),
+    _query(
+        "count",
+        {"type": "integer", "minimum": 0, "maximum": 1000},
+        "At most this many entries; absent or 0: 100.",
+    ),
+]
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["code", "reason", "message", "metadata"],
+        "properties": {
+            "code": {"type": "integer"},
+            "reason": {"type": "string", "pattern": "^TIMELINE_"},
+            "message": {"type": "string"},
+            "metadata": {"type": "object"},
+        },
+    },
+    "SendRequest": {
+        "type": "object",
+        "required": ["from", "to", "message"],
+        "properties": {
+            "from": _ID,
+            "to": _ID,
+            "message": _MESSAGE,
+            "client_msg_id": _CLIENT_MSG_ID,
+            "clientMsgId": _CLIENT_MSG_ID,
+        },
+    },
+    "SendReply": {
+        "type": "object",
+        "required": ["sequence"],
+        "properties": {"sequence": _INT64_OUT},
+    },
+    "SendGroupRequest": {
+        "type": "object",
+        "required": ["message"],
+        "allOf": [
+            {"anyOf": [{"required": ["group_name"]}, {"required": ["groupName"]}]},
+            {"anyOf": [{"required": ["group_members"]}, {"required": ["groupMembers"]}]},
+        ],
+        "properties": {
+            "group_name": _ID,
+            "groupName": _ID,
+            "group_members": {"type": "array", "items": _ID, "minItems": 1, "maxItems": 10000},
+            "groupMembers": {"type": "array", "items": _ID, "minItems": 1, "maxItems": 10000},
+            "message": _MESSAGE,
+            "client_msg_id": _CLIENT_MSG_ID,
+            "clientMsgId": _CLIENT_MSG_ID,
+        },
+    },
+    "SendGroupReply": {
+        "type": "object",
+        "required": ["failedMembers"],
+        "properties": {"failedMembers": {"type": "array", "items": {"type": "string"}}},
+    },
+    "Entry": {
+        "type": "object",
+        "required": ["sequence", "message"],
+        "properties": {
+            "sequence": _INT64_OUT,
+            "message": {"type": "string", "description": "The message's JSON object, as text."},
+        },
+    },
+    "SyncReply": {
+        "type": "object",
+        "required": ["latestSeq", "entrySetLastSeq", "entrySet"],
+        "properties": {
+            "latestSeq": _INT64_OUT,
+            "entrySetLastSeq": _INT64_OUT,
+            "entrySet": {"type": "array", "items": _ref("Entry")},
+        },
+    },
+    "HistoryReply": {
+        "type": "object",
+        "required": ["entrySet"],
+        "properties": {"entrySet": {"type": "array", "items": _ref("Entry")}},
+    },
+}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The whole document; built once."""
+    history = {
+        "200": _json(_ref("HistoryReply"), "Entries with seq > last_read, ascending."),
+        **_errors(400, 401, 404, 503),
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "timeline",
+            "version": __version__,
+            "description": "Message sync (timeline) service, wire-compatible with go-timeline. "
+            "int64 values are strings in replies; requests take either field spelling.",
+        },
+        "security": [{}, {"bearer": []}],
+        "paths": {
+            "/timeline/send": {
+                "post": {
+                    "summary": "Send a one-to-one message",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("SendRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("SendReply"), "The receiver's sync sequence."),
+                        **_errors(400, 401, 409, 413, 503),
+                    },
+                }
+            },
+            "/timeline/sendGroup": {
+                "post": {
+                    "summary": "Send a group message to the listed members",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("SendGroupRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("SendGroupReply"), "Members without a copy."),
+                        **_errors(400, 401, 409, 413, 503),
+                    },
+                }
+            },
+            "/timeline/sync": {
+                "get": {
+                    "summary": "Pull a member's sync (offline) timeline",
+                    "parameters": [
+                        _query("member", _ID, "The member whose timeline to read.", True),
+                        *_PAGE,
+                    ],
+                    "responses": {
+                        "200": _json(_ref("SyncReply"), "Entries with seq > last_read."),
+                        **_errors(400, 401, 503),
+                    },
+                }
+            },
+            "/timeline/history/single/{from}/{to}": {
+                "get": {
+                    "summary": "History of a one-to-one conversation (either order)",
+                    "parameters": [_path("from"), _path("to"), *_PAGE],
+                    "responses": history,
+                }
+            },
+            "/timeline/history/group/{group}": {
+                "get": {
+                    "summary": "History of a group conversation",
+                    "parameters": [_path("group"), *_PAGE],
+                    "responses": history,
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness: the process answers",
+                    "security": [],
+                    "responses": {"200": _json({"type": "object"}, "Alive.")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: Redis and the store answer",
+                    "security": [],
+                    "responses": {
+                        "200": _json({"type": "object"}, "Ready."),
+                        **_errors(503),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Text exposition format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {"200": _json({"type": "object"}, "OpenAPI 3.")},
+                }
+            },
+        },
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
