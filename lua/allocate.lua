@@ -21,7 +21,8 @@
 --                                  exist: Redis lost them, or the timeline is new. Nothing
 --                                  changed; the caller seeds them from the store (seed.lua)
 --                                  and calls again.
---   an error reply, nothing changed, when count is not a positive integer.
+--   an error reply, nothing changed, when count or the TTL is not a positive integer or a
+--                                  counter does not hold an integer.
 --
 -- The script runs atomically: concurrent requests never interleave inside a range, and two
 -- attempts of one idempotent message never both allocate.
@@ -34,6 +35,10 @@ end
 local first = 1
 local recorded = ARGV[2] == '1'
 if recorded then
+  local ttl = tonumber(ARGV[3])
+  if ttl == nil or ttl < 1 or ttl ~= math.floor(ttl) then
+    return redis.error_reply('ERR allocate: the record TTL must be a positive integer')
+  end
   local record = redis.call('GET', KEYS[1])
   if record then
     return {'replay', record}
@@ -41,10 +46,14 @@ if recorded then
   first = 2
 end
 
+-- Everything is checked before anything changes: an error leaves every counter as it was.
 local missing = {'missing'}
 for i = first, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
+  local value = redis.call('GET', KEYS[i])
+  if not value then
     missing[#missing + 1] = i - first + 1
+  elseif not tonumber(value) then
+    return redis.error_reply('ERR allocate: ' .. KEYS[i] .. ' does not hold an integer')
   end
 end
 if #missing > 1 then

@@ -9,7 +9,8 @@
 --             among the message's timelines), the last sequence the caller holds for it,
 --             and a floor: the highest sequence the store holds for that timeline.
 --
--- Reply: {last_1, ..., last_n}, the last sequence each timeline owns now. A timeline's
+-- Reply: {last_1, ..., last_n}, the last sequence each timeline owns now (or an error reply,
+-- nothing changed, when an argument or a counter is malformed). A timeline's
 -- counter is first raised to its floor (a counter that Redis lost or that lags the store
 -- starts over from the store), then advanced by count; both in this one atomic step, so no
 -- other writer can slip in between. Where the record already holds another value than the
@@ -19,6 +20,22 @@
 local count = tonumber(ARGV[1])
 local recorded = ARGV[2] == '1'
 local first = recorded and 2 or 1
+local moves = #KEYS - first + 1
+
+-- Everything is checked before anything changes: an error leaves every counter as it was.
+if count == nil or count < 1 or count ~= math.floor(count) then
+  return redis.error_reply('ERR reallocate: count must be a positive integer')
+end
+if #ARGV ~= 2 + 3 * moves then
+  return redis.error_reply('ERR reallocate: three values (position, held, floor) per counter')
+end
+for k = 1, moves do
+  local value = redis.call('GET', KEYS[first + k - 1])
+  if tonumber(ARGV[3 * k]) == nil or tonumber(ARGV[3 * k + 2]) == nil
+      or (value and tonumber(value) == nil) then
+    return redis.error_reply('ERR reallocate: positions, floors and counters must be integers')
+  end
+end
 
 local fields = nil
 if recorded then

@@ -206,3 +206,46 @@ def test_unreachable_redis_is_unavailable_fast() -> None:
     with pytest.raises(Unavailable):
         allocator.latest(sync("a"))
     assert time.monotonic() - started < 1.0
+
+
+# --- an error reply changes nothing ------------------------------------------------------------
+
+
+def test_allocate_checks_everything_before_changing_anything(
+    redis_client: redis.Redis, key_prefix: str
+) -> None:
+    script = redis_client.register_script(load_script("allocate"))
+    counter, bad = f"{key_prefix}seq:sync:a", f"{key_prefix}seq:sync:b"
+    redis_client.set(counter, 5)
+    with pytest.raises(redis.ResponseError, match="TTL"):
+        script(keys=[f"{key_prefix}msg:x", counter], args=[1, 1, 0, "fp"])
+    redis_client.set(bad, "not a number")
+    with pytest.raises(redis.ResponseError, match="integer"):
+        script(keys=[counter, bad], args=[1, 0, 0, ""])
+    assert redis_client.get(counter) == b"5"
+
+
+def test_reallocate_checks_its_arguments_before_moving(
+    redis_client: redis.Redis, key_prefix: str
+) -> None:
+    script = redis_client.register_script(load_script("reallocate"))
+    a, b = f"{key_prefix}seq:sync:a", f"{key_prefix}seq:sync:b"
+    redis_client.set(a, 5)
+    redis_client.set(b, 5)
+    with pytest.raises(redis.ResponseError, match="three values"):
+        script(keys=[a, b], args=[1, 0, 1, 5, 9])  # a triple for a only
+    with pytest.raises(redis.ResponseError, match="integers"):
+        script(keys=[a], args=[1, 0, "x", 5, 9])
+    assert redis_client.get(a) == b"5"
+
+
+def test_seed_checks_its_arguments_before_raising(
+    redis_client: redis.Redis, key_prefix: str
+) -> None:
+    script = redis_client.register_script(load_script("seed"))
+    a, b = f"{key_prefix}seq:sync:a", f"{key_prefix}seq:sync:b"
+    with pytest.raises(redis.ResponseError, match="one floor per counter"):
+        script(keys=[a, b], args=[3])
+    with pytest.raises(redis.ResponseError, match="integers"):
+        script(keys=[a, b], args=[3, "x"])
+    assert redis_client.exists(a, b) == 0

@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 import redis
 
-from timeline.errors import Unavailable
+from timeline.errors import PartialWrite, Unavailable, WriteFailed
 from timeline.factory import create_app
-from timeline.model import Document, Entry, Kind
+from timeline.model import Document, Entry, Kind, Message, Timeline
+from timeline.sequence import SequenceAllocator, connect_redis
+from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
 from timeline.store import Store, WriteResult
 
@@ -301,7 +303,9 @@ class FlakyStore:
         if self.fail_writes > 0:
             self.fail_writes -= 1
             if self.halfway:
-                self.inner.write(history, list(sync)[: len(sync) // 2])
+                result = self.inner.write(history, list(sync)[: len(sync) // 2])
+                if history and not result.history_taken:
+                    raise PartialWrite("injected: failed after the history copy")
             raise Unavailable("injected: store write failed")
         return self.inner.write(history, sync)
 
@@ -379,3 +383,126 @@ def test_the_store_down_at_start_does_not_stop_the_service(tmp_path: Path, own_r
     )
     client = create_app(settings).test_client()
     assert client.get("/timeline/sync?member=a").status_code == 503
+
+
+# --- late writes, lost replies and partial writes, at the service ------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def msg(text: str) -> Message:
+    return Message({"text": text}, json.dumps({"text": text}, separators=(",", ":")))
+
+
+def service(
+    redis_url: str, prefix: str, store: Any, clock: Clock, **policy: Any
+) -> TimelineService:
+    allocator = SequenceAllocator(connect_redis(redis_url, Settings()), prefix)
+    return TimelineService(allocator, store, Policy(**policy), clock_ms=clock, sleep=lambda _: None)
+
+
+def texts(entries: Sequence[Entry]) -> list[str]:
+    return [json.loads(e.message)["text"] for e in entries]
+
+
+def test_a_retry_after_readers_passed_its_hole_lands_where_they_will_see_it(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    flaky, clock = FlakyStore(store), Clock()
+    svc = service(redis_url, key_prefix, flaky, clock, retry_backoff_ms=0)
+    svc.send("u0", "u1", msg("a"), "a")  # u1: 1
+    flaky.fail_writes = 4
+    with pytest.raises(Unavailable):  # 503: the client will retry "b" later
+        svc.send("u0", "u1", msg("b"), "b")  # u1: 2 allocated, not stored
+    svc.send("u2", "u1", msg("c"), "c")  # u1: 3
+    clock.ms += 31_000  # the client is offline for a while
+    page = svc.sync("u1", 1, 10)
+    assert texts(page.entries) == ["c"]  # the reader passes the hole at 2, sealing it
+
+    assert svc.send("u0", "u1", msg("b"), "b") == 4  # the retry moves above the seal
+    assert texts(svc.sync("u1", page.entries[-1].seq, 10).entries) == ["b"]
+    assert svc.send("u0", "u1", msg("b"), "b") == 4  # and a further retry agrees
+    assert texts(svc.sync("u1", 0, 10).entries) == ["a", "c", "b"]
+
+
+def test_a_lagging_counter_cannot_write_behind_a_reader(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    flaky, clock = FlakyStore(store), Clock()
+    svc = service(redis_url, key_prefix, flaky, clock, retry_backoff_ms=0)
+    svc.send("u0", "u1", msg("a"))
+    flaky.fail_writes = 4
+    with pytest.raises(Unavailable):
+        svc.send("u0", "u1", msg("b"))  # u1: 2 allocated, never stored; the caller was told
+    svc.send("u2", "u1", msg("c"))  # u1: 3
+    clock.ms += 31_000
+    assert [e.seq for e in svc.sync("u1", 1, 10).entries] == [3]
+    redis.Redis.from_url(redis_url).set(svc.allocator.key(Timeline(Kind.SYNC, "u1")), 1)
+    assert svc.send("u3", "u1", msg("d")) == 4  # 2 is sealed: moved above the store
+    assert texts(svc.sync("u1", 3, 10).entries) == ["d"]
+
+
+def test_a_lost_move_reply_without_a_record_is_reported_not_skipped(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    svc = service(redis_url, key_prefix, store, Clock())
+    for i in range(3):
+        svc.send("u0", "u1", msg(f"m{i}"))
+    redis.Redis.from_url(redis_url).set(svc.allocator.key(Timeline(Kind.SYNC, "u1")), 1)
+    real = svc.allocator.reallocate
+
+    def lossy(*args: Any, **kwargs: Any) -> list[int]:
+        real(*args, **kwargs)  # the script ran in Redis, but its reply was lost
+        raise Unavailable("reply lost")
+
+    svc.allocator.reallocate = lossy  # type: ignore[method-assign]
+    # A second move would skip the sequence the first gave: the caller is told instead.
+    with pytest.raises(WriteFailed):
+        svc.send("u2", "u1", msg("x"))
+    assert [e.seq for e in read_all(store, Kind.SYNC, "u1")] == [1, 2, 3]
+
+
+def test_a_write_failing_after_the_history_copy_finishes_with_every_attempt(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    flaky = FlakyStore(store)
+    svc = service(redis_url, key_prefix, flaky, Clock(), retry_budget_ms=0)
+    flaky.fail_writes, flaky.halfway = 2, True
+    members = ["m0", "m1", "m2", "m3"]
+    # No time budget left, yet the history copy is stored: the request must not give up.
+    assert svc.send_group("g", members, msg("hello")) == []
+    for member in members:
+        assert texts(read_all(store, Kind.SYNC, member)) == ["hello"]
+    assert texts(read_all(store, Kind.HISTORY, "g")) == ["hello"]
+
+
+def test_a_retry_may_list_members_and_keys_in_another_order(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    svc = service(redis_url, key_prefix, store, Clock())
+    first = Message({"a": 1, "b": 2}, '{"a":1,"b":2}')
+    again = Message({"b": 2, "a": 1}, '{"b":2,"a":1}')
+    assert svc.send_group("g", ["x", "y", "z"], first, "m-1") == []
+    assert svc.send_group("g", ["z", "x", "y"], again, "m-1") == []
+    for member in ("x", "y", "z"):
+        assert [e.seq for e in read_all(store, Kind.SYNC, member)] == [1]
+
+
+def test_readers_skip_placeholders_and_keep_paging(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    clock = Clock()
+    svc = service(redis_url, key_prefix, store, clock)
+    old = clock.ms - 60_000
+    ends = [Document("r", 1, msg("one"), old, "m1"), Document("r", 9, msg("nine"), old, "m9")]
+    store.write([], ends)
+    # Seven sealed sequences between 1 and 9 do not end a page of two early.
+    assert texts(svc.sync("r", 0, 2).entries) == ["one", "nine"]
+    assert texts(svc.sync("r", 1, 1).entries) == ["nine"]
+    assert [e.seq for e in read_all(store, Kind.SYNC, "r")] == list(range(1, 10))

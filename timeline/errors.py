@@ -66,6 +66,12 @@ class Unavailable(TimelineError):
     reason = "TIMELINE_UNAVAILABLE"
 
 
+class PartialWrite(Unavailable):
+    """The store failed after the history copy was stored; sync copies may be partly stored."""
+
+    history_stored = True
+
+
 class WriteFailed(TimelineError):
     """Sequences were allocated but some documents could not be stored."""
 

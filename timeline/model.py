@@ -51,6 +51,11 @@ class Document:
     mid: str = ""
 
 
+#: The mid of a placeholder that seals a hole a reader stepped over: a late write of that
+#: sequence then finds it taken and moves above, where readers will see it.
+HOLE_MID = "~hole"
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One message read back from a timeline; `message` is its JSON text."""
@@ -58,3 +63,8 @@ class Entry:
     seq: int
     message: str
     created_at_ms: int
+    mid: str = ""
+
+    @property
+    def is_hole(self) -> bool:
+        return self.mid == HOLE_MID

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from timeline import metrics
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
 from timeline.model import Document, Entry, Kind, Message, Timeline, conversation_id
@@ -24,6 +26,8 @@ _SEED_ROUNDS = 3
 #: How often a write may find its sequences taken by other messages (a counter behind the
 #: store) before giving up; each move starts above the store's highest, so one is the rule.
 _MOVE_ROUNDS = 5
+#: Pages one read may go through when placeholders or late writes are in the way.
+_READ_PAGES = 5
 
 
 def _now_ms() -> int:
@@ -123,9 +127,13 @@ class TimelineService:
         record = None
         mid = uuid.uuid4().hex
         if client_msg_id is not None:
+            # A retry may list the members, or the message's keys, in another order.
+            recipients = sorted(recipients)
+            timelines = [timelines[0]] + [Timeline(Kind.SYNC, member) for member in recipients]
+            canonical = orjson.dumps(message.document, option=orjson.OPT_SORT_KEYS).decode()
             record = Record(
                 key=self.allocator.record_key(history_id, client_msg_id),
-                fingerprint=_digest(history_id, *recipients, message.json)[:16],
+                fingerprint=_digest(history_id, *recipients, canonical)[:16],
                 ttl_ms=self.policy.record_ttl_ms,
             )
             # The same for every attempt, so each can tell the copies of another apart.
@@ -223,10 +231,19 @@ class TimelineService:
                 moves += 1
                 if moves > _MOVE_ROUNDS:
                     raise Unavailable("sequences keep being taken by other messages")
-                documents = self._move(timelines, documents, conflicts, record)
+                try:
+                    documents = self._move(timelines, documents, conflicts, record)
+                except Unavailable:
+                    if record is not None or result.history_taken:
+                        raise  # the record makes a second move agree with a lost first one
+                    # Without a record a second move could skip the sequence a lost reply
+                    # gave: report these copies instead.
+                    return documents, conflicts
                 if not result.history_taken:
                     pending = conflicts
-            except Unavailable:
+            except Unavailable as exc:
+                if getattr(exc, "history_stored", False) and pending[0] == 0:
+                    pending = pending[1:]  # the store got the history copy before failing
                 failures += 1
                 backoff_ms = self.policy.retry_backoff_ms * 2 ** (failures - 1)
                 nothing_stored = pending[0] == 0
@@ -299,21 +316,40 @@ class TimelineService:
         return self._readable(Kind.HISTORY, conversation, last_read, count)
 
     def _readable(self, kind: Kind, timeline_id: str, after: int, count: int) -> list[Entry]:
-        """Entries after `after`, cut before a hole whose write may still be in flight.
+        """Up to `count` entries after `after`, never past a hole a write may still fill.
 
         A sequence is allocated before its document is written, so a reader can see seq 7
-        stored while seq 6 is still being written. Handing out 7 would make the client
-        move past 6 and never see it. The hole is passed over only once the entry after it
-        is older than the grace period: by then the writer of 6 has failed (and its caller
-        was told).
+        stored while seq 6 is still being written; handing out 7 would move the client past
+        6 for good. So a read stops before a hole while the entry after it is younger than
+        the grace period (no request outlives it). An older hole is sealed before it is
+        stepped over: placeholders are stored at its sequences, so that a write arriving even
+        later (a client's retry, a lagging counter) finds them taken and moves above, where
+        readers will see it. Placeholders are never returned.
         """
-        entries = self.store.read(kind, timeline_id, after, count)
+        entries: list[Entry] = []
         expected = after + 1
-        now = None
-        for position, entry in enumerate(entries):
-            if entry.seq != expected:
-                now = self._clock_ms() if now is None else now
-                if now - entry.created_at_ms < self.policy.gap_grace_ms:
-                    return entries[:position]
-            expected = entry.seq + 1
+        size = count
+        for _ in range(_READ_PAGES):
+            page = self.store.read(kind, timeline_id, expected - 1, size)
+            resealed = False
+            for entry in page:
+                if entry.seq != expected:
+                    now = self._clock_ms()
+                    if now - entry.created_at_ms < self.policy.gap_grace_ms:
+                        return entries
+                    try:
+                        late = self.store.seal(kind, timeline_id, range(expected, entry.seq), now)
+                    except Unavailable:
+                        return entries  # what comes before the hole is safe to hand out
+                    if late:
+                        resealed = True  # a write got there first: read it in order
+                        break
+                if not entry.is_hole:
+                    entries.append(entry)
+                    if len(entries) == count:
+                        return entries
+                expected = entry.seq + 1
+            if not resealed and len(page) < size:
+                return entries  # the end of the timeline
+            size = max(count, 200)  # past placeholders: read on in larger steps
         return entries

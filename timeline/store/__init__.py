@@ -37,6 +37,13 @@ class Store(Protocol):
         """
         ...
 
+    def seal(
+        self, kind: Kind, timeline_id: str, seqs: Sequence[int], created_at_ms: int
+    ) -> list[int]:
+        """Store hole placeholders (mid HOLE_MID) at the given sequences where none is stored;
+        return the sequences that turned out to be taken (a late write got there first)."""
+        ...
+
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
         """The `mid` of the stored document at each `(id, seq)` that exists."""
         ...

@@ -14,10 +14,11 @@ from bson.dbref import DBRef
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.read_preferences import ReadPreference
 
-from timeline.errors import Unavailable
+from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import dependency_failed
-from timeline.model import Document, Entry, Kind
+from timeline.model import HOLE_MID, Document, Entry, Kind
 from timeline.settings import Settings
 from timeline.store import COLLECTIONS, WriteResult
 
@@ -105,25 +106,63 @@ class MongoStore:
         try:
             if history and not self._write_history(history):
                 return WriteResult(history_taken=True)
-            if not sync:
-                return WriteResult()
-            try:
-                self._collections[Kind.SYNC].insert_many([_bson(d) for d in sync], ordered=False)
-            except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                others = [e for e in errors if e.get("code") != _DUPLICATE_KEY]
-                if others:
-                    # Not a taken key: a failure to retry. Writing all again is safe: what
-                    # did get stored comes back as taken, with this message's mid.
-                    log.warning("mongo write error code %s", others[0].get("code"))
-                    dependency_failed("store")
-                    raise Unavailable("store (mongo) refused a write") from exc
-                return WriteResult(sync_taken=sorted({int(e["index"]) for e in errors}))
         except PyMongoError as exc:
             log.warning("mongo write failed: %s", exc)
             dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
-        return WriteResult()
+        if not sync:
+            return WriteResult()
+        # From here on the history copy is stored: a failure says so (PartialWrite).
+        try:
+            taken = self._insert_unordered(Kind.SYNC, [_bson(d) for d in sync])
+        except PyMongoError as exc:
+            log.warning("mongo write failed after the history copy: %s", exc)
+            dependency_failed("store")
+            if history:
+                raise PartialWrite("store (mongo) failed midway") from exc
+            raise Unavailable("store (mongo) is unavailable") from exc
+        return WriteResult(sync_taken=taken)
+
+    def _insert_unordered(self, kind: Kind, documents: list[dict[str, Any]]) -> list[int]:
+        """insert_many(ordered=False): the positions whose (id, seq) was taken.
+
+        Any other write error, or a write concern error (the write may be rolled back), is
+        raised: writing the same documents again is how to finish, since what did get stored
+        comes back as taken, with its own mid.
+        """
+        try:
+            self._collections[kind].insert_many(documents, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if exc.details.get("writeConcernErrors") or any(
+                e.get("code") != _DUPLICATE_KEY for e in errors
+            ):
+                raise
+            return sorted({int(e["index"]) for e in errors})
+        return []
+
+    def seal(
+        self, kind: Kind, timeline_id: str, seqs: Sequence[int], created_at_ms: int
+    ) -> list[int]:
+        self.ensure_indexes()
+        created_at = datetime.fromtimestamp(created_at_ms / 1000, tz=UTC)
+        holes = [
+            {
+                "id": timeline_id,
+                "seq": seq,
+                "message": {},
+                "created_at": created_at,
+                "mid": HOLE_MID,
+            }
+            for seq in seqs
+        ]
+        try:
+            taken = self._insert_unordered(kind, holes)
+        except PyMongoError as exc:
+            log.warning("mongo write failed: %s", exc)
+            dependency_failed("store")
+            raise Unavailable("store (mongo) is unavailable") from exc
+        return [seqs[i] for i in taken]
 
     def _write_history(self, history: Sequence[Document]) -> bool:
         """Insert the history documents; False when one's (id, seq) is taken."""
@@ -166,17 +205,23 @@ class MongoStore:
             {"$group": {"_id": "$id", "seq": {"$first": "$seq"}}},
         ]
         try:
-            found = {d["_id"]: int(d["seq"]) for d in self._collections[kind].aggregate(pipeline)}
+            collection = self._primary(kind)
+            found = {d["_id"]: int(d["seq"]) for d in collection.aggregate(pipeline)}
         except PyMongoError as exc:
             log.warning("mongo read failed: %s", exc)
             dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
         return {id_: found.get(id_, 0) for id_ in ids}
 
+    def _primary(self, kind: Kind) -> Collection[Any]:
+        """The collection read on the primary: repairs must see the latest writes, whatever
+        read preference the URI gives to ordinary reads."""
+        return self._collections[kind].with_options(read_preference=ReadPreference.PRIMARY)
+
     def _find(self, kind: Kind, query: dict[str, Any], projection: dict[str, Any]) -> list[Any]:
         self.ensure_indexes()
         try:
-            return list(self._collections[kind].find(query, projection))
+            return list(self._primary(kind).find(query, projection))
         except PyMongoError as exc:
             log.warning("mongo read failed: %s", exc)
             dependency_failed("store")
@@ -189,7 +234,7 @@ class MongoStore:
                 self._collections[kind]
                 .find(
                     {"id": timeline_id, "seq": {"$gt": after}},
-                    {"_id": 0, "seq": 1, "message": 1, "created_at": 1},
+                    {"_id": 0, "seq": 1, "message": 1, "created_at": 1, "mid": 1},
                 )
                 .sort("seq", pymongo.ASCENDING)
                 .limit(limit)
@@ -204,6 +249,7 @@ class MongoStore:
                 int(d["seq"]),
                 orjson.dumps(d.get("message") or {}, default=_json_default).decode(),
                 _ms(d.get("created_at")),
+                d.get("mid", ""),
             )
             for d in documents
         ]

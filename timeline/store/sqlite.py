@@ -12,7 +12,7 @@ from typing import Any
 
 from timeline.errors import Unavailable
 from timeline.metrics import dependency_failed
-from timeline.model import Document, Entry, Kind
+from timeline.model import HOLE_MID, Document, Entry, Kind
 from timeline.store import COLLECTIONS, WriteResult
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ class SQLiteStore:
         return conn
 
     def write(self, history: Sequence[Document], sync: Sequence[Document]) -> WriteResult:
-        conn = self._connection()
+        conn: sqlite3.Connection | None = None
         try:
+            conn = self._connection()
             # IMMEDIATE takes the write lock up front, so two writers never deadlock on upgrade.
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -92,7 +93,7 @@ class SQLiteStore:
             taken = self._write_sync(conn, sync)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
+            if conn is not None and conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.warning("sqlite write failed: %s", exc)
             dependency_failed("store")
@@ -116,6 +117,27 @@ class SQLiteStore:
             if conn.execute(insert.replace("INSERT", "INSERT OR IGNORE", 1), row).rowcount != 1:
                 taken.append(position)
         conn.execute("RELEASE sync_rows")
+        return taken
+
+    def seal(
+        self, kind: Kind, timeline_id: str, seqs: Sequence[int], created_at_ms: int
+    ) -> list[int]:
+        insert = f"INSERT OR IGNORE INTO {COLLECTIONS[kind]} {_COLUMNS} VALUES (?, ?, '{{}}', ?, ?)"
+        taken = []
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            for seq in seqs:
+                row = (timeline_id, seq, created_at_ms, HOLE_MID)
+                if conn.execute(insert, row).rowcount != 1:
+                    taken.append(seq)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            dependency_failed("store")
+            raise Unavailable("store (sqlite) is unavailable") from exc
         return taken
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
@@ -155,11 +177,11 @@ class SQLiteStore:
 
     def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
         sql = (
-            f"SELECT seq, message, created_at FROM {COLLECTIONS[kind]} "
+            f"SELECT seq, message, created_at, mid FROM {COLLECTIONS[kind]} "
             "WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?"
         )
         rows = self._query(sql, (timeline_id, after, limit))
-        return [Entry(seq, message, created_at) for seq, message, created_at in rows]
+        return [Entry(*row) for row in rows]
 
     def ping(self) -> None:
         try:
