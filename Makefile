@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean docker up down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,21 @@ lint: $(STAMP)
 ## test: lint, then the whole test suite against real redis-server processes.
 test: lint
 	$(BIN)/pytest
+
+## docker: build the image (needs a Docker engine).
+docker:
+	docker build -t timeline:latest .
+
+## up / down: the whole stack of docker-compose.yml (needs a Docker engine with compose, and
+## a .env made from .env.example). `make down` keeps the data volumes.
+up: .env
+	docker compose up -d --build --wait
+
+down:
+	docker compose down
+
+.env:
+	@echo "Make .env first: cp .env.example .env, then set its passwords." && exit 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

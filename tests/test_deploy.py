@@ -1,0 +1,164 @@
+"""Deployment files, checked as far as a machine without a Docker engine can: they parse,
+name images new enough, and agree with the service's own settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from timeline.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def version(image: str) -> tuple[int, ...]:
+    tag = image.rpartition(":")[2]
+    match = re.match(r"(\d+)(?:\.(\d+))?", tag)
+    assert match, f"{image} has no version tag"
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def test_compose_has_the_three_services_with_health_checks() -> None:
+    assert set(SERVICES) == {"timeline", "mongo", "redis"}
+    for name, service in SERVICES.items():
+        assert service["healthcheck"]["test"], name
+        assert service["restart"] == "unless-stopped", name
+
+
+def test_images_meet_the_minimum_versions() -> None:
+    assert version(SERVICES["mongo"]["image"]) >= (5, 0)
+    assert version(SERVICES["redis"]["image"]) >= (6, 2)
+
+
+def test_timeline_is_built_here_and_waits_for_healthy_dependencies() -> None:
+    timeline = SERVICES["timeline"]
+    assert timeline["build"] == "."
+    assert timeline["ports"] == ["9321:8000"]  # as the seed maps it
+    assert timeline["depends_on"] == {
+        "mongo": {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy"},
+    }
+
+
+def test_the_service_environment_names_real_settings() -> None:
+    environment = SERVICES["timeline"]["environment"]
+    known = {f"TIMELINE_{f.name.upper()}" for f in fields(Settings)}
+    names = {name for name in environment if name.startswith("TIMELINE_")}
+    assert names <= known
+    assert {"TIMELINE_MONGO_URI", "TIMELINE_REDIS_URL"} <= names
+    assert environment["TIMELINE_MONGO_URI"].startswith("mongodb://")
+    assert "@mongo:27017/" in environment["TIMELINE_MONGO_URI"]
+    assert environment["TIMELINE_REDIS_URL"].startswith("redis://:")
+    assert "@redis:6379/" in environment["TIMELINE_REDIS_URL"]
+
+
+def test_credentials_come_from_env_and_the_example_defines_them_all() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert {"MONGO_ROOT_USERNAME", "MONGO_ROOT_PASSWORD", "REDIS_PASSWORD"} <= required
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert required <= set(example)
+    assert set(re.findall(r"\$\{(\w+)", text)) <= set(example)
+    assert not re.search(r"PASSWORD[=:]\s*[\"']?\w", text)  # no literal password in compose
+
+
+def test_data_lives_in_named_volumes() -> None:
+    assert set(COMPOSE["volumes"]) >= {"mongo_data", "redis_data"}
+    assert "mongo_data:/data/db" in SERVICES["mongo"]["volumes"]
+    assert "redis_data:/data" in SERVICES["redis"]["volumes"]
+
+
+def test_redis_is_persistent_passworded_and_never_evicts() -> None:
+    redis = SERVICES["redis"]
+    command = redis["command"]
+    assert "--requirepass" in command
+    config_mount = next(v for v in redis["volumes"] if v.startswith("./configs/"))
+    source, target = config_mount.split(":")[:2]
+    assert target in command
+    config = dict(
+        line.split(None, 1)
+        for line in (ROOT / source).read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    assert config["appendonly"] == "yes"
+    assert config["appendfsync"] == "everysec"
+    assert config["maxmemory-policy"] == "noeviction"
+    assert config["dir"] == "/data"
+
+
+def test_mongo_has_root_credentials() -> None:
+    environment = SERVICES["mongo"]["environment"]
+    assert {"MONGO_INITDB_ROOT_USERNAME", "MONGO_INITDB_ROOT_PASSWORD"} <= set(environment)
+
+
+def dockerfile() -> list[str]:
+    return (ROOT / "Dockerfile").read_text().splitlines()
+
+
+def test_the_image_runs_gunicorn_as_a_non_root_user_with_a_healthcheck() -> None:
+    lines = dockerfile()
+    [base] = [line for line in lines if line.startswith("FROM")]
+    assert re.fullmatch(r"FROM python:3\.\d+-slim", base)
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users
+    assert users[-1] not in {"root", "0"}
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert "EXPOSE 8000" in lines
+    assert lines[-1] == 'CMD ["gunicorn", "app:app"]'
+    # The dependency layer comes before the source: code changes keep it cached.
+    install = next(i for i, line in enumerate(lines) if "pip install" in line)
+    source = next(i for i, line in enumerate(lines) if line.startswith("COPY timeline/"))
+    assert install < source
+
+
+def test_the_image_holds_everything_the_service_reads_at_run_time() -> None:
+    copied = " ".join(line for line in dockerfile() if line.startswith("COPY"))
+    for needed in ("app.py", "gunicorn.conf.py", "configs/", "lua/", "timeline/"):
+        assert needed in copied
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored
+    assert "var" in ignored
+
+
+def load_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Any:
+    for name in ("PORT", "HOST", "WEB_CONCURRENCY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TIMELINE_DATA_DIR", str(tmp_path / "var"))
+    # Set, not deleted: the file sets it when absent, and a setenv is undone after the test.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "gunicorn.conf.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gunicorn_settings_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    conf = load_gunicorn_conf(
+        monkeypatch, tmp_path, PORT="9000", HOST="0.0.0.0", WEB_CONCURRENCY="5"
+    )
+    assert conf.bind == "0.0.0.0:9000"
+    assert conf.workers == 5
+    assert conf.preload_app is False  # clients are created in each worker, after the fork
+    assert conf.timeout * 1000 <= Settings().gap_grace_ms
+    assert conf.logconfig_dict["formatters"]["json"]
+    defaults = load_gunicorn_conf(monkeypatch, tmp_path)
+    assert defaults.bind == "127.0.0.1:8000"
+    assert defaults.workers == 2
