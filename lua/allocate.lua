@@ -11,10 +11,11 @@
 -- ARGV[2]     '1' when KEYS[1] is an idempotency record, '0' when there is none.
 -- ARGV[3]     the record's time to live in milliseconds (when ARGV[2] is '1').
 -- ARGV[4]     the request's fingerprint, stored at the head of the record.
+-- ARGV[5]     the time of the allocation (ms since the epoch), stored next in the record.
 --
 -- Reply, one of:
 --   {'ok', last_1, ..., last_n}   each timeline i now owns (last_i - count + 1) .. last_i; the
---                                  record, if kept, is "<fingerprint>,<last_1>,...,<last_n>".
+--                                  record, if kept, is "<fingerprint>,<time>,<last_1>,...".
 --   {'replay', record}            the record already exists: an earlier attempt of the same
 --                                  message allocated its sequences. Nothing changed.
 --   {'missing', i, j, ...}        counters i, j, ... (1-based among the timelines) do not
@@ -65,9 +66,9 @@ for i = first, #KEYS do
   reply[#reply + 1] = redis.call('INCRBY', KEYS[i], count)
 end
 if recorded then
-  local parts = {ARGV[4]}
+  local parts = {ARGV[4], ARGV[5]}
   for i = 2, #reply do
-    parts[i] = tostring(reply[i])
+    parts[i + 1] = tostring(reply[i])
   end
   redis.call('SET', KEYS[1], table.concat(parts, ','), 'PX', ARGV[3])
 end

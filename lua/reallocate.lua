@@ -51,7 +51,7 @@ end
 local reply = {}
 for i = first, #KEYS do
   local k = i - first + 1
-  local position = tonumber(ARGV[3 * k]) + 1  -- +1: the fingerprint leads the record
+  local position = tonumber(ARGV[3 * k]) + 2  -- +2: the fingerprint and time lead the record
   local held = ARGV[3 * k + 1]
   local floor = tonumber(ARGV[3 * k + 2])
   if fields and fields[position] and fields[position] ~= held then

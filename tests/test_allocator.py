@@ -140,11 +140,12 @@ def test_a_record_makes_the_second_attempt_a_replay(
 ) -> None:
     timelines = [Timeline(Kind.HISTORY, "a:b"), sync("a"), sync("b")]
     fresh(allocator, timelines)
-    first = allocator.allocate(timelines, 1, record(allocator))
+    first = allocator.allocate(timelines, 1, record(allocator), now_ms=1234)
     assert (first.lasts, first.replayed) == ([1, 1, 1], False)
 
-    again = allocator.allocate(timelines, 1, record(allocator))
+    again = allocator.allocate(timelines, 1, record(allocator), now_ms=9999)
     assert (again.lasts, again.replayed, again.fingerprint) == ([1, 1, 1], True, "fp1")
+    assert again.allocated_ms == 1234  # when the first attempt allocated
     assert allocator.latest(sync("b")) == 1  # nothing allocated by the replay
     ttl = redis_client.pttl(record(allocator).key)
     assert 0 < ttl <= 60_000
@@ -167,13 +168,13 @@ def test_reallocate_moves_a_taken_sequence_once_for_racing_attempts(
 ) -> None:
     timelines = [Timeline(Kind.HISTORY, "a:b"), sync("a"), sync("b")]
     fresh(allocator, timelines)
-    allocator.allocate(timelines, 1, record(allocator))
+    allocator.allocate(timelines, 1, record(allocator), now_ms=77)
     # Given b's seq 1 turned out to be taken, two attempts move it at once:
     moved = [allocator.reallocate([(sync("b"), 2, 1, 1)], 1, record(allocator)) for _ in range(2)]
     # then both agree on seq 2, the counter moved once, and the record says 2.
     assert moved == [[2], [2]]
     assert allocator.latest(sync("b")) == 2
-    assert redis_client.get(record(allocator).key) == b"fp1,1,1,2"
+    assert redis_client.get(record(allocator).key) == b"fp1,77,1,1,2"
     assert allocator.allocate(timelines, 1, record(allocator)).lasts == [1, 1, 2]
 
 

@@ -79,7 +79,12 @@ def test_seed_example(client: Any) -> None:
 def test_zero_values_are_written(client: Any) -> None:
     reply = client.get("/timeline/sync?member=nobody")
     assert reply.status_code == 200
-    assert reply.get_json() == {"latestSeq": "0", "entrySetLastSeq": "0", "entrySet": []}
+    assert reply.get_json() == {
+        "latestSeq": "0",
+        "entrySetLastSeq": "0",
+        "entrySet": [],
+        "minSeq": "1",  # extension: a new member's timeline can return from 1 on
+    }
     assert client.get("/timeline/history/group/nobody").get_json() == {"entrySet": []}
     assert client.get("/timeline/history/single/x/y").get_json() == {"entrySet": []}
 

@@ -416,18 +416,18 @@ def test_a_retry_after_readers_passed_its_hole_lands_where_they_will_see_it(
 ) -> None:
     flaky, clock = FlakyStore(store), Clock()
     svc = service(redis_url, key_prefix, flaky, clock, retry_backoff_ms=0)
-    svc.send("u0", "u1", msg("a"), "a")  # u1: 1
+    svc.send("u0", "u1", [msg("a")], "a")  # u1: 1
     flaky.fail_writes = 4
     with pytest.raises(Unavailable):  # 503: the client will retry "b" later
-        svc.send("u0", "u1", msg("b"), "b")  # u1: 2 allocated, not stored
-    svc.send("u2", "u1", msg("c"), "c")  # u1: 3
+        svc.send("u0", "u1", [msg("b")], "b")  # u1: 2 allocated, not stored
+    svc.send("u2", "u1", [msg("c")], "c")  # u1: 3
     clock.ms += 31_000  # the client is offline for a while
     page = svc.sync("u1", 1, 10)
     assert texts(page.entries) == ["c"]  # the reader passes the hole at 2, sealing it
 
-    assert svc.send("u0", "u1", msg("b"), "b") == 4  # the retry moves above the seal
+    assert svc.send("u0", "u1", [msg("b")], "b") == [4]  # the retry moves above the seal
     assert texts(svc.sync("u1", page.entries[-1].seq, 10).entries) == ["b"]
-    assert svc.send("u0", "u1", msg("b"), "b") == 4  # and a further retry agrees
+    assert svc.send("u0", "u1", [msg("b")], "b") == [4]  # and a further retry agrees
     assert texts(svc.sync("u1", 0, 10).entries) == ["a", "c", "b"]
 
 
@@ -436,15 +436,15 @@ def test_a_lagging_counter_cannot_write_behind_a_reader(
 ) -> None:
     flaky, clock = FlakyStore(store), Clock()
     svc = service(redis_url, key_prefix, flaky, clock, retry_backoff_ms=0)
-    svc.send("u0", "u1", msg("a"))
+    svc.send("u0", "u1", [msg("a")])
     flaky.fail_writes = 4
     with pytest.raises(Unavailable):
-        svc.send("u0", "u1", msg("b"))  # u1: 2 allocated, never stored; the caller was told
-    svc.send("u2", "u1", msg("c"))  # u1: 3
+        svc.send("u0", "u1", [msg("b")])  # u1: 2 allocated, never stored; the caller was told
+    svc.send("u2", "u1", [msg("c")])  # u1: 3
     clock.ms += 31_000
     assert [e.seq for e in svc.sync("u1", 1, 10).entries] == [3]
     redis.Redis.from_url(redis_url).set(svc.allocator.key(Timeline(Kind.SYNC, "u1")), 1)
-    assert svc.send("u3", "u1", msg("d")) == 4  # 2 is sealed: moved above the store
+    assert svc.send("u3", "u1", [msg("d")]) == [4]  # 2 is sealed: moved above the store
     assert texts(svc.sync("u1", 3, 10).entries) == ["d"]
 
 
@@ -453,7 +453,7 @@ def test_a_lost_move_reply_without_a_record_is_reported_not_skipped(
 ) -> None:
     svc = service(redis_url, key_prefix, store, Clock())
     for i in range(3):
-        svc.send("u0", "u1", msg(f"m{i}"))
+        svc.send("u0", "u1", [msg(f"m{i}")])
     redis.Redis.from_url(redis_url).set(svc.allocator.key(Timeline(Kind.SYNC, "u1")), 1)
     real = svc.allocator.reallocate
 
@@ -464,7 +464,7 @@ def test_a_lost_move_reply_without_a_record_is_reported_not_skipped(
     svc.allocator.reallocate = lossy  # type: ignore[method-assign]
     # A second move would skip the sequence the first gave: the caller is told instead.
     with pytest.raises(WriteFailed):
-        svc.send("u2", "u1", msg("x"))
+        svc.send("u2", "u1", [msg("x")])
     assert [e.seq for e in read_all(store, Kind.SYNC, "u1")] == [1, 2, 3]
 
 
@@ -476,7 +476,7 @@ def test_a_write_failing_after_the_history_copy_finishes_with_every_attempt(
     flaky.fail_writes, flaky.halfway = 2, True
     members = ["m0", "m1", "m2", "m3"]
     # No time budget left, yet the history copy is stored: the request must not give up.
-    assert svc.send_group("g", members, msg("hello")) == []
+    assert svc.send_group("g", members, [msg("hello")]) == []
     for member in members:
         assert texts(read_all(store, Kind.SYNC, member)) == ["hello"]
     assert texts(read_all(store, Kind.HISTORY, "g")) == ["hello"]
@@ -488,8 +488,8 @@ def test_a_retry_may_list_members_and_keys_in_another_order(
     svc = service(redis_url, key_prefix, store, Clock())
     first = Message({"a": 1, "b": 2}, '{"a":1,"b":2}')
     again = Message({"b": 2, "a": 1}, '{"b":2,"a":1}')
-    assert svc.send_group("g", ["x", "y", "z"], first, "m-1") == []
-    assert svc.send_group("g", ["z", "x", "y"], again, "m-1") == []
+    assert svc.send_group("g", ["x", "y", "z"], [first], "m-1") == []
+    assert svc.send_group("g", ["z", "x", "y"], [again], "m-1") == []
     for member in ("x", "y", "z"):
         assert [e.seq for e in read_all(store, Kind.SYNC, member)] == [1]
 
@@ -506,3 +506,52 @@ def test_readers_skip_placeholders_and_keep_paging(
     assert texts(svc.sync("r", 0, 2).entries) == ["one", "nine"]
     assert texts(svc.sync("r", 1, 1).entries) == ["nine"]
     assert [e.seq for e in read_all(store, Kind.SYNC, "r")] == list(range(1, 10))
+
+
+def test_a_late_retry_never_fills_its_old_holes_even_unread(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    flaky, clock = FlakyStore(store), Clock()
+    svc = service(redis_url, key_prefix, flaky, clock, retry_backoff_ms=0)
+    svc.send("u0", "u1", [msg("a")], "a")
+    flaky.fail_writes = 4
+    with pytest.raises(Unavailable):
+        svc.send("u0", "u1", [msg("b")], "b")  # u1: 2 allocated, not stored
+    svc.send("u2", "u1", [msg("c")], "c")  # u1: 3
+    clock.ms += 31_000  # nobody read in between, yet a reader may have passed 2 by now
+    assert svc.send("u0", "u1", [msg("b")], "b") == [4]
+    stored = read_all(store, Kind.SYNC, "u1")
+    assert [(e.seq, e.is_hole) for e in stored] == [(1, False), (2, True), (3, False), (4, False)]
+    history = [e for e in read_all(store, Kind.HISTORY, "u0:u1") if not e.is_hole]
+    assert ([e.seq for e in history], texts(history)) == ([1, 3], ["a", "b"])
+    assert texts(svc.sync("u1", 0, 10).entries) == ["a", "c", "b"]  # at once: 2 is sealed
+
+
+def test_a_batch_whose_range_is_taken_moves_whole_and_in_order(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    svc = service(redis_url, key_prefix, store, Clock())
+    svc.send_group("g", ["a", "b"], [msg("x"), msg("y")])  # a, b: 1..2
+    # Given b's counter went back to 1 (a failover to a lagging replica),
+    redis.Redis.from_url(redis_url).set(svc.allocator.key(Timeline(Kind.SYNC, "b")), 1)
+    # when a batch of 3 gets b's range 2..4 of which 2 is taken,
+    assert svc.send_group("g", ["a", "b"], [msg("1"), msg("2"), msg("3")]) == []
+    # then b's three copies all move above the store, together and in order, and the
+    # range left behind is sealed: a reader gets all of them at once, without waiting.
+    entries = svc.sync("b", 0, 100).entries
+    assert texts(entries) == ["x", "y", "1", "2", "3"]
+    assert [e.seq for e in entries] == [1, 2, 5, 6, 7]
+    assert texts(svc.sync("a", 0, 100).entries) == ["x", "y", "1", "2", "3"]
+
+
+def test_a_batch_failing_halfway_is_finished_in_order(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    flaky = FlakyStore(store)
+    svc = service(redis_url, key_prefix, flaky, Clock())
+    flaky.fail_writes, flaky.halfway = 1, True
+    batch = [msg("1"), msg("2"), msg("3")]
+    assert svc.send_group("g", ["a", "b", "c"], batch, "batch-1") == []
+    for member in ("a", "b", "c"):
+        entries = read_all(store, Kind.SYNC, member)
+        assert ([e.seq for e in entries], texts(entries)) == ([1, 2, 3], ["1", "2", "3"])

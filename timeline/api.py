@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
@@ -19,7 +20,7 @@ from timeline.errors import (
     TimelineError,
     Unauthorized,
 )
-from timeline.model import Entry, conversation_id
+from timeline.model import Entry, Message, conversation_id
 from timeline.service import TimelineService
 from timeline.validation import (
     Limits,
@@ -80,9 +81,34 @@ def _body() -> tuple[dict[str, Any], bytes]:
     return decode_body(data), data
 
 
-def _message(body: dict[str, Any], data: bytes) -> Any:
-    value = body.get("message")
-    return parse_message(value, _limits(), source=lambda: reread_message(data))
+def _messages(body: dict[str, Any], data: bytes) -> tuple[list[Message], bool]:
+    """`message`, or extension `messages` (a batch); returns them and whether it is a batch."""
+    limits = _limits()
+    if "messages" not in body:
+        message = parse_message(
+            body.get("message"), limits, source=lambda: reread_message(data, "message")
+        )
+        return [message], False
+    if "message" in body:
+        raise InvalidParam("send either message or messages, not both")
+    batch = body["messages"]
+    if not isinstance(batch, list) or not batch:
+        raise InvalidParam("messages must be a non-empty list", field="messages")
+    if len(batch) > limits.batch_max_messages:
+        raise InvalidParam(
+            f"messages holds {len(batch)}; at most {limits.batch_max_messages} are allowed",
+            field="messages",
+            limit=limits.batch_max_messages,
+        )
+    return [
+        parse_message(
+            value,
+            limits,
+            source=lambda i=i: reread_message(data, "messages", i),  # type: ignore[misc]
+            name=f"messages[{i}]",
+        )
+        for i, value in enumerate(batch)
+    ], True
 
 
 def _client_msg_id(body: dict[str, Any], limits: Limits) -> str | None:
@@ -106,8 +132,19 @@ def _query(proto_name: str, json_name: str | None = None) -> str | None:
     return values[0] if values else None
 
 
+def _timestamp(ms: int) -> str:
+    """RFC 3339, UTC, to the millisecond; "" when the store does not know (old documents)."""
+    if ms <= 0:
+        return ""
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _entries(entries: list[Entry]) -> list[dict[str, str]]:
-    return [{"sequence": str(e.seq), "message": e.message} for e in entries]
+    return [
+        {"sequence": str(e.seq), "message": e.message, "timestamp": _timestamp(e.created_at_ms)}
+        for e in entries
+    ]
 
 
 @bp.post("/send")
@@ -116,10 +153,13 @@ def send() -> dict[str, Any]:
     limits = _limits()
     sender = parse_id(body.get("from"), "from", limits)
     receiver = parse_id(body.get("to"), "to", limits)
-    message = _message(body, data)
+    messages, batch = _messages(body, data)
     client_msg_id = _client_msg_id(body, limits)
-    sequence = _service().send(sender, receiver, message, client_msg_id)
-    return {"sequence": str(sequence)}
+    sequences = _service().send(sender, receiver, messages, client_msg_id)
+    reply: dict[str, Any] = {"sequence": str(sequences[-1])}
+    if batch:
+        reply["sequences"] = [str(seq) for seq in sequences]
+    return reply
 
 
 @bp.post("/sendGroup")
@@ -128,11 +168,22 @@ def send_group() -> dict[str, Any]:
     limits = _limits()
     group = parse_id(field(body, "group_name", "groupName"), "group_name", limits)
     members = parse_members(field(body, "group_members", "groupMembers"), "group_members", limits)
-    message = _message(body, data)
-    check_fan_out(members, message, limits)
+    messages, _ = _messages(body, data)
+    check_fan_out(members, messages, limits)
     client_msg_id = _client_msg_id(body, limits)
-    failed = _service().send_group(group, members, message, client_msg_id)
+    failed = _service().send_group(group, members, messages, client_msg_id)
     return {"failedMembers": failed}
+
+
+@bp.post("/ack")
+def ack() -> dict[str, Any]:
+    """Extension: the member's device has what it pulled up to `seq`; release it."""
+    body, _ = _body()
+    member = parse_id(body.get("member"), "member", _limits())
+    if body.get("seq") is None:
+        raise InvalidParam("seq is required", field="seq")
+    seq = parse_int64(body.get("seq"), "seq")
+    return {"minSeq": str(_service().ack(member, seq))}
 
 
 @bp.get("/sync")
@@ -146,12 +197,20 @@ def sync() -> dict[str, Any]:
         "latestSeq": str(result.latest_seq),
         "entrySetLastSeq": str(result.entries[-1].seq if result.entries else 0),
         "entrySet": _entries(result.entries),
+        "minSeq": str(result.min_seq),
     }
 
 
 def _history(timeline_id: str) -> dict[str, Any]:
-    last_read = parse_int64(_query("last_read", "lastRead"), "last_read")
     count = parse_count(_query("count"), "count", _limits())
+    direction = (_query("direction") or "forward").lower()
+    if direction == "backward":
+        before = parse_int64(_query("before"), "before")
+        page = _service().history_backward(timeline_id, before, count)
+        return {"entrySet": _entries(page.entries), "nextBefore": str(page.next_before)}
+    if direction != "forward":
+        raise InvalidParam("direction must be forward or backward", field="direction")
+    last_read = parse_int64(_query("last_read", "lastRead"), "last_read")
     return {"entrySet": _entries(_service().history(timeline_id, last_read, count))}
 
 

@@ -9,9 +9,9 @@ from flask import Flask
 from timeline import api, ops
 from timeline.embedded import ensure_redis
 from timeline.sequence import SequenceAllocator, connect_redis
-from timeline.service import Policy, TimelineService
+from timeline.service import Policy, TimelineService, _now_ms
 from timeline.settings import Settings, load_settings
-from timeline.store import Store, open_store
+from timeline.store import Purger, Store, open_store, retention_ms
 from timeline.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def redis_url(settings: Settings) -> str:
 def close_app(app: Flask) -> None:
     """Close the app's Redis and store clients (a worker exiting cleanly)."""
     service: TimelineService = app.extensions[api.EXTENSION]["service"]
+    app.extensions[api.EXTENSION]["purger"].stop()
     service.allocator.close()
     service.store.close()
 
@@ -52,12 +53,17 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         write_attempts=settings.store_write_attempts,
         retry_backoff_ms=settings.store_retry_backoff_ms,
         retry_budget_ms=settings.store_retry_budget_ms,
+        sync_retention_ms=settings.sync_retention_seconds * 1000,
+        history_retention_ms=settings.history_retention_seconds * 1000,
     )
     service = TimelineService(allocator, store, policy)
+    purger = Purger(store, retention_ms(settings), settings.purge_interval_seconds, _now_ms)
+    purger.start()  # expired entries leave in the background
     app.extensions[api.EXTENSION] = {
         "settings": settings,
         "service": service,
         "limits": Limits.from_settings(settings),
+        "purger": purger,
     }
     ops.register(app)  # first: the request id exists before anything can log
     api.register(app)

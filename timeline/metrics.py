@@ -52,6 +52,17 @@ SEQUENCE_REPAIRS = Counter(
 )
 
 
+ACKED = Counter(
+    "timeline_acks_total",
+    "Ack requests served (each removes a member's sync entries up to a sequence).",
+)
+EXPIRED_REMOVED = Counter(
+    "timeline_expired_removed_total",
+    "Expired entries removed by the SQLite purge (MongoDB's TTL index removes its own).",
+    ["kind"],
+)
+
+
 def dependency_failed(dependency: str) -> None:
     DEPENDENCY_ERRORS.labels(dependency).inc()
 

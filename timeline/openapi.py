@@ -36,6 +36,14 @@ _MESSAGE = {
     "description": "At most 64 KiB compact, 64 levels deep, no key starting with '$'.",
 }
 _CLIENT_MSG_ID = {**_ID, "description": "Extension: makes retries idempotent."}
+_MESSAGES = {
+    "type": "array",
+    "items": _MESSAGE,
+    "minItems": 1,
+    "maxItems": 100,
+    "description": "Extension, instead of message: a batch, stored in order, contiguous.",
+}
+_ONE_OF_MESSAGE = {"anyOf": [{"required": ["message"]}, {"required": ["messages"]}]}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -81,6 +89,14 @@ _PAGE = [
         "At most this many entries; absent or 0: 100.",
     ),
 ]
+_BACKWARD = [
+    _query(
+        "direction",
+        {"type": "string", "enum": ["forward", "backward"]},
+        "Extension: backward pages from the newest down, newest first (default forward).",
+    ),
+    _query("before", _INT64_IN, "Backward only: entries below this sequence; absent or 0: all."),
+]
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -95,11 +111,13 @@ _SCHEMAS: dict[str, Any] = {
     },
     "SendRequest": {
         "type": "object",
-        "required": ["from", "to", "message"],
+        "required": ["from", "to"],
+        "allOf": [_ONE_OF_MESSAGE],
         "properties": {
             "from": _ID,
             "to": _ID,
             "message": _MESSAGE,
+            "messages": _MESSAGES,
             "client_msg_id": _CLIENT_MSG_ID,
             "clientMsgId": _CLIENT_MSG_ID,
         },
@@ -107,14 +125,21 @@ _SCHEMAS: dict[str, Any] = {
     "SendReply": {
         "type": "object",
         "required": ["sequence"],
-        "properties": {"sequence": _INT64_OUT},
+        "properties": {
+            "sequence": _INT64_OUT,
+            "sequences": {
+                "type": "array",
+                "items": _INT64_OUT,
+                "description": "Extension, for a batch: all of the receiver's sequences.",
+            },
+        },
     },
     "SendGroupRequest": {
         "type": "object",
-        "required": ["message"],
         "allOf": [
             {"anyOf": [{"required": ["group_name"]}, {"required": ["groupName"]}]},
             {"anyOf": [{"required": ["group_members"]}, {"required": ["groupMembers"]}]},
+            _ONE_OF_MESSAGE,
         ],
         "properties": {
             "group_name": _ID,
@@ -122,6 +147,7 @@ _SCHEMAS: dict[str, Any] = {
             "group_members": {"type": "array", "items": _ID, "minItems": 1, "maxItems": 10000},
             "groupMembers": {"type": "array", "items": _ID, "minItems": 1, "maxItems": 10000},
             "message": _MESSAGE,
+            "messages": _MESSAGES,
             "client_msg_id": _CLIENT_MSG_ID,
             "clientMsgId": _CLIENT_MSG_ID,
         },
@@ -137,21 +163,47 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "sequence": _INT64_OUT,
             "message": {"type": "string", "description": "The message's JSON object, as text."},
+            "timestamp": {
+                "type": "string",
+                "pattern": "^$|^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z$",
+                "description": "Extension: when it was stored (RFC 3339, UTC); empty if unknown.",
+            },
         },
+    },
+    "AckRequest": {
+        "type": "object",
+        "required": ["member", "seq"],
+        "properties": {"member": _ID, "seq": _INT64_IN},
+    },
+    "AckReply": {
+        "type": "object",
+        "required": ["minSeq"],
+        "properties": {"minSeq": _INT64_OUT},
     },
     "SyncReply": {
         "type": "object",
-        "required": ["latestSeq", "entrySetLastSeq", "entrySet"],
+        "required": ["latestSeq", "entrySetLastSeq", "entrySet", "minSeq"],
         "properties": {
             "latestSeq": _INT64_OUT,
             "entrySetLastSeq": _INT64_OUT,
             "entrySet": {"type": "array", "items": _ref("Entry")},
+            "minSeq": {
+                **_INT64_OUT,
+                "description": "Extension: the lowest sequence still returnable; a client "
+                "with last_read + 1 < minSeq missed entries (acked or expired): read history.",
+            },
         },
     },
     "HistoryReply": {
         "type": "object",
         "required": ["entrySet"],
-        "properties": {"entrySet": {"type": "array", "items": _ref("Entry")}},
+        "properties": {
+            "entrySet": {"type": "array", "items": _ref("Entry")},
+            "nextBefore": {
+                **_INT64_OUT,
+                "description": "Backward only: `before` of the next (older) page; 0: none.",
+            },
+        },
     },
 }
 
@@ -199,6 +251,19 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/timeline/ack": {
+                "post": {
+                    "summary": "Extension: release a member's sync entries up to seq",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("AckRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("AckReply"), "The sync timeline's new minSeq."),
+                        **_errors(400, 401, 413, 503),
+                    },
+                }
+            },
             "/timeline/sync": {
                 "get": {
                     "summary": "Pull a member's sync (offline) timeline",
@@ -215,14 +280,14 @@ def openapi_document() -> dict[str, Any]:
             "/timeline/history/single/{from}/{to}": {
                 "get": {
                     "summary": "History of a one-to-one conversation (either order)",
-                    "parameters": [_path("from"), _path("to"), *_PAGE],
+                    "parameters": [_path("from"), _path("to"), *_PAGE, *_BACKWARD],
                     "responses": history,
                 }
             },
             "/timeline/history/group/{group}": {
                 "get": {
                     "summary": "History of a group conversation",
-                    "parameters": [_path("group"), *_PAGE],
+                    "parameters": [_path("group"), *_PAGE, *_BACKWARD],
                     "responses": history,
                 }
             },

@@ -51,6 +51,7 @@ class Allocation:
     lasts: list[int]  # the last sequence of each timeline's range (empty when missing)
     replayed: bool = False  # an earlier attempt of the same message allocated these
     fingerprint: str = ""  # the replayed record's fingerprint
+    allocated_ms: int = 0  # when the replayed record's sequences were allocated
     missing: list[int] = field(default_factory=list)  # positions of counters to seed
 
 
@@ -87,25 +88,32 @@ class SequenceAllocator:
         return f"{self._prefix}msg:{conversation}:{client_msg_id}"
 
     def allocate(
-        self, timelines: Sequence[Timeline], count: int = 1, record: Record | None = None
+        self,
+        timelines: Sequence[Timeline],
+        count: int = 1,
+        record: Record | None = None,
+        now_ms: int = 0,
     ) -> Allocation:
         """Give each timeline `count` new sequences, unless a counter is missing or the
         record shows an earlier attempt; see lua/allocate.lua."""
         keys = [self.key(t) for t in timelines]
         if record is None:
-            args: list[Any] = [count, 0, 0, ""]
+            args: list[Any] = [count, 0, 0, "", 0]
         else:
             keys.insert(0, record.key)
-            args = [count, 1, record.ttl_ms, record.fingerprint]
+            args = [count, 1, record.ttl_ms, record.fingerprint, now_ms]
         reply = self._call("allocate", lambda: self._allocate(keys=keys, args=args))
         status = reply[0]
         if status == b"ok":
             return Allocation(lasts=[int(last) for last in reply[1:]])
         if status == b"missing":
             return Allocation(lasts=[], missing=[int(i) - 1 for i in reply[1:]])
-        fingerprint, *lasts = reply[1].decode().split(",")
+        fingerprint, allocated_ms, *lasts = reply[1].decode().split(",")
         return Allocation(
-            lasts=[int(last) for last in lasts], replayed=True, fingerprint=fingerprint
+            lasts=[int(last) for last in lasts],
+            replayed=True,
+            fingerprint=fingerprint,
+            allocated_ms=int(allocated_ms),
         )
 
     def seed(self, floors: dict[Timeline, int]) -> None:

@@ -1,7 +1,8 @@
-"""The service layer: send, send_group, sync and history. It knows nothing of HTTP."""
+"""The service layer: send, send_group, ack, sync and history. It knows nothing of HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -16,7 +17,7 @@ from timeline import metrics
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
 from timeline.model import Document, Entry, Kind, Message, Timeline, conversation_id
 from timeline.sequence import Record, SequenceAllocator
-from timeline.store import Store, WriteResult
+from timeline.store import Bounds, Store, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ _SEED_ROUNDS = 3
 #: How often a write may find its sequences taken by other messages (a counter behind the
 #: store) before giving up; each move starts above the store's highest, so one is the rule.
 _MOVE_ROUNDS = 5
-#: Pages one read may go through when placeholders or late writes are in the way.
+#: Pages one read may go through when placeholders, expired entries or late writes are in
+#: the way.
 _READ_PAGES = 5
 
 
@@ -40,17 +42,27 @@ def _digest(*parts: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SyncResult:
-    """A page of a member's sync timeline and the newest sequence allocated to it."""
+    """A page of a member's sync timeline, the newest sequence allocated to it, and the
+    lowest it can still return."""
 
     latest_seq: int
+    min_seq: int
     entries: list[Entry]
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
-    """One message stored: each recipient's sequence, and who has no copy."""
+class HistoryPage:
+    """A page of history read backwards, and where the next (older) page ends."""
 
-    sequences: dict[str, int]
+    entries: list[Entry]
+    next_before: int  # the lowest sequence returned; 0 when nothing older exists
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Messages stored: each recipient's sequences, and who has no copy."""
+
+    sequences: dict[str, list[int]]
     failed: list[str]
 
 
@@ -63,6 +75,14 @@ class Policy:
     write_attempts: int = 4
     retry_backoff_ms: int = 100
     retry_budget_ms: int = 1000
+    sync_retention_ms: int = 0
+    history_retention_ms: int = 0
+
+    def retention_ms(self, kind: Kind) -> int:
+        return self.sync_retention_ms if kind is Kind.SYNC else self.history_retention_ms
+
+
+Groups = list[list[Document]]  # per timeline of a request (0: history), its documents
 
 
 class TimelineService:
@@ -90,12 +110,16 @@ class TimelineService:
     # --- writing -------------------------------------------------------------------------
 
     def send(
-        self, sender: str, receiver: str, message: Message, client_msg_id: str | None = None
-    ) -> int:
-        """A one-to-one message; returns the receiver's sync sequence for it."""
+        self,
+        sender: str,
+        receiver: str,
+        messages: Sequence[Message],
+        client_msg_id: str | None = None,
+    ) -> list[int]:
+        """One-to-one messages, in order; returns the receiver's sync sequences for them."""
         recipients = [sender] if sender == receiver else [sender, receiver]
         conversation = conversation_id(sender, receiver)
-        delivery = self._deliver(conversation, recipients, message, client_msg_id)
+        delivery = self._deliver(conversation, recipients, messages, client_msg_id)
         if delivery.failed:
             raise WriteFailed(
                 "message could not be stored for every recipient; retry with the same "
@@ -108,44 +132,49 @@ class TimelineService:
         self,
         group: str,
         members: Sequence[str],
-        message: Message,
+        messages: Sequence[Message],
         client_msg_id: str | None = None,
     ) -> list[str]:
-        """A group message to the listed (distinct) members; returns those not written."""
-        return self._deliver(group, members, message, client_msg_id).failed
+        """Group messages to the listed (distinct) members; returns those not written."""
+        return self._deliver(group, members, messages, client_msg_id).failed
 
     def _deliver(
         self,
         history_id: str,
         recipients: Sequence[str],
-        message: Message,
+        messages: Sequence[Message],
         client_msg_id: str | None,
     ) -> Delivery:
-        """Allocate for the history timeline and every recipient at once, then store it all."""
-        timelines = [Timeline(Kind.HISTORY, history_id)]
-        timelines += [Timeline(Kind.SYNC, member) for member in recipients]
+        """Allocate a contiguous range for the history timeline and every recipient at once,
+        then store it all."""
         record = None
         mid = uuid.uuid4().hex
         if client_msg_id is not None:
-            # A retry may list the members, or the message's keys, in another order.
+            # A retry may list the members, or the messages' keys, in another order.
             recipients = sorted(recipients)
-            timelines = [timelines[0]] + [Timeline(Kind.SYNC, member) for member in recipients]
-            canonical = orjson.dumps(message.document, option=orjson.OPT_SORT_KEYS).decode()
+            canonical = [
+                orjson.dumps(m.document, option=orjson.OPT_SORT_KEYS).decode() for m in messages
+            ]
             record = Record(
                 key=self.allocator.record_key(history_id, client_msg_id),
-                fingerprint=_digest(history_id, *recipients, canonical)[:16],
+                fingerprint=_digest(history_id, *recipients, "\x01", *canonical)[:16],
                 ttl_ms=self.policy.record_ttl_ms,
             )
             # The same for every attempt, so each can tell the copies of another apart.
             mid = _digest(history_id, client_msg_id)[:32]
-        lasts = self._allocate(timelines, record)
+        timelines = [Timeline(Kind.HISTORY, history_id)]
+        timelines += [Timeline(Kind.SYNC, member) for member in recipients]
+        count = len(messages)
+        lasts, stale = self._allocate(timelines, count, record)
         now = self._clock_ms()
-        documents = [
-            Document(timeline.id, last, message, now, mid)
+        groups = [
+            [
+                Document(timeline.id, last - count + 1 + i, message, now, mid)
+                for i, message in enumerate(messages)
+            ]
             for timeline, last in zip(timelines, lasts, strict=True)
         ]
-        stored, failed = self._store(timelines, documents, record)
-        sequences = {d.id: d.seq for d in stored[1:]}
+        groups, failed = self._store(timelines, groups, record, stale)
         failed_members = [timelines[position].id for position in failed]
         metrics.FAN_OUT.observe(len(recipients))
         if failed_members:
@@ -155,23 +184,31 @@ class TimelineService:
                 len(failed_members),
                 len(recipients),
                 history_id,
-                stored[0].seq,
+                groups[0][0].seq,
             )
+        sequences = {group[0].id: [d.seq for d in group] for group in groups[1:]}
         return Delivery(sequences=sequences, failed=failed_members)
 
-    def _allocate(self, timelines: list[Timeline], record: Record | None) -> list[int]:
-        """One EVALSHA in the steady state; seeds missing counters from the store first."""
+    def _allocate(
+        self, timelines: list[Timeline], count: int, record: Record | None
+    ) -> tuple[list[int], bool]:
+        """One EVALSHA in the steady state; seeds missing counters from the store first.
+
+        Returns the last sequence of each timeline's range, and whether they come from a
+        record older than the grace period (a stale replay).
+        """
         for _ in range(_SEED_ROUNDS):
-            allocation = self.allocator.allocate(timelines, 1, record)
+            allocation = self.allocator.allocate(timelines, count, record, self._clock_ms())
             if allocation.replayed:
                 assert record is not None
                 if allocation.fingerprint != record.fingerprint:
                     raise ClientMsgIdReused(
                         "client_msg_id was already used for another message in this conversation"
                     )
-                return allocation.lasts
+                age = self._clock_ms() - allocation.allocated_ms
+                return allocation.lasts, age >= self.policy.gap_grace_ms
             if not allocation.missing:
-                return allocation.lasts
+                return allocation.lasts, False
             self._seed([timelines[i] for i in allocation.missing])
         raise Unavailable("sequence counters keep disappearing from redis")
 
@@ -187,169 +224,262 @@ class TimelineService:
         metrics.SEQUENCE_REPAIRS.labels("seeded").inc(len(floors))
 
     def _store(
-        self, timelines: list[Timeline], documents: list[Document], record: Record | None
-    ) -> tuple[list[Document], list[int]]:
-        """Write until every document is stored, retrying what may succeed.
+        self, timelines: list[Timeline], groups: Groups, record: Record | None, stale: bool
+    ) -> tuple[Groups, list[int]]:
+        """Write until every group is stored, retrying what may succeed.
 
-        Returns the documents as finally stored (some may have moved to new sequences) and
-        the positions of those that could not be. Raises when the history document cannot be
+        Returns the groups as finally stored (some may have moved to new sequences) and the
+        positions of those that could not be. Raises when the history group cannot be
         stored: without it no sync copy is attempted. Once it is stored the request tries
         hard to finish (store errors and Redis hiccups alike are retried with backoff, up to
         write_attempts), because a client retry is only idempotent while Redis keeps the
         message's record; before, it gives up once retry_budget_ms is spent.
         """
-        documents = list(documents)
-        pending = list(range(len(documents)))  # positions still to write; 0 is the history
-        mid = documents[0].mid
+        groups = list(groups)
+        todo: dict[int, list[Document]] = dict(enumerate(groups))  # what each still needs
+        if stale:
+            # A replay older than the grace period must not fill the holes its first attempt
+            # left: readers may have passed them. What is stored stays; the rest moves.
+            for kind in Kind:
+                positions = [p for p in todo if timelines[p].kind is kind]
+                self._settle(timelines, groups, todo, positions, record, moving=True)
         failures = moves = 0
         deadline = self._clock_ms() + self.policy.retry_budget_ms
-        while pending:
-            history = [documents[0]] if pending[0] == 0 else []
-            sync_positions = pending[1:] if history else pending
+        while todo:
+            history = todo.get(0, [])
+            sync_positions = [p for p in todo if p != 0]
+            sync = [d for p in sync_positions for d in todo[p]]
             try:
-                result = self.store.write(history, [documents[p] for p in sync_positions])
-                self._count_written(history, sync_positions, result)
+                result = self.store.write(history, sync)
+                self._count_written(history, sync, result)
                 if result.history_taken:
                     taken = [0]
                 else:
-                    taken = [sync_positions[i] for i in result.sync_taken]
-                    if not taken:
-                        return documents, []
-                owners = self.store.owners(
-                    timelines[taken[0]].kind,
-                    [(documents[p].id, documents[p].seq) for p in taken],
-                )
-                # Taken by this very message (an earlier attempt) means stored.
-                conflicts = [
-                    p for p in taken if owners.get((documents[p].id, documents[p].seq)) != mid
-                ]
-                if not conflicts:
-                    if not result.history_taken:
-                        return documents, []
-                    pending = pending[1:]  # the history is stored: on to the sync copies
+                    owner_of = [p for p in sync_positions for _ in todo[p]]
+                    taken = sorted({owner_of[i] for i in result.sync_taken})
+                    for p in sync_positions:
+                        if p not in taken:
+                            del todo[p]  # all of its copies went in
+                    todo.pop(0, None)
+                if not taken:
                     continue
-                moves += 1
-                if moves > _MOVE_ROUNDS:
-                    raise Unavailable("sequences keep being taken by other messages")
-                try:
-                    documents = self._move(timelines, documents, conflicts, record)
-                except Unavailable:
-                    if record is not None or result.history_taken:
-                        raise  # the record makes a second move agree with a lost first one
-                    # Without a record a second move could skip the sequence a lost reply
-                    # gave: report these copies instead.
-                    return documents, conflicts
-                if not result.history_taken:
-                    pending = conflicts
+                moved = self._settle(timelines, groups, todo, taken, record, moving=False)
+                if moved:
+                    moves += 1
+                    if moves > _MOVE_ROUNDS:
+                        raise Unavailable("sequences keep being taken by other messages")
+            except _MoveLost as lost:
+                # Without a record a second move could skip the sequences a lost reply
+                # gave: report these copies instead.
+                if 0 in todo:
+                    raise Unavailable("history sequence could not be moved") from lost
+                return groups, sorted(todo)
             except Unavailable as exc:
-                if getattr(exc, "history_stored", False) and pending[0] == 0:
-                    pending = pending[1:]  # the store got the history copy before failing
+                if getattr(exc, "history_stored", False):
+                    todo.pop(0, None)  # the store got the history copy before failing
                 failures += 1
                 backoff_ms = self.policy.retry_backoff_ms * 2 ** (failures - 1)
-                nothing_stored = pending[0] == 0
+                nothing_stored = 0 in todo
                 if nothing_stored and self._clock_ms() + backoff_ms > deadline:
                     raise  # nothing written yet: a fast 503 costs the client nothing
                 if failures >= self.policy.write_attempts:
                     if nothing_stored:
                         raise
-                    return documents, pending
+                    return groups, sorted(todo)
                 self._sleep(backoff_ms / 1000)
-        return documents, []
+        return groups, []
+
+    def _settle(
+        self,
+        timelines: list[Timeline],
+        groups: Groups,
+        todo: dict[int, list[Document]],
+        positions: list[int],
+        record: Record | None,
+        moving: bool,
+    ) -> bool:
+        """Look at what is stored of these groups: a group whose copies are all this
+        message's is done; one holding another message's copy (or, with `moving`, any group
+        not complete) moves to new sequences, its own copies removed first so that its
+        messages stay together and in order. Returns whether anything moved."""
+        if not positions:
+            return False
+        kind = timelines[positions[0]].kind
+        keys = [(d.id, d.seq) for p in positions for d in groups[p]]
+        owners = self.store.owners(kind, keys)
+        mid = groups[positions[0]][0].mid
+        to_move = []
+        for p in positions:
+            found = [owners.get((d.id, d.seq)) for d in groups[p]]
+            if all(owner == mid for owner in found):
+                todo.pop(p, None)  # stored, by this message
+            elif moving or any(owner not in (mid, None) for owner in found):
+                to_move.append(p)
+            else:
+                todo[p] = [d for d, owner in zip(groups[p], found, strict=True) if owner is None]
+        if not to_move:
+            return False
+        own = [(d.id, d.seq) for p in to_move for d in groups[p] if owners.get((d.id, d.seq))]
+        self.store.unwrite(kind, own, mid)
+        try:
+            moved = self._move(timelines, groups, to_move, record)
+        except Unavailable as exc:
+            if record is None:
+                for p in to_move:
+                    todo[p] = groups[p]
+                raise _MoveLost from exc
+            raise
+        # The sequences left behind will never hold these messages: seal them at once, so
+        # that readers step over them without waiting out the grace period.
+        left = [(d.id, d.seq) for p in to_move for d in groups[p]]
+        for p in to_move:
+            groups[p] = moved[p]
+            todo[p] = moved[p]
+        # Should this fail, readers seal them themselves after the grace period.
+        with contextlib.suppress(Unavailable):
+            self.store.seal(kind, left, self._clock_ms())  # skips those another message holds
+        return True
 
     @staticmethod
-    def _count_written(
-        history: list[Document], sync_positions: list[int], result: WriteResult
-    ) -> None:
+    def _count_written(history: list[Document], sync: list[Document], result: WriteResult) -> None:
         """Count the documents this write inserted (a taken history means none were)."""
         if result.history_taken:
             return
         if history:
-            metrics.MESSAGES_WRITTEN.labels("history").inc()
-        written = len(sync_positions) - len(result.sync_taken)
+            metrics.MESSAGES_WRITTEN.labels("history").inc(len(history))
+        written = len(sync) - len(result.sync_taken)
         if written:
             metrics.MESSAGES_WRITTEN.labels("sync").inc(written)
 
     def _move(
-        self,
-        timelines: list[Timeline],
-        documents: list[Document],
-        positions: list[int],
-        record: Record | None,
-    ) -> list[Document]:
-        """New sequences, above the store's highest, for documents another message holds."""
-        moving = [timelines[p] for p in positions]
-        log.warning(
-            "%d sequence(s) already taken (first: %s %s seq %d); the counter was behind the store",
-            len(positions),
-            moving[0].kind,
-            moving[0].id,
-            documents[positions[0]].seq,
-        )
+        self, timelines: list[Timeline], groups: Groups, positions: list[int], record: Record | None
+    ) -> dict[int, list[Document]]:
+        """New ranges, above the store's highest, for groups another message holds."""
         metrics.SEQUENCE_REPAIRS.labels("moved").inc(len(positions))
-        kind = moving[0].kind  # one kind at a time: the history alone, or sync copies
-        floors = self.store.max_seqs(kind, [t.id for t in moving])
+        first = timelines[positions[0]]
+        log.warning(
+            "%d timeline(s) moved to new sequences (first: %s %s seq %d): taken or stale",
+            len(positions),
+            first.kind,
+            first.id,
+            groups[positions[0]][0].seq,
+        )
+        kind = first.kind  # one kind at a time: the history alone, or sync copies
+        count = len(groups[positions[0]])
+        floors = self.store.max_seqs(kind, [timelines[p].id for p in positions])
         lasts = self.allocator.reallocate(
-            [(timelines[p], p, documents[p].seq, floors[timelines[p].id]) for p in positions],
-            1,
+            [(timelines[p], p, groups[p][-1].seq, floors[timelines[p].id]) for p in positions],
+            count,
             record,
         )
-        moved = list(documents)
-        for p, last in zip(positions, lasts, strict=True):
-            moved[p] = dataclasses.replace(documents[p], seq=last)
-        return moved
+        return {
+            p: [dataclasses.replace(d, seq=last - count + 1 + i) for i, d in enumerate(groups[p])]
+            for p, last in zip(positions, lasts, strict=True)
+        }
+
+    def ack(self, member: str, seq: int) -> int:
+        """Remove the member's sync entries up to `seq`; returns the new minSeq."""
+        self.store.ack(member, seq)
+        metrics.ACKED.inc()
+        lowest = self.store.bounds(Kind.SYNC, member, self._cutoff(Kind.SYNC)).lowest
+        return lowest.seq if lowest is not None else self._latest(member) + 1
 
     # --- reading -------------------------------------------------------------------------
 
-    def sync(self, member: str, last_read: int, count: int) -> SyncResult:
-        """The member's sync entries after last_read, and the newest sequence allocated."""
-        # Store first, then Redis: latestSeq is then never below the last entry returned.
-        entries = self._readable(Kind.SYNC, member, last_read, count)
+    def _cutoff(self, kind: Kind) -> int:
+        """Entries created before this (ms) have expired; 0: none expire."""
+        retention = self.policy.retention_ms(kind)
+        return self._clock_ms() - retention if retention else 0
+
+    def _latest(self, member: str) -> int:
         latest = self.allocator.latest(Timeline(Kind.SYNC, member))
         if latest is None:  # a new member, or Redis lost the counter: the store knows
             latest = self.store.max_seqs(Kind.SYNC, [member]).get(member, 0)
+        return latest
+
+    def sync(self, member: str, last_read: int, count: int) -> SyncResult:
+        """The member's sync entries after last_read, the newest sequence allocated, and
+        the lowest sequence the timeline can still return (minSeq)."""
+        cutoff = self._cutoff(Kind.SYNC)
+        bounds = self.store.bounds(Kind.SYNC, member, cutoff)
+        entries = self._readable(Kind.SYNC, member, last_read, count, cutoff, bounds)
+        # Store first, then Redis: latestSeq is then never below the last entry returned.
+        latest = self._latest(member)
         if entries and entries[-1].seq > latest:
             latest = entries[-1].seq  # a counter behind the store; the next send repairs it
-        return SyncResult(latest_seq=latest, entries=entries)
+        min_seq = bounds.lowest.seq if bounds.lowest is not None else latest + 1
+        return SyncResult(latest_seq=latest, min_seq=min_seq, entries=entries)
 
     def history(self, conversation: str, last_read: int, count: int) -> list[Entry]:
         """A conversation's history entries after last_read, ascending."""
-        return self._readable(Kind.HISTORY, conversation, last_read, count)
+        cutoff = self._cutoff(Kind.HISTORY)
+        bounds = self.store.bounds(Kind.HISTORY, conversation, cutoff)
+        return self._readable(Kind.HISTORY, conversation, last_read, count, cutoff, bounds)
 
-    def _readable(self, kind: Kind, timeline_id: str, after: int, count: int) -> list[Entry]:
+    def history_backward(self, conversation: str, before: int, count: int) -> HistoryPage:
+        """Up to `count` history entries below `before` (0: from the newest), newest first."""
+        cutoff = self._cutoff(Kind.HISTORY)
+        page = self.store.read_backward(Kind.HISTORY, conversation, before, count + 1, cutoff)
+        entries = page[:count]
+        next_before = entries[-1].seq if len(page) > count else 0
+        return HistoryPage(entries=entries, next_before=next_before)
+
+    def _readable(
+        self,
+        kind: Kind,
+        timeline_id: str,
+        after: int,
+        count: int,
+        cutoff: int,
+        bounds: Bounds,
+    ) -> list[Entry]:
         """Up to `count` entries after `after`, never past a hole a write may still fill.
 
+        What lies at or below the floor (acked, purged) is gone; so is what lies below the
+        lowest entry held, unless that entry is so young that a write below it may still be
+        in flight: reading starts there.
         A sequence is allocated before its document is written, so a reader can see seq 7
         stored while seq 6 is still being written; handing out 7 would move the client past
         6 for good. So a read stops before a hole while the entry after it is younger than
         the grace period (no request outlives it). An older hole is sealed before it is
-        stepped over: placeholders are stored at its sequences, so that a write arriving even
-        later (a client's retry, a lagging counter) finds them taken and moves above, where
-        readers will see it. Placeholders are never returned.
+        stepped over: placeholders are stored at its sequences, so that a write arriving
+        even later finds them taken and moves above, where readers will see it.
+        Placeholders and expired entries are never returned.
         """
         entries: list[Entry] = []
-        expected = after + 1
+        expected = max(after, bounds.floor) + 1
+        now = self._clock_ms()
+        grace = self.policy.gap_grace_ms
+        lowest = bounds.lowest
+        if lowest is not None and lowest.seq > expected and now - lowest.created_at_ms >= grace:
+            expected = lowest.seq
         size = count
         for _ in range(_READ_PAGES):
             page = self.store.read(kind, timeline_id, expected - 1, size)
             resealed = False
             for entry in page:
                 if entry.seq != expected:
-                    now = self._clock_ms()
-                    if now - entry.created_at_ms < self.policy.gap_grace_ms:
+                    if now - entry.created_at_ms < grace:
                         return entries
                     try:
-                        late = self.store.seal(kind, timeline_id, range(expected, entry.seq), now)
+                        holes = [(timeline_id, seq) for seq in range(expected, entry.seq)]
+                        late = self.store.seal(kind, holes, now)
                     except Unavailable:
                         return entries  # what comes before the hole is safe to hand out
                     if late:
                         resealed = True  # a write got there first: read it in order
                         break
-                if not entry.is_hole:
+                expired = 0 < entry.created_at_ms < cutoff
+                if not entry.is_hole and not expired:
                     entries.append(entry)
                     if len(entries) == count:
                         return entries
                 expected = entry.seq + 1
             if not resealed and len(page) < size:
                 return entries  # the end of the timeline
-            size = max(count, 200)  # past placeholders: read on in larger steps
+            size = max(count, 200)  # past hidden entries: read on in larger steps
         return entries
+
+
+class _MoveLost(Exception):
+    """A move without an idempotency record failed: it must not be retried."""

@@ -37,6 +37,16 @@ class Settings:
     mongo_socket_timeout_ms: int = 2000
     sqlite_path: str = "var/timeline.sqlite3"
     sqlite_busy_timeout_ms: int = 1000
+    # How often expired entries are removed (by one worker; MongoDB's TTL index is a backstop).
+    purge_interval_seconds: int = 60
+
+    # Retention: entries older than this are never returned and are removed in the
+    # background; 0 keeps them forever. The sync store is an inbox; history is the archive.
+    sync_retention_seconds: int = 30 * 86_400
+    history_retention_seconds: int = 0
+
+    # Most messages one send or sendGroup may carry in `messages`.
+    batch_max_messages: int = 100
 
     # Log level of the service's JSON log lines (one access line per request at info).
     log_level: str = "info"
@@ -101,11 +111,18 @@ class Settings:
             "fanout_max_bytes",
             "idempotency_ttl_seconds",
             "store_write_attempts",
+            "purge_interval_seconds",
+            "batch_max_messages",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
-        for name in ("store_retry_backoff_ms", "store_retry_budget_ms"):
+        for name in (
+            "store_retry_backoff_ms",
+            "store_retry_budget_ms",
+            "sync_retention_seconds",
+            "history_retention_seconds",
+        ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
         if self.gap_grace_ms < 0:

@@ -30,6 +30,7 @@ class Limits:
     message_max_depth: int
     id_max_length: int
     fanout_max_bytes: int
+    batch_max_messages: int = 100
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -41,6 +42,7 @@ class Limits:
             message_max_depth=settings.message_max_depth,
             id_max_length=settings.id_max_length,
             fanout_max_bytes=settings.fanout_max_bytes,
+            batch_max_messages=settings.batch_max_messages,
         )
 
 
@@ -125,7 +127,7 @@ def parse_count(value: Any, name: str, limits: Limits) -> int:
     return count
 
 
-def _check_tree(value: Any, limits: Limits) -> bool:
+def _check_tree(value: Any, limits: Limits, name: str = "message") -> bool:
     """Walk a message: depth, integer range, keys BSON can store; iterative, no recursion.
 
     Returns True when a float of 2**63 or more was seen: orjson reads an integer literal
@@ -137,8 +139,8 @@ def _check_tree(value: Any, limits: Limits) -> bool:
         node, depth = stack.pop()
         if depth > limits.message_max_depth:
             raise InvalidParam(
-                f"message is nested deeper than {limits.message_max_depth} levels",
-                field="message",
+                f"{name} is nested deeper than {limits.message_max_depth} levels",
+                field=name,
             )
         children = node.values() if isinstance(node, dict) else node
         if isinstance(node, dict):
@@ -147,10 +149,10 @@ def _check_tree(value: Any, limits: Limits) -> bool:
                     # MongoDB reads {"$ref", "$id"} back as a DBRef and gives other
                     # $-names operator meaning; refused here, on every store alike.
                     raise InvalidParam(
-                        f"message keys must not start with '$' ({key[:32]!r})", field="message"
+                        f"{name} keys must not start with '$' ({key[:32]!r})", field=name
                     )
                 if "\x00" in key:
-                    raise InvalidParam("message keys must not contain NUL", field="message")
+                    raise InvalidParam(f"{name} keys must not contain NUL", field=name)
         for child in children:
             if isinstance(child, dict | list):
                 stack.append((child, depth + 1))
@@ -159,14 +161,19 @@ def _check_tree(value: Any, limits: Limits) -> bool:
             elif isinstance(child, int):
                 if not INT64_MIN <= child <= INT64_MAX:
                     raise InvalidParam(
-                        "message holds an integer out of the int64 range", field="message"
+                        f"{name} holds an integer out of the int64 range", field=name
                     )
             elif isinstance(child, float) and abs(child) >= 2**63:
                 ambiguous = True
     return ambiguous
 
 
-def parse_message(value: Any, limits: Limits, source: Callable[[], Any] | None = None) -> Message:
+def parse_message(
+    value: Any,
+    limits: Limits,
+    source: Callable[[], Any] | None = None,
+    name: str = "message",
+) -> Message:
     """The client's message: a JSON object, or a string holding one (go-timeline's form).
 
     `source` reads the object form again with Python's json, whose integers are exact; it
@@ -174,13 +181,13 @@ def parse_message(value: Any, limits: Limits, source: Callable[[], Any] | None =
     into a float (the string form is read again from the string itself).
     """
     if value is None or value == "":
-        raise InvalidParam("message is required", field="message")
+        raise InvalidParam(f"{name} is required", field=name)
     if isinstance(value, str):
         text = value
         try:
             document = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            raise InvalidParam(f"message is not valid JSON: {exc}", field="message") from exc
+            raise InvalidParam(f"{name} is not valid JSON: {exc}", field=name) from exc
 
         def source() -> Any:
             return json.loads(text)
@@ -188,26 +195,26 @@ def parse_message(value: Any, limits: Limits, source: Callable[[], Any] | None =
     else:
         document = value
     if not isinstance(document, dict):
-        raise InvalidParam("message must be a JSON object", field="message")
+        raise InvalidParam(f"{name} must be a JSON object", field=name)
     # The depth is checked before `source` runs, so the re-read cannot recurse too far.
-    if _check_tree(document, limits) and source is not None:
-        _check_tree(source(), limits)  # raises if the float was an oversized integer
+    if _check_tree(document, limits, name) and source is not None:
+        _check_tree(source(), limits, name)  # raises if the float was an oversized integer
     encoded = orjson.dumps(document)
     if len(encoded) > limits.message_max_bytes:
         raise PayloadTooLarge(
-            f"message is larger than {limits.message_max_bytes} bytes (compact JSON)",
+            f"{name} is larger than {limits.message_max_bytes} bytes (compact JSON)",
             limit=limits.message_max_bytes,
         )
     return Message(document=document, json=encoded.decode())
 
 
-def check_fan_out(members: list[str], message: Message, limits: Limits) -> None:
+def check_fan_out(members: list[str], messages: list[Message], limits: Limits) -> None:
     """What one request may write: every member's copy and the history's, in bytes."""
-    total = (len(members) + 1) * len(message.json)
-    if total > limits.fanout_max_bytes:
+    size = sum(len(message.json) for message in messages)
+    if (len(members) + 1) * size > limits.fanout_max_bytes:
         raise PayloadTooLarge(
-            f"{len(members)} copies of a {len(message.json)}-byte message exceed "
-            f"{limits.fanout_max_bytes} bytes; send a smaller message (or a reference to it)",
+            f"{len(members) + 1} copies of {size} bytes of messages exceed "
+            f"{limits.fanout_max_bytes} bytes; send smaller messages (or references to them)",
             limit=limits.fanout_max_bytes,
         )
 
@@ -225,10 +232,14 @@ def decode_body(data: bytes) -> dict[str, Any]:
     return body
 
 
-def reread_message(data: bytes) -> Any:
-    """The body's message again, integers exact; the rare path of parse_message's `source`."""
+def reread_message(data: bytes, key: str, index: int | None = None) -> Any:
+    """A message of the body again, integers exact; the rare path of parse_message's
+    `source`: `body[key]`, or `body[key][index]` in a batch."""
     try:
         body = json.loads(data)
     except RecursionError as exc:  # an unknown field nested far deeper than any message may be
         raise InvalidParam("request body is nested too deeply") from exc
-    return body.get("message") if isinstance(body, dict) else None
+    value = body.get(key) if isinstance(body, dict) else None
+    if index is not None:
+        value = value[index] if isinstance(value, list) and index < len(value) else None
+    return value

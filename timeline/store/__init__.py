@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from timeline.model import Document, Entry, Kind
 from timeline.settings import Settings
 
+log = logging.getLogger(__name__)
+
 #: The collection (MongoDB) or table (SQLite) of each kind of timeline.
 COLLECTIONS = {Kind.SYNC: "chat_sync", Kind.HISTORY: "chat_history"}
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The readable start of a timeline: see Store.bounds."""
+
+    lowest: Entry | None
+    floor: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +34,11 @@ class WriteResult:
 
 
 class Store(Protocol):
-    """Documents `{id, seq, message}`, unique on `(id, seq)`, read back in sequence order."""
+    """Documents `{id, seq, message}`, unique on `(id, seq)`, read back in sequence order.
+
+    Entries carry their creation time (ms; 0 when unknown, for documents another system
+    wrote) and their `mid`; placeholders (mid HOLE_MID) seal holes readers stepped over.
+    """
 
     backend: str
 
@@ -32,16 +48,26 @@ class Store(Protocol):
         The history documents are written first, all or none: if one's `(id, seq)` is
         taken, no sync document is attempted. The sync documents are written independently
         of each other; those whose `(id, seq)` is taken are reported, the others kept.
-        Any other failure raises Unavailable; the write may then have been partly done
-        (MongoDB), and writing the same documents again is how to finish it.
+        Any other failure raises Unavailable (PartialWrite once the history is stored); the
+        write may then have been partly done, and writing the same documents again is how
+        to finish it.
         """
         ...
 
     def seal(
-        self, kind: Kind, timeline_id: str, seqs: Sequence[int], created_at_ms: int
-    ) -> list[int]:
-        """Store hole placeholders (mid HOLE_MID) at the given sequences where none is stored;
-        return the sequences that turned out to be taken (a late write got there first)."""
+        self, kind: Kind, keys: Sequence[tuple[str, int]], created_at_ms: int
+    ) -> list[tuple[str, int]]:
+        """Store placeholders (mid HOLE_MID) at the given `(id, seq)` where none is stored;
+        return the keys that turned out to be taken (a late write got there first)."""
+        ...
+
+    def unwrite(self, kind: Kind, keys: Sequence[tuple[str, int]], mid: str) -> None:
+        """Delete the documents at these `(id, seq)` that belong to message `mid`."""
+        ...
+
+    def ack(self, member: str, seq: int) -> None:
+        """Delete the member's sync entries with `seq <= seq` (one delete), keeping the
+        highest removed sequence as the timeline's floor."""
         ...
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
@@ -49,11 +75,35 @@ class Store(Protocol):
         ...
 
     def max_seqs(self, kind: Kind, ids: Sequence[str]) -> dict[str, int]:
-        """The highest stored sequence of each timeline; 0 for one with no document."""
+        """The highest sequence each timeline ever stored (its floor included); 0 if none."""
         ...
 
     def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
-        """Entries of one timeline with `seq > after`, ascending, at most `limit`."""
+        """Entries with `seq > after`, ascending, at most `limit`; placeholders and expired
+        entries included (the service hides them, knowing where they are)."""
+        ...
+
+    def read_backward(
+        self, kind: Kind, timeline_id: str, before: int, limit: int, not_before_ms: int
+    ) -> list[Entry]:
+        """Entries with `seq < before` (no bound when 0), newest first, at most `limit`;
+        neither placeholders nor entries created before `not_before_ms`."""
+        ...
+
+    def bounds(self, kind: Kind, timeline_id: str, not_before_ms: int) -> Bounds:
+        """Where the readable part of a timeline starts: its lowest entry that is neither a
+        placeholder nor created before `not_before_ms`, and the floor below which entries
+        were removed (acked, purged)."""
+        ...
+
+    def purge(self, kind: Kind, before_ms: int) -> int:
+        """Remove entries created before `before_ms` in small batches, raising each
+        timeline's floor first; how many were removed."""
+        ...
+
+    def claim_purge(self, now_ms: int, period_ms: int) -> bool:
+        """Whether this process should purge now: one claim per period across all workers
+        (and, for MongoDB, all hosts)."""
         ...
 
     def ping(self) -> None:
@@ -63,12 +113,65 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+class Purger:
+    """Removes expired entries every period, in a daemon thread of each worker; the store's
+    claim makes one worker do it per period. Requests never wait for it."""
+
+    def __init__(
+        self,
+        store: Store,
+        retention: dict[Kind, int],
+        period_s: float,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self._store = store
+        self._retention = {kind: ms for kind, ms in retention.items() if ms}
+        self._period_s = period_s
+        self._clock_ms = clock_ms
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._retention and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="timeline-purge", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run_once(self) -> int:
+        removed = 0
+        now = self._clock_ms()
+        if self._store.claim_purge(now, int(self._period_s * 1000)):
+            for kind, retention in self._retention.items():
+                removed += self._store.purge(kind, now - retention)
+        return removed
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._period_s):
+            try:
+                self.run_once()
+            except Exception:  # a purge failing must never end the thread
+                log.warning("purge of expired entries failed", exc_info=True)
+
+
+def retention_ms(settings: Settings) -> dict[Kind, int]:
+    return {
+        Kind.SYNC: settings.sync_retention_seconds * 1000,
+        Kind.HISTORY: settings.history_retention_seconds * 1000,
+    }
+
+
 def open_store(settings: Settings) -> Store:
     """The store the settings name: MongoDB when a URI is set, else SQLite."""
     if settings.mongo_uri:
         from timeline.store.mongo import MongoStore
 
-        return MongoStore.connect(settings)
+        return MongoStore.connect(settings, retention_ms(settings))
     from timeline.store.sqlite import SQLiteStore
 
-    return SQLiteStore(settings.sqlite_path, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    return SQLiteStore(
+        settings.sqlite_path,
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        retention_ms=retention_ms(settings),
+    )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pymongo
@@ -17,15 +17,23 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.read_preferences import ReadPreference
 
 from timeline.errors import PartialWrite, Unavailable
-from timeline.metrics import dependency_failed
+from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Document, Entry, Kind
 from timeline.settings import Settings
-from timeline.store import COLLECTIONS, WriteResult
+from timeline.store import COLLECTIONS, Bounds, WriteResult
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "id_seq_unique"
+TTL_INDEX_NAME = "created_at_ttl"
+TTL_BACKSTOP_S = 86_400  # the TTL index acts this long after the retention
 _DUPLICATE_KEY = 11000
+_PROJECTION = {"_id": 0, "seq": 1, "message": 1, "created_at": 1, "mid": 1}
+T = TypeVar("T")
+
+
+def _date(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def _bson(document: Document) -> dict[str, Any]:
@@ -33,7 +41,7 @@ def _bson(document: Document) -> dict[str, Any]:
         "id": document.id,
         "seq": document.seq,
         "message": document.message.document,
-        "created_at": datetime.fromtimestamp(document.created_at_ms / 1000, tz=UTC),
+        "created_at": _date(document.created_at_ms),
         "mid": document.mid,
     }
 
@@ -53,21 +61,51 @@ def _ms(value: Any) -> int:
     return 0  # documents written by go-timeline carry no creation time
 
 
+def _unexpired(not_before_ms: int) -> dict[str, Any]:
+    """Created at or after the cutoff; a document without a creation time (written by
+    go-timeline) never expires, as MongoDB's TTL index treats it."""
+    if not not_before_ms:
+        return {}
+    return {
+        "$or": [{"created_at": {"$gte": _date(not_before_ms)}}, {"created_at": {"$exists": False}}]
+    }
+
+
+def _entry(document: dict[str, Any]) -> Entry:
+    return Entry(
+        int(document["seq"]),
+        orjson.dumps(document.get("message") or {}, default=_json_default).decode(),
+        _ms(document.get("created_at")),
+        document.get("mid", ""),
+    )
+
+
 class MongoStore:
     """pymongo's client pools connections and is thread-safe; create it after the fork."""
 
     backend = "mongo"
 
-    def __init__(self, database: Database[Any], client: Any = None) -> None:
+    def __init__(
+        self,
+        database: Database[Any],
+        client: Any = None,
+        retention_ms: dict[Kind, int] | None = None,
+    ) -> None:
         self._client = client
+        self._database = database
         self._collections: dict[Kind, Collection[Any]] = {
             kind: database[name] for kind, name in COLLECTIONS.items()
         }
+        # What ack removed, per timeline: {_id: timeline id, seq: highest removed}.
+        self._floors: dict[Kind, Collection[Any]] = {
+            kind: database[f"{name}_floor"] for kind, name in COLLECTIONS.items()
+        }
+        self._retention = {kind: (retention_ms or {}).get(kind, 0) for kind in Kind}
         self._indexes_ready = False
         self._indexes_lock = threading.Lock()
 
     @classmethod
-    def connect(cls, settings: Settings) -> MongoStore:
+    def connect(cls, settings: Settings, retention_ms: dict[Kind, int]) -> MongoStore:
         """A store on the settings' URI; connecting happens lazily, at the first operation."""
         timeout = settings.mongo_timeout_ms
         client: pymongo.MongoClient[Any] = pymongo.MongoClient(
@@ -78,38 +116,64 @@ class MongoStore:
             appname="timeline",
             tz_aware=True,
         )
-        return cls(client[settings.mongo_database], client=client)
+        return cls(client[settings.mongo_database], client=client, retention_ms=retention_ms)
+
+    def _call(self, what: str, operation: Callable[[], T]) -> T:
+        """Run an operation; a driver error becomes Unavailable (its cause logged)."""
+        self.ensure_indexes()
+        try:
+            return operation()
+        except PyMongoError as exc:
+            log.warning("mongo %s failed: %s", what, exc)
+            dependency_failed("store")
+            raise Unavailable("store (mongo) is unavailable") from exc
+
+    # --- indexes --------------------------------------------------------------------------
 
     def ensure_indexes(self) -> None:
-        """Create the unique (id, seq) index on both collections; idempotent, once per process."""
+        """The unique (id, seq) index on both collections, and the TTL index a retention
+        asks for; idempotent, once per process, retried until it succeeds."""
         if self._indexes_ready:
             return
         with self._indexes_lock:
             if self._indexes_ready:
                 return
             try:
-                for collection in self._collections.values():
+                for kind, collection in self._collections.items():
                     collection.create_index(
                         [("id", pymongo.ASCENDING), ("seq", pymongo.ASCENDING)],
                         unique=True,
                         name=INDEX_NAME,
                     )
+                    retention_s = self._retention[kind] // 1000
+                    self._ensure_ttl(collection, retention_s + TTL_BACKSTOP_S if retention_s else 0)
             except PyMongoError as exc:
                 # Also raised when old data holds duplicates: never write without the index.
-                log.error("cannot create the unique (id, seq) index: %s", exc)
+                log.error("cannot create the indexes: %s", exc)
                 dependency_failed("store")
                 raise Unavailable("store (mongo) is unavailable") from exc
             self._indexes_ready = True
 
+    @staticmethod
+    def _ensure_ttl(collection: Collection[Any], seconds: int) -> None:
+        """A backstop: the purge removes expired documents (raising floors) first, and this
+        index, a day later, whatever a purge did not (no service running). Placeholders are
+        left alone, having no created_at. It also finds expired documents for the purge."""
+        existing = collection.index_information().get(TTL_INDEX_NAME)
+        if existing and existing.get("expireAfterSeconds") == seconds:
+            return
+        if existing:
+            # A changed retention: the index is rebuilt (collMod would do, but not everywhere).
+            collection.drop_index(TTL_INDEX_NAME)
+        if not seconds:
+            return
+        collection.create_index("created_at", name=TTL_INDEX_NAME, expireAfterSeconds=seconds)
+
+    # --- writing --------------------------------------------------------------------------
+
     def write(self, history: Sequence[Document], sync: Sequence[Document]) -> WriteResult:
-        self.ensure_indexes()
-        try:
-            if history and not self._write_history(history):
-                return WriteResult(history_taken=True)
-        except PyMongoError as exc:
-            log.warning("mongo write failed: %s", exc)
-            dependency_failed("store")
-            raise Unavailable("store (mongo) is unavailable") from exc
+        if history and not self._call("write", lambda: self._write_history(history)):
+            return WriteResult(history_taken=True)
         if not sync:
             return WriteResult()
         # From here on the history copy is stored: a failure says so (PartialWrite).
@@ -122,6 +186,25 @@ class MongoStore:
                 raise PartialWrite("store (mongo) failed midway") from exc
             raise Unavailable("store (mongo) is unavailable") from exc
         return WriteResult(sync_taken=taken)
+
+    def _write_history(self, history: Sequence[Document]) -> bool:
+        """Insert the history documents; False when one's (id, seq) is taken."""
+        collection = self._collections[Kind.HISTORY]
+        try:
+            if len(history) == 1:
+                collection.insert_one(_bson(history[0]))
+            else:
+                collection.insert_many([_bson(d) for d in history], ordered=True)
+        except DuplicateKeyError:
+            return False
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if errors and all(e.get("code") == _DUPLICATE_KEY for e in errors):
+                # ordered: those before the taken one are stored; the caller finds them
+                # taken with its own mid, or removes them when it moves the range.
+                return False
+            raise
+        return True
 
     def _insert_unordered(self, kind: Kind, documents: list[dict[str, Any]]) -> list[int]:
         """insert_many(ordered=False): the positions whose (id, seq) was taken.
@@ -142,46 +225,87 @@ class MongoStore:
         return []
 
     def seal(
-        self, kind: Kind, timeline_id: str, seqs: Sequence[int], created_at_ms: int
-    ) -> list[int]:
-        self.ensure_indexes()
-        created_at = datetime.fromtimestamp(created_at_ms / 1000, tz=UTC)
+        self, kind: Kind, keys: Sequence[tuple[str, int]], created_at_ms: int
+    ) -> list[tuple[str, int]]:
+        # sealed_at, not created_at: the TTL index must not remove a seal, or the hole it
+        # closes would open again.
+        sealed_at = _date(created_at_ms)
         holes = [
-            {
-                "id": timeline_id,
-                "seq": seq,
-                "message": {},
-                "created_at": created_at,
-                "mid": HOLE_MID,
-            }
-            for seq in seqs
+            {"id": id_, "seq": seq, "message": {}, "sealed_at": sealed_at, "mid": HOLE_MID}
+            for id_, seq in keys
         ]
-        try:
-            taken = self._insert_unordered(kind, holes)
-        except PyMongoError as exc:
-            log.warning("mongo write failed: %s", exc)
-            dependency_failed("store")
-            raise Unavailable("store (mongo) is unavailable") from exc
-        return [seqs[i] for i in taken]
+        taken = self._call("seal", lambda: self._insert_unordered(kind, holes))
+        return [keys[i] for i in taken]
 
-    def _write_history(self, history: Sequence[Document]) -> bool:
-        """Insert the history documents; False when one's (id, seq) is taken."""
-        collection = self._collections[Kind.HISTORY]
-        try:
-            if len(history) == 1:
-                collection.insert_one(_bson(history[0]))
-            else:
-                collection.insert_many([_bson(d) for d in history], ordered=True)
-        except DuplicateKeyError:
-            return False
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if errors and all(e.get("code") == _DUPLICATE_KEY for e in errors):
-                # ordered: those before the taken one are stored; the caller writes them
-                # again and finds them taken with its own mid.
-                return False
-            raise
-        return True
+    def unwrite(self, kind: Kind, keys: Sequence[tuple[str, int]], mid: str) -> None:
+        if keys:
+            query = {"$or": [{"id": id_, "seq": seq, "mid": mid} for id_, seq in keys]}
+            self._call("unwrite", lambda: self._collections[kind].delete_many(query))
+
+    def ack(self, member: str, seq: int) -> None:
+        sync = self._primary(Kind.SYNC)
+
+        def acknowledge() -> None:
+            newest = sync.find_one(
+                {"id": member, "seq": {"$lte": seq}}, {"seq": 1}, sort=[("seq", -1)]
+            )
+            if newest is not None:
+                # The floor first: should the delete then fail, nothing is lost but space.
+                self._floors[Kind.SYNC].update_one(
+                    {"_id": member}, {"$max": {"seq": int(newest["seq"])}}, upsert=True
+                )
+            sync.delete_many({"id": member, "seq": {"$lte": seq}})
+
+        self._call("ack", acknowledge)
+
+    def purge(self, kind: Kind, before_ms: int) -> int:
+        collection = self._primary(kind)
+        expired = {"created_at": {"$lt": _date(before_ms)}}  # served by the TTL index
+        removed = 0
+
+        def batch() -> int:
+            found = list(collection.find(expired, {"_id": 1, "id": 1, "seq": 1}).limit(500))
+            highest: dict[str, int] = {}
+            for document in found:
+                highest[document["id"]] = max(int(document["seq"]), highest.get(document["id"], 0))
+            if highest:
+                # Floors first: should the delete then fail, nothing is lost but space.
+                for id_, seq in highest.items():
+                    self._floors[kind].update_one({"_id": id_}, {"$max": {"seq": seq}}, upsert=True)
+                collection.delete_many({"_id": {"$in": [d["_id"] for d in found]}})
+            return len(found)
+
+        while True:
+            count = self._call("purge", batch)
+            removed += count
+            if count < 500:
+                break
+        if removed:
+            EXPIRED_REMOVED.labels(kind.value).inc(removed)
+        return removed
+
+    def claim_purge(self, now_ms: int, period_ms: int) -> bool:
+        claims = self._database["timeline_claims"]
+
+        def claim() -> bool:
+            try:
+                claims.update_one(
+                    {"_id": "purge", "until": {"$lte": _date(now_ms)}},
+                    {"$set": {"until": _date(now_ms + period_ms * 9 // 10)}},
+                    upsert=True,
+                )
+            except DuplicateKeyError:
+                return False  # another process holds this period's claim
+            return True
+
+        return self._call("claim", claim)
+
+    # --- reading --------------------------------------------------------------------------
+
+    def _primary(self, kind: Kind) -> Collection[Any]:
+        """The collection read on the primary: repairs must see the latest writes, whatever
+        read preference the URI gives to ordinary reads."""
+        return self._collections[kind].with_options(read_preference=ReadPreference.PRIMARY)
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
         if not keys:
@@ -190,13 +314,13 @@ class MongoStore:
         for id_, seq in keys:
             by_id.setdefault(id_, []).append(seq)
         query = {"$or": [{"id": id_, "seq": {"$in": seqs}} for id_, seqs in by_id.items()]}
-        documents = self._find(kind, query, {"_id": 0, "id": 1, "seq": 1, "mid": 1})
+        projection = {"_id": 0, "id": 1, "seq": 1, "mid": 1}
+        documents = self._call("read", lambda: list(self._primary(kind).find(query, projection)))
         return {(d["id"], int(d["seq"])): d.get("mid", "") for d in documents}
 
     def max_seqs(self, kind: Kind, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
             return {}
-        self.ensure_indexes()
         # Sorted backwards along the (id, seq) index, $first per id is one index probe each
         # (a DISTINCT_SCAN), not a scan of every entry.
         pipeline: list[dict[str, Any]] = [
@@ -204,60 +328,50 @@ class MongoStore:
             {"$sort": {"id": -1, "seq": -1}},
             {"$group": {"_id": "$id", "seq": {"$first": "$seq"}}},
         ]
-        try:
-            collection = self._primary(kind)
-            found = {d["_id"]: int(d["seq"]) for d in collection.aggregate(pipeline)}
-        except PyMongoError as exc:
-            log.warning("mongo read failed: %s", exc)
-            dependency_failed("store")
-            raise Unavailable("store (mongo) is unavailable") from exc
+        floors_query = {"_id": {"$in": list(ids)}}
+
+        def highest() -> dict[str, int]:
+            found = {d["_id"]: int(d["seq"]) for d in self._primary(kind).aggregate(pipeline)}
+            for floor in self._floors[kind].find(floors_query):
+                found[floor["_id"]] = max(found.get(floor["_id"], 0), int(floor["seq"]))
+            return found
+
+        found = self._call("read", highest)
         return {id_: found.get(id_, 0) for id_ in ids}
 
-    def _primary(self, kind: Kind) -> Collection[Any]:
-        """The collection read on the primary: repairs must see the latest writes, whatever
-        read preference the URI gives to ordinary reads."""
-        return self._collections[kind].with_options(read_preference=ReadPreference.PRIMARY)
-
-    def _find(self, kind: Kind, query: dict[str, Any], projection: dict[str, Any]) -> list[Any]:
-        self.ensure_indexes()
-        try:
-            return list(self._primary(kind).find(query, projection))
-        except PyMongoError as exc:
-            log.warning("mongo read failed: %s", exc)
-            dependency_failed("store")
-            raise Unavailable("store (mongo) is unavailable") from exc
-
     def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
-        self.ensure_indexes()
-        try:
-            cursor = (
-                self._collections[kind]
-                .find(
-                    {"id": timeline_id, "seq": {"$gt": after}},
-                    {"_id": 0, "seq": 1, "message": 1, "created_at": 1, "mid": 1},
-                )
-                .sort("seq", pymongo.ASCENDING)
-                .limit(limit)
+        query = {"id": timeline_id, "seq": {"$gt": after}}
+        cursor = self._collections[kind].find(query, _PROJECTION).sort("seq", 1).limit(limit)
+        return [_entry(d) for d in self._call("read", lambda: list(cursor))]
+
+    def read_backward(
+        self, kind: Kind, timeline_id: str, before: int, limit: int, not_before_ms: int
+    ) -> list[Entry]:
+        query: dict[str, Any] = {"id": timeline_id, "mid": {"$ne": HOLE_MID}}
+        if before > 0:
+            query["seq"] = {"$lt": before}
+        query |= _unexpired(not_before_ms)
+        cursor = self._collections[kind].find(query, _PROJECTION).sort("seq", -1).limit(limit)
+        return [_entry(d) for d in self._call("read", lambda: list(cursor))]
+
+    def bounds(self, kind: Kind, timeline_id: str, not_before_ms: int) -> Bounds:
+        query: dict[str, Any] = {"id": timeline_id, "mid": {"$ne": HOLE_MID}}
+        query |= _unexpired(not_before_ms)
+        collection = self._collections[kind]
+
+        def find() -> Bounds:
+            lowest = collection.find_one(query, _PROJECTION, sort=[("seq", 1)])
+            floor = self._floors[kind].find_one({"_id": timeline_id})
+            return Bounds(
+                _entry(lowest) if lowest is not None else None,
+                int(floor["seq"]) if floor is not None else 0,
             )
-            documents = list(cursor)
-        except PyMongoError as exc:
-            log.warning("mongo read failed: %s", exc)
-            dependency_failed("store")
-            raise Unavailable("store (mongo) is unavailable") from exc
-        return [
-            Entry(
-                int(d["seq"]),
-                orjson.dumps(d.get("message") or {}, default=_json_default).decode(),
-                _ms(d.get("created_at")),
-                d.get("mid", ""),
-            )
-            for d in documents
-        ]
+
+        return self._call("read", find)
 
     def ping(self) -> None:
         try:
-            database = next(iter(self._collections.values())).database
-            database.command("ping")
+            self._database.command("ping")
         except PyMongoError as exc:
             dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc

@@ -1,0 +1,344 @@
+"""The timeline lifecycle, on both stores: ack, minSeq, retention, backward history, batches
+and timestamps. A go-timeline client never uses these and sees the old behaviour."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis
+
+from timeline.factory import create_app
+from timeline.model import Document, Kind, Message
+from timeline.settings import Settings
+from timeline.store import Purger, Store
+from timeline.store.mongo import TTL_BACKSTOP_S, TTL_INDEX_NAME, MongoStore
+from timeline.store.sqlite import SQLiteStore
+
+
+def post(client: Any, path: str, body: Any) -> Any:
+    return client.post(path, data=json.dumps(body))
+
+
+def send(client: Any, sender: str, receiver: str, text: str) -> Any:
+    return post(client, "/timeline/send", {"from": sender, "to": receiver, "message": {"t": text}})
+
+
+def sync(client: Any, member: str, last_read: int = 0, count: int = 100) -> Any:
+    reply = client.get(f"/timeline/sync?member={member}&last_read={last_read}&count={count}")
+    assert reply.status_code == 200, reply.get_data(as_text=True)
+    return reply.get_json()
+
+
+def seqs(entries: list[dict[str, str]]) -> list[int]:
+    return [int(e["sequence"]) for e in entries]
+
+
+def texts(entries: list[dict[str, str]]) -> list[str]:
+    return [json.loads(e["message"])["t"] for e in entries]
+
+
+def ack(client: Any, member: str, seq: Any) -> Any:
+    return post(client, "/timeline/ack", {"member": member, "seq": seq})
+
+
+# --- ack and minSeq --------------------------------------------------------------------------
+
+
+def test_ack_removes_exactly_the_acked_sync_entries(client: Any, store: Store) -> None:
+    for i in range(5):
+        send(client, "a", "b", f"m{i}")
+    reply = ack(client, "b", "3")
+    assert reply.status_code == 200
+    assert reply.get_json() == {"minSeq": "4"}
+
+    body = sync(client, "b")
+    assert seqs(body["entrySet"]) == [4, 5]
+    assert body["minSeq"] == "4"
+    assert body["latestSeq"] == "5"  # ack never changes it
+    assert [e.seq for e in store.read(Kind.SYNC, "b", 0, 100)] == [4, 5]
+    # The sender's timeline and the conversation's history are untouched.
+    assert seqs(sync(client, "a")["entrySet"]) == [1, 2, 3, 4, 5]
+    history = client.get("/timeline/history/single/a/b").get_json()["entrySet"]
+    assert seqs(history) == [1, 2, 3, 4, 5]
+
+
+def test_ack_is_idempotent_and_takes_seq_as_number_or_string(client: Any) -> None:
+    for i in range(4):
+        send(client, "a", "b", f"m{i}")
+    assert ack(client, "b", 2).get_json() == {"minSeq": "3"}
+    assert ack(client, "b", "2").get_json() == {"minSeq": "3"}
+    assert ack(client, "b", 1).get_json() == {"minSeq": "3"}  # an older ack changes nothing
+    assert seqs(sync(client, "b")["entrySet"]) == [3, 4]
+
+
+def test_an_ack_beyond_the_latest_acks_everything(client: Any) -> None:
+    for i in range(3):
+        send(client, "a", "b", f"m{i}")
+    assert ack(client, "b", 99).get_json() == {"minSeq": "4"}
+    body = sync(client, "b")
+    assert body["entrySet"] == []
+    assert (body["latestSeq"], body["minSeq"]) == ("3", "4")
+    # New messages continue the sequence, and a device that had read to 3 gets them at once.
+    send(client, "a", "b", "after")
+    body = sync(client, "b", last_read=0)
+    assert seqs(body["entrySet"]) == [4]
+    assert body["minSeq"] == "4"
+
+
+def test_a_new_member_has_min_seq_1(client: Any) -> None:
+    assert sync(client, "nobody")["minSeq"] == "1"
+    assert ack(client, "nobody", 5).get_json() == {"minSeq": "1"}
+
+
+def test_a_client_behind_min_seq_can_tell_it_missed_entries(client: Any) -> None:
+    for i in range(6):
+        send(client, "a", "b", f"m{i}")
+    ack(client, "b", 4)  # another device of b acked up to 4
+    body = sync(client, "b", last_read=2)
+    assert int(body["minSeq"]) > 2 + 1  # the README's rule: fall back to history
+    assert seqs(body["entrySet"]) == [5, 6]
+
+
+def test_acked_counters_survive_redis_losing_everything(
+    client: Any, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    for i in range(3):
+        send(client, "a", "b", f"m{i}")
+    ack(client, "b", 3)  # b's sync timeline holds nothing now
+    redis_client.delete(*redis_client.keys(f"{key_prefix}*"))
+    # The floor ack kept says where b was: no sequence is reused.
+    assert send(client, "c", "b", "next").get_json() == {"sequence": "4"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"seq": 1},
+        {"member": "b"},
+        {"member": "b", "seq": -1},
+        {"member": "b", "seq": "x"},
+        {"member": "a:b", "seq": 1},
+        {"member": {"$gt": ""}, "seq": 1},
+    ],
+)
+def test_bad_acks_are_a_400(client: Any, body: dict[str, Any]) -> None:
+    send(client, "a", "b", "kept")
+    reply = post(client, "/timeline/ack", body)
+    assert reply.status_code == 400
+    assert reply.get_json()["reason"] == "TIMELINE_INVALID_PARAM"
+    assert seqs(sync(client, "b")["entrySet"]) == [1]
+
+
+# --- retention -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def retained(settings: Settings, store: Store) -> Any:
+    """An app whose sync entries live 2 seconds; its history keeps everything."""
+    settings = settings.replace(sync_retention_seconds=2)
+    if isinstance(store, SQLiteStore):
+        store = SQLiteStore(store.path, retention_ms={Kind.SYNC: 2000})
+    else:
+        assert isinstance(store, MongoStore)
+        store = MongoStore(store._database, retention_ms={Kind.SYNC: 2000})
+    return create_app(settings, store=store), store
+
+
+def test_an_expired_entry_vanishes_from_sync_at_once_and_history_keeps_it(retained: Any) -> None:
+    app, _ = retained
+    client = app.test_client()
+    send(client, "a", "b", "old")
+    time.sleep(1.2)
+    send(client, "a", "b", "new")
+    assert texts(sync(client, "b")["entrySet"]) == ["old", "new"]
+
+    time.sleep(1.0)  # "old" is now past 2 s; "new" is not
+    body = sync(client, "b")
+    assert texts(body["entrySet"]) == ["new"]
+    assert body["minSeq"] == "2"
+    assert body["latestSeq"] == "2"
+    history = client.get("/timeline/history/single/a/b").get_json()["entrySet"]
+    assert texts(history) == ["old", "new"]
+
+    time.sleep(1.2)  # both expired: nothing returnable, minSeq past the latest
+    body = sync(client, "b")
+    assert body["entrySet"] == []
+    assert body["minSeq"] == "3"
+
+
+def test_expired_entries_leave_the_store_soon_after(retained: Any) -> None:
+    app, store = retained
+    client = app.test_client()
+    send(client, "a", "b", "old")
+    time.sleep(2.1)
+    purger = app.extensions["timeline"]["purger"]
+    assert purger.run_once() == 2  # a's and b's copies
+    assert purger.run_once() == 0  # one claim per period: the other workers skip
+    assert store.read(Kind.SYNC, "b", 0, 10) == []
+    assert len(store.read(Kind.HISTORY, "a:b", 0, 10)) == 1  # history keeps it
+    # What the purge removed still counts when Redis loses its counters.
+    assert store.max_seqs(Kind.SYNC, ["b"]) == {"b": 1}
+
+    # A new message after the purge is readable at once: the floor says 1 is gone, not late.
+    send(client, "a", "b", "new")
+    body = sync(client, "b")
+    assert texts(body["entrySet"]) == ["new"]
+    assert body["minSeq"] == "2"
+
+
+def test_mongo_keeps_a_ttl_index_as_a_backstop(mongo_store: MongoStore) -> None:
+    database = mongo_store._database
+    MongoStore(database, retention_ms={Kind.SYNC: 5000}).ensure_indexes()
+    index = database["chat_sync"].index_information()[TTL_INDEX_NAME]
+    assert index["key"] == [("created_at", 1)]
+    assert index["expireAfterSeconds"] == 5 + TTL_BACKSTOP_S
+    assert TTL_INDEX_NAME not in database["chat_history"].index_information()
+    MongoStore(database, retention_ms={Kind.SYNC: 9000}).ensure_indexes()
+    index = database["chat_sync"].index_information()[TTL_INDEX_NAME]
+    assert index["expireAfterSeconds"] == 9 + TTL_BACKSTOP_S
+    MongoStore(database, retention_ms={}).ensure_indexes()
+    assert TTL_INDEX_NAME not in database["chat_sync"].index_information()
+
+
+def test_the_purge_runs_in_the_background(store: Store) -> None:
+    old = Message({"t": "old"}, '{"t":"old"}')
+    store.write([], [Document("b", 1, old, int(time.time() * 1000) - 5000, "m")])
+    purger = Purger(store, {Kind.SYNC: 1000}, 0.2, lambda: int(time.time() * 1000))
+    purger.start()
+    try:
+        deadline = time.monotonic() + 5
+        while store.read(Kind.SYNC, "b", 0, 10) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.read(Kind.SYNC, "b", 0, 10) == []
+    finally:
+        purger.stop()
+
+
+# --- backward history ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/timeline/history/single/b/a", "/timeline/history/group/g"])
+def test_backward_paging_walks_newest_first_to_the_first_message(client: Any, route: str) -> None:
+    for i in range(7):
+        if "group" in route:
+            post(
+                client,
+                "/timeline/sendGroup",
+                {"group_name": "g", "group_members": ["a"], "message": {"t": f"m{i}"}},
+            )
+        else:
+            send(client, "a", "b", f"m{i}")
+    pages = []
+    before = 0
+    while True:
+        reply = client.get(f"{route}?direction=backward&before={before}&count=3")
+        assert reply.status_code == 200
+        body = reply.get_json()
+        pages.append(seqs(body["entrySet"]))
+        before = int(body["nextBefore"])
+        if before == 0:
+            break
+    assert pages == [[7, 6, 5], [4, 3, 2], [1]]
+
+
+def test_backward_before_is_exclusive_and_forward_stays_the_default(client: Any) -> None:
+    for i in range(5):
+        send(client, "a", "b", f"m{i}")
+    body = client.get("/timeline/history/single/a/b?direction=backward&before=4&count=2").get_json()
+    assert seqs(body["entrySet"]) == [3, 2]
+    assert body["nextBefore"] == "2"
+    body = client.get("/timeline/history/single/a/b?direction=backward&before=3").get_json()
+    assert (seqs(body["entrySet"]), body["nextBefore"]) == ([2, 1], "0")
+    forward = client.get("/timeline/history/single/a/b?last_read=3").get_json()
+    assert forward == {"entrySet": forward["entrySet"]}  # no nextBefore: go-timeline's shape
+    assert seqs(forward["entrySet"]) == [4, 5]
+
+
+def test_a_bad_direction_is_a_400(client: Any) -> None:
+    reply = client.get("/timeline/history/group/g?direction=sideways")
+    assert reply.status_code == 400
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+def test_a_batch_of_3_to_a_group_gives_every_member_3_contiguous_sequences_in_order(
+    client: Any,
+) -> None:
+    send(client, "a", "c", "before")  # c is one ahead of the others
+    body = {
+        "group_name": "g",
+        "group_members": ["a", "b", "c"],
+        "messages": [{"t": "one"}, '{"t":"two"}', {"t": "three"}],
+    }
+    assert post(client, "/timeline/sendGroup", body).get_json() == {"failedMembers": []}
+    for member, first in (("a", 2), ("b", 1), ("c", 2)):
+        entries = sync(client, member, last_read=first - 1)["entrySet"]
+        assert seqs(entries) == [first, first + 1, first + 2]
+        assert texts(entries) == ["one", "two", "three"]
+    history = client.get("/timeline/history/group/g").get_json()["entrySet"]
+    assert (seqs(history), texts(history)) == ([1, 2, 3], ["one", "two", "three"])
+
+
+def test_a_batch_send_replies_every_sequence_of_the_receiver(client: Any) -> None:
+    send(client, "x", "b", "earlier")
+    body = {"from": "a", "to": "b", "messages": [{"t": "1"}, {"t": "2"}]}
+    assert post(client, "/timeline/send", body).get_json() == {
+        "sequence": "3",
+        "sequences": ["2", "3"],
+    }
+
+
+def test_a_retried_batch_is_stored_once(client: Any) -> None:
+    body = {"from": "a", "to": "b", "messages": [{"t": "1"}, {"t": "2"}], "client_msg_id": "b-1"}
+    first = post(client, "/timeline/send", body).get_json()
+    assert post(client, "/timeline/send", body).get_json() == first
+    assert seqs(sync(client, "b")["entrySet"]) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"messages": []}, 400),
+        ({"messages": "not a list"}, 400),
+        ({"messages": [{"t": 1}] * 101}, 400),
+        ({"messages": [{"t": 1}, "not json"]}, 400),
+        ({"messages": [{"t": 1}], "message": {"t": 2}}, 400),
+        ({"messages": [{"t": 1}, {"$where": 1}]}, 400),
+        ({"messages": [{"t": "x" * 65536}]}, 413),
+    ],
+)
+def test_bad_batches_are_refused_whole(client: Any, body: dict[str, Any], status: int) -> None:
+    reply = post(client, "/timeline/send", {"from": "a", "to": "b"} | body)
+    assert reply.status_code == status
+    assert sync(client, "b")["latestSeq"] == "0"
+
+
+def test_a_bad_batch_message_is_named_by_its_position(client: Any) -> None:
+    body = {"from": "a", "to": "b", "messages": [{"t": 1}, "[1]"]}
+    assert post(client, "/timeline/send", body).get_json()["metadata"] == {"field": "messages[1]"}
+
+
+def test_the_fan_out_budget_counts_every_message_of_a_batch(client: Any) -> None:
+    members = [f"m{i}" for i in range(600)]
+    batch = [{"t": "x" * 60_000}] * 2  # 601 x 120 KB > 64 MiB, though one message would fit
+    body = {"group_name": "g", "group_members": members, "messages": batch}
+    assert post(client, "/timeline/sendGroup", body).status_code == 413
+
+
+# --- timestamps ------------------------------------------------------------------------------
+
+
+def test_entries_carry_their_creation_time(client: Any) -> None:
+    before = datetime.now(UTC)
+    send(client, "a", "b", "now")
+    [entry] = sync(client, "b")["entrySet"]
+    stamp = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00"))
+    assert entry["timestamp"].endswith("Z")
+    assert abs((stamp - before).total_seconds()) < 5
+    [history] = client.get("/timeline/history/single/a/b").get_json()["entrySet"]
+    assert history["timestamp"] == entry["timestamp"]
