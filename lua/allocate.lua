@@ -5,8 +5,8 @@
 --             first timeline counter.
 -- KEYS[...]   the sequence counter of every timeline the request touches: its history
 --             timeline, then each recipient's sync timeline. A counter is a string holding
---             an integer. N may be tens of thousands: KEYS are walked in a loop, never
---             unpacked onto the Lua stack.
+--             an integer. N may be tens of thousands: KEYS are walked in a loop, and never
+--             unpacked more than CHUNK at a time.
 -- ARGV[1]     count: how many sequences each timeline receives (a positive integer).
 -- ARGV[2]     '1' when KEYS[1] is an idempotency record, '0' when there is none.
 -- ARGV[3]     the record's time to live in milliseconds (when ARGV[2] is '1').
@@ -48,13 +48,20 @@ if recorded then
 end
 
 -- Everything is checked before anything changes: an error leaves every counter as it was.
+-- The counters are read with MGET, CHUNK keys at a time: one call per chunk is much cheaper
+-- than a call per key, and unpack() of a chunk stays far below Lua's C-stack limit (8000).
+local CHUNK = 1000
 local missing = {'missing'}
-for i = first, #KEYS do
-  local value = redis.call('GET', KEYS[i])
-  if not value then
-    missing[#missing + 1] = i - first + 1
-  elseif not tonumber(value) then
-    return redis.error_reply('ERR allocate: ' .. KEYS[i] .. ' does not hold an integer')
+for i = first, #KEYS, CHUNK do
+  local j = math.min(i + CHUNK - 1, #KEYS)
+  local values = redis.call('MGET', unpack(KEYS, i, j))
+  for k = 1, j - i + 1 do
+    local value = values[k]
+    if not value then
+      missing[#missing + 1] = i + k - 1 - first + 1
+    elseif not tonumber(value) then
+      return redis.error_reply('ERR allocate: ' .. KEYS[i + k - 1] .. ' does not hold an integer')
+    end
   end
 end
 if #missing > 1 then

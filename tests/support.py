@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -81,3 +82,12 @@ def sample(text: str, name: str, **labels: str) -> float:
         if metric.split("{")[0] == name and found == labels:
             return float(value)
     return 0.0
+
+
+def put(store: Any, kind: Any, *documents: Any) -> None:
+    """Store documents one by one, each as it would be a request's own copy."""
+    from timeline.model import Copies, Kind
+
+    for d in documents:
+        one = Copies([d.id], [d.seq], [d.message], d.created_at_ms, d.mid)
+        store.write(one, None) if kind is Kind.HISTORY else store.write(None, one)

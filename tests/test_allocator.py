@@ -30,8 +30,12 @@ def fresh(allocator: SequenceAllocator, timelines: Sequence[Timeline]) -> None:
     allocator.seed(dict.fromkeys(timelines, 0))
 
 
+def keys(allocator: SequenceAllocator, timelines: Sequence[Timeline]) -> list[str]:
+    return [allocator.key(t) for t in timelines]
+
+
 def lasts(allocator: SequenceAllocator, timelines: Sequence[Timeline], count: int = 1) -> list[int]:
-    allocation = allocator.allocate(timelines, count)
+    allocation = allocator.allocate(keys(allocator, timelines), count)
     assert not allocation.missing
     return allocation.lasts
 
@@ -40,7 +44,7 @@ def test_missing_counters_are_reported_and_nothing_changes(
     allocator: SequenceAllocator, redis_client: redis.Redis
 ) -> None:
     fresh(allocator, [sync("a")])
-    allocation = allocator.allocate([sync("a"), sync("b"), sync("c")])
+    allocation = allocator.allocate(keys(allocator, [sync("a"), sync("b"), sync("c")]))
     assert allocation.missing == [1, 2]
     assert allocation.lasts == []
     assert redis_client.get(allocator.key(sync("a"))) == b"0"  # a was not advanced either
@@ -86,7 +90,7 @@ def test_twenty_thousand_timelines_in_one_call(
     allocator: SequenceAllocator, redis_client: redis.Redis
 ) -> None:
     timelines = [Timeline(Kind.HISTORY, "g")] + [sync(f"m{i}") for i in range(20_000)]
-    assert allocator.allocate(timelines).missing == list(range(20_001))
+    assert allocator.allocate(keys(allocator, timelines)).missing == list(range(20_001))
     fresh(allocator, timelines)
     assert lasts(allocator, timelines) == [1] * 20_001
     assert lasts(allocator, timelines, count=2) == [3] * 20_001
@@ -140,10 +144,10 @@ def test_a_record_makes_the_second_attempt_a_replay(
 ) -> None:
     timelines = [Timeline(Kind.HISTORY, "a:b"), sync("a"), sync("b")]
     fresh(allocator, timelines)
-    first = allocator.allocate(timelines, 1, record(allocator), now_ms=1234)
+    first = allocator.allocate(keys(allocator, timelines), 1, record(allocator), now_ms=1234)
     assert (first.lasts, first.replayed) == ([1, 1, 1], False)
 
-    again = allocator.allocate(timelines, 1, record(allocator), now_ms=9999)
+    again = allocator.allocate(keys(allocator, timelines), 1, record(allocator), now_ms=9999)
     assert (again.lasts, again.replayed, again.fingerprint) == ([1, 1, 1], True, "fp1")
     assert again.allocated_ms == 1234  # when the first attempt allocated
     assert allocator.latest(sync("b")) == 1  # nothing allocated by the replay
@@ -156,7 +160,10 @@ def test_racing_attempts_of_one_message_allocate_once(allocator: SequenceAllocat
     fresh(allocator, timelines)
     with ThreadPoolExecutor(8) as pool:
         results = list(
-            pool.map(lambda _: allocator.allocate(timelines, 1, record(allocator)), range(16))
+            pool.map(
+                lambda _: allocator.allocate(keys(allocator, timelines), 1, record(allocator)),
+                range(16),
+            )
         )
     assert {tuple(r.lasts) for r in results} == {(1, 1, 1)}
     assert sum(not r.replayed for r in results) == 1
@@ -168,14 +175,14 @@ def test_reallocate_moves_a_taken_sequence_once_for_racing_attempts(
 ) -> None:
     timelines = [Timeline(Kind.HISTORY, "a:b"), sync("a"), sync("b")]
     fresh(allocator, timelines)
-    allocator.allocate(timelines, 1, record(allocator), now_ms=77)
+    allocator.allocate(keys(allocator, timelines), 1, record(allocator), now_ms=77)
     # Given b's seq 1 turned out to be taken, two attempts move it at once:
     moved = [allocator.reallocate([(sync("b"), 2, 1, 1)], 1, record(allocator)) for _ in range(2)]
     # then both agree on seq 2, the counter moved once, and the record says 2.
     assert moved == [[2], [2]]
     assert allocator.latest(sync("b")) == 2
     assert redis_client.get(record(allocator).key) == b"fp1,77,1,1,2"
-    assert allocator.allocate(timelines, 1, record(allocator)).lasts == [1, 1, 2]
+    assert allocator.allocate(keys(allocator, timelines), 1, record(allocator)).lasts == [1, 1, 2]
 
 
 def test_reallocate_without_a_record_gives_new_ranges(allocator: SequenceAllocator) -> None:
@@ -203,7 +210,7 @@ def test_unreachable_redis_is_unavailable_fast() -> None:
     )
     started = time.monotonic()
     with pytest.raises(Unavailable):
-        allocator.allocate([sync("a")])
+        allocator.allocate(keys(allocator, [sync("a")]))
     with pytest.raises(Unavailable):
         allocator.latest(sync("a"))
     assert time.monotonic() - started < 1.0

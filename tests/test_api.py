@@ -13,6 +13,7 @@ import orjson
 import pytest
 import redis
 
+from support import put
 from timeline.model import Document, Kind, Message
 from timeline.store import Store
 
@@ -430,14 +431,14 @@ def test_sync_stops_before_a_fresh_hole_and_passes_an_old_one(client: Any, store
         )
 
     # Given seq 2 allocated but not yet written, and seq 3 written just now,
-    store.write([], [doc(1, now), doc(3, now)])
+    put(store, Kind.SYNC, doc(1, now), doc(3, now))
     body = client.get("/timeline/sync?member=r").get_json()
     # then a reader gets seq 1 only, and will come back for 2 and 3.
     assert [e["sequence"] for e in body["entrySet"]] == ["1"]
     assert body["entrySetLastSeq"] == "1"
 
     # Given a hole whose next entry is older than the grace period, the writer has failed:
-    store.write([], [doc(5, now - 60_000)])
+    put(store, Kind.SYNC, doc(5, now - 60_000))
     body = client.get("/timeline/sync?member=r&last_read=3").get_json()
     assert [e["sequence"] for e in body["entrySet"]] == ["5"]
 

@@ -6,6 +6,7 @@ Every scenario ends the same way: each touched sync and history timeline holds e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import threading
@@ -19,9 +20,10 @@ from typing import Any
 import pytest
 import redis
 
+from support import put
 from timeline.errors import PartialWrite, Unavailable, WriteFailed
 from timeline.factory import create_app
-from timeline.model import Document, Entry, Kind, Message, Timeline
+from timeline.model import Copies, Document, Entry, Kind, Message, Timeline
 from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
@@ -294,17 +296,21 @@ class FlakyStore:
         self.sync_only = False  # the history goes through, every sync copy fails
         self.writes = 0
 
-    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
         self.writes += 1
-        if self.sync_only and sync:
-            if self.inner.write(history, []).history_taken:
+        if self.sync_only and sync is not None:
+            if history is not None and self.inner.write(history, None).history_taken:
                 return WriteResult(history_taken=True)  # as MongoDB's insert_one reports it
             raise Unavailable("injected: sync copies not stored")
         if self.fail_writes > 0:
             self.fail_writes -= 1
             if self.halfway:
-                result = self.inner.write(history, list(sync)[: len(sync) // 2])
-                if history and not result.history_taken:
+                half = None
+                if sync is not None:
+                    keep = len(sync.ids) // 2
+                    half = dataclasses.replace(sync, ids=sync.ids[:keep], firsts=sync.firsts[:keep])
+                result = self.inner.write(history, half)
+                if history is not None and not result.history_taken:
                     raise PartialWrite("injected: failed after the history copy")
             raise Unavailable("injected: store write failed")
         return self.inner.write(history, sync)
@@ -500,8 +506,8 @@ def test_readers_skip_placeholders_and_keep_paging(
     clock = Clock()
     svc = service(redis_url, key_prefix, store, clock)
     old = clock.ms - 60_000
-    ends = [Document("r", 1, msg("one"), old, "m1"), Document("r", 9, msg("nine"), old, "m9")]
-    store.write([], ends)
+    put(store, Kind.SYNC, Document("r", 1, msg("one"), old, "m1"))
+    put(store, Kind.SYNC, Document("r", 9, msg("nine"), old, "m9"))
     # Seven sealed sequences between 1 and 9 do not end a page of two early.
     assert texts(svc.sync("r", 0, 2).entries) == ["one", "nine"]
     assert texts(svc.sync("r", 1, 1).entries) == ["nine"]

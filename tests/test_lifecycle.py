@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from support import put
 from timeline.factory import create_app
 from timeline.model import Document, Kind, Message
 from timeline.settings import Settings
@@ -206,7 +207,7 @@ def test_mongo_keeps_a_ttl_index_as_a_backstop(mongo_store: MongoStore) -> None:
 
 def test_the_purge_runs_in_the_background(store: Store) -> None:
     old = Message({"t": "old"}, '{"t":"old"}')
-    store.write([], [Document("b", 1, old, int(time.time() * 1000) - 5000, "m")])
+    put(store, Kind.SYNC, Document("b", 1, old, int(time.time() * 1000) - 5000, "m"))
     purger = Purger(store, {Kind.SYNC: 1000}, 0.2, lambda: int(time.time() * 1000))
     purger.start()
     try:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import orjson
 
-from timeline.model import Document, Kind, Message
+from timeline.model import Copies, Kind, Message
 from timeline.store import Store, WriteResult
 from timeline.store.mongo import INDEX_NAME, MongoStore
 from timeline.store.sqlite import SQLiteStore
@@ -16,15 +17,23 @@ def message(**fields: object) -> Message:
     return Message(document=dict(fields), json=orjson.dumps(fields).decode())
 
 
-def doc(
-    id_: str, seq: int, created_at_ms: int = 1_000, mid: str = "m", **fields: object
-) -> Document:
-    return Document(id_, seq, message(**(fields or {"n": seq})), created_at_ms, mid)
+def copies(
+    ids: str | list[str],
+    first: int | list[int],
+    *messages: Message,
+    created_at_ms: int = 1_000,
+    mid: str = "m",
+) -> Copies:
+    """Copies for these timelines, starting at `first` (one per timeline, or the same)."""
+    ids = [ids] if isinstance(ids, str) else ids
+    firsts = first if isinstance(first, list) else [first] * len(ids)
+    return Copies(ids, firsts, list(messages) or [message(n=1)], created_at_ms, mid)
 
 
-def test_written_documents_read_back_in_sequence_order(store: Store) -> None:
-    assert store.write([doc("g", 1)], [doc("a", 2), doc("b", 1)]) == WriteResult()
-    assert store.write([doc("g", 2)], [doc("a", 1)]) == WriteResult()
+def test_written_copies_read_back_in_sequence_order(store: Store) -> None:
+    one, two = message(n=1), message(n=2)
+    assert store.write(copies("g", 1, one), copies(["a", "b"], [2, 1], two)) == WriteResult()
+    assert store.write(copies("g", 2, one), copies("a", 1, one)) == WriteResult()
 
     entries = store.read(Kind.SYNC, "a", after=0, limit=10)
     assert [(e.seq, orjson.loads(e.message)) for e in entries] == [(1, {"n": 1}), (2, {"n": 2})]
@@ -32,8 +41,17 @@ def test_written_documents_read_back_in_sequence_order(store: Store) -> None:
     assert [e.seq for e in store.read(Kind.SYNC, "b", after=0, limit=10)] == [1]
 
 
+def test_a_batch_gives_each_timeline_its_messages_in_order(store: Store) -> None:
+    batch = [message(n=1), message(n=2), message(n=3)]
+    assert store.write(copies("g", 5, *batch), copies(["a", "b"], [1, 8], *batch)) == WriteResult()
+    for timeline, kind, first in (("g", Kind.HISTORY, 5), ("a", Kind.SYNC, 1), ("b", Kind.SYNC, 8)):
+        entries = store.read(kind, timeline, 0, 10)
+        assert [e.seq for e in entries] == [first, first + 1, first + 2]
+        assert [orjson.loads(e.message)["n"] for e in entries] == [1, 2, 3]
+
+
 def test_read_honours_after_and_limit(store: Store) -> None:
-    store.write([], [doc("a", seq) for seq in range(1, 11)])
+    store.write(None, copies("a", 1, *[message(n=i) for i in range(1, 11)]))
     assert [e.seq for e in store.read(Kind.SYNC, "a", after=3, limit=4)] == [4, 5, 6, 7]
     assert [e.seq for e in store.read(Kind.SYNC, "a", after=8, limit=100)] == [9, 10]
     assert store.read(Kind.SYNC, "a", after=10, limit=100) == []
@@ -41,28 +59,26 @@ def test_read_honours_after_and_limit(store: Store) -> None:
 
 
 def test_sync_and_history_are_separate_collections(store: Store) -> None:
-    store.write([doc("a", 1, text="history")], [doc("a", 1, text="sync")])
+    store.write(copies("a", 1, message(text="history")), copies("a", 1, message(text="sync")))
     [history] = store.read(Kind.HISTORY, "a", 0, 10)
     [sync] = store.read(Kind.SYNC, "a", 0, 10)
     assert orjson.loads(history.message) == {"text": "history"}
     assert orjson.loads(sync.message) == {"text": "sync"}
 
 
-def test_message_and_creation_time_round_trip(store: Store) -> None:
+def test_message_creation_time_and_mid_round_trip(store: Store) -> None:
     content = {"text": "吃了吗？", "n": -(2**63), "f": 1.5, "list": [1, {"x": None}], "ok": True}
-    store.write([], [Document("a", 1, message(**content), 1_700_000_000_123)])
+    store.write(None, copies("a", 1, message(**content), created_at_ms=1_700_000_000_123, mid="x"))
     [entry] = store.read(Kind.SYNC, "a", 0, 10)
     assert orjson.loads(entry.message) == content
-    assert entry.created_at_ms == 1_700_000_000_123
+    assert (entry.created_at_ms, entry.mid) == (1_700_000_000_123, "x")
 
 
 def test_taken_sync_keys_are_reported_and_the_rest_kept(store: Store) -> None:
-    store.write([], [doc("a", 1, text="first"), doc("c", 1)])
+    store.write(None, copies(["a", "c"], 1, message(text="first")))
     # Given a and c already hold seq 1, when a fan-out writes seq 1 to a, b, c, d,
     # then a and c are reported (positions 0 and 2) and b and d are stored.
-    result = store.write(
-        [doc("g", 1)], [doc("a", 1, text="second"), doc("b", 1), doc("c", 1), doc("d", 1)]
-    )
+    result = store.write(copies("g", 1), copies(["a", "b", "c", "d"], 1, message(text="second")))
     assert result == WriteResult(sync_taken=[0, 2])
     assert [e.seq for e in store.read(Kind.SYNC, "b", 0, 10)] == [1]
     assert [e.seq for e in store.read(Kind.SYNC, "d", 0, 10)] == [1]
@@ -72,8 +88,8 @@ def test_taken_sync_keys_are_reported_and_the_rest_kept(store: Store) -> None:
 
 
 def test_a_taken_history_key_stops_the_write_before_any_sync_copy(store: Store) -> None:
-    store.write([doc("g", 1)], [])
-    assert store.write([doc("g", 1)], [doc("a", 1)]) == WriteResult(history_taken=True)
+    store.write(copies("g", 1), None)
+    assert store.write(copies("g", 1), copies("a", 1)) == WriteResult(history_taken=True)
     assert store.read(Kind.SYNC, "a", 0, 10) == []
     assert len(store.read(Kind.HISTORY, "g", 0, 10)) == 1
 
@@ -81,13 +97,14 @@ def test_a_taken_history_key_stops_the_write_before_any_sync_copy(store: Store) 
 def test_large_fan_out_in_one_write(store: Store) -> None:
     # mongomock checks unique indexes in quadratic time; real stores take the full 10,000.
     members = 1_000 if getattr(store, "simulated", False) else 10_000
-    sync = [doc(f"m{i}", 1) for i in range(members)]
-    assert store.write([doc("g", 1)], sync) == WriteResult()
+    sync = copies([f"m{i}" for i in range(members)], 1)
+    assert store.write(copies("g", 1), sync) == WriteResult()
     assert [e.seq for e in store.read(Kind.SYNC, f"m{members - 1}", 0, 10)] == [1]
 
 
 def test_owners_name_the_message_holding_each_key(store: Store) -> None:
-    store.write([doc("g", 1, mid="m1")], [doc("a", 1, mid="m1"), doc("a", 2, mid="m2")])
+    store.write(copies("g", 1, mid="m1"), copies("a", 1, mid="m1"))
+    store.write(None, copies("a", 2, mid="m2"))
     assert store.owners(Kind.SYNC, [("a", 1), ("a", 2), ("a", 3), ("b", 1)]) == {
         ("a", 1): "m1",
         ("a", 2): "m2",
@@ -97,7 +114,7 @@ def test_owners_name_the_message_holding_each_key(store: Store) -> None:
 
 
 def test_max_seqs_give_each_timeline_its_highest_stored_sequence(store: Store) -> None:
-    store.write([doc("g", 4)], [doc("a", seq) for seq in (1, 2, 9)] + [doc("b", 3)])
+    store.write(copies("g", 4), copies(["a", "a", "a", "b"], [1, 2, 9, 3]))
     assert store.max_seqs(Kind.SYNC, ["a", "b", "nobody"]) == {"a": 9, "b": 3, "nobody": 0}
     assert store.max_seqs(Kind.HISTORY, ["g", "a"]) == {"g": 4, "a": 0}
     many = [f"m{i}" for i in range(1_200)]  # more than one statement's worth
@@ -118,15 +135,46 @@ def test_mongo_creates_the_unique_index_idempotently(mongo_store: MongoStore) ->
         assert index["unique"] is True
 
 
-def test_sqlite_scans_are_served_by_the_primary_key(sqlite_store: SQLiteStore) -> None:
+def test_sqlite_scans_are_served_by_the_unique_index(sqlite_store: SQLiteStore) -> None:
     conn = sqlite3.connect(sqlite_store.path)
     for table in ("chat_sync", "chat_history"):
-        plan = conn.execute(
-            f"EXPLAIN QUERY PLAN SELECT seq, message, created_at FROM {table} "  # noqa: S608
-            "WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            ("a", 0, 10),
-        ).fetchall()
-        detail = " ".join(row[-1] for row in plan)
-        assert "PRIMARY KEY" in detail
-        assert "TEMP B-TREE" not in detail
+        for order in ("", " DESC"):
+            plan = conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT seq, message, created_at FROM {table} "  # noqa: S608
+                f"WHERE id = ? AND seq > ? ORDER BY seq{order} LIMIT ?",
+                ("a", 0, 10),
+            ).fetchall()
+            detail = " ".join(row[-1] for row in plan)
+            assert "USING INDEX sqlite_autoindex" in detail
+            assert "TEMP B-TREE" not in detail
     conn.close()
+
+
+def test_the_sqlite_purge_finds_the_expired_rows_by_creation_order(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    # 1,000 copies created at t = 0..999 ms, in 1,000 writes (rowids in creation order).
+    for t in range(1000):
+        store.write(None, copies(f"u{t % 7}", t // 7 + 1, created_at_ms=t))
+    assert store.purge(Kind.SYNC, before_ms=0) == 0
+    assert store.purge(Kind.SYNC, before_ms=637) == 637
+    left = [e.created_at_ms for who in range(7) for e in store.read(Kind.SYNC, f"u{who}", 0, 999)]
+    assert sorted(left) == list(range(637, 1000))
+    assert store.purge(Kind.SYNC, before_ms=10_000) == 363
+    # The floors remember where every timeline was.
+    assert store.max_seqs(Kind.SYNC, ["u0", "u6"]) == {"u0": 143, "u6": 142}
+
+
+def test_a_file_of_the_earlier_schema_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE chat_sync (id TEXT NOT NULL, seq INTEGER NOT NULL, message TEXT NOT NULL,"
+        " created_at INTEGER NOT NULL, PRIMARY KEY (id, seq)) WITHOUT ROWID"
+    )
+    old.execute("INSERT INTO chat_sync VALUES ('a', 1, '{\"n\":1}', 5)")
+    old.commit()
+    old.close()
+    store = SQLiteStore(path)
+    [entry] = store.read(Kind.SYNC, "a", 0, 10)
+    assert (entry.seq, entry.message, entry.created_at_ms, entry.mid) == (1, '{"n":1}', 5, "")
+    assert store.write(None, copies("a", 2)) == WriteResult()

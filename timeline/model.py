@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import repeat
 from typing import Any
 
 
@@ -49,6 +51,42 @@ class Document:
     message: Message
     created_at_ms: int
     mid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Copies:
+    """The copies a request stores in several timelines of one kind, column by column:
+    timeline `ids[i]` gets `messages[j]` at sequence `firsts[i] + j`, for every j.
+
+    Columns, not a Document per copy: a fan-out to 10,000 members is 10,000 copies, and rows
+    zipped from columns cost the store nothing to build.
+    """
+
+    ids: Sequence[str]
+    firsts: Sequence[int]
+    messages: Sequence[Message]
+    created_at_ms: int
+    mid: str
+
+    def __len__(self) -> int:
+        return len(self.ids) * len(self.messages)
+
+    def rows(self) -> Iterator[tuple[str, int, str, int, str]]:
+        """(id, seq, message JSON, created_at_ms, mid) for each copy, timeline by timeline."""
+        if len(self.messages) == 1:
+            text = self.messages[0].json
+            return zip(
+                self.ids, self.firsts, repeat(text), repeat(self.created_at_ms), repeat(self.mid)
+            )
+        return (
+            (id_, first + j, message.json, self.created_at_ms, self.mid)
+            for id_, first in zip(self.ids, self.firsts, strict=True)
+            for j, message in enumerate(self.messages)
+        )
+
+    def timeline_of(self, copy: int) -> int:
+        """Which of `ids` the copy at this position (in `rows()` order) belongs to."""
+        return copy // len(self.messages)
 
 
 #: The mid of a placeholder that seals a hole a reader stepped over: a late write of that

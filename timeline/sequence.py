@@ -14,7 +14,7 @@ from redis.retry import Retry
 
 from timeline.errors import Unavailable
 from timeline.metrics import dependency_failed
-from timeline.model import Timeline
+from timeline.model import Kind, Timeline
 from timeline.settings import Settings
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
@@ -83,20 +83,25 @@ class SequenceAllocator:
         """The counter's key: `<prefix>seq:<kind>:<id>`; the kind keeps sync and history apart."""
         return f"{self._prefix}seq:{timeline.kind}:{timeline.id}"
 
+    def keys(self, history_id: str, members: Sequence[str]) -> list[str]:
+        """The counters of a request: its history timeline's, then each member's sync."""
+        sync = f"{self._prefix}seq:{Kind.SYNC}:"
+        return [f"{self._prefix}seq:{Kind.HISTORY}:{history_id}", *(sync + m for m in members)]
+
     def record_key(self, conversation: str, client_msg_id: str) -> str:
         """Where an idempotent message's record lives: scoped to its conversation."""
         return f"{self._prefix}msg:{conversation}:{client_msg_id}"
 
     def allocate(
         self,
-        timelines: Sequence[Timeline],
+        counters: Sequence[str],
         count: int = 1,
         record: Record | None = None,
         now_ms: int = 0,
     ) -> Allocation:
-        """Give each timeline `count` new sequences, unless a counter is missing or the
-        record shows an earlier attempt; see lua/allocate.lua."""
-        keys = [self.key(t) for t in timelines]
+        """Give each counter (see key() and keys()) `count` new sequences, unless one is
+        missing or the record shows an earlier attempt; see lua/allocate.lua."""
+        keys = list(counters)
         if record is None:
             args: list[Any] = [count, 0, 0, "", 0]
         else:

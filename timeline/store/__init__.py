@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from timeline.model import Document, Entry, Kind
+from timeline.model import Copies, Entry, Kind
 from timeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class WriteResult:
     """What a write left undone because an `(id, seq)` was already stored."""
 
     history_taken: bool = False  # then no sync document was attempted
-    sync_taken: list[int] = field(default_factory=list)  # positions in `sync`
+    sync_taken: list[int] = field(default_factory=list)  # positions in `sync.rows()`
 
 
 class Store(Protocol):
@@ -42,12 +42,13 @@ class Store(Protocol):
 
     backend: str
 
-    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> WriteResult:
-        """Store a request's documents: one bulk write per collection.
+    def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
+        """Store a request's copies: one bulk write per collection.
 
-        The history documents are written first, all or none: if one's `(id, seq)` is
-        taken, no sync document is attempted. The sync documents are written independently
-        of each other; those whose `(id, seq)` is taken are reported, the others kept.
+        The history copies are written first, all or none: if one's `(id, seq)` is taken,
+        no sync copy is attempted. The sync copies are written independently of each other;
+        those whose `(id, seq)` is taken are reported (by position in `sync.rows()`), the
+        others kept.
         Any other failure raises Unavailable (PartialWrite once the history is stored); the
         write may then have been partly done, and writing the same documents again is how
         to finish it.

@@ -18,7 +18,7 @@ from pymongo.read_preferences import ReadPreference
 
 from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
-from timeline.model import HOLE_MID, Document, Entry, Kind
+from timeline.model import HOLE_MID, Copies, Entry, Kind
 from timeline.settings import Settings
 from timeline.store import COLLECTIONS, Bounds, WriteResult
 
@@ -36,14 +36,16 @@ def _date(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-def _bson(document: Document) -> dict[str, Any]:
-    return {
-        "id": document.id,
-        "seq": document.seq,
-        "message": document.message.document,
-        "created_at": _date(document.created_at_ms),
-        "mid": document.mid,
-    }
+def _bson(copies: Copies) -> list[dict[str, Any]]:
+    """The documents of these copies, as MongoDB stores them (`message` as a document)."""
+    created_at = _date(copies.created_at_ms)
+    documents = [message.document for message in copies.messages]
+    return [
+        {"id": id_, "seq": first + j, "message": document, "created_at": created_at}
+        | {"mid": copies.mid}
+        for id_, first in zip(copies.ids, copies.firsts, strict=True)
+        for j, document in enumerate(documents)
+    ]
 
 
 def _json_default(value: Any) -> Any:
@@ -171,30 +173,31 @@ class MongoStore:
 
     # --- writing --------------------------------------------------------------------------
 
-    def write(self, history: Sequence[Document], sync: Sequence[Document]) -> WriteResult:
-        if history and not self._call("write", lambda: self._write_history(history)):
+    def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
+        if history is not None and not self._call("write", lambda: self._write_history(history)):
             return WriteResult(history_taken=True)
-        if not sync:
+        if sync is None:
             return WriteResult()
         # From here on the history copy is stored: a failure says so (PartialWrite).
         try:
-            taken = self._insert_unordered(Kind.SYNC, [_bson(d) for d in sync])
+            taken = self._insert_unordered(Kind.SYNC, _bson(sync))
         except PyMongoError as exc:
             log.warning("mongo write failed after the history copy: %s", exc)
             dependency_failed("store")
-            if history:
+            if history is not None:
                 raise PartialWrite("store (mongo) failed midway") from exc
             raise Unavailable("store (mongo) is unavailable") from exc
         return WriteResult(sync_taken=taken)
 
-    def _write_history(self, history: Sequence[Document]) -> bool:
+    def _write_history(self, history: Copies) -> bool:
         """Insert the history documents; False when one's (id, seq) is taken."""
         collection = self._collections[Kind.HISTORY]
+        documents = _bson(history)
         try:
-            if len(history) == 1:
-                collection.insert_one(_bson(history[0]))
+            if len(documents) == 1:
+                collection.insert_one(documents[0])
             else:
-                collection.insert_many([_bson(d) for d in history], ordered=True)
+                collection.insert_many(documents, ordered=True)
         except DuplicateKeyError:
             return False
         except BulkWriteError as exc:

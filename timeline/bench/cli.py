@@ -1,0 +1,163 @@
+"""timeline-bench: drive a running timeline service over HTTP and report what it sustains.
+
+    timeline-bench --url http://127.0.0.1:8000 --scenario sendGroup --group-size 50 \\
+                   --duration 3 --verify --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from timeline.bench.harness import SCENARIOS, Result, Scenario, run, verify
+
+SATURATED = 0.9  # of one core: a Python load generator is bound by its GIL beyond this
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="timeline-bench", description="Drive a timeline service over HTTP and measure it."
+    )
+    parser.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--scenario", required=True, choices=SCENARIOS)
+    parser.add_argument("--group-size", type=int, default=10, help="members per sendGroup")
+    parser.add_argument("--concurrency", type=int, default=4, help="workers, one connection each")
+    limit = parser.add_mutually_exclusive_group()
+    limit.add_argument("--duration", type=float, help="seconds to run (default 10)")
+    limit.add_argument("--requests", type=int, help="requests to make in all")
+    parser.add_argument("--verify", action="store_true", help="check every touched timeline")
+    parser.add_argument("--json", type=Path, help="write the report as JSON here")
+    parser.add_argument("--plot", type=Path, help="write latency plots as PNG here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--token", default=os.environ.get("TIMELINE_API_TOKEN"), help="bearer token, if any"
+    )
+    args = parser.parse_args(argv)
+    if args.duration is None and args.requests is None:
+        args.duration = 10.0
+    if args.concurrency < 1 or args.group_size < 1:
+        parser.error("--concurrency and --group-size must be at least 1")
+    return args
+
+
+def progress_bar(total: float | None, by_requests: bool) -> Any:
+    """A one-line live bar on stderr."""
+
+    def show(elapsed: float, done: int, errors: int) -> None:
+        fraction = min(1.0, (done if by_requests else elapsed) / total) if total else 0.0
+        filled = int(fraction * 30)
+        rate = done / elapsed if elapsed else 0.0
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}  {done} requests  "
+            f"{rate:,.0f}/s  {errors} errors "
+        )
+        sys.stderr.flush()
+
+    return show
+
+
+def table(report: dict[str, Any]) -> str:
+    """The final table, for a terminal."""
+    rows = [
+        ("scenario", f"{report['scenario']}" + (f" (group of {report['group_size']})"
+                                                 if report["group_size"] else "")),
+        ("concurrency", str(report["concurrency"])),
+        ("duration", f"{report['duration']:.2f} s"),
+        ("requests", f"{report['requests']:,}"),
+        ("requests/s", f"{report['requests_per_second']:,.1f}"),
+        ("messages written/s", f"{report['messages_per_second']:,.1f}"
+         f"  (history {report['history_copies_per_second']:,.1f},"
+         f" sync {report['sync_copies_per_second']:,.1f})"),
+        ("latency p50", f"{report['p50']:.2f} ms"),
+        ("latency p95", f"{report['p95']:.2f} ms"),
+        ("latency p99", f"{report['p99']:.2f} ms"),
+        ("latency max", f"{report['max']:.2f} ms"),
+        ("errors", ", ".join(f"{k}: {v}" for k, v in report["errors_by_status"].items()) or "0"),
+        ("load generator CPU", f"{report['client_cpu_cores']:.2f} cores"),
+    ]  # fmt: skip
+    if report["verify"] is not None:
+        verdict = report["verify"]
+        rows.append(
+            ("verify", f"{'ok' if verdict['ok'] else 'FAILED'} ({verdict['timelines']} timelines)")
+        )
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def plot(result: Result, path: Path) -> None:
+    """Latency percentiles per second of the run, and the latency histogram."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'timeline[bench]'") from exc
+    buckets: dict[int, list[float]] = {}
+    for sample in result.samples:
+        buckets.setdefault(int(sample.started), []).append(sample.latency_ms)
+    seconds = sorted(buckets)
+
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    figure, (over_time, histogram) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for q, label in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+        over_time.plot(seconds, [pct(buckets[s], q) for s in seconds], marker=".", label=label)
+    over_time.set_xlabel("second of the run")
+    over_time.set_ylabel("latency (ms)")
+    over_time.set_title("latency percentiles over time")
+    over_time.legend()
+    over_time.grid(alpha=0.3)
+    histogram.hist([s.latency_ms for s in result.samples], bins=60)
+    histogram.set_xlabel("latency (ms)")
+    histogram.set_ylabel("requests")
+    histogram.set_title("latency histogram")
+    histogram.grid(alpha=0.3)
+    figure.suptitle(f"timeline-bench: {result.scenario}, concurrency {result.concurrency}")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scenario = Scenario(args.scenario, args.group_size)
+    show = not args.quiet and sys.stderr.isatty()
+    bar = progress_bar(args.duration or args.requests, args.requests is not None) if show else None
+    result = run(
+        args.url,
+        scenario,
+        args.concurrency,
+        duration=args.duration,
+        requests=args.requests,
+        token=args.token,
+        progress=bar,
+    )
+    if show:
+        sys.stderr.write("\n")
+    if args.verify:
+        result.verify = verify(args.url, scenario, args.token)
+    report = result.summary()
+    if report["client_cpu_cores"] >= SATURATED:
+        print(
+            f"warning: the load generator used {report['client_cpu_cores']:.2f} cores; it may be "
+            "the bottleneck (run it on another machine, or with fewer workers)",
+            file=sys.stderr,
+        )
+    if not args.quiet:
+        print(table(report))
+        for problem in (result.verify or {}).get("problems", [])[:20]:
+            print(f"  problem: {problem}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    return 0 if result.verify is None or result.verify["ok"] else 1
