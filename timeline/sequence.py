@@ -110,7 +110,8 @@ class SequenceAllocator:
         reply = self._call("allocate", lambda: self._allocate(keys=keys, args=args))
         status = reply[0]
         if status == b"ok":
-            return Allocation(lasts=[int(last) for last in reply[1:]])
+            del reply[0]  # integers already: RESP integers arrive as int (hiredis or not)
+            return Allocation(lasts=reply)
         if status == b"missing":
             return Allocation(lasts=[], missing=[int(i) - 1 for i in reply[1:]])
         fingerprint, allocated_ms, *lasts = reply[1].decode().split(",")

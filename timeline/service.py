@@ -206,7 +206,7 @@ class TimelineService:
         lasts, stale = self._allocate(ids, count, record)
         plan = _Plan(
             ids=ids,
-            firsts=[last - count + 1 for last in lasts],
+            firsts=lasts if count == 1 else [last - count + 1 for last in lasts],
             messages=messages,
             created_at_ms=self._clock_ms(),
             mid=mid,
@@ -289,10 +289,16 @@ class TimelineService:
                 self._count_written(history, sync, result)
                 if result.history_taken:
                     taken = [0]
+                elif not result.sync_taken:
+                    taken = []
+                    if everyone:
+                        todo.clear()  # the usual case: one write stored it all
+                    else:
+                        todo.difference_update(positions)
+                        todo.discard(0)
                 else:
-                    taken = sorted(
-                        {positions[sync.timeline_of(i)] for i in result.sync_taken} if sync else ()
-                    )
+                    assert sync is not None
+                    taken = sorted({positions[sync.timeline_of(i)] for i in result.sync_taken})
                     todo.difference_update(set(positions) - set(taken))
                     todo.discard(0)
                 if not taken:
