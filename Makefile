@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test lint clean docker up down
+.PHONY: install run test lint bench clean docker up down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 ## test: lint, then the whole test suite against real redis-server processes.
 test: lint
 	$(BIN)/pytest
+
+## bench: the benchmark suite on this machine (a few minutes); rewrites docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python -m timeline.bench.suite
 
 ## docker: build the image (needs a Docker engine).
 docker:

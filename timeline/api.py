@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from datetime import UTC, datetime
+import time
+from functools import lru_cache
 from typing import Any, cast
 
 import orjson
@@ -136,8 +137,14 @@ def _timestamp(ms: int) -> str:
     """RFC 3339, UTC, to the millisecond; "" when the store does not know (old documents)."""
     if ms <= 0:
         return ""
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    seconds, millis = divmod(ms, 1000)
+    return f"{_second(seconds)}.{millis:03d}Z"
+
+
+@lru_cache(maxsize=4096)
+def _second(seconds: int) -> str:
+    """The formatted second: entries of a page mostly share a few."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def _entries(entries: list[Entry]) -> list[dict[str, str]]:
@@ -286,37 +293,47 @@ def _on_unexpected(error: Exception) -> Response:
     return envelope(TimelineError.code, TimelineError.reason, "internal error")
 
 
-def _preflight() -> Response | None:
-    """OPTIONS on a known route: an empty 204 carrying the CORS headers."""
-    if request.method == "OPTIONS" and request.routing_exception is None:
+def _before() -> Response | None:
+    """A browser's preflight (OPTIONS on a known route) gets an empty 204; with an api_token
+    set, everything else under /timeline needs `Authorization: Bearer <token>`."""
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    if req.method == "OPTIONS" and req.routing_exception is None:
         return current_app.response_class(status=204)
-    return None
-
-
-def _authorize() -> None:
-    """With an api_token set, /timeline/* needs `Authorization: Bearer <token>`."""
     token = current_app.extensions[EXTENSION]["settings"].api_token
-    if not token or not request.path.startswith(bp.url_prefix or ""):
-        return
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if not token or not req.path.startswith(bp.url_prefix or ""):
+        return None
+    scheme, _, given = req.headers.get("Authorization", "").partition(" ")
     # compare_digest takes as long whatever the first wrong byte: no timing oracle.
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         given.strip().encode(), token.encode()
     ):
         raise Unauthorized("a valid bearer token is required")
+    return None
 
 
 def _cors(response: Response) -> Response:
-    # go-timeline's browser demo calls the API from another origin; keep it working.
-    origin = current_app.extensions[EXTENSION]["settings"].cors_allow_origin
-    if origin:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = (
-            "Content-Type, Authorization, X-Requested-With, X-Request-ID"
-        )
-        response.headers["Access-Control-Max-Age"] = "600"
+    """go-timeline's browser demo calls the API from another origin: answer browsers (they
+    send Origin on every cross-origin request) with the CORS headers."""
+    if "HTTP_ORIGIN" in request.environ:
+        headers = current_app.extensions[EXTENSION]["cors_headers"]
+        if headers:
+            response.headers.extend(headers)
     return response
+
+
+def cors_headers(origin: str) -> list[tuple[str, str]]:
+    """The CORS headers of every reply, worked out once; none when origin is empty."""
+    if not origin:
+        return []
+    return [
+        ("Access-Control-Allow-Origin", origin),
+        ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+        (
+            "Access-Control-Allow-Headers",
+            "Content-Type, Authorization, X-Requested-With, X-Request-ID",
+        ),
+        ("Access-Control-Max-Age", "600"),
+    ]
 
 
 def register(app: Flask) -> None:
@@ -324,8 +341,7 @@ def register(app: Flask) -> None:
     # '//timeline/sync' would be answered with an HTML redirect; let it be a 404 envelope.
     app.url_map.merge_slashes = False
     app.register_blueprint(bp)
-    app.before_request(_preflight)
-    app.before_request(_authorize)
+    app.before_request(_before)
     app.after_request(_cors)
     app.register_error_handler(TimelineError, _on_timeline_error)
     app.register_error_handler(HTTPException, _on_http_error)

@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         "settings": settings,
         "service": service,
         "limits": Limits.from_settings(settings),
+        "cors_headers": api.cors_headers(settings.cors_allow_origin),
         "purger": purger,
     }
     ops.register(app)  # first: the request id exists before anything can log

@@ -8,6 +8,7 @@ without it (tests, `flask run`) the process's own registry is served.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -61,6 +62,21 @@ EXPIRED_REMOVED = Counter(
     "Expired entries removed by the SQLite purge (MongoDB's TTL index removes its own).",
     ["kind"],
 )
+
+
+# The children used on every request, resolved once: labels() costs a lock and a lookup.
+HISTORY_WRITTEN = MESSAGES_WRITTEN.labels("history")
+SYNC_WRITTEN = MESSAGES_WRITTEN.labels("sync")
+_durations: dict[tuple[str, str, int], Any] = {}
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    child = _durations.get((route, method, status))
+    if child is None:
+        child = _durations[(route, method, status)] = REQUEST_DURATION.labels(
+            route, method, str(status)
+        )
+    child.observe(seconds)
 
 
 def dependency_failed(dependency: str) -> None:

@@ -4,15 +4,16 @@ per-request hooks (request id, one access log line, latency histogram)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, request
 
 from timeline import metrics
 from timeline.errors import TimelineError, Unavailable
+from timeline.logs import REQUEST_ID
 from timeline.openapi import openapi_document
 from timeline.service import TimelineService
 
@@ -61,36 +62,42 @@ def openapi() -> dict[str, Any]:
     return openapi_document()
 
 
+# Request-scoped values live in the WSGI environ: plain dict access, on every request.
+_STARTED = "timeline.started"
+
+
 def _start() -> None:
-    g.started = time.perf_counter()
-    given = request.headers.get("X-Request-ID", "")
-    g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    environ = request.environ
+    environ[_STARTED] = time.perf_counter()
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    environ[REQUEST_ID] = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
 
 
 def _finish(response: Response) -> Response:
-    duration = time.perf_counter() - g.get("started", time.perf_counter())
-    request_id = g.get("request_id") or uuid.uuid4().hex
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    environ = req.environ
+    duration = time.perf_counter() - environ.get(_STARTED, time.perf_counter())
+    request_id = environ.get(REQUEST_ID) or os.urandom(16).hex()
+    status = response.status_code
     response.headers["X-Request-ID"] = request_id
-    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.REQUEST_DURATION.labels(route, request.method, str(response.status_code)).observe(
-        duration
-    )
-    # The path names users and groups, never message contents; the query string is left out.
-    access_log.info(
-        "%s %s %s",
-        request.method,
-        request.path,
-        response.status_code,
-        extra={
-            "method": request.method,
-            "path": request.path,
+    rule = req.url_rule
+    route = rule.rule if rule is not None else "unmatched"
+    method = req.method
+    metrics.observe_request(route, method, status, duration)
+    if access_log.isEnabledFor(logging.INFO):
+        # The path names users and groups, never message contents; the query is left out.
+        path = req.path
+        fields = {
+            "method": method,
+            "path": path,
             "route": route,
-            "status": response.status_code,
+            "status": status,
             "duration_ms": round(duration * 1000, 3),
-            "request_id": request_id,
-            "remote": request.remote_addr,
-        },
-    )
+            "remote": req.remote_addr,
+        }
+        access_log.info(
+            "%s %s %s", method, path, status, extra={"fields": fields, "request_id": request_id}
+        )
     return response
 
 

@@ -16,7 +16,7 @@ from timeline import metrics
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
 from timeline.model import Copies, Entry, Kind, Message, Timeline, conversation_id
 from timeline.sequence import Record, SequenceAllocator
-from timeline.store import Bounds, Store, WriteResult
+from timeline.store import Page, Store, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -381,10 +381,10 @@ class TimelineService:
         if result.history_taken:
             return
         if history is not None:
-            metrics.MESSAGES_WRITTEN.labels("history").inc(len(history))
+            metrics.HISTORY_WRITTEN.inc(len(history))
         written = (len(sync) if sync is not None else 0) - len(result.sync_taken)
         if written:
-            metrics.MESSAGES_WRITTEN.labels("sync").inc(written)
+            metrics.SYNC_WRITTEN.inc(written)
 
     def _move(self, plan: _Plan, positions: list[int]) -> None:
         """New ranges, above the store's highest, for timelines another message holds."""
@@ -411,7 +411,7 @@ class TimelineService:
         """Remove the member's sync entries up to `seq`; returns the new minSeq."""
         self.store.ack(member, seq)
         metrics.ACKED.inc()
-        lowest = self.store.bounds(Kind.SYNC, member, self._cutoff(Kind.SYNC)).lowest
+        lowest = self.store.page(Kind.SYNC, member, 0, 0, self._cutoff(Kind.SYNC)).lowest
         return lowest.seq if lowest is not None else self._latest(member) + 1
 
     # --- reading -------------------------------------------------------------------------
@@ -431,20 +431,20 @@ class TimelineService:
         """The member's sync entries after last_read, the newest sequence allocated, and
         the lowest sequence the timeline can still return (minSeq)."""
         cutoff = self._cutoff(Kind.SYNC)
-        bounds = self.store.bounds(Kind.SYNC, member, cutoff)
-        entries = self._readable(Kind.SYNC, member, last_read, count, cutoff, bounds)
+        first = self.store.page(Kind.SYNC, member, last_read, count, cutoff)
+        entries = self._readable(Kind.SYNC, member, last_read, count, cutoff, first)
         # Store first, then Redis: latestSeq is then never below the last entry returned.
         latest = self._latest(member)
         if entries and entries[-1].seq > latest:
             latest = entries[-1].seq  # a counter behind the store; the next send repairs it
-        min_seq = bounds.lowest.seq if bounds.lowest is not None else latest + 1
+        min_seq = first.lowest.seq if first.lowest is not None else latest + 1
         return SyncResult(latest_seq=latest, min_seq=min_seq, entries=entries)
 
     def history(self, conversation: str, last_read: int, count: int) -> list[Entry]:
         """A conversation's history entries after last_read, ascending."""
         cutoff = self._cutoff(Kind.HISTORY)
-        bounds = self.store.bounds(Kind.HISTORY, conversation, cutoff)
-        return self._readable(Kind.HISTORY, conversation, last_read, count, cutoff, bounds)
+        first = self.store.page(Kind.HISTORY, conversation, last_read, count, cutoff)
+        return self._readable(Kind.HISTORY, conversation, last_read, count, cutoff, first)
 
     def history_backward(self, conversation: str, before: int, count: int) -> HistoryPage:
         """Up to `count` history entries below `before` (0: from the newest), newest first."""
@@ -461,7 +461,7 @@ class TimelineService:
         after: int,
         count: int,
         cutoff: int,
-        bounds: Bounds,
+        first: Page,
     ) -> list[Entry]:
         """Up to `count` entries after `after`, never past a hole a write may still fill.
 
@@ -477,15 +477,17 @@ class TimelineService:
         Placeholders and expired entries are never returned.
         """
         entries: list[Entry] = []
-        expected = max(after, bounds.floor) + 1
+        expected = max(after, first.floor) + 1
         now = self._clock_ms()
         grace = self.policy.gap_grace_ms
-        lowest = bounds.lowest
+        lowest = first.lowest
         if lowest is not None and lowest.seq > expected and now - lowest.created_at_ms >= grace:
             expected = lowest.seq
         size = count
+        page: list[Entry] | None = first.entries if expected == after + 1 else None
         for _ in range(_READ_PAGES):
-            page = self.store.read(kind, timeline_id, expected - 1, size)
+            if page is None:
+                page = self.store.read(kind, timeline_id, expected - 1, size)
             resealed = False
             for entry in page:
                 if entry.seq != expected:
@@ -508,6 +510,7 @@ class TimelineService:
             if not resealed and len(page) < size:
                 return entries  # the end of the timeline
             size = max(count, 200)  # past hidden entries: read on in larger steps
+            page = None
         return entries
 
 

@@ -65,7 +65,7 @@ class Settings:
     # What one sendGroup may write in all: (members + 1) x the message's bytes.
     fanout_max_bytes: int = 64 * 1024 * 1024
 
-    # Access-Control-Allow-Origin on every reply, as go-timeline sends it; empty: none.
+    # CORS headers on every reply to a browser, as go-timeline sends them; empty: none.
     cors_allow_origin: str = "*"
 
     # Idempotent sends: how long a client_msg_id's record (its sequences) is kept.

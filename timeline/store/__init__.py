@@ -18,11 +18,14 @@ COLLECTIONS = {Kind.SYNC: "chat_sync", Kind.HISTORY: "chat_history"}
 
 
 @dataclass(frozen=True, slots=True)
-class Bounds:
-    """The readable start of a timeline: see Store.bounds."""
+class Page:
+    """The first page of a read, and where the readable part of the timeline starts: its
+    lowest entry that is neither a placeholder nor expired, and the floor below which entries
+    were removed (acked, purged). See Store.page."""
 
     lowest: Entry | None
     floor: int
+    entries: list[Entry]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +94,11 @@ class Store(Protocol):
         neither placeholders nor entries created before `not_before_ms`."""
         ...
 
-    def bounds(self, kind: Kind, timeline_id: str, not_before_ms: int) -> Bounds:
-        """Where the readable part of a timeline starts: its lowest entry that is neither a
-        placeholder nor created before `not_before_ms`, and the floor below which entries
-        were removed (acked, purged)."""
+    def page(
+        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int
+    ) -> Page:
+        """read(after, limit), with the timeline's lowest entry neither a placeholder nor
+        created before `not_before_ms`, and its floor: one round trip where it can be."""
         ...
 
     def purge(self, kind: Kind, before_ms: int) -> int:

@@ -20,7 +20,7 @@ from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
 from timeline.settings import Settings
-from timeline.store import COLLECTIONS, Bounds, WriteResult
+from timeline.store import COLLECTIONS, Page, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -357,20 +357,24 @@ class MongoStore:
         cursor = self._collections[kind].find(query, _PROJECTION).sort("seq", -1).limit(limit)
         return [_entry(d) for d in self._call("read", lambda: list(cursor))]
 
-    def bounds(self, kind: Kind, timeline_id: str, not_before_ms: int) -> Bounds:
+    def page(
+        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int
+    ) -> Page:
         query: dict[str, Any] = {"id": timeline_id, "mid": {"$ne": HOLE_MID}}
         query |= _unexpired(not_before_ms)
         collection = self._collections[kind]
 
-        def find() -> Bounds:
+        def find() -> tuple[Entry | None, int]:
             lowest = collection.find_one(query, _PROJECTION, sort=[("seq", 1)])
             floor = self._floors[kind].find_one({"_id": timeline_id})
-            return Bounds(
+            return (
                 _entry(lowest) if lowest is not None else None,
                 int(floor["seq"]) if floor is not None else 0,
             )
 
-        return self._call("read", find)
+        lowest, floor = self._call("read", find)
+        entries = self.read(kind, timeline_id, after, limit) if limit else []
+        return Page(lowest, floor, entries)
 
     def ping(self) -> None:
         try:

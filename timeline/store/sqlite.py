@@ -14,7 +14,7 @@ from typing import Any
 from timeline.errors import Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
-from timeline.store import COLLECTIONS, Bounds, WriteResult
+from timeline.store import COLLECTIONS, Page, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -323,15 +323,28 @@ class SQLiteStore:
         params = (timeline_id, upper, not_before_ms, HOLE_MID, limit)
         return [Entry(*row) for row in self._query(sql, params)]
 
-    def bounds(self, kind: Kind, timeline_id: str, not_before_ms: int) -> Bounds:
+    def page(
+        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int
+    ) -> Page:
         table = COLLECTIONS[kind]
+        # One statement for the three: the lowest entry (0), the floor (1), the page (2).
         sql = (
-            f"SELECT seq, message, created_at, mid FROM {table} "
-            "WHERE id = ? AND created_at >= ? AND mid != ? ORDER BY seq LIMIT 1"
+            f"SELECT * FROM (SELECT 0, seq, message, created_at, mid FROM {table} "
+            "WHERE id = ? AND created_at >= ? AND mid != ? ORDER BY seq LIMIT 1) "
+            f"UNION ALL SELECT 1, seq, NULL, NULL, NULL FROM {table}_floor WHERE id = ? "
+            f"UNION ALL SELECT * FROM (SELECT 2, seq, message, created_at, mid FROM {table} "
+            "WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?)"
         )
-        rows = self._query(sql, (timeline_id, not_before_ms, HOLE_MID))
-        floor = self._query(f"SELECT seq FROM {table}_floor WHERE id = ?", (timeline_id,))
-        return Bounds(Entry(*rows[0]) if rows else None, floor[0][0] if floor else 0)
+        params = (timeline_id, not_before_ms, HOLE_MID, timeline_id, timeline_id, after, limit)
+        lowest, floor, entries = None, 0, []
+        for part, seq, message, created_at, mid in self._query(sql, params):
+            if part == 2:
+                entries.append(Entry(seq, message, created_at, mid))
+            elif part == 0:
+                lowest = Entry(seq, message, created_at, mid)
+            else:
+                floor = seq
+        return Page(lowest, floor, entries)
 
     # --- retention ------------------------------------------------------------------------
 
