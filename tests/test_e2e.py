@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -242,3 +243,65 @@ def test_probes_metrics_logs_and_document_under_gunicorn(
     assert (tagged["method"], tagged["path"], tagged["status"]) == ("GET", "/timeline/sync", 200)
     assert tagged["duration_ms"] > 0
     assert len([line for line in access if line["path"] == "/timeline/sendGroup"]) == 20
+
+
+def bench(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "timeline.bench", "--url", service.base, "--quiet", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_timeline_bench_reports_and_verifies_a_run(service: Service, tmp_path: Path) -> None:
+    report = tmp_path / "out.json"
+    plot = tmp_path / "out.png"
+    done = bench(
+        service,
+        *("--scenario", "sendGroup", "--group-size", "5", "--concurrency", "2"),
+        *("--requests", "40", "--verify", "--json", str(report), "--plot", str(plot)),
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text())
+    for key in ("requests_per_second", "messages_per_second", "p50", "p95", "p99", "max"):
+        assert result[key] > 0, key
+    assert (result["scenario"], result["concurrency"], result["errors"]) == ("sendGroup", 2, 0)
+    assert result["requests"] == 40
+    assert result["verify"] == {"ok": True, "timelines": 7, "problems": []}  # 2 groups + 5
+    assert result["messages_per_second"] == pytest.approx(6 * result["requests_per_second"], 0.01)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_timeline_bench_verify_fails_on_a_broken_timeline(service: Service, tmp_path: Path) -> None:
+    import sqlite3
+
+    report = tmp_path / "out.json"
+    # A store that loses a copy behind the service's back: the sync timeline of one member.
+    path = service.env["TIMELINE_SQLITE_PATH"]
+    stop = threading.Event()
+
+    def vandal() -> None:
+        while not stop.is_set():
+            conn = sqlite3.connect(path, timeout=5)
+            conn.execute("DELETE FROM chat_sync WHERE seq = 2 AND id LIKE '%-m0'")
+            conn.commit()
+            conn.close()
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=vandal)
+    thread.start()
+    try:
+        done = bench(
+            service,
+            *("--scenario", "sendGroup", "--group-size", "3", "--concurrency", "1"),
+            *("--requests", "20", "--verify", "--json", str(report)),
+        )
+    finally:
+        stop.set()
+        thread.join()
+    assert done.returncode == 1
+    verdict = json.loads(report.read_text())["verify"]
+    assert verdict["ok"] is False
+    assert any("m0" in problem for problem in verdict["problems"])

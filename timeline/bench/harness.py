@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 
 SCENARIOS = ("send", "sendGroup", "sync", "mixed")
 SYNC_ENTRIES = 20  # what a sync request returns in the sync scenario
-SEND_USERS = 100  # the user pool of the send scenario
+SEND_USERS = 30  # the user pool of the send scenario: 435 conversations
 
 
 class Client:
@@ -158,7 +158,22 @@ class Scenario:
         self.readers = [f"{self.run}-r{i}" for i in range(8)]
 
     def prepare(self, client: Client) -> None:
-        """The sync scenario reads timelines of SYNC_ENTRIES entries: write them first."""
+        """Bring the run to the steady state it measures.
+
+        The sync scenario reads timelines of SYNC_ENTRIES entries: they are written first.
+        The send scenarios measure conversations that already exist: one message in each
+        first, since a timeline's first message also seeds its counter from the store.
+        """
+        if self.name in ("send", "mixed"):
+            for i, sender in enumerate(self.users):
+                for receiver in self.users[i + 1 :]:
+                    status, _ = self._send(sender, receiver)(client)
+                    if status != 200:
+                        raise RuntimeError(f"preparing the send scenario failed: {status}")
+        if self.name in ("sendGroup", "mixed"):
+            status, _ = self._group(0)(client)
+            if status != 200:
+                raise RuntimeError(f"preparing the sendGroup scenario failed: {status}")
         if self.name in ("sync", "mixed"):
             for reader in self.readers:
                 body = {
@@ -178,20 +193,29 @@ class Scenario:
             reader = rng.choice(self.readers)
             path = f"/timeline/sync?member={quote(reader)}&last_read=0&count={SYNC_ENTRIES}"
             return lambda client: (client.request("GET", path)[0], Counter())
-        message_id = f"{self.run}-{next(self.counter)}"
         if kind == "send":
             sender, receiver = rng.sample(self.users, 2)
-            body = {"from": sender, "to": receiver, "message": {"id": message_id}}
-            conversation = ":".join(sorted((sender, receiver)))
-            timelines = [("history", conversation), ("sync", sender), ("sync", receiver)]
-            path = "/timeline/send"
-        else:
-            group = f"{self.run}-g{worker}"
-            members = self.members or [f"{self.run}-m0"]
-            body = {"group_name": group, "group_members": members, "message": {"id": message_id}}
-            timelines = [("history", group)] + [("sync", m) for m in members]
-            path = "/timeline/sendGroup"
+            return self._send(sender, receiver)
+        return self._group(worker)
 
+    def _send(self, sender: str, receiver: str) -> Callable[[Client], tuple[int, Counter[str]]]:
+        message_id = f"{self.run}-{next(self.counter)}"
+        body = {"from": sender, "to": receiver, "message": {"id": message_id}}
+        conversation = ":".join(sorted((sender, receiver)))
+        timelines = [("history", conversation), ("sync", sender), ("sync", receiver)]
+        return self._call("/timeline/send", body, message_id, timelines)
+
+    def _group(self, worker: int) -> Callable[[Client], tuple[int, Counter[str]]]:
+        message_id = f"{self.run}-{next(self.counter)}"
+        group = f"{self.run}-g{worker}"
+        members = self.members or [f"{self.run}-m0"]
+        body = {"group_name": group, "group_members": members, "message": {"id": message_id}}
+        timelines = [("history", group)] + [("sync", m) for m in members]
+        return self._call("/timeline/sendGroup", body, message_id, timelines)
+
+    def _call(
+        self, path: str, body: dict[str, Any], message_id: str, timelines: list[tuple[str, str]]
+    ) -> Callable[[Client], tuple[int, Counter[str]]]:
         def call(client: Client) -> tuple[int, Counter[str]]:
             status, reply = client.request("POST", path, body)
             failed = reply.get("failedMembers", []) if status == 200 and reply else []
