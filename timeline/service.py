@@ -14,7 +14,7 @@ import orjson
 
 from timeline import metrics
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
-from timeline.model import Copies, Entry, Kind, Message, Timeline, conversation_id
+from timeline.model import HOLE_MID, Copies, Entry, Kind, Message, Timeline, conversation_id
 from timeline.sequence import Record, SequenceAllocator
 from timeline.store import Page, Store, WriteResult
 
@@ -501,8 +501,7 @@ class TimelineService:
                     if late:
                         resealed = True  # a write got there first: read it in order
                         break
-                expired = 0 < entry.created_at_ms < cutoff
-                if not entry.is_hole and not expired:
+                if entry.mid != HOLE_MID and not 0 < entry.created_at_ms < cutoff:
                     entries.append(entry)
                     if len(entries) == count:
                         return entries
