@@ -111,6 +111,18 @@ def traffic(chat: Chat, workers: int = 4, rounds: int = 15) -> Callable[[], None
     return run
 
 
+def under(chaos: Callable[[threading.Event], None], chat: Chat) -> None:
+    """Run the chat's traffic while `chaos` runs beside it (told to stop when it is done)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=chaos, args=(stop,))
+    thread.start()
+    try:
+        traffic(chat)()
+    finally:
+        stop.set()
+        thread.join()
+
+
 @pytest.fixture
 def own_redis(redis_factory: Any) -> Any:
     """A redis-server of this test's own: it gets flushed, paused and killed."""
@@ -129,20 +141,12 @@ def test_flushall_mid_run_continues_every_timeline_at_max_plus_one(
 ) -> None:
     chat = Chat(make_app(own_redis, store))
     admin = redis.Redis.from_url(own_redis.url)
-    stop = threading.Event()
 
-    def flusher() -> None:
-        while not stop.is_set():
-            time.sleep(0.03)
+    def flusher(stop: threading.Event) -> None:
+        while not stop.wait(0.03):
             admin.flushall()
 
-    thread = threading.Thread(target=flusher)
-    thread.start()
-    try:
-        traffic(chat)()
-    finally:
-        stop.set()
-        thread.join()
+    under(flusher, chat)
     chat.verify(store)
 
 
@@ -165,19 +169,14 @@ def test_one_lost_counter_continues_at_the_stores_max_plus_one(
 def test_redis_killed_and_restarted_empty_mid_run(own_redis: Any, store: Store) -> None:
     chat = Chat(make_app(own_redis, store))
 
-    def chaos() -> None:
+    def chaos(stop: threading.Event) -> None:
         for _ in range(2):
             time.sleep(0.15)
             own_redis.stop()
             time.sleep(0.2)
             own_redis.start()
 
-    thread = threading.Thread(target=chaos)
-    thread.start()
-    try:
-        traffic(chat)()
-    finally:
-        thread.join()
+    under(chaos, chat)
     chat.verify(store)
 
 
@@ -216,17 +215,12 @@ def test_pauses_mid_run_leave_every_timeline_contiguous(own_redis: Any, store: S
     chat = Chat(make_app(own_redis, store, redis_socket_timeout_ms=200))
     admin = redis.Redis.from_url(own_redis.url)
 
-    def pauses() -> None:
+    def pauses(stop: threading.Event) -> None:
         for _ in range(3):
             time.sleep(0.1)
             admin.execute_command("CLIENT", "PAUSE", 400, "ALL")
 
-    thread = threading.Thread(target=pauses)
-    thread.start()
-    try:
-        traffic(chat)()
-    finally:
-        thread.join()
+    under(pauses, chat)
     chat.verify(store)
 
 
