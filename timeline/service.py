@@ -14,7 +14,7 @@ import orjson
 
 from timeline import metrics
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
-from timeline.model import HOLE_MID, Copies, Entry, Kind, Message, Timeline, conversation_id
+from timeline.model import Copies, Entry, Kind, Message, Timeline, conversation_id
 from timeline.sequence import Record, SequenceAllocator
 from timeline.store import Page, Store, WriteResult
 
@@ -272,11 +272,13 @@ class TimelineService:
         """
         total = len(plan.ids)
         todo = set(range(total))  # positions whose copies are not all stored yet
+        pinned: set[int] = set()  # partly stored: the rest may only go where it belongs
+        given_up: set[int] = set()  # pinned, and refused there: reported, not moved
         if stale:
             # A replay older than the grace period must not fill the holes its first attempt
             # left: readers may have passed them. What is stored stays; the rest moves.
-            self._settle(plan, [0], todo, moving=True)
-            self._settle(plan, list(range(1, total)), todo, moving=True)
+            self._settle(plan, [0], todo, True, pinned, given_up)
+            self._settle(plan, list(range(1, total)), todo, True, pinned, given_up)
         failures = moves = 0
         deadline = self._clock_ms() + self.policy.retry_budget_ms
         while todo:
@@ -303,7 +305,7 @@ class TimelineService:
                     todo.discard(0)
                 if not taken:
                     continue
-                if self._settle(plan, taken, todo, moving=False):
+                if self._settle(plan, taken, todo, False, pinned, given_up):
                     moves += 1
                     if moves > _MOVE_ROUNDS:
                         raise Unavailable("sequences keep being taken by other messages")
@@ -312,7 +314,7 @@ class TimelineService:
                 # gave: report these copies instead.
                 if 0 in todo:
                     raise Unavailable("history sequence could not be moved") from lost
-                return sorted(todo)
+                return sorted(todo | given_up)
             except Unavailable as exc:
                 if getattr(exc, "history_stored", False):
                     todo.discard(0)  # the store got the history copy before failing
@@ -324,18 +326,33 @@ class TimelineService:
                 if failures >= self.policy.write_attempts:
                     if nothing_stored:
                         raise
-                    return sorted(todo)
+                    return sorted(todo | given_up)
                 self._sleep(backoff_ms / 1000)
-        return []
+        if 0 in given_up:
+            raise Unavailable("history copies could not all be stored")
+        return sorted(given_up)
 
-    def _settle(self, plan: _Plan, positions: list[int], todo: set[int], moving: bool) -> bool:
-        """Look at what is stored of these timelines' copies (one kind at a time).
+    def _settle(
+        self,
+        plan: _Plan,
+        positions: list[int],
+        todo: set[int],
+        moving: bool,
+        pinned: set[int],
+        given_up: set[int],
+    ) -> bool:
+        """Look at what is stored of these timelines' copies (one kind at a time), after a
+        write found some of their sequences taken (or, with `moving`, for a stale replay).
 
-        All the message's: done. Another message's among them (or, with `moving`, anything
-        not complete): the copies move to new sequences, this message's own removed first so
-        that its messages stay together and in order, and the range left behind is sealed.
-        Some of the message's, none of another's: they are removed and written again.
-        Returns whether anything moved.
+        All the message's: done. None of them: the copies move to new sequences above the
+        store (another message, a placeholder or a floor holds the range), and the range
+        left behind is sealed. Some of them, written by this request a moment ago next to
+        another message's copy: the range moves whole (its own copies removed first), so
+        that its messages stay together and in order. Some of them otherwise (a stale
+        replay, a write that failed partway): the timeline is pinned, since a reader may
+        already have the part that is stored; the rest is written where it belongs, copy by
+        copy, and if that is refused it is given up (reported to the caller), never moved:
+        moving would deliver the stored part twice. Returns whether anything moved.
         """
         if not positions:
             return False
@@ -344,21 +361,27 @@ class TimelineService:
         owners = self.store.owners(kind, keys)
         mid = plan.mid
         to_move: list[int] = []
-        partial: list[int] = []
         for p in positions:
             found = [owners.get(key) for key in plan.keys(p)]
-            if all(owner == mid for owner in found):
+            ours = [owner == mid for owner in found]
+            if all(ours):
                 todo.discard(p)  # stored, by this message
-            elif moving or any(owner not in (mid, None) for owner in found):
+            elif not any(ours):
                 to_move.append(p)
+            elif moving or p in pinned or all(owner in (mid, None) for owner in found):
+                pinned.add(p)
+                todo.discard(p)
+                if not self._fill(plan, p, ours):
+                    given_up.add(p)  # refused where it belongs, and it must not move
             else:
-                partial.append(p)
-        own = [key for p in to_move + partial for key in plan.keys(p) if owners.get(key) == mid]
-        if own:
-            self.store.unwrite(kind, own, mid)
-        todo.update(partial)
+                # Written by this very request a moment ago, next to another message's copy:
+                # the range moves whole, so that its messages stay together and in order.
+                to_move.append(p)
         if not to_move:
             return False
+        own = [key for p in to_move for key in plan.keys(p) if owners.get(key) == mid]
+        if own:
+            self.store.unwrite(kind, own, mid)
         left = [key for p in to_move for key in plan.keys(p)]
         try:
             self._move(plan, to_move)
@@ -373,6 +396,24 @@ class TimelineService:
         # fail, readers seal them themselves after the grace period.
         with contextlib.suppress(Unavailable):
             self.store.seal(kind, left, self._clock_ms())  # skips those another message holds
+        return True
+
+    def _fill(self, plan: _Plan, position: int, stored: list[bool]) -> bool:
+        """Write a pinned timeline's missing copies where they belong, one by one (the rest
+        is stored already); whether all of them went in."""
+        first = plan.firsts[position]
+        for j, done in enumerate(stored):
+            if done:
+                continue
+            copy = Copies(
+                [plan.ids[position]], [first + j], [plan.messages[j]], plan.created_at_ms, plan.mid
+            )
+            history, sync = (copy, None) if position == 0 else (None, copy)
+            result = self.store.write(history, sync)
+            if result.history_taken or result.sync_taken:
+                owner = self.store.owners(plan.kind(position), [(plan.ids[position], first + j)])
+                if owner.get((plan.ids[position], first + j)) != plan.mid:
+                    return False
         return True
 
     @staticmethod
@@ -409,10 +450,13 @@ class TimelineService:
 
     def ack(self, member: str, seq: int) -> int:
         """Remove the member's sync entries up to `seq`; returns the new minSeq."""
-        self.store.ack(member, seq)
+        latest = self._latest(member)
+        # Whatever the ack removes is at most min(seq, latest): that floor covers it all and
+        # never runs ahead of what was allocated (a lost counter continues above it).
+        self.store.ack(member, seq, min(seq, latest))
         metrics.ACKED.inc()
-        lowest = self.store.page(Kind.SYNC, member, 0, 0, self._cutoff(Kind.SYNC)).lowest
-        return lowest.seq if lowest is not None else self._latest(member) + 1
+        first = self.store.page(Kind.SYNC, member, 0, 0, self._cutoff(Kind.SYNC))
+        return self._min_seq(Kind.SYNC, member, first, latest)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -427,6 +471,24 @@ class TimelineService:
             latest = self.store.max_seqs(Kind.SYNC, [member]).get(member, 0)
         return latest
 
+    def _min_seq(self, kind: Kind, timeline_id: str, first: Page, latest: int) -> int:
+        """The lowest sequence the timeline can still return: its lowest entry held (or
+        latest + 1 when none is), unless a sequence between the floor and it may still be
+        written, by a writer still in flight (then floor + 1)."""
+        lowest = first.lowest
+        top = lowest.seq if lowest is not None else latest + 1
+        floor = first.floor
+        if top <= floor + 1:
+            return max(top, floor + 1)
+        if (
+            lowest is not None
+            and self._clock_ms() - lowest.created_at_ms >= self.policy.gap_grace_ms
+        ):
+            return top  # whatever is missing below an old entry was never going to arrive
+        if self.store.count(kind, timeline_id, floor + 1, top) == top - floor - 1:
+            return top  # all there, only hidden (expired, placeholders)
+        return floor + 1
+
     def sync(self, member: str, last_read: int, count: int) -> SyncResult:
         """The member's sync entries after last_read, the newest sequence allocated, and
         the lowest sequence the timeline can still return (minSeq)."""
@@ -437,7 +499,7 @@ class TimelineService:
         latest = self._latest(member)
         if entries and entries[-1].seq > latest:
             latest = entries[-1].seq  # a counter behind the store; the next send repairs it
-        min_seq = first.lowest.seq if first.lowest is not None else latest + 1
+        min_seq = self._min_seq(Kind.SYNC, member, first, latest)
         return SyncResult(latest_seq=latest, min_seq=min_seq, entries=entries)
 
     def history(self, conversation: str, last_read: int, count: int) -> list[Entry]:
@@ -465,52 +527,61 @@ class TimelineService:
     ) -> list[Entry]:
         """Up to `count` entries after `after`, never past a hole a write may still fill.
 
-        What lies at or below the floor (acked, purged) is gone; so is what lies below the
-        lowest entry held, unless that entry is so young that a write below it may still be
-        in flight: reading starts there.
-        A sequence is allocated before its document is written, so a reader can see seq 7
-        stored while seq 6 is still being written; handing out 7 would move the client past
-        6 for good. So a read stops before a hole while the entry after it is younger than
-        the grace period (no request outlives it). An older hole is sealed before it is
-        stepped over: placeholders are stored at its sequences, so that a write arriving
-        even later finds them taken and moves above, where readers will see it.
-        Placeholders and expired entries are never returned.
+        What lies at or below the floor (acked, purged) is gone. The store returns only what
+        a client may see; a gap between two such entries is counted: filled with hidden
+        documents (placeholders, expired entries), it is stepped over. A sequence is
+        allocated before its document is written, so a reader can see seq 7 stored while
+        seq 6 is still being written; handing out 7 would move the client past 6 for good.
+        So a read stops before a missing sequence while the entry after it is younger than
+        the grace period (no request outlives it). An older one is closed before it is
+        stepped over, so that a write arriving even later finds it taken and moves above,
+        where readers will see it: sealed with a placeholder in the middle of a timeline,
+        put below the floor when nothing visible lies under it.
         """
         entries: list[Entry] = []
         expected = max(after, first.floor) + 1
         now = self._clock_ms()
-        grace = self.policy.gap_grace_ms
-        lowest = first.lowest
-        if lowest is not None and lowest.seq > expected and now - lowest.created_at_ms >= grace:
-            expected = lowest.seq
-        size = count
         page: list[Entry] | None = first.entries if expected == after + 1 else None
         for _ in range(_READ_PAGES):
             if page is None:
-                page = self.store.read(kind, timeline_id, expected - 1, size)
-            resealed = False
+                page = self.store.read(kind, timeline_id, expected - 1, count, cutoff)
+            reread = False
             for entry in page:
                 if entry.seq != expected:
-                    if now - entry.created_at_ms < grace:
-                        return entries
-                    try:
-                        holes = [(timeline_id, seq) for seq in range(expected, entry.seq)]
-                        late = self.store.seal(kind, holes, now)
-                    except Unavailable:
-                        return entries  # what comes before the hole is safe to hand out
-                    if late:
-                        resealed = True  # a write got there first: read it in order
+                    present = self.store.count(kind, timeline_id, expected, entry.seq)
+                    if present < entry.seq - expected:
+                        if now - entry.created_at_ms < self.policy.gap_grace_ms:
+                            return entries  # a write below it may still be in flight
+                        closed = self._close(kind, timeline_id, expected, entry, first, now)
+                        if closed is None:
+                            return entries  # what comes before the hole is safe to hand out
+                        expected = closed
+                        reread = True  # a late write may have got there first: read again
                         break
-                if entry.mid != HOLE_MID and not 0 < entry.created_at_ms < cutoff:
-                    entries.append(entry)
-                    if len(entries) == count:
-                        return entries
+                entries.append(entry)
+                if len(entries) == count:
+                    return entries
                 expected = entry.seq + 1
-            if not resealed and len(page) < size:
+            if not reread and len(page) < count:
                 return entries  # the end of the timeline
-            size = max(count, 200)  # past hidden entries: read on in larger steps
             page = None
         return entries
+
+    def _close(
+        self, kind: Kind, timeline_id: str, low: int, entry: Entry, first: Page, now: int
+    ) -> int | None:
+        """Close the old gap [low, entry.seq) for good; returns where reading goes on, or
+        None when the store refused."""
+        try:
+            if first.lowest is not None and entry.seq == first.lowest.seq:
+                # Nothing visible below: all of it is gone (failed, expired, purged).
+                self.store.raise_floor(kind, timeline_id, entry.seq - 1)
+                return entry.seq
+            holes = [(timeline_id, seq) for seq in range(low, entry.seq)]
+            self.store.seal(kind, holes, now)  # where nothing is stored
+        except Unavailable:
+            return None
+        return low  # read the gap again: sealed now, unless a late write filled it first
 
 
 class _MoveLost(Exception):

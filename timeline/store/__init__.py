@@ -51,7 +51,9 @@ class Store(Protocol):
         The history copies are written first, all or none: if one's `(id, seq)` is taken,
         no sync copy is attempted. The sync copies are written independently of each other;
         those whose `(id, seq)` is taken are reported (by position in `sync.rows()`), the
-        others kept.
+        others kept. A sequence at or below its timeline's floor (acked or purged) counts as
+        taken. Where the store can (SQLite), one timeline's copies of a batch are stored
+        together or not at all.
         Any other failure raises Unavailable (PartialWrite once the history is stored); the
         write may then have been partly done, and writing the same documents again is how
         to finish it.
@@ -69,9 +71,18 @@ class Store(Protocol):
         """Delete the documents at these `(id, seq)` that belong to message `mid`."""
         ...
 
-    def ack(self, member: str, seq: int) -> None:
-        """Delete the member's sync entries with `seq <= seq` (one delete), keeping the
-        highest removed sequence as the timeline's floor."""
+    def ack(self, member: str, seq: int, floor: int) -> None:
+        """Delete the member's sync entries with `seq <= seq` (one delete), raising the
+        timeline's floor to `floor` (which covers every sequence removed) first."""
+        ...
+
+    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
+        """Declare everything up to `seq` gone: readers skip it, writes there count as taken."""
+        ...
+
+    def count(self, kind: Kind, timeline_id: str, low: int, high: int) -> int:
+        """How many documents (placeholders and expired ones included) hold a sequence in
+        `low <= seq < high`."""
         ...
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
@@ -82,9 +93,11 @@ class Store(Protocol):
         """The highest sequence each timeline ever stored (its floor included); 0 if none."""
         ...
 
-    def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
-        """Entries with `seq > after`, ascending, at most `limit`; placeholders and expired
-        entries included (the service hides them, knowing where they are)."""
+    def read(
+        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int = 0
+    ) -> list[Entry]:
+        """Entries with `seq > after`, ascending, at most `limit`: neither placeholders nor
+        entries created before `not_before_ms` (count() tells what else fills a gap)."""
         ...
 
     def read_backward(
@@ -97,8 +110,8 @@ class Store(Protocol):
     def page(
         self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int
     ) -> Page:
-        """read(after, limit), with the timeline's lowest entry neither a placeholder nor
-        created before `not_before_ms`, and its floor: one round trip where it can be."""
+        """read(after, limit, not_before_ms), with the timeline's lowest such entry and its
+        floor: one round trip where it can be."""
         ...
 
     def purge(self, kind: Kind, before_ms: int) -> int:

@@ -180,7 +180,14 @@ class MongoStore:
             return WriteResult()
         # From here on the history copy is stored: a failure says so (PartialWrite).
         try:
-            taken = self._insert_unordered(Kind.SYNC, _bson(sync))
+            below = self._below_floors(sync)
+            documents = _bson(sync)
+            if below:
+                documents = [d for i, d in enumerate(documents) if i not in below]
+                positions = [i for i in range(len(sync)) if i not in below]
+            taken = self._insert_unordered(Kind.SYNC, documents)
+            if below:
+                taken = sorted({positions[i] for i in taken} | below)
         except PyMongoError as exc:
             log.warning("mongo write failed after the history copy: %s", exc)
             dependency_failed("store")
@@ -209,6 +216,17 @@ class MongoStore:
             raise
         return True
 
+    def _below_floors(self, sync: Copies) -> set[int]:
+        """Copies at or below their timeline's floor (what ack and purge removed): they count
+        as taken, so that a lagging counter never writes where no reader looks any more."""
+        floors = {
+            f["_id"]: int(f["seq"])
+            for f in self._floors[Kind.SYNC].find({"_id": {"$in": list(set(sync.ids))}})
+        }
+        if not floors:
+            return set()
+        return {i for i, (id_, seq, *_) in enumerate(sync.rows()) if seq <= floors.get(id_, 0)}
+
     def _insert_unordered(self, kind: Kind, documents: list[dict[str, Any]]) -> list[int]:
         """insert_many(ordered=False): the positions whose (id, seq) was taken.
 
@@ -216,6 +234,8 @@ class MongoStore:
         raised: writing the same documents again is how to finish, since what did get stored
         comes back as taken, with its own mid.
         """
+        if not documents:
+            return []
         try:
             self._collections[kind].insert_many(documents, ordered=False)
         except BulkWriteError as exc:
@@ -230,11 +250,10 @@ class MongoStore:
     def seal(
         self, kind: Kind, keys: Sequence[tuple[str, int]], created_at_ms: int
     ) -> list[tuple[str, int]]:
-        # sealed_at, not created_at: the TTL index must not remove a seal, or the hole it
-        # closes would open again.
-        sealed_at = _date(created_at_ms)
+        # With a created_at, the purge removes old seals too (raising the floor over them).
+        created_at = _date(created_at_ms)
         holes = [
-            {"id": id_, "seq": seq, "message": {}, "sealed_at": sealed_at, "mid": HOLE_MID}
+            {"id": id_, "seq": seq, "message": {}, "created_at": created_at, "mid": HOLE_MID}
             for id_, seq in keys
         ]
         taken = self._call("seal", lambda: self._insert_unordered(kind, holes))
@@ -245,21 +264,28 @@ class MongoStore:
             query = {"$or": [{"id": id_, "seq": seq, "mid": mid} for id_, seq in keys]}
             self._call("unwrite", lambda: self._collections[kind].delete_many(query))
 
-    def ack(self, member: str, seq: int) -> None:
-        sync = self._primary(Kind.SYNC)
-
+    def ack(self, member: str, seq: int, floor: int) -> None:
         def acknowledge() -> None:
-            newest = sync.find_one(
-                {"id": member, "seq": {"$lte": seq}}, {"seq": 1}, sort=[("seq", -1)]
-            )
-            if newest is not None:
+            if floor > 0:
                 # The floor first: should the delete then fail, nothing is lost but space.
                 self._floors[Kind.SYNC].update_one(
-                    {"_id": member}, {"$max": {"seq": int(newest["seq"])}}, upsert=True
+                    {"_id": member}, {"$max": {"seq": floor}}, upsert=True
                 )
-            sync.delete_many({"id": member, "seq": {"$lte": seq}})
+            self._collections[Kind.SYNC].delete_many({"id": member, "seq": {"$lte": seq}})
 
         self._call("ack", acknowledge)
+
+    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
+        floors = self._floors[kind]
+        self._call(
+            "floor",
+            lambda: floors.update_one({"_id": timeline_id}, {"$max": {"seq": seq}}, upsert=True),
+        )
+
+    def count(self, kind: Kind, timeline_id: str, low: int, high: int) -> int:
+        query = {"id": timeline_id, "seq": {"$gte": low, "$lt": high}}
+        collection = self._primary(kind)
+        return int(self._call("count", lambda: collection.count_documents(query)))
 
     def purge(self, kind: Kind, before_ms: int) -> int:
         collection = self._primary(kind)
@@ -342,8 +368,11 @@ class MongoStore:
         found = self._call("read", highest)
         return {id_: found.get(id_, 0) for id_ in ids}
 
-    def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
-        query = {"id": timeline_id, "seq": {"$gt": after}}
+    def read(
+        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int = 0
+    ) -> list[Entry]:
+        query = {"id": timeline_id, "seq": {"$gt": after}, "mid": {"$ne": HOLE_MID}}
+        query |= _unexpired(not_before_ms)
         cursor = self._collections[kind].find(query, _PROJECTION).sort("seq", 1).limit(limit)
         return [_entry(d) for d in self._call("read", lambda: list(cursor))]
 
@@ -373,7 +402,7 @@ class MongoStore:
             )
 
         lowest, floor = self._call("read", find)
-        entries = self.read(kind, timeline_id, after, limit) if limit else []
+        entries = self.read(kind, timeline_id, after, limit, not_before_ms) if limit else []
         return Page(lowest, floor, entries)
 
     def ping(self) -> None:

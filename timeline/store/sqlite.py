@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS {table}_floor (
     seq INTEGER NOT NULL
 ) WITHOUT ROWID
 """
+# Nothing is written at or below a timeline's floor (what ack and purge removed): a counter
+# that lags behind (a Redis replica promoted before it caught up) would otherwise put a
+# message where no reader looks any more. The write sees a taken key and moves above.
+_FLOOR_GUARD = """
+CREATE TRIGGER IF NOT EXISTS {table}_floor_guard BEFORE INSERT ON {table}
+WHEN NEW.mid != '~hole' AND NEW.seq <= (SELECT seq FROM {table}_floor WHERE id = NEW.id)
+BEGIN SELECT RAISE(ABORT, 'at or below the floor'); END
+"""
 _RAISE_FLOOR = """
 INSERT INTO {table}_floor (id, seq) VALUES (?, ?)
 ON CONFLICT (id) DO UPDATE SET seq = MAX(seq, excluded.seq)
@@ -124,6 +132,7 @@ class SQLiteStore:
                 self._migrate(conn, table)
                 conn.execute(_SCHEMA.format(table=table))
                 conn.execute(_FLOOR_SCHEMA.format(table=table))
+                conn.execute(_FLOOR_GUARD.format(table=table))
         except sqlite3.Error as exc:
             dependency_failed("store")
             raise Unavailable(f"sqlite store at {self.path} cannot be opened") from exc
@@ -240,13 +249,26 @@ class SQLiteStore:
         self, conn: sqlite3.Connection, history: Copies | None, sync: Copies
     ) -> list[int]:
         """The rare path: a sync key was taken. Start the transaction over (no savepoint on
-        the fast path: it would cost every write), then find the taken rows one by one."""
+        the fast path: it would cost every write), then write timeline by timeline, each in a
+        savepoint: a timeline whose batch hits a taken key keeps none of it, so that its
+        messages move together and no reader ever sees part of them twice."""
         conn.execute("ROLLBACK")
         conn.execute("BEGIN IMMEDIATE")
         if history is not None and not self._insert_history(conn, history):
             raise _HistoryTaken  # taken between the two transactions
-        insert = _INSERT[_SYNC].replace("INSERT", "INSERT OR IGNORE", 1)
-        return [i for i, row in enumerate(sync.rows()) if conn.execute(insert, row).rowcount != 1]
+        insert = _INSERT[_SYNC]
+        per_timeline = len(sync.messages)
+        rows = list(sync.rows())
+        taken: list[int] = []
+        for start in range(0, len(rows), per_timeline):
+            conn.execute("SAVEPOINT timeline_rows")
+            try:
+                conn.executemany(insert, rows[start : start + per_timeline])
+            except sqlite3.IntegrityError:
+                conn.execute("ROLLBACK TO timeline_rows")
+                taken.extend(range(start, start + per_timeline))
+            conn.execute("RELEASE timeline_rows")
+        return taken
 
     def seal(
         self, kind: Kind, keys: Sequence[tuple[str, int]], created_at_ms: int
@@ -264,16 +286,19 @@ class SQLiteStore:
         with self._transaction() as conn:
             conn.executemany(delete, [(id_, seq, mid) for id_, seq in keys])
 
-    def ack(self, member: str, seq: int) -> None:
+    def ack(self, member: str, seq: int, floor: int) -> None:
         with self._transaction() as conn:
-            # The floor never goes past what was stored: an ack beyond the newest sequence
-            # must not make a lost counter jump ahead.
-            [(highest,)] = conn.execute(
-                f"SELECT MAX(seq) FROM {_SYNC} WHERE id = ? AND seq <= ?", (member, seq)
-            ).fetchall()
-            if highest is not None:
-                conn.execute(_RAISE_FLOOR.format(table=_SYNC), (member, highest))
+            if floor > 0:
+                conn.execute(_RAISE_FLOOR.format(table=_SYNC), (member, floor))
             conn.execute(f"DELETE FROM {_SYNC} WHERE id = ? AND seq <= ?", (member, seq))
+
+    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
+        with self._transaction() as conn:
+            conn.execute(_RAISE_FLOOR.format(table=COLLECTIONS[kind]), (timeline_id, seq))
+
+    def count(self, kind: Kind, timeline_id: str, low: int, high: int) -> int:
+        sql = f"SELECT COUNT(*) FROM {COLLECTIONS[kind]} WHERE id = ? AND seq >= ? AND seq < ?"
+        return int(self._query(sql, (timeline_id, low, high))[0][0])
 
     # --- reading --------------------------------------------------------------------------
 
@@ -305,12 +330,15 @@ class SQLiteStore:
                 highest[id_] = max(seq or 0, floor or 0)
         return highest
 
-    def read(self, kind: Kind, timeline_id: str, after: int, limit: int) -> list[Entry]:
+    def read(
+        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int = 0
+    ) -> list[Entry]:
         sql = (
             f"SELECT seq, message, created_at, mid FROM {COLLECTIONS[kind]} "
-            "WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?"
+            "WHERE id = ? AND seq > ? AND mid != ? AND created_at >= ? ORDER BY seq LIMIT ?"
         )
-        return [Entry(*row) for row in self._query(sql, (timeline_id, after, limit))]
+        params = (timeline_id, after, HOLE_MID, not_before_ms, limit)
+        return [Entry(*row) for row in self._query(sql, params)]
 
     def read_backward(
         self, kind: Kind, timeline_id: str, before: int, limit: int, not_before_ms: int
@@ -333,9 +361,12 @@ class SQLiteStore:
             "WHERE id = ? AND created_at >= ? AND mid != ? ORDER BY seq LIMIT 1) "
             f"UNION ALL SELECT 1, seq, NULL, NULL, NULL FROM {table}_floor WHERE id = ? "
             f"UNION ALL SELECT * FROM (SELECT 2, seq, message, created_at, mid FROM {table} "
-            "WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?)"
+            "WHERE id = ? AND seq > ? AND mid != ? AND created_at >= ? ORDER BY seq LIMIT ?)"
         )
-        params = (timeline_id, not_before_ms, HOLE_MID, timeline_id, timeline_id, after, limit)
+        params = (
+            *(timeline_id, not_before_ms, HOLE_MID, timeline_id),
+            *(timeline_id, after, HOLE_MID, not_before_ms, limit),
+        )
         lowest, floor, entries = None, 0, []
         for part, seq, message, created_at, mid in self._query(sql, params):
             if part == 2:
@@ -355,16 +386,20 @@ class SQLiteStore:
         removed = 0
         while boundary is not None:
             with self._transaction() as conn:
+                # created_at is checked too: a retried write can land later in rowid order
+                # than its creation time says, and must not go before it has expired.
                 batch = conn.execute(
-                    f"SELECT rowid, id, seq FROM {table} WHERE rowid <= ? ORDER BY rowid LIMIT ?",
-                    (boundary, _PURGE_BATCH),
+                    f"SELECT rowid, id, seq FROM {table} WHERE rowid <= ? AND created_at < ? "
+                    "ORDER BY rowid LIMIT ?",
+                    (boundary, before_ms, _PURGE_BATCH),
                 ).fetchall()
                 highest: dict[str, int] = {}
                 for _, id_, seq in batch:
                     highest[id_] = max(seq, highest.get(id_, 0))
                 conn.executemany(_RAISE_FLOOR.format(table=table), list(highest.items()))
-                if batch:
-                    conn.execute(f"DELETE FROM {table} WHERE rowid <= ?", (batch[-1][0],))
+                conn.executemany(
+                    f"DELETE FROM {table} WHERE rowid = ?", [(row[0],) for row in batch]
+                )
             removed += len(batch)
             if len(batch) < _PURGE_BATCH:
                 break
@@ -379,14 +414,15 @@ class SQLiteStore:
         if not first or first[0][1] >= before_ms:
             return None
         [(last,)] = self._query(f"SELECT MAX(rowid) FROM {table}", ())
-        low, high = int(first[0][0]), int(last)  # created_at(low) < before_ms: find the last
+        low, high = int(first[0][0]), int(last or first[0][0])  # created_at(low) < before_ms
         probe = f"SELECT rowid, created_at FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT 1"
         while low < high:
-            rowid, created_at = self._query(probe, ((low + high + 1) // 2,))[0]
-            if created_at < before_ms:
-                low = int(rowid)
+            middle = (low + high + 1) // 2
+            found = self._query(probe, (middle,))
+            if found and found[0][1] < before_ms:
+                low = int(found[0][0])
             else:
-                high = (low + high + 1) // 2 - 1
+                high = middle - 1  # none from middle on (deleted meanwhile), or not expired
         return low
 
     def claim_purge(self, now_ms: int, period_ms: int) -> bool:
