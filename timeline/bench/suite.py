@@ -52,11 +52,13 @@ def free_port() -> int:
 class Server:
     """A gunicorn serving either timeline (its own gunicorn.conf.py) or the baseline."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], cwd: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], cwd: Path, logs: Path
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = cwd / f"{name}.log"
+        self.log = logs / f"{name}.log"
         environment = os.environ | env | {"PORT": str(self.port), "HOST": "127.0.0.1"}
         environment["PYTHONPATH"] = str(ROOT)
         args = [arg.replace("{port}", str(self.port)) for arg in args]
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 "TIMELINE_LOG_LEVEL": os.environ.get("TIMELINE_LOG_LEVEL", "info"),
             },
             ROOT,
+            work,
         )
         servers.append(ours)
         redis_url = f"unix://{work / 'ours' / 'redis.sock'}"
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 "timeline.bench.baseline:app",
             ],
             {"TIMELINE_REDIS_URL": redis_url, "BASELINE_SQLITE": str(work / "baseline.sqlite3")},
+            work,
             work,
         )  # fmt: skip
         servers.append(baseline)
