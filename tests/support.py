@@ -84,10 +84,11 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def put(store: Any, kind: Any, *documents: Any) -> None:
-    """Store documents one by one, each as it would be a request's own copy."""
+def put(
+    store: Any, kind: Any, id_: str, seq: int, message: Any, created_at_ms: int, mid: str
+) -> None:
+    """Store one copy, as if it were a request's own."""
     from timeline.model import Copies, Kind
 
-    for d in documents:
-        one = Copies([d.id], [d.seq], [d.message], d.created_at_ms, d.mid)
-        store.write(one, None) if kind is Kind.HISTORY else store.write(None, one)
+    one = Copies([id_], [seq], [message], created_at_ms, mid)
+    store.write(one, None) if kind is Kind.HISTORY else store.write(None, one)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from support import put
-from timeline.model import Document, Kind, Message
+from timeline.model import Kind, Message
 from timeline.store import Store
 
 
@@ -425,20 +425,20 @@ def test_each_request_costs_one_redis_command(client: Any, redis_url: str) -> No
 def test_sync_stops_before_a_fresh_hole_and_passes_an_old_one(client: Any, store: Store) -> None:
     now = int(time.time() * 1000)
 
-    def doc(seq: int, created_at_ms: int) -> Document:
-        return Document(
-            "r", seq, Message({"n": seq}, orjson.dumps({"n": seq}).decode()), created_at_ms
-        )
+    def put_seq(seq: int, created_at_ms: int) -> None:
+        message = Message({"n": seq}, orjson.dumps({"n": seq}).decode())
+        put(store, Kind.SYNC, "r", seq, message, created_at_ms, "")
 
     # Given seq 2 allocated but not yet written, and seq 3 written just now,
-    put(store, Kind.SYNC, doc(1, now), doc(3, now))
+    put_seq(1, now)
+    put_seq(3, now)
     body = client.get("/timeline/sync?member=r").get_json()
     # then a reader gets seq 1 only, and will come back for 2 and 3.
     assert [e["sequence"] for e in body["entrySet"]] == ["1"]
     assert body["entrySetLastSeq"] == "1"
 
     # Given a hole whose next entry is older than the grace period, the writer has failed:
-    put(store, Kind.SYNC, doc(5, now - 60_000))
+    put_seq(5, now - 60_000)
     body = client.get("/timeline/sync?member=r&last_read=3").get_json()
     assert [e["sequence"] for e in body["entrySet"]] == ["5"]
 

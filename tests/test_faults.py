@@ -23,7 +23,7 @@ import redis
 from support import put
 from timeline.errors import PartialWrite, Unavailable, WriteFailed
 from timeline.factory import create_app
-from timeline.model import Copies, Document, Entry, Kind, Message, Timeline
+from timeline.model import Copies, Entry, Kind, Message, Timeline
 from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
@@ -500,8 +500,8 @@ def test_readers_skip_placeholders_and_keep_paging(
     clock = Clock()
     svc = service(redis_url, key_prefix, store, clock)
     old = clock.ms - 60_000
-    put(store, Kind.SYNC, Document("r", 1, msg("one"), old, "m1"))
-    put(store, Kind.SYNC, Document("r", 9, msg("nine"), old, "m9"))
+    put(store, Kind.SYNC, "r", 1, msg("one"), old, "m1")
+    put(store, Kind.SYNC, "r", 9, msg("nine"), old, "m9")
     # Seven sealed sequences between 1 and 9 do not end a page of two early.
     assert texts(svc.sync("r", 0, 2).entries) == ["one", "nine"]
     assert texts(svc.sync("r", 1, 1).entries) == ["nine"]

@@ -13,7 +13,7 @@ import redis
 
 from support import put
 from timeline.factory import create_app
-from timeline.model import Document, Kind, Message
+from timeline.model import Kind, Message
 from timeline.settings import Settings
 from timeline.store import Purger, Store
 from timeline.store.mongo import TTL_BACKSTOP_S, TTL_INDEX_NAME, MongoStore
@@ -207,7 +207,7 @@ def test_mongo_keeps_a_ttl_index_as_a_backstop(mongo_store: MongoStore) -> None:
 
 def test_the_purge_runs_in_the_background(store: Store) -> None:
     old = Message({"t": "old"}, '{"t":"old"}')
-    put(store, Kind.SYNC, Document("b", 1, old, int(time.time() * 1000) - 5000, "m"))
+    put(store, Kind.SYNC, "b", 1, old, int(time.time() * 1000) - 5000, "m")
     purger = Purger(store, {Kind.SYNC: 1000}, 0.2, lambda: int(time.time() * 1000))
     purger.start()
     try:

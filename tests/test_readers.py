@@ -11,7 +11,7 @@ from test_faults import Clock, FlakyStore, msg, read_all, service, texts
 
 from support import put
 from timeline.errors import PartialWrite, Unavailable
-from timeline.model import Copies, Document, Kind, Timeline
+from timeline.model import Copies, Kind, Timeline
 from timeline.store import Store, WriteResult
 
 
@@ -21,8 +21,8 @@ def test_a_long_sealed_run_does_not_end_history_early(
     clock = Clock()
     svc = service(redis_url, key_prefix, store, clock)
     old = clock.ms - 60_000
-    put(store, Kind.HISTORY, Document("g", 1, msg("one"), old, "m1"))
-    put(store, Kind.HISTORY, Document("g", 2000, msg("two"), old, "m2"))  # 2..1999 never stored
+    put(store, Kind.HISTORY, "g", 1, msg("one"), old, "m1")
+    put(store, Kind.HISTORY, "g", 2000, msg("two"), old, "m2")  # 2..1999 never stored
     assert texts(svc.history("g", 0, 10)) == ["one", "two"]  # the first reader seals 2..1999
     # Every later reader (a web client from last_read=1, or the first one retrying):
     assert texts(svc.history("g", 1, 10)) == ["two"]  # placeholders never end a page early
@@ -66,11 +66,11 @@ def test_min_seq_does_not_claim_missed_entries_while_a_write_is_in_flight(
     svc.ack("b", 3)  # floor 3; the device has read 3
     # seq 4 allocated (in flight), seq 5 stored just now
     redis.Redis.from_url(redis_url).set(svc.allocator.key(Timeline(Kind.SYNC, "b")), 5)
-    put(store, Kind.SYNC, Document("b", 5, msg("five"), clock.ms, "m5"))
+    put(store, Kind.SYNC, "b", 5, msg("five"), clock.ms, "m5")
     page = svc.sync("b", 3, 10)
     assert page.entries == []  # held at the fresh hole: right
     assert page.min_seq <= 3 + 1, page.min_seq  # an up-to-date client is not told it missed
-    put(store, Kind.SYNC, Document("b", 4, msg("four"), clock.ms, "m4"))  # the write lands
+    put(store, Kind.SYNC, "b", 4, msg("four"), clock.ms, "m4")  # the write lands
     assert texts(svc.sync("b", 3, 10).entries) == ["four", "five"]
 
 
@@ -132,9 +132,9 @@ def test_verify_checks_what_a_partly_failed_send_group_did_store(monkeypatch: An
 
 def test_sqlite_purge_removes_only_expired_rows(sqlite_store: Any) -> None:
     now = 1_700_000_000_000
-    put(sqlite_store, Kind.SYNC, Document("a", 1, msg("old"), now - 10_000, "m1"))
-    put(sqlite_store, Kind.SYNC, Document("b", 1, msg("young"), now, "m2"))
-    put(sqlite_store, Kind.SYNC, Document("c", 1, msg("retried"), now - 2_000, "m3"))
-    put(sqlite_store, Kind.SYNC, Document("d", 1, msg("retried"), now - 2_000, "m4"))
+    put(sqlite_store, Kind.SYNC, "a", 1, msg("old"), now - 10_000, "m1")
+    put(sqlite_store, Kind.SYNC, "b", 1, msg("young"), now, "m2")
+    put(sqlite_store, Kind.SYNC, "c", 1, msg("retried"), now - 2_000, "m3")
+    put(sqlite_store, Kind.SYNC, "d", 1, msg("retried"), now - 2_000, "m4")
     sqlite_store.purge(Kind.SYNC, now - 1_000)
     assert texts(read_all(sqlite_store, Kind.SYNC, "b")) == ["young"]

@@ -38,27 +38,11 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
-class Document:
-    """One stored copy of a message: `{id, seq, message}`, its creation time and `mid`.
-
-    `mid` names the message across all its copies and all attempts to store it: when a
-    write finds its `(id, seq)` taken, the stored `mid` says whether it is this message
-    (written by an earlier attempt) or another one (the counter was behind).
-    """
-
-    id: str
-    seq: int
-    message: Message
-    created_at_ms: int
-    mid: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class Copies:
     """The copies a request stores in several timelines of one kind, column by column:
     timeline `ids[i]` gets `messages[j]` at sequence `firsts[i] + j`, for every j.
 
-    Columns, not a Document per copy: a fan-out to 10,000 members is 10,000 copies, and rows
+    Columns, not an object per copy: a fan-out to 10,000 members is 10,000 copies, and rows
     zipped from columns cost the store nothing to build.
     """
 
@@ -104,7 +88,3 @@ class Entry(NamedTuple):
     message: str
     created_at_ms: int
     mid: str = ""
-
-    @property
-    def is_hole(self) -> bool:
-        return self.mid == HOLE_MID

@@ -182,7 +182,7 @@ def retention_ms(settings: Settings) -> dict[Kind, int]:
 
 def open_store(settings: Settings) -> Store:
     """The store the settings name: MongoDB when a URI is set, else SQLite."""
-    if settings.mongo_uri:
+    if settings.store_backend == "mongo":
         from timeline.store.mongo import MongoStore
 
         return MongoStore.connect(settings, retention_ms(settings))
