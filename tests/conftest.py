@@ -127,6 +127,7 @@ def mongo_store(mongo_uri: str | None) -> Iterator[MongoStore]:
 
         client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True)
     store = MongoStore(client[database_name], client=client)
+    store.prepare()  # as the service does at start-up, in a thread of its own
     store.simulated = mongo_uri is None  # type: ignore[attr-defined]
     yield store
     client.drop_database(database_name)

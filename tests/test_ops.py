@@ -41,7 +41,9 @@ def test_healthz_answers_even_with_every_dependency_down() -> None:
     assert reply.status_code == 503
     body = reply.get_json()
     assert body["reason"] == "TIMELINE_UNAVAILABLE"
-    assert body["metadata"] == {"redis": "down", "store": "down"}
+    assert body["metadata"]["redis"] == "down"
+    assert body["metadata"]["store"] == "down"
+    assert body["metadata"]["indexes"] in ("building", "failed")  # never built
     assert "redis" in body["message"]
     assert "store" in body["message"]
 
@@ -49,7 +51,8 @@ def test_healthz_answers_even_with_every_dependency_down() -> None:
 def test_readyz_is_200_when_redis_and_the_store_answer(client: Any) -> None:
     reply = client.get("/readyz")
     assert reply.status_code == 200
-    assert reply.get_json() == {"status": "ready", "checks": {"redis": "ok", "store": "ok"}}
+    checks = {"redis": "ok", "store": "ok", "indexes": "ready"}
+    assert reply.get_json() == {"status": "ready", "checks": checks}
 
 
 def test_readyz_names_redis_once_it_is_killed(
@@ -61,7 +64,7 @@ def test_readyz_names_redis_once_it_is_killed(
     server.stop()
     reply = client.get("/readyz")
     assert reply.status_code == 503
-    assert reply.get_json()["metadata"] == {"redis": "down", "store": "ok"}
+    assert reply.get_json()["metadata"] == {"redis": "down", "store": "ok", "indexes": "ready"}
     assert client.get("/healthz").status_code == 200
     server.start()
     assert client.get("/readyz").status_code == 200

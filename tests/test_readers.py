@@ -3,6 +3,9 @@ what it has read is never delivered again."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -138,3 +141,145 @@ def test_sqlite_purge_removes_only_expired_rows(sqlite_store: Any) -> None:
     put(sqlite_store, Kind.SYNC, "d", 1, msg("retried"), now - 2_000, "m4")
     sqlite_store.purge(Kind.SYNC, now - 1_000)
     assert texts(read_all(sqlite_store, Kind.SYNC, "b")) == ["young"]
+
+
+class WritesAfterPage:
+    """A real store that stores one more copy right after the n-th page is read: the write
+    of a sequence the reader is about to look at lands between its page and its gap check."""
+
+    def __init__(self, inner: Store, copy: tuple[str, int, str], after_pages: int = 1) -> None:
+        self.inner, self.backend = inner, inner.backend
+        self.copy, self.pages_left = copy, after_pages
+
+    def page(self, *args: Any) -> Any:
+        page = self.inner.page(*args)
+        self.pages_left -= 1
+        if self.pages_left == 0:
+            member, seq, text = self.copy
+            put(self.inner, Kind.SYNC, member, seq, msg(text), page_clock.ms, f"m-{text}")
+        return page
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+page_clock = Clock()
+
+
+def test_a_write_landing_between_the_page_and_the_gap_check_is_not_stepped_over(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    # Given b's 1 and 3 stored, and 2 in flight (allocated, being written),
+    put(store, Kind.SYNC, "b", 1, msg("one"), page_clock.ms, "m1")
+    put(store, Kind.SYNC, "b", 3, msg("three"), page_clock.ms, "m3")
+    redis.Redis.from_url(redis_url).set(f"{key_prefix}seq:sync:b", 3)
+    racing = WritesAfterPage(store, ("b", 2, "two"))
+    svc = service(redis_url, key_prefix, racing, page_clock)
+    # when 2 lands right after the reader's page (which shows 1 and 3) was read,
+    page = svc.sync("b", 0, 10)
+    # then the reader reads again rather than step over 2 for good.
+    assert texts(page.entries) == ["one", "two", "three"]
+
+
+def test_min_seq_never_passes_a_write_landing_after_the_page(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    # Given b acked through 2 (floor 2), 4 stored and 3 in flight,
+    put(store, Kind.SYNC, "b", 1, msg("one"), page_clock.ms, "m1")
+    put(store, Kind.SYNC, "b", 2, msg("two"), page_clock.ms, "m2")
+    put(store, Kind.SYNC, "b", 4, msg("four"), page_clock.ms, "m4")
+    redis.Redis.from_url(redis_url).set(f"{key_prefix}seq:sync:b", 4)
+    racing = WritesAfterPage(store, ("b", 3, "three"))
+    svc = service(redis_url, key_prefix, racing, page_clock)
+    # when 3 lands right after the ack's page was read,
+    min_seq = svc.ack("b", 2)
+    # then minSeq does not tell the device that 3 is gone: it is there to be read.
+    assert min_seq == 3
+    assert texts(svc.sync("b", 2, 10).entries) == ["three", "four"]
+
+
+def test_a_history_write_at_or_below_the_history_floor_counts_as_taken(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    # History floors come from the purge (a history retention): 1..3 expired and removed.
+    svc = service(redis_url, key_prefix, store, page_clock)
+    old = page_clock.ms - 10_000
+    for seq in (1, 2, 3):
+        put(store, Kind.HISTORY, "g", seq, msg(f"old{seq}"), old, f"o{seq}")
+    assert store.purge(Kind.HISTORY, page_clock.ms - 5_000) == 3
+    # A lagging counter (Redis lost, and its replica behind) hands out 2 again:
+    redis.Redis.from_url(redis_url).set(f"{key_prefix}seq:history:g", 1)
+    assert svc.send_group("g", ["a"], [msg("late")]) == []
+    # the history copy moves above the floor, where readers look.
+    assert [(e.seq, texts([e])) for e in svc.history("g", 0, 10)] == [(4, ["late"])]
+
+
+def test_every_device_receives_every_message_once_and_in_order(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    """Writers send to one member from several threads through two workers (two services
+    on one Redis and one store) while devices follow last_read page by page."""
+    real_clock = _RealClock()
+    if getattr(store, "simulated", False):
+        store = OneCallAtATime(store)  # type: ignore[assignment]
+    workers = [service(redis_url, key_prefix, store, real_clock) for _ in range(2)]
+    senders, per_sender, devices = 4, 25, 3
+    total = senders * per_sender
+    done = threading.Event()
+
+    def write(sender: int) -> None:
+        svc = workers[sender % 2]
+        for i in range(per_sender):
+            svc.send(f"s{sender}", "inbox", [msg(f"s{sender}#{i}")])
+
+    received: list[list[tuple[int, str]]] = [[] for _ in range(devices)]
+
+    def read(device: int) -> None:
+        svc = workers[device % 2]
+        last_read = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            page = svc.sync("inbox", last_read, 7).entries  # small pages: many boundaries
+            received[device].extend((e.seq, texts([e])[0]) for e in page)
+            if page:
+                last_read = page[-1].seq
+            elif done.is_set() and last_read == total:
+                return
+
+    readers = [threading.Thread(target=read, args=(d,)) for d in range(devices)]
+    for thread in readers:
+        thread.start()
+    with ThreadPoolExecutor(senders) as pool:
+        list(pool.map(write, range(senders)))
+    done.set()
+    for thread in readers:
+        thread.join()
+    sent = {f"s{s}#{i}" for s in range(senders) for i in range(per_sender)}
+    for got in received:
+        assert [seq for seq, _ in got] == list(range(1, total + 1))
+        assert {text for _, text in got} == sent
+
+
+class _RealClock:
+    """Wall-clock milliseconds: writes in flight are fresh, as in production."""
+
+    def __call__(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+class OneCallAtATime:
+    """mongomock is not thread-safe (a real server is): its calls take turns here, which
+    still lets writers and readers interleave between any two calls of a request."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner, self.backend = inner, inner.backend
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                return method(*args, **kwargs)
+
+        return call

@@ -62,6 +62,9 @@ def test_an_empty_variable_unsets_an_optional_setting(tmp_path: Path) -> None:
         ("", {"TIMELINE_COUNT_DEFAULT": "2000"}, "count_default"),
         ("", {"TIMELINE_REDIS_URL": "localhost:6379"}, "redis://"),
         ("count_max: true\n", {}, "integer"),
+        ("", {"TIMELINE_SYNC_RETENTION_SECONDS": str(100 * 365 * 86_400)}, "68 years"),
+        ("", {"TIMELINE_HISTORY_RETENTION_SECONDS": "2147397248"}, "at most 2147397247"),
+        ("", {"TIMELINE_MONGO_OPERATION_TIMEOUT_MS": "0"}, "positive"),
     ],
 )
 def test_bad_settings_fail_at_start_with_a_clear_message(

@@ -9,7 +9,6 @@ import orjson
 
 from timeline.model import Copies, Kind, Message
 from timeline.store import Store, WriteResult
-from timeline.store.mongo import INDEX_NAME, MongoStore
 from timeline.store.sqlite import SQLiteStore
 
 
@@ -121,18 +120,53 @@ def test_max_seqs_give_each_timeline_its_highest_stored_sequence(store: Store) -
     assert store.max_seqs(Kind.SYNC, many) == dict.fromkeys(many, 0)
 
 
-def test_ping_answers(store: Store) -> None:
+def test_ping_answers_and_the_store_is_ready(store: Store) -> None:
     store.ping()
+    assert store.readiness() == "ready"
 
 
-def test_mongo_creates_the_unique_index_idempotently(mongo_store: MongoStore) -> None:
-    mongo_store.ensure_indexes()
-    mongo_store._indexes_ready = False
-    mongo_store.ensure_indexes()  # a second worker doing the same must not fail
-    for collection in mongo_store._collections.values():
-        index = collection.index_information()[INDEX_NAME]
-        assert index["key"] == [("id", 1), ("seq", 1)]
-        assert index["unique"] is True
+def test_owners_of_many_timelines_at_once(store: Store) -> None:
+    # A replay to a big group asks about every member's range at once.
+    members = [f"m{i}" for i in range(700)]
+    store.write(None, Copies(members, list(range(1, 701)), [message(n=1)], 1_000, "x"))
+    keys = [(member, i + 1) for i, member in enumerate(members)]
+    keys += [(member, i + 2) for i, member in enumerate(members)]  # not stored
+    assert store.owners(Kind.SYNC, keys) == {key: "x" for key in keys[:700]}
+
+
+def test_a_gap_tells_hidden_documents_from_visible_ones(store: Store) -> None:
+    store.write(None, copies("a", 1, message(n=1), created_at_ms=100))  # expired at 500
+    store.write(None, copies("a", 2, message(n=2), created_at_ms=900))
+    store.seal(Kind.SYNC, [("a", 3)], 900)
+    store.write(None, copies("a", 5, message(n=5), created_at_ms=900))
+    assert store.gap(Kind.SYNC, "a", 1, 6, 500) == (4, 2)  # 1 expired, 3 a placeholder
+    assert store.gap(Kind.SYNC, "a", 1, 6, 0) == (4, 1)  # nothing expires
+    assert store.gap(Kind.SYNC, "a", 3, 5, 500) == (1, 1)  # 4 is missing
+    assert store.gap(Kind.SYNC, "nobody", 1, 9, 500) == (0, 0)
+
+
+def test_copies_at_or_below_a_floor_count_as_taken(store: Store) -> None:
+    store.write(copies("g", 1), copies(["a", "b"], 1))
+    store.write(copies("g", 2), copies(["a", "b"], 2))
+    store.ack("a", 2, 2)  # a's floor: 2
+    # A lagging counter hands out 2 again: a's copy is refused, b's (taken) too.
+    result = store.write(None, copies(["b", "a", "c"], 2, mid="late"))
+    assert result == WriteResult(sync_taken=[0, 1])
+    assert store.owners(Kind.SYNC, [("a", 2), ("c", 2)]) == {("c", 2): "late"}
+    assert store.read(Kind.SYNC, "a", 0, 10) == []
+
+
+def test_history_at_or_below_its_floor_counts_as_taken(store: Store) -> None:
+    for seq in (1, 2, 3):
+        store.write(copies("g", seq, created_at_ms=100), None)
+    assert store.purge(Kind.HISTORY, 500) == 3  # history floor: 3
+    # A history copy at 3 is refused, and with it the whole write: no sync copy is made.
+    assert store.write(copies("g", 3, mid="late"), copies("a", 1)) == WriteResult(
+        history_taken=True
+    )
+    assert store.owners(Kind.HISTORY, [("g", 3)]) == {}
+    assert store.read(Kind.SYNC, "a", 0, 10) == []
+    assert store.write(copies("g", 4), copies("a", 1)) == WriteResult()
 
 
 def test_sqlite_scans_are_served_by_the_unique_index(sqlite_store: SQLiteStore) -> None:

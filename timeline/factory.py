@@ -11,7 +11,7 @@ from timeline.embedded import ensure_redis
 from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import Policy, TimelineService, _now_ms
 from timeline.settings import Settings, load_settings
-from timeline.store import Purger, Store, open_store, retention_ms
+from timeline.store import Preparer, Purger, Store, open_store, retention_ms
 from timeline.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ def close_app(app: Flask) -> None:
     """Close the app's Redis and store clients (a worker exiting cleanly)."""
     service: TimelineService = app.extensions[api.EXTENSION]["service"]
     app.extensions[api.EXTENSION]["purger"].stop()
+    app.extensions[api.EXTENSION]["preparer"].stop()
     service.allocator.close()
     service.store.close()
 
@@ -59,12 +60,15 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     service = TimelineService(allocator, store, policy)
     purger = Purger(store, retention_ms(settings), settings.purge_interval_seconds, _now_ms)
     purger.start()  # expired entries leave in the background
+    preparer = Preparer(store)
+    preparer.start()  # MongoDB's indexes, built beside the requests; /readyz tells
     app.extensions[api.EXTENSION] = {
         "settings": settings,
         "service": service,
         "limits": Limits.from_settings(settings),
         "cors_headers": api.cors_headers(settings.cors_allow_origin),
         "purger": purger,
+        "preparer": preparer,
     }
     ops.register(app)  # first: the request id exists before anything can log
     api.register(app)

@@ -36,7 +36,8 @@ def healthz() -> dict[str, Any]:
 
 @bp.get("/readyz")
 def readyz() -> dict[str, Any]:
-    """Readiness: 200 only when Redis and the store both answer."""
+    """Readiness: 200 only when Redis and the store both answer and the store's indexes are
+    built."""
     service = _service()
     checks: dict[str, str] = {}
     for name, ping in (("redis", service.allocator.ping), ("store", service.store.ping)):
@@ -45,9 +46,13 @@ def readyz() -> dict[str, Any]:
             checks[name] = "ok"
         except TimelineError:
             checks[name] = "down"
-    down = [name for name, state in checks.items() if state != "ok"]
+    down = [f"{name} down" for name, state in checks.items() if state != "ok"]
+    # The store's own preparation (MongoDB's indexes): writes wait for it.
+    checks["indexes"] = service.store.readiness()
+    if checks["indexes"] != "ready":
+        down.append(f"store indexes {checks['indexes']}")
     if down:
-        raise Unavailable(f"not ready: {', '.join(down)} down", **checks)
+        raise Unavailable(f"not ready: {', '.join(down)}", **checks)
     return {"status": "ready", "checks": checks}
 
 

@@ -186,6 +186,10 @@ class TimelineService:
     ) -> Delivery:
         """Allocate a contiguous range for the history timeline and every recipient at once,
         then store it all."""
+        if (state := self.store.readiness()) != "ready":
+            # Before allocating: sequences allocated for a write that cannot happen would be
+            # holes that readers wait on.
+            raise Unavailable(f"store is not ready: indexes {state} (see /readyz)", indexes=state)
         record = None
         mid = uuid.uuid4().hex
         if client_msg_id is not None:
@@ -455,8 +459,9 @@ class TimelineService:
         # never runs ahead of what was allocated (a lost counter continues above it).
         self.store.ack(member, seq, min(seq, latest))
         metrics.ACKED.inc()
-        first = self.store.page(Kind.SYNC, member, 0, 0, self._cutoff(Kind.SYNC))
-        return self._min_seq(Kind.SYNC, member, first, latest)
+        cutoff = self._cutoff(Kind.SYNC)
+        first = self.store.page(Kind.SYNC, member, 0, 0, cutoff)
+        return self._min_seq(Kind.SYNC, member, first, latest, cutoff)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -471,7 +476,7 @@ class TimelineService:
             latest = self.store.max_seqs(Kind.SYNC, [member]).get(member, 0)
         return latest
 
-    def _min_seq(self, kind: Kind, timeline_id: str, first: Page, latest: int) -> int:
+    def _min_seq(self, kind: Kind, timeline_id: str, first: Page, latest: int, cutoff: int) -> int:
         """The lowest sequence the timeline can still return: its lowest entry held (or
         latest + 1 when none is), unless a sequence between the floor and it may still be
         written, by a writer still in flight (then floor + 1)."""
@@ -485,9 +490,9 @@ class TimelineService:
             and self._clock_ms() - lowest.created_at_ms >= self.policy.gap_grace_ms
         ):
             return top  # whatever is missing below an old entry was never going to arrive
-        if self.store.count(kind, timeline_id, floor + 1, top) == top - floor - 1:
+        if self.store.gap(kind, timeline_id, floor + 1, top, cutoff).hidden == top - floor - 1:
             return top  # all there, only hidden (expired, placeholders)
-        return floor + 1
+        return floor + 1  # missing, or written since the page was read: nothing to skip
 
     def sync(self, member: str, last_read: int, count: int) -> SyncResult:
         """The member's sync entries after last_read, the newest sequence allocated, and
@@ -499,7 +504,7 @@ class TimelineService:
         latest = self._latest(member)
         if entries and entries[-1].seq > latest:
             latest = entries[-1].seq  # a counter behind the store; the next send repairs it
-        min_seq = self._min_seq(Kind.SYNC, member, first, latest)
+        min_seq = self._min_seq(Kind.SYNC, member, first, latest, cutoff)
         return SyncResult(latest_seq=latest, min_seq=min_seq, entries=entries)
 
     def history(self, conversation: str, last_read: int, count: int) -> list[Entry]:
@@ -528,15 +533,15 @@ class TimelineService:
         """Up to `count` entries after `after`, never past a hole a write may still fill.
 
         What lies at or below the floor (acked, purged) is gone. The store returns only what
-        a client may see; a gap between two such entries is counted: filled with hidden
-        documents (placeholders, expired entries), it is stepped over. A sequence is
-        allocated before its document is written, so a reader can see seq 7 stored while
-        seq 6 is still being written; handing out 7 would move the client past 6 for good.
-        So a read stops before a missing sequence while the entry after it is younger than
-        the grace period (no request outlives it). An older one is closed before it is
-        stepped over, so that a write arriving even later finds it taken and moves above,
-        where readers will see it: sealed with a placeholder in the middle of a timeline,
-        put below the floor when nothing visible lies under it.
+        a client may see; a gap between two such entries is looked into: all of it hidden
+        (placeholders, expired entries), it is stepped over; a visible document there was
+        stored after the page was read, so the page is read again. A sequence is allocated
+        before its document is written, so a reader can see seq 7 stored while seq 6 is
+        still being written; handing out 7 would move the client past 6 for good. So a
+        read stops before a missing sequence while the entry after it is younger than the
+        grace period (no request outlives it). An older one is sealed with placeholders
+        before it is stepped over, so that a write arriving even later finds it taken and
+        moves above, where readers will see it.
         """
         entries: list[Entry] = []
         expected = max(after, first.floor) + 1
@@ -548,15 +553,16 @@ class TimelineService:
             reread = False
             for entry in page:
                 if entry.seq != expected:
-                    present = self.store.count(kind, timeline_id, expected, entry.seq)
-                    if present < entry.seq - expected:
+                    gap = self.store.gap(kind, timeline_id, expected, entry.seq, cutoff)
+                    if gap.hidden < entry.seq - expected:
+                        if gap.present > gap.hidden:
+                            reread = True  # stored since the page was read: read it again
+                            break
                         if now - entry.created_at_ms < self.policy.gap_grace_ms:
                             return entries  # a write below it may still be in flight
-                        closed = self._close(kind, timeline_id, expected, entry, first, now)
-                        if closed is None:
+                        if not self._seal(kind, timeline_id, expected, entry.seq, now):
                             return entries  # what comes before the hole is safe to hand out
-                        expected = closed
-                        reread = True  # a late write may have got there first: read again
+                        reread = True  # sealed, unless a late write got there first
                         break
                 entries.append(entry)
                 if len(entries) == count:
@@ -567,21 +573,15 @@ class TimelineService:
             page = None
         return entries
 
-    def _close(
-        self, kind: Kind, timeline_id: str, low: int, entry: Entry, first: Page, now: int
-    ) -> int | None:
-        """Close the old gap [low, entry.seq) for good; returns where reading goes on, or
-        None when the store refused."""
+    def _seal(self, kind: Kind, timeline_id: str, low: int, high: int, now: int) -> bool:
+        """Close the old gap [low, high) for good with placeholders where nothing is stored
+        (each sequence is sealed or written, whichever comes first: no window for a late
+        write to land where readers have passed); whether the store took them."""
         try:
-            if first.lowest is not None and entry.seq == first.lowest.seq:
-                # Nothing visible below: all of it is gone (failed, expired, purged).
-                self.store.raise_floor(kind, timeline_id, entry.seq - 1)
-                return entry.seq
-            holes = [(timeline_id, seq) for seq in range(low, entry.seq)]
-            self.store.seal(kind, holes, now)  # where nothing is stored
+            self.store.seal(kind, [(timeline_id, seq) for seq in range(low, high)], now)
         except Unavailable:
-            return None
-        return low  # read the gap again: sealed now, unless a late write filled it first
+            return False
+        return True
 
 
 class _MoveLost(Exception):

@@ -13,6 +13,11 @@ import yaml
 
 ENV_PREFIX = "TIMELINE_"
 DEFAULT_CONFIG_PATH = Path("configs/timeline.yaml")
+#: MongoDB's TTL index removes what the purge missed this long after the retention.
+TTL_BACKSTOP_SECONDS = 86_400
+#: The longest retention: MongoDB keeps a TTL index's expireAfterSeconds in a 32-bit integer
+#: (about 68 years), and the backstop comes on top.
+RETENTION_MAX_SECONDS = 2**31 - 1 - TTL_BACKSTOP_SECONDS
 
 
 class SettingsError(ValueError):
@@ -34,7 +39,9 @@ class Settings:
     mongo_uri: str | None = None
     mongo_database: str = "im"
     mongo_timeout_ms: int = 500
-    mongo_socket_timeout_ms: int = 2000
+    # Each MongoDB operation in all, server selection to reply (pymongo's timeoutMS, which
+    # also sends maxTimeMS so the server stops too); index builds are exempt.
+    mongo_operation_timeout_ms: int = 2000
     sqlite_path: str = "var/timeline.sqlite3"
     sqlite_busy_timeout_ms: int = 1000
     # How often expired entries are removed (by one worker; MongoDB's TTL index is a backstop).
@@ -99,7 +106,7 @@ class Settings:
             "redis_socket_timeout_ms",
             "redis_max_connections",
             "mongo_timeout_ms",
-            "mongo_socket_timeout_ms",
+            "mongo_operation_timeout_ms",
             "sqlite_busy_timeout_ms",
             "count_default",
             "count_max",
@@ -125,6 +132,12 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
+        for name in ("sync_retention_seconds", "history_retention_seconds"):
+            if getattr(self, name) > RETENTION_MAX_SECONDS:
+                raise SettingsError(
+                    f"{name} must be at most {RETENTION_MAX_SECONDS} (about 68 years: MongoDB's "
+                    "TTL index counts seconds in 32 bits); 0 keeps entries forever"
+                )
         if self.gap_grace_ms < 0:
             raise SettingsError("gap_grace_ms must not be negative")
         if self.count_default > self.count_max:

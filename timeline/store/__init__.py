@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from timeline.model import Copies, Entry, Kind
 from timeline.settings import Settings
@@ -26,6 +26,14 @@ class Page:
     lowest: Entry | None
     floor: int
     entries: list[Entry]
+
+
+class Gap(NamedTuple):
+    """What a run of sequences holds: how many documents in all, and how many of them are
+    hidden from readers (placeholders, expired entries). See Store.gap."""
+
+    present: int
+    hidden: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +60,8 @@ class Store(Protocol):
         no sync copy is attempted. The sync copies are written independently of each other;
         those whose `(id, seq)` is taken are reported (by position in `sync.rows()`), the
         others kept. A sequence at or below its timeline's floor (acked or purged) counts as
-        taken. Where the store can (SQLite), one timeline's copies of a batch are stored
-        together or not at all.
+        taken, also when the floor rises while the write is in flight. Where the store can
+        (SQLite), one timeline's copies of a batch are stored together or not at all.
         Any other failure raises Unavailable (PartialWrite once the history is stored); the
         write may then have been partly done, and writing the same documents again is how
         to finish it.
@@ -76,13 +84,11 @@ class Store(Protocol):
         timeline's floor to `floor` (which covers every sequence removed) first."""
         ...
 
-    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
-        """Declare everything up to `seq` gone: readers skip it, writes there count as taken."""
-        ...
-
-    def count(self, kind: Kind, timeline_id: str, low: int, high: int) -> int:
-        """How many documents (placeholders and expired ones included) hold a sequence in
-        `low <= seq < high`."""
+    def gap(self, kind: Kind, timeline_id: str, low: int, high: int, not_before_ms: int) -> Gap:
+        """What holds a sequence in `low <= seq < high`: every document, and those hidden
+        from readers (placeholders, entries created before `not_before_ms`). A reader steps
+        over a gap only when all of it is hidden: a visible document there is one its page
+        missed (written since), never a reason to step over."""
         ...
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
@@ -122,6 +128,17 @@ class Store(Protocol):
     def claim_purge(self, now_ms: int, period_ms: int) -> bool:
         """Whether this process should purge now: one claim per period across all workers
         (and, for MongoDB, all hosts)."""
+        ...
+
+    def prepare(self) -> None:
+        """Create what the store relies on (MongoDB's indexes), however long that takes: an
+        index build on existing data may take hours. Idempotent; until it has succeeded once
+        in this process, writes are refused (fast, Unavailable). Raises Unavailable."""
+        ...
+
+    def readiness(self) -> str:
+        """`ready` once prepare() succeeded; `building` before that, `failed` after it failed
+        (the log says why; it is tried again)."""
         ...
 
     def ping(self) -> None:
@@ -171,6 +188,36 @@ class Purger:
                 self.run_once()
             except Exception:  # a purge failing must never end the thread
                 log.warning("purge of expired entries failed", exc_info=True)
+
+
+class Preparer:
+    """Runs store.prepare() in a daemon thread of each worker until it succeeds, so that no
+    request waits on an index build; readiness reports it meanwhile."""
+
+    def __init__(self, store: Store, retry_s: float = 5.0, retry_max_s: float = 60.0) -> None:
+        self._store = store
+        self._retry_s = retry_s
+        self._retry_max_s = retry_max_s
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        if self._store.readiness() != "ready":
+            threading.Thread(target=self._run, name="timeline-prepare", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _run(self) -> None:
+        pause = self._retry_s
+        while not self._stopping.is_set():
+            try:
+                self._store.prepare()
+                return
+            except Exception:  # logged by the store; tried again, never given up
+                log.warning("store not ready; trying again in %.0f s", pause)
+            if self._stopping.wait(pause):
+                return
+            pause = min(pause * 2, self._retry_max_s)
 
 
 def retention_ms(settings: Settings) -> dict[Kind, int]:

@@ -1,12 +1,30 @@
-"""The MongoDB store: the production backend, collections chat_sync and chat_history."""
+"""The MongoDB store: the production backend, collections chat_sync and chat_history.
+
+What it relies on, from the MongoDB manual:
+
+- Reads go to the primary, whatever read preference the URI gives: the hole logic and the
+  floors compare what one read saw with what the next one sees, which a lagging secondary
+  breaks ("Read Preference": secondaries may return stale data).
+- Writes are acknowledged by a majority, journaled: an acknowledged `w:1` write can be
+  rolled back on failover ("Rollbacks During Replica Set Failover"), and the counter would
+  have moved on past a message that no longer exists. The server's default is not always
+  majority ("Default MongoDB Read Concerns/Write Concerns": arbiters, setDefaultRWConcern).
+- The unique (id, seq) index is built outside any request: a build on existing data takes
+  as long as the data is big, and the uniqueness of documents written during the build is
+  only checked at its end ("Index Builds on Populated Collections"), so no copy is written
+  before it is ready. A createIndexes for an index already being built joins that build.
+- pymongo's client-side operation timeout (timeoutMS) bounds each operation from server
+  selection to reply and sends the rest as maxTimeMS, so the server gives up too.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import pymongo
@@ -15,21 +33,32 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.read_preferences import ReadPreference
+from pymongo.write_concern import WriteConcern
 
 from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
-from timeline.settings import Settings
-from timeline.store import COLLECTIONS, Page, WriteResult
+from timeline.settings import TTL_BACKSTOP_SECONDS, Settings
+from timeline.store import COLLECTIONS, Gap, Page, WriteResult
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "id_seq_unique"
+INDEX_KEY = [("id", pymongo.ASCENDING), ("seq", pymongo.ASCENDING)]
 TTL_INDEX_NAME = "created_at_ttl"
-TTL_BACKSTOP_S = 86_400  # the TTL index acts this long after the retention
+TTL_BACKSTOP_S = TTL_BACKSTOP_SECONDS  # the TTL index acts this long after the retention
+#: Every write: acknowledged by a majority of the replica set, and journaled.
+WRITE_CONCERN = WriteConcern(w="majority", j=True)
 _DUPLICATE_KEY = 11000
 _PROJECTION = {"_id": 0, "seq": 1, "message": 1, "created_at": 1, "mid": 1}
+#: Branches per `$or` query of keys: a replay to 10,000 members is many small queries, each
+#: planned and served by the (id, seq) index, not one query of 10,000 branches.
+_OR_BRANCHES = 256
 T = TypeVar("T")
+
+
+class SchemaProblem(Exception):
+    """The collections hold something that stops the service's indexes being built."""
 
 
 def _date(ms: int) -> datetime:
@@ -96,98 +125,119 @@ class MongoStore:
         self._client = client
         self._database = database
         self._collections: dict[Kind, Collection[Any]] = {
-            kind: database[name] for kind, name in COLLECTIONS.items()
+            kind: _pinned(database[name]) for kind, name in COLLECTIONS.items()
         }
-        # What ack removed, per timeline: {_id: timeline id, seq: highest removed}.
+        # What ack and the purge removed, per timeline: {_id: timeline id, seq: highest}.
         self._floors: dict[Kind, Collection[Any]] = {
-            kind: database[f"{name}_floor"] for kind, name in COLLECTIONS.items()
+            kind: _pinned(database[f"{name}_floor"]) for kind, name in COLLECTIONS.items()
         }
+        self._claims = _pinned(database["timeline_claims"])
         self._retention = {kind: (retention_ms or {}).get(kind, 0) for kind in Kind}
-        self._indexes_ready = False
-        self._indexes_lock = threading.Lock()
+        self._state = "building"
+        self._prepare_lock = threading.Lock()
+        self._selection_s: float | None = None  # see _call; set by connect()
 
     @classmethod
     def connect(cls, settings: Settings, retention_ms: dict[Kind, int]) -> MongoStore:
-        """A store on the settings' URI; connecting happens lazily, at the first operation."""
+        """A store on the settings' URI; connecting happens lazily, at the first operation.
+
+        The keyword options override the URI's (pymongo gives keywords precedence): reads
+        on the primary, majority writes with journal, and one deadline per operation.
+        """
+        assert settings.mongo_uri is not None
+        for name, value in _overridden(settings.mongo_uri):
+            log.warning(
+                "mongo_uri sets %s=%s; the service overrides it: reads go to the primary and "
+                "writes wait for a journaled majority, or messages could be skipped or lost",
+                name,
+                value,
+            )
         timeout = settings.mongo_timeout_ms
         client: pymongo.MongoClient[Any] = pymongo.MongoClient(
             settings.mongo_uri,
             serverSelectionTimeoutMS=timeout,
             connectTimeoutMS=timeout,
-            socketTimeoutMS=settings.mongo_socket_timeout_ms,
+            timeoutMS=settings.mongo_operation_timeout_ms,
+            readPreference="primary",
+            w="majority",
+            journal=True,
             appname="timeline",
             tz_aware=True,
         )
-        return cls(client[settings.mongo_database], client=client, retention_ms=retention_ms)
+        store = cls(client[settings.mongo_database], client=client, retention_ms=retention_ms)
+        store._selection_s = settings.mongo_timeout_ms / 1000
+        return store
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
-        """Run an operation; a driver error becomes Unavailable (its cause logged)."""
-        self.ensure_indexes()
+        """Run an operation; a driver error becomes Unavailable (its cause logged).
+
+        With timeoutMS set, pymongo waits for a server for the whole operation timeout, not
+        for min(serverSelectionTimeoutMS, timeoutMS) as the CSOT specification says: with
+        MongoDB down every request would take 2 s to fail. So while the client knows no
+        primary, one ping within the selection timeout goes first: a fast 503.
+        """
         try:
+            if self._selection_s is not None and not self._primary_known():
+                with pymongo.timeout(self._selection_s):
+                    self._database.command("ping")
             return operation()
         except PyMongoError as exc:
             log.warning("mongo %s failed: %s", what, exc)
             dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
 
+    def _primary_known(self) -> bool:
+        return bool(self._client.topology_description.has_writable_server())
+
+    def _writable(self) -> None:
+        """Refuse a write, at once, until the unique index is built: MongoDB checks the
+        uniqueness of documents written during a build only at its end."""
+        if self._state != "ready":
+            raise Unavailable(
+                f"store (mongo) is not ready: indexes {self._state} (see /readyz)",
+                indexes=self._state,
+            )
+
     # --- indexes --------------------------------------------------------------------------
 
-    def ensure_indexes(self) -> None:
+    def prepare(self) -> None:
         """The unique (id, seq) index on both collections, and the TTL index a retention
-        asks for; idempotent, once per process, retried until it succeeds."""
-        if self._indexes_ready:
-            return
-        with self._indexes_lock:
-            if self._indexes_ready:
+        asks for. Waits for the builds with no deadline (pymongo's timeout(0), CSOT's "no
+        limit"): run at start-up in a thread of its own (Preparer) or by `timeline-admin
+        migrate`, never in a request."""
+        with self._prepare_lock:
+            if self._state == "ready":
                 return
+            self._state = "building"
             try:
-                for kind, collection in self._collections.items():
-                    collection.create_index(
-                        [("id", pymongo.ASCENDING), ("seq", pymongo.ASCENDING)],
-                        unique=True,
-                        name=INDEX_NAME,
-                    )
-                    retention_s = self._retention[kind] // 1000
-                    self._ensure_ttl(collection, retention_s + TTL_BACKSTOP_S if retention_s else 0)
-            except PyMongoError as exc:
-                # Also raised when old data holds duplicates: never write without the index.
-                log.error("cannot create the indexes: %s", exc)
+                with pymongo.timeout(0):
+                    for kind, collection in self._collections.items():
+                        _ensure_unique(collection)
+                        retention_s = self._retention[kind] // 1000
+                        ttl = retention_s + TTL_BACKSTOP_S if retention_s else 0
+                        _ensure_ttl(collection, ttl)
+            except (PyMongoError, SchemaProblem) as exc:
+                self._state = "failed"
+                log.error("mongo indexes cannot be made ready: %s", exc)
                 dependency_failed("store")
-                raise Unavailable("store (mongo) is unavailable") from exc
-            self._indexes_ready = True
+                raise Unavailable(f"store (mongo) indexes cannot be made ready: {exc}") from exc
+            self._state = "ready"
+            log.info("mongo indexes ready")
 
-    @staticmethod
-    def _ensure_ttl(collection: Collection[Any], seconds: int) -> None:
-        """A backstop: the purge removes expired documents (raising floors) first, and this
-        index, a day later, whatever a purge did not (no service running). Placeholders are
-        left alone, having no created_at. It also finds expired documents for the purge."""
-        existing = collection.index_information().get(TTL_INDEX_NAME)
-        if existing and existing.get("expireAfterSeconds") == seconds:
-            return
-        if existing:
-            # A changed retention: the index is rebuilt (collMod would do, but not everywhere).
-            collection.drop_index(TTL_INDEX_NAME)
-        if not seconds:
-            return
-        collection.create_index("created_at", name=TTL_INDEX_NAME, expireAfterSeconds=seconds)
+    def readiness(self) -> str:
+        return self._state
 
     # --- writing --------------------------------------------------------------------------
 
     def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
+        self._writable()
         if history is not None and not self._call("write", lambda: self._write_history(history)):
             return WriteResult(history_taken=True)
         if sync is None:
             return WriteResult()
         # From here on the history copy is stored: a failure says so (PartialWrite).
         try:
-            below = self._below_floors(sync)
-            documents = _bson(sync)
-            if below:
-                documents = [d for i, d in enumerate(documents) if i not in below]
-                positions = [i for i in range(len(sync)) if i not in below]
-            taken = self._insert_unordered(Kind.SYNC, documents)
-            if below:
-                taken = sorted({positions[i] for i in taken} | below)
+            taken = self._write_sync(sync)
         except PyMongoError as exc:
             log.warning("mongo write failed after the history copy: %s", exc)
             dependency_failed("store")
@@ -214,18 +264,34 @@ class MongoStore:
                 # taken with its own mid, or removes them when it moves the range.
                 return False
             raise
+        if self._below_floors(Kind.HISTORY, history):
+            self._delete(Kind.HISTORY, list(_keys(history)), history.mid)
+            return False
         return True
 
-    def _below_floors(self, sync: Copies) -> set[int]:
-        """Copies at or below their timeline's floor (what ack and purge removed): they count
-        as taken, so that a lagging counter never writes where no reader looks any more."""
-        floors = {
-            f["_id"]: int(f["seq"])
-            for f in self._floors[Kind.SYNC].find({"_id": {"$in": list(set(sync.ids))}})
-        }
+    def _write_sync(self, sync: Copies) -> list[int]:
+        """insert_many(ordered=False) of the sync copies; the positions taken."""
+        taken = self._insert_unordered(Kind.SYNC, _bson(sync))
+        below = self._below_floors(Kind.SYNC, sync) - set(taken)
+        if not below:
+            return taken
+        keys = list(_keys(sync))
+        self._delete(Kind.SYNC, [keys[i] for i in sorted(below)], sync.mid)
+        return sorted(below.union(taken))
+
+    def _below_floors(self, kind: Kind, copies: Copies) -> set[int]:
+        """Copies at or below their timeline's floor (what ack and the purge removed), by
+        position in `copies.rows()`: no reader looks there, so they count as taken, and the
+        write moves them above. Checked after the insert, not before: a floor that rose
+        while the insert was in flight (a concurrent ack) must count too. SQLite's trigger
+        decides the same inside its transaction; here a copy that a device read and acked
+        in the moment between the insert and this check would be moved, and so delivered
+        twice, rather than lost."""
+        ids = list(set(copies.ids))
+        floors = {f["_id"]: int(f["seq"]) for f in self._floors[kind].find({"_id": {"$in": ids}})}
         if not floors:
             return set()
-        return {i for i, (id_, seq, *_) in enumerate(sync.rows()) if seq <= floors.get(id_, 0)}
+        return {i for i, (id_, seq) in enumerate(_keys(copies)) if seq <= floors.get(id_, 0)}
 
     def _insert_unordered(self, kind: Kind, documents: list[dict[str, Any]]) -> list[int]:
         """insert_many(ordered=False): the positions whose (id, seq) was taken.
@@ -247,9 +313,15 @@ class MongoStore:
             return sorted({int(e["index"]) for e in errors})
         return []
 
+    def _delete(self, kind: Kind, keys: Sequence[tuple[str, int]], mid: str) -> None:
+        """Delete the documents of message `mid` at these keys."""
+        for query in _key_queries(keys):
+            self._collections[kind].delete_many(query | {"mid": mid})
+
     def seal(
         self, kind: Kind, keys: Sequence[tuple[str, int]], created_at_ms: int
     ) -> list[tuple[str, int]]:
+        self._writable()
         # With a created_at, the purge removes old seals too (raising the floor over them).
         created_at = _date(created_at_ms)
         holes = [
@@ -261,8 +333,7 @@ class MongoStore:
 
     def unwrite(self, kind: Kind, keys: Sequence[tuple[str, int]], mid: str) -> None:
         if keys:
-            query = {"$or": [{"id": id_, "seq": seq, "mid": mid} for id_, seq in keys]}
-            self._call("unwrite", lambda: self._collections[kind].delete_many(query))
+            self._call("unwrite", lambda: self._delete(kind, keys, mid))
 
     def ack(self, member: str, seq: int, floor: int) -> None:
         def acknowledge() -> None:
@@ -275,20 +346,25 @@ class MongoStore:
 
         self._call("ack", acknowledge)
 
-    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
-        floors = self._floors[kind]
-        self._call(
-            "floor",
-            lambda: floors.update_one({"_id": timeline_id}, {"$max": {"seq": seq}}, upsert=True),
-        )
+    def gap(self, kind: Kind, timeline_id: str, low: int, high: int, not_before_ms: int) -> Gap:
+        collection = self._collections[kind]
+        run: dict[str, Any] = {"id": timeline_id, "seq": {"$gte": low, "$lt": high}}
+        hidden: dict[str, Any] = {"mid": HOLE_MID}
+        if not_before_ms:  # a document without created_at (go-timeline's) never expires
+            hidden = {"$or": [hidden, {"created_at": {"$lt": _date(not_before_ms)}}]}
 
-    def count(self, kind: Kind, timeline_id: str, low: int, high: int) -> int:
-        query = {"id": timeline_id, "seq": {"$gte": low, "$lt": high}}
-        collection = self._primary(kind)
-        return int(self._call("count", lambda: collection.count_documents(query)))
+        def counts() -> Gap:
+            # Hidden first: a document stored between the two counts only adds to present,
+            # which sends the reader back to read the page again.
+            hidden_count = collection.count_documents(run | hidden)
+            if hidden_count == high - low:
+                return Gap(hidden_count, hidden_count)
+            return Gap(collection.count_documents(run), hidden_count)
+
+        return self._call("read", counts)
 
     def purge(self, kind: Kind, before_ms: int) -> int:
-        collection = self._primary(kind)
+        collection = self._collections[kind]
         expired = {"created_at": {"$lt": _date(before_ms)}}  # served by the TTL index
         removed = 0
 
@@ -314,7 +390,7 @@ class MongoStore:
         return removed
 
     def claim_purge(self, now_ms: int, period_ms: int) -> bool:
-        claims = self._database["timeline_claims"]
+        claims = self._claims
 
         def claim() -> bool:
             try:
@@ -331,21 +407,18 @@ class MongoStore:
 
     # --- reading --------------------------------------------------------------------------
 
-    def _primary(self, kind: Kind) -> Collection[Any]:
-        """The collection read on the primary: repairs must see the latest writes, whatever
-        read preference the URI gives to ordinary reads."""
-        return self._collections[kind].with_options(read_preference=ReadPreference.PRIMARY)
-
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
-        if not keys:
-            return {}
-        by_id: dict[str, list[int]] = {}
-        for id_, seq in keys:
-            by_id.setdefault(id_, []).append(seq)
-        query = {"$or": [{"id": id_, "seq": {"$in": seqs}} for id_, seqs in by_id.items()]}
         projection = {"_id": 0, "id": 1, "seq": 1, "mid": 1}
-        documents = self._call("read", lambda: list(self._primary(kind).find(query, projection)))
-        return {(d["id"], int(d["seq"])): d.get("mid", "") for d in documents}
+        collection = self._collections[kind]
+
+        def find() -> dict[tuple[str, int], str]:
+            return {
+                (d["id"], int(d["seq"])): d.get("mid", "")
+                for query in _key_queries(keys)
+                for d in collection.find(query, projection)
+            }
+
+        return self._call("read", find) if keys else {}
 
     def max_seqs(self, kind: Kind, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
@@ -360,7 +433,7 @@ class MongoStore:
         floors_query = {"_id": {"$in": list(ids)}}
 
         def highest() -> dict[str, int]:
-            found = {d["_id"]: int(d["seq"]) for d in self._primary(kind).aggregate(pipeline)}
+            found = {d["_id"]: int(d["seq"]) for d in self._collections[kind].aggregate(pipeline)}
             for floor in self._floors[kind].find(floors_query):
                 found[floor["_id"]] = max(found.get(floor["_id"], 0), int(floor["seq"]))
             return found
@@ -415,3 +488,118 @@ class MongoStore:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _pinned(collection: Collection[Any]) -> Collection[Any]:
+    """The collection read on the primary and written with a journaled majority, whatever
+    the URI (or a client made elsewhere) says."""
+    return collection.with_options(
+        read_preference=ReadPreference.PRIMARY, write_concern=WRITE_CONCERN
+    )
+
+
+def _overridden(uri: str) -> list[tuple[str, str]]:
+    """The URI's options that connect() overrides with other values."""
+    wanted = {"readpreference": "primary", "w": "majority", "journal": "true"}
+    query = urlsplit(uri).query
+    return [
+        (name, value)
+        for name, value in parse_qsl(query)
+        if name.lower() in wanted and value.lower() != wanted[name.lower()]
+    ]
+
+
+def _keys(copies: Copies) -> Iterator[tuple[str, int]]:
+    """(id, seq) of each copy, in `copies.rows()` order."""
+    count = len(copies.messages)
+    for id_, first in zip(copies.ids, copies.firsts, strict=True):
+        for j in range(count):
+            yield id_, first + j
+
+
+def _key_queries(keys: Sequence[tuple[str, int]]) -> Iterator[dict[str, Any]]:
+    """Queries that together match exactly these (id, seq) keys, each a `$or` of at most
+    _OR_BRANCHES branches: one per set of sequences, naming every timeline that has
+    exactly those (a fan-out's members often share them)."""
+    by_id: dict[str, list[int]] = {}
+    for id_, seq in keys:
+        by_id.setdefault(id_, []).append(seq)
+    by_seqs: dict[tuple[int, ...], list[str]] = {}
+    for id_, seqs in by_id.items():
+        by_seqs.setdefault(tuple(sorted(set(seqs))), []).append(id_)
+    branches = [
+        {
+            "id": ids[0] if len(ids) == 1 else {"$in": ids},
+            "seq": seqs[0] if len(seqs) == 1 else {"$in": list(seqs)},
+        }
+        for seqs, ids in by_seqs.items()
+    ]
+    for start in range(0, len(branches), _OR_BRANCHES):
+        chunk = branches[start : start + _OR_BRANCHES]
+        yield chunk[0] if len(chunk) == 1 else {"$or": chunk}
+
+
+def _ensure_unique(collection: Collection[Any]) -> None:
+    """The unique (id, seq) index: ours by name, or one of another name with the same key
+    (a migration's); createIndexes returns at once when it is built, and joins a build in
+    progress."""
+    name = INDEX_NAME
+    for found, spec in collection.index_information().items():
+        if list(spec.get("key", [])) != INDEX_KEY:
+            continue
+        if not spec.get("unique") or spec.get("partialFilterExpression"):
+            raise SchemaProblem(
+                f"{collection.name} has the index {found!r} on (id, seq) that is not unique "
+                "over every document; the service relies on one that is: drop it, and the "
+                "service builds its own"
+            )
+        if found != INDEX_NAME:
+            log.warning("%s: using the unique index %r on (id, seq)", collection.name, found)
+        name = found
+        break
+    try:
+        collection.create_index(INDEX_KEY, unique=True, name=name)
+    except DuplicateKeyError as exc:
+        raise SchemaProblem(
+            f"{collection.name} holds two documents with the same (id, seq), so the unique "
+            f"index cannot be built; remove the duplicates ({exc})"
+        ) from exc
+
+
+def _ensure_ttl(collection: Collection[Any], seconds: int) -> None:
+    """A backstop: the purge removes expired documents (raising floors) first, and this
+    index, a day later, whatever a purge did not (no service running). Placeholders have a
+    created_at too. A mismatch is a warning, never a reason to refuse requests."""
+    indexes = collection.index_information()
+    ours = indexes.get(TTL_INDEX_NAME)
+    if not seconds:
+        if ours is not None:
+            # No retention means never remove: a TTL index left behind would.
+            log.warning("%s: no retention any more; dropping %s", collection.name, TTL_INDEX_NAME)
+            collection.drop_index(TTL_INDEX_NAME)
+        return
+    if ours is None:
+        others = [n for n, spec in indexes.items() if list(spec["key"]) == [("created_at", 1)]]
+        if others:
+            log.warning(
+                "%s: an index %r on created_at exists; no TTL backstop is made beside it",
+                collection.name,
+                others[0],
+            )
+            return
+        collection.create_index("created_at", name=TTL_INDEX_NAME, expireAfterSeconds=seconds)
+    elif ours.get("expireAfterSeconds") != seconds:
+        # collMod changes the expiry in place; dropping and building again would leave no
+        # index meanwhile, and two deployments with two settings would keep rebuilding.
+        log.warning(
+            "%s: TTL of %s changes from %s to %d s",
+            collection.name,
+            TTL_INDEX_NAME,
+            ours.get("expireAfterSeconds"),
+            seconds,
+        )
+        collection.database.command(
+            "collMod",
+            collection.name,
+            index={"name": TTL_INDEX_NAME, "expireAfterSeconds": seconds},
+        )

@@ -14,7 +14,7 @@ from typing import Any
 from timeline.errors import Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
-from timeline.store import COLLECTIONS, Page, WriteResult
+from timeline.store import COLLECTIONS, Gap, Page, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -292,13 +292,14 @@ class SQLiteStore:
                 conn.execute(_RAISE_FLOOR.format(table=_SYNC), (member, floor))
             conn.execute(f"DELETE FROM {_SYNC} WHERE id = ? AND seq <= ?", (member, seq))
 
-    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
-        with self._transaction() as conn:
-            conn.execute(_RAISE_FLOOR.format(table=COLLECTIONS[kind]), (timeline_id, seq))
-
-    def count(self, kind: Kind, timeline_id: str, low: int, high: int) -> int:
-        sql = f"SELECT COUNT(*) FROM {COLLECTIONS[kind]} WHERE id = ? AND seq >= ? AND seq < ?"
-        return int(self._query(sql, (timeline_id, low, high))[0][0])
+    def gap(self, kind: Kind, timeline_id: str, low: int, high: int, not_before_ms: int) -> Gap:
+        # One statement: both counts come from the same snapshot.
+        sql = (
+            "SELECT COUNT(*), COALESCE(SUM(mid = ? OR created_at < ?), 0) "
+            f"FROM {COLLECTIONS[kind]} WHERE id = ? AND seq >= ? AND seq < ?"
+        )
+        [(present, hidden)] = self._query(sql, (HOLE_MID, not_before_ms, timeline_id, low, high))
+        return Gap(int(present), int(hidden))
 
     # --- reading --------------------------------------------------------------------------
 
@@ -436,6 +437,12 @@ class SQLiteStore:
                 (now_ms + period_ms * 9 // 10, now_ms),
             ).rowcount
         return claimed == 1
+
+    def prepare(self) -> None:
+        """Nothing to wait for: the schema is made when the store opens."""
+
+    def readiness(self) -> str:
+        return "ready"
 
     def ping(self) -> None:
         self._query("SELECT 1", ())

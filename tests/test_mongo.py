@@ -1,0 +1,357 @@
+"""The MongoDB store as a real server would hold it: reads on the primary, journaled majority
+writes, a deadline per operation, indexes built beside the requests and never in one.
+
+What only a real server shows runs when TIMELINE_TEST_MONGO_URI is set and says so when it
+skips; the README's MongoDB section lists what was verified where.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import mongomock
+import pymongo
+import pytest
+from pymongo.errors import PyMongoError
+from pymongo.read_preferences import ReadPreference
+from pymongo.write_concern import WriteConcern
+
+from support import free_port
+from timeline.errors import Unavailable
+from timeline.factory import create_app
+from timeline.model import Copies, Kind, Message
+from timeline.settings import Settings
+from timeline.store import WriteResult
+from timeline.store import mongo as mongo_module
+from timeline.store.mongo import INDEX_NAME, MongoStore, _key_queries
+
+REAL_MONGO = os.environ.get("TIMELINE_TEST_MONGO_URI")
+needs_real_mongo = pytest.mark.skipif(
+    not REAL_MONGO, reason="needs a real MongoDB server: set TIMELINE_TEST_MONGO_URI"
+)
+
+
+def one(text: str) -> Message:
+    return Message({"text": text}, f'{{"text":"{text}"}}')
+
+
+def copies(ids: list[str], first: int, mid: str = "m", created_at_ms: int = 1_000) -> Copies:
+    return Copies(ids, [first] * len(ids), [one(mid)], created_at_ms, mid)
+
+
+# --- where reads go and how writes are acknowledged ---------------------------------------
+
+
+def test_the_uri_cannot_send_reads_to_a_secondary_or_weaken_writes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    uri = f"mongodb://127.0.0.1:{free_port()}/?readPreference=secondaryPreferred&w=1"
+    settings = Settings(mongo_uri=uri, mongo_operation_timeout_ms=1500)
+    with caplog.at_level(logging.WARNING, logger="timeline.store.mongo"):
+        store = MongoStore.connect(settings, {})  # lazy: no server is needed to look
+    try:
+        client: pymongo.MongoClient[Any] = store._client
+        assert client.read_preference == ReadPreference.PRIMARY
+        assert client.write_concern == WriteConcern(w="majority", j=True)
+        assert client.options.timeout == 1.5  # timeoutMS: also sent as maxTimeMS
+        assert "readPreference=secondaryPreferred" in caplog.text
+        assert "w=1" in caplog.text
+    finally:
+        store.close()
+
+
+class Recorder:
+    """Records the read preference of every read and the write concern of every write that
+    mongomock's collections serve."""
+
+    READS = ("find", "find_one", "count_documents", "aggregate")
+    WRITES = ("insert_one", "insert_many", "update_one", "delete_many")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads: list[tuple[str, str, Any]] = []
+        self.writes: list[tuple[str, str, Any]] = []
+        collection = mongomock.collection.Collection
+        for name in self.READS + self.WRITES:
+            log = self.reads if name in self.READS else self.writes
+            monkeypatch.setattr(collection, name, self._wrap(getattr(collection, name), name, log))
+
+    @staticmethod
+    def _wrap(method: Any, name: str, log: list[tuple[str, str, Any]]) -> Any:
+        def recorded(collection: Any, *args: Any, **kwargs: Any) -> Any:
+            setting = collection.read_preference if name in Recorder.READS else None
+            if setting is None:
+                concern = collection.write_concern
+                setting = getattr(concern, "document", concern)
+            log.append((collection.name, name, setting))
+            return method(collection, *args, **kwargs)
+
+        return recorded
+
+
+def test_every_read_and_write_of_the_store_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a database whose default is to read from secondaries and write with w:1 (as a
+    # URI or a client made elsewhere would say),
+    client = mongomock.MongoClient(tz_aware=True)
+    database = client.get_database(
+        "pins",
+        read_preference=ReadPreference.SECONDARY_PREFERRED,
+        write_concern=WriteConcern(w=1),
+    )
+    store = MongoStore(database, retention_ms={Kind.SYNC: 1000})
+    store.prepare()
+    recorder = Recorder(monkeypatch)
+    # when every operation of the store runs,
+    store.write(copies(["g"], 1), copies(["a", "b"], 1))
+    store.write(copies(["g"], 1, mid="n"), copies(["a"], 1, mid="n"))  # taken: the rare path
+    store.seal(Kind.SYNC, [("a", 2)], 1_000)
+    store.unwrite(Kind.SYNC, [("b", 1)], "m")
+    store.ack("a", 1, 1)
+    store.gap(Kind.SYNC, "a", 1, 3, 500)
+    store.gap(Kind.SYNC, "a", 3, 5, 500)
+    store.owners(Kind.SYNC, [("a", 2), ("b", 1)])
+    store.max_seqs(Kind.SYNC, ["a", "b"])
+    store.read(Kind.SYNC, "a", 0, 10)
+    store.read_backward(Kind.HISTORY, "g", 0, 10, 0)
+    store.page(Kind.SYNC, "a", 0, 10, 0)
+    store.claim_purge(10_000, 1000)
+    store.purge(Kind.SYNC, 10_000)
+    # then each read went to the primary and each write waited for a journaled majority.
+    touched = {name for name, _, _ in recorder.reads + recorder.writes}
+    assert touched >= {"chat_sync", "chat_history", "chat_sync_floor", "timeline_claims"}
+    assert {op for _, op, _ in recorder.reads} == set(Recorder.READS)
+    assert all(setting == ReadPreference.PRIMARY for _, _, setting in recorder.reads)
+    assert {op for _, op, _ in recorder.writes} == set(Recorder.WRITES)
+    assert all(setting == {"w": "majority", "j": True} for _, _, setting in recorder.writes)
+
+
+# --- indexes: built beside the requests, never in one -------------------------------------
+
+
+@pytest.fixture
+def database(mongo_uri: str | None) -> Iterator[Any]:
+    """An empty database of the test's own, on the suite's MongoDB."""
+    if mongo_uri is None:
+        client: Any = mongomock.MongoClient(tz_aware=True)
+    else:
+        client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True)
+    name = f"timeline_test_{uuid.uuid4().hex[:12]}"
+    yield client[name]
+    client.drop_database(name)
+    client.close()
+
+
+def test_prepare_builds_the_unique_index_once_and_again_harmlessly(database: Any) -> None:
+    MongoStore(database).prepare()
+    MongoStore(database).prepare()  # a second worker, or timeline-admin migrate
+    for name in ("chat_sync", "chat_history"):
+        index = database[name].index_information()[INDEX_NAME]
+        assert index["key"] == [("id", 1), ("seq", 1)]
+        assert index["unique"] is True
+
+
+def test_writes_wait_for_the_index_and_reads_do_not(database: Any) -> None:
+    store = MongoStore(database)
+    assert store.readiness() == "building"
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="indexes building") as refused:
+        store.write(copies(["g"], 1), copies(["a"], 1))
+    assert refused.value.metadata == {"indexes": "building"}
+    with pytest.raises(Unavailable):
+        store.seal(Kind.SYNC, [("a", 1)], 1)
+    assert store.read(Kind.SYNC, "a", 0, 10) == []
+    assert time.monotonic() - started < 1.0  # refused at once, not after a timeout
+    assert database["chat_sync"].count_documents({}) == 0
+    store.prepare()
+    assert store.write(copies(["g"], 1), copies(["a"], 1)) == WriteResult()
+
+
+def test_a_unique_index_of_another_name_is_used(
+    database: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("chat_sync", "chat_history"):
+        database[name].create_index([("id", 1), ("seq", 1)], unique=True, name="migrated")
+    store = MongoStore(database)
+    with caplog.at_level(logging.WARNING):
+        store.prepare()
+    assert store.readiness() == "ready"
+    assert "'migrated'" in caplog.text
+    for name in ("chat_sync", "chat_history"):
+        assert INDEX_NAME not in database[name].index_information()
+    store.write(copies(["g"], 1), copies(["a"], 1))
+    assert store.write(None, copies(["a"], 1, mid="x")) == WriteResult(sync_taken=[0])
+
+
+def test_a_non_unique_index_on_id_and_seq_is_reported_not_written_past(database: Any) -> None:
+    database["chat_sync"].create_index([("id", 1), ("seq", 1)], name="plain")
+    store = MongoStore(database)
+    with pytest.raises(Unavailable, match="'plain' on \\(id, seq\\) that is not unique"):
+        store.prepare()
+    assert store.readiness() == "failed"
+    with pytest.raises(Unavailable, match="failed"):
+        store.write(None, copies(["a"], 1))
+
+
+def test_duplicates_in_existing_data_are_reported(database: Any) -> None:
+    # go-timeline creates no index: its data may hold a sequence twice.
+    database["chat_sync"].insert_many([{"id": "a", "seq": 1}, {"id": "a", "seq": 1}])
+    store = MongoStore(database)
+    with pytest.raises(Unavailable, match="same \\(id, seq\\)"):
+        store.prepare()
+    assert store.readiness() == "failed"
+
+
+def test_no_request_waits_on_an_index_build_and_readyz_says_so(
+    database: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an index build that takes as long as the test says (a big existing collection),
+    release = threading.Event()
+    building = threading.Event()
+    build = mongo_module._ensure_unique
+
+    def slow_build(collection: Any) -> None:
+        building.set()
+        release.wait(30)
+        build(collection)
+
+    monkeypatch.setattr(mongo_module, "_ensure_unique", slow_build)
+    store = MongoStore(database)
+    client = create_app(settings, store=store).test_client()  # starts the build beside
+    assert building.wait(5)
+    try:
+        # while it builds: not ready, writes refused at once, reads served,
+        reply = client.get("/readyz")
+        assert reply.status_code == 503
+        assert reply.get_json()["metadata"] == {"redis": "ok", "store": "ok", "indexes": "building"}
+        started = time.monotonic()
+        reply = client.post("/timeline/send", json={"from": "a", "to": "b", "message": "{}"})
+        assert reply.status_code == 503
+        assert reply.get_json()["metadata"]["indexes"] == "building"
+        assert time.monotonic() - started < 1.0  # the bound is the behaviour: no waiting
+        reply = client.get("/timeline/sync?member=b")
+        assert reply.status_code == 200
+        assert reply.get_json()["entrySet"] == []
+    finally:
+        release.set()
+    # and once it is built, everything is.
+    deadline = time.monotonic() + 10
+    while store.readiness() != "ready" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.get("/readyz").status_code == 200
+    reply = client.post("/timeline/send", json={"from": "a", "to": "b", "message": "{}"})
+    assert reply.get_json() == {"sequence": "1"}
+
+
+# --- queries of many keys -----------------------------------------------------------------
+
+
+def test_key_queries_match_exactly_the_keys_in_bounded_or_queries() -> None:
+    # 600 timelines with sequences of their own, and 400 sharing theirs (a fan-out).
+    keys = [(f"u{i}", i + 1) for i in range(600)] + [(f"v{i}", 7) for i in range(400)]
+    keys += [("w", 1), ("w", 2), ("w", 5)]
+    queries = list(_key_queries(keys))
+    assert len(queries) == 3  # 600 + 1 (the 400 share one) + 1 branches, 256 at most per query
+    branches = [b for q in queries for b in q.get("$or", [q])]
+    assert all(len(q.get("$or", [q])) <= 256 for q in queries)
+    matched = set()
+    for branch in branches:
+        ids = branch["id"]["$in"] if isinstance(branch["id"], dict) else [branch["id"]]
+        seqs = branch["seq"]["$in"] if isinstance(branch["seq"], dict) else [branch["seq"]]
+        matched |= {(id_, seq) for id_ in ids for seq in seqs}
+    assert matched == set(keys)
+
+
+# --- floors that rise while a write is in flight ------------------------------------------
+
+
+class AckDuringInsert:
+    """The sync collection, with an ack of the member run just before its insert lands: the
+    floor rises between whatever the writer checked before and the insert itself."""
+
+    def __init__(self, store: MongoStore, member: str, seq: int) -> None:
+        self.inner = store._collections[Kind.SYNC]
+        self.store, self.member, self.seq = store, member, seq
+
+    def insert_many(self, documents: Any, **kwargs: Any) -> Any:
+        self.store.ack(self.member, self.seq, self.seq)
+        return self.inner.insert_many(documents, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_copy_the_floor_passed_mid_write_is_reported_taken(mongo_store: MongoStore) -> None:
+    mongo_store.write(None, copies(["a"], 1, mid="m1"))
+    mongo_store._collections[Kind.SYNC] = AckDuringInsert(mongo_store, "a", 2)  # type: ignore[assignment]
+    # seq 2 of "b" and "a": the ack of a's 2 (its client acking latestSeq) lands first.
+    result = mongo_store.write(copies(["g"], 1), copies(["b", "a"], 2, mid="m2"))
+    assert result == WriteResult(sync_taken=[1])  # a's copy: below its floor, so moved
+    assert mongo_store.owners(Kind.SYNC, [("a", 2), ("b", 2)]) == {("b", 2): "m2"}
+
+
+# --- only a real server shows these -------------------------------------------------------
+
+
+@needs_real_mongo
+def test_a_slow_operation_is_stopped_by_the_server_too() -> None:
+    # timeoutMS bounds the whole operation and is sent as maxTimeMS: the server gives up
+    # as well, instead of running a query nobody waits for (pymongo's CSOT documentation).
+    assert REAL_MONGO is not None
+    settings = Settings(mongo_uri=REAL_MONGO, mongo_operation_timeout_ms=300)
+    store = MongoStore.connect(settings, {})
+    try:
+        collection = store._collections[Kind.SYNC]
+        collection.insert_one({"id": "slow", "seq": 1})
+        started = time.monotonic()
+        with pytest.raises(PyMongoError) as stopped:
+            list(collection.find({"$where": "sleep(2000) || true"}))
+        assert stopped.value.timeout
+        assert time.monotonic() - started < 1.5  # 300 ms, with room for a loaded machine
+    finally:
+        store._database.drop_collection("chat_sync")
+        store.close()
+
+
+@needs_real_mongo
+def test_majority_writes_are_accepted_by_the_server() -> None:
+    assert REAL_MONGO is not None
+    name = f"timeline_test_{uuid.uuid4().hex[:12]}"
+    settings = Settings(mongo_uri=REAL_MONGO, mongo_database=name)
+    store = MongoStore.connect(settings, {})
+    try:
+        store.prepare()
+        assert store.write(copies(["g"], 1), copies(["a"], 1)) == WriteResult()
+        assert [e.seq for e in store.read(Kind.SYNC, "a", 0, 10)] == [1]
+    finally:
+        store._client.drop_database(name)
+        store.close()
+
+
+# --- timeline-admin migrate ---------------------------------------------------------------
+
+
+def test_migrate_reports_a_store_it_cannot_prepare(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from timeline.admin import main
+
+    monkeypatch.setenv("TIMELINE_MONGO_URI", f"mongodb://127.0.0.1:{free_port()}/")
+    monkeypatch.setenv("TIMELINE_MONGO_TIMEOUT_MS", "200")
+    assert main(["migrate"]) == 1
+    assert "timeline-admin: store (mongo) indexes cannot be made ready" in capsys.readouterr().err
+
+
+def test_migrate_on_the_embedded_store_has_nothing_to_wait_for(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from timeline.admin import main
+
+    monkeypatch.delenv("TIMELINE_MONGO_URI", raising=False)
+    monkeypatch.setenv("TIMELINE_SQLITE_PATH", str(tmp_path / "t.sqlite3"))
+    assert main(["migrate"]) == 0
+    assert "ready" in capsys.readouterr().out
