@@ -23,7 +23,8 @@
 --                                  changed; the caller seeds them from the store (seed.lua)
 --                                  and calls again.
 --   an error reply, nothing changed, when count or the TTL is not a positive integer or a
---                                  counter does not hold an integer.
+--                                  counter does not hold an integer; or Redis's refusal of
+--                                  the first INCRBY (OOM, READONLY, MISCONF) as it gave it.
 --
 -- The script runs atomically: concurrent requests never interleave inside a range, and two
 -- attempts of one idempotent message never both allocate.
@@ -73,9 +74,14 @@ local reply = {'ok'}
 for i = first, #KEYS do
   local last = redis.pcall('INCRBY', KEYS[i], count)
   if type(last) == 'table' then
-    -- A counter that does not hold an integer: undo what this call did, then report it.
+    -- Undo what this call did, then report why: Redis's own refusal (OOM, READONLY,
+    -- MISCONF: it refuses a script's first write only) as Redis gave it, so the log names
+    -- the real cause; a counter that does not hold an integer as such.
     for k = first, i - 1 do
       redis.call('DECRBY', KEYS[k], count)
+    end
+    if not string.find(last.err, 'not an integer', 1, true) then
+      return last
     end
     return redis.error_reply('ERR allocate: ' .. KEYS[i] .. ' does not hold an integer')
   end

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import redis
-from test_faults import Clock, FlakyStore, msg, read_all, service, texts
 
 from support import put
+from test_faults import Clock, FlakyStore, msg, read_all, service, texts
 from timeline.errors import PartialWrite, Unavailable
 from timeline.model import Copies, Kind, Timeline
 from timeline.store import Store, WriteResult
@@ -135,12 +135,25 @@ def test_verify_checks_what_a_partly_failed_send_group_did_store(monkeypatch: An
 
 def test_sqlite_purge_removes_only_expired_rows(sqlite_store: Any) -> None:
     now = 1_700_000_000_000
+    # Given rows out of creation order in rowid order: a young row (b) stored between
+    # expired ones, and two retried writes (c, d) landing after it though created before,
     put(sqlite_store, Kind.SYNC, "a", 1, msg("old"), now - 10_000, "m1")
     put(sqlite_store, Kind.SYNC, "b", 1, msg("young"), now, "m2")
     put(sqlite_store, Kind.SYNC, "c", 1, msg("retried"), now - 2_000, "m3")
     put(sqlite_store, Kind.SYNC, "d", 1, msg("retried"), now - 2_000, "m4")
-    sqlite_store.purge(Kind.SYNC, now - 1_000)
+    put(sqlite_store, Kind.SYNC, "e", 1, msg("just young"), now - 1_000, "m5")
+    # when the purge removes what was created before now - 1 s,
+    removed = sqlite_store.purge(Kind.SYNC, now - 1_000)
+    # then it removed and counted exactly the three expired rows,
+    assert removed == 3
+    for member in ("a", "c", "d"):
+        assert read_all(sqlite_store, Kind.SYNC, member) == [], member
+    # kept the young ones, the one created exactly at the cutoff included,
     assert texts(read_all(sqlite_store, Kind.SYNC, "b")) == ["young"]
+    assert texts(read_all(sqlite_store, Kind.SYNC, "e")) == ["just young"]
+    # and raised the floors of the timelines it emptied: their seq 1 is never reused.
+    assert sqlite_store.max_seqs(Kind.SYNC, ["a", "c", "d"]) == {"a": 1, "c": 1, "d": 1}
+    assert sqlite_store.purge(Kind.SYNC, now - 1_000) == 0  # nothing left to remove
 
 
 class WritesAfterPage:
@@ -283,3 +296,38 @@ class OneCallAtATime:
                 return method(*args, **kwargs)
 
         return call
+
+
+def test_a_huge_gap_below_everything_is_passed_in_one_step(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    # Data another system thinned out: a member's oldest entry left is 50,000.
+    clock = Clock()
+    svc = service(redis_url, key_prefix, store, clock)
+    put(store, Kind.SYNC, "b", 50_000, msg("left"), clock.ms - 60_000, "m1")
+    page = svc.sync("b", 0, 10)
+    assert texts(page.entries) == ["left"]
+    assert page.min_seq == 50_000
+    assert store.gap(Kind.SYNC, "b", 1, 50_000, 0) == (0, 0)  # no placeholder was stored
+    assert store.max_seqs(Kind.SYNC, ["b"]) == {"b": 50_000}
+
+
+def test_a_huge_gap_between_entries_is_sealed_a_chunk_at_a_time(
+    redis_url: str, key_prefix: str, sqlite_store: Store
+) -> None:
+    clock = Clock()
+    svc = service(redis_url, key_prefix, sqlite_store, clock)
+    old = clock.ms - 60_000
+    put(sqlite_store, Kind.HISTORY, "g", 1, msg("one"), old, "m1")
+    put(sqlite_store, Kind.HISTORY, "g", 12_002, msg("two"), old, "m2")  # 2..12001 missing
+    reads = []
+    while len(reads) < 10:
+        reads.append(texts(svc.history("g", 0, 10)))
+        if reads[-1] == ["one", "two"]:
+            break
+    # Each read seals a few chunks and hands out only what lies before the hole ...
+    assert reads[:-1] == [["one"]] * (len(reads) - 1)
+    assert 2 <= len(reads) <= 4
+    # ... until every missing sequence holds a placeholder and the reader passes.
+    assert reads[-1] == ["one", "two"]
+    assert sqlite_store.gap(Kind.HISTORY, "g", 2, 12_002, 0) == (12_000, 12_000)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from support import free_port
+from timeline.embedded import redis_server_binary
 from timeline.factory import create_app
 from timeline.settings import Settings
 from timeline.store.sqlite import SQLiteStore
@@ -50,6 +57,8 @@ def test_redis_down_is_a_fast_503_and_recovers(
     for action in (lambda: post_send(client), lambda: client.get("/timeline/sync?member=a")):
         reply, elapsed = timed(action)
         assert_unavailable(reply)
+        # The bound is the behaviour: a refused connection answers at once (no client-side
+        # retries with backoff); 1 s leaves a loaded machine plenty of room.
         assert elapsed < 1.0
 
     server.start()  # same port, and empty: the counters are gone
@@ -72,6 +81,8 @@ def test_unreachable_mongo_is_a_fast_503(tmp_path: Path, redis_url: str, key_pre
     for action in (lambda: post_send(client), lambda: client.get("/timeline/sync?member=a")):
         reply, elapsed = timed(action)
         assert_unavailable(reply)
+        # The bound is the behaviour: within mongo_timeout_ms (300 ms), well before the 2 s
+        # operation timeout that would apply without the store's quick ping first.
         assert elapsed < 1.5
 
 
@@ -95,6 +106,8 @@ def test_locked_sqlite_is_a_503_within_the_busy_timeout(
     try:
         reply, elapsed = timed(lambda: post_send(client))
         assert_unavailable(reply)
+        # The bound is the behaviour: the busy timeout and the retry budget (about 300 ms),
+        # not the default busy timeout of 1 s per attempt.
         assert elapsed < 1.0
         # readers are not blocked by a writer (WAL)
         assert client.get("/timeline/sync?member=b").status_code == 200
@@ -133,3 +146,194 @@ def test_a_bad_redis_url_is_refused_at_start(url: str) -> None:
 
     with pytest.raises(SettingsError):
         Settings(redis_url=url).validate()
+
+
+# --- Redis refusing: error replies, not a dead connection ------------------------------------
+
+
+@pytest.fixture
+def refusing(tmp_path: Path, redis_factory: Any, key_prefix: str) -> tuple[Any, Any, Any]:
+    """A redis-server of the test's own, a client of the app on it (SQLite store), and an
+    admin connection to make the server refuse."""
+    server = redis_factory()
+    settings = Settings(
+        redis_url=server.url, redis_key_prefix=key_prefix, sqlite_path=str(tmp_path / "t.db")
+    )
+    client = create_app(settings).test_client()
+    assert post_send(client).get_json() == {"sequence": "1"}  # a's and b's counters exist
+    return server, client, redis.Redis.from_url(server.url)
+
+
+def send(client: Any, sender: str, receiver: str) -> Any:
+    body = {"from": sender, "to": receiver, "message": '{"text":"hi"}'}
+    return client.post("/timeline/send", data=json.dumps(body))
+
+
+def assert_refused(client: Any, caplog: pytest.LogCaptureFixture, reply_of_redis: str) -> None:
+    """Sends are a 503 with the envelope while Redis refuses, and Redis's own reply is in
+    the log: for counters it has (allocate.lua) and for new ones (seeded first)."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="timeline.sequence"):
+        for reply in (post_send(client), send(client, "a", "new")):
+            assert_unavailable(reply)
+            assert reply.get_json()["reason"] == "TIMELINE_UNAVAILABLE"
+    assert reply_of_redis in caplog.text  # the new member's counter: seed.lua's SET refused
+
+
+def assert_resumed(client: Any) -> None:
+    """What was refused allocated nothing: the sequences go on where they were."""
+    assert post_send(client).get_json() == {"sequence": "2"}
+    assert send(client, "a", "new").get_json() == {"sequence": "1"}
+    sync = client.get("/timeline/sync?member=b").get_json()
+    assert [e["sequence"] for e in sync["entrySet"]] == ["1", "2"]
+
+
+def test_redis_out_of_memory_is_a_503_and_reads_go_on(
+    refusing: tuple[Any, Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, client, admin = refusing
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)  # every write is refused: -OOM
+    try:
+        assert_refused(client, caplog, "OOM command not allowed")
+        sync = client.get("/timeline/sync?member=b")  # a GET is no write: still served
+        assert [e["sequence"] for e in sync.get_json()["entrySet"]] == ["1"]
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert_resumed(client)
+
+
+def test_a_demoted_redis_is_a_503_until_promoted_again(
+    refusing: tuple[Any, Any, Any], redis_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, client, admin = refusing
+    # Given a failover made the app's Redis a replica of another (which has no counters),
+    primary = redis_factory()
+    admin.replicaof("127.0.0.1", primary.port)
+    deadline = time.monotonic() + 10  # a state to wait for, not a delay
+    while admin.info("replication").get("master_link_status") != "up":
+        assert time.monotonic() < deadline, "the replica never synced"
+        time.sleep(0.01)
+    # then every send is refused (-READONLY), and reads are served from the replica.
+    assert_refused(client, caplog, "READONLY")
+    assert client.get("/timeline/sync?member=b").status_code == 200
+    # Promoted again, it has lost its counters (it took the other's data): seeded from the
+    # store, the sequences go on where they were.
+    admin.replicaof("NO", "ONE")
+    assert_resumed(client)
+
+
+def test_redis_refusing_writes_after_a_failed_snapshot_is_a_503(
+    refusing: tuple[Any, Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, client, admin = refusing
+    # Given snapshots configured, and one that failed: its working directory is gone (no
+    # CONFIG SET dir, which Redis 7 protects),
+    admin.config_set("save", "3600 1")
+    shutil.rmtree(server.directory)
+    admin.bgsave()
+    wait_for_snapshot(admin, "err")
+    # then Redis refuses writes (-MISCONF, stop-writes-on-bgsave-error) and so do we,
+    assert_refused(client, caplog, "MISCONF")
+    # until the operator lets it take writes again.
+    admin.config_set("stop-writes-on-bgsave-error", "no")
+    assert_resumed(client)
+
+
+def wait_for_snapshot(admin: Any, status: str) -> None:
+    """Until the last background save ended with `status` (a state, not a delay)."""
+    deadline = time.monotonic() + 10
+    while True:
+        info = admin.info("persistence")
+        if not info["rdb_bgsave_in_progress"] and info["rdb_last_bgsave_status"] == status:
+            return
+        assert time.monotonic() < deadline, info
+        time.sleep(0.01)
+
+
+class LoadingRedis:
+    """A real redis-server still loading its dataset at start-up, for as long as the test
+    needs: its append-only file holds rounds of 1,000 cheap commands, the last of each a
+    DEBUG SLEEP of 0.1 s. Redis serves its clients between every 1,000 commands it loads,
+    answering -LOADING, so each reply comes within 0.1 s while loading lasts 30 s."""
+
+    ROUNDS, PAUSE = 300, b"0.1"
+
+    def __init__(self, directory: Path) -> None:
+        def command(*args: bytes) -> bytes:
+            return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+        directory.mkdir(parents=True)
+        one_round = command(b"SELECT", b"0") * 999 + command(b"DEBUG", b"SLEEP", self.PAUSE)
+        (directory / "slow.aof").write_bytes(one_round * self.ROUNDS)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [
+                *(redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "yes", "--appendfilename", "slow.aof"),
+                *("--dir", str(directory)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        probe = redis.Redis.from_url(self.url, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    probe.ping()
+                    raise AssertionError("redis-server loaded its file at once")
+                except redis.BusyLoadingError:
+                    return  # up, and loading
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.01)
+        finally:
+            probe.close()
+
+    def loading(self) -> bool:
+        probe = redis.Redis.from_url(self.url, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+        try:
+            return bool(probe.info("persistence")["loading"])  # INFO is served while loading
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+def test_redis_loading_its_data_is_a_503_and_then_serves(
+    tmp_path: Path, redis_factory: Any, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    loading = LoadingRedis(tmp_path / "loading")
+    try:
+        settings = Settings(
+            redis_url=loading.url, redis_key_prefix=key_prefix, sqlite_path=str(tmp_path / "t.db")
+        )
+        client = create_app(settings).test_client()
+        with caplog.at_level(logging.WARNING, logger="timeline.sequence"):
+            assert_unavailable(post_send(client))
+            assert_unavailable(client.get("/timeline/sync?member=b"))
+        assert "Redis is loading the dataset in memory" in caplog.text
+        assert loading.loading()  # the refusals came while it was loading
+    finally:
+        loading.stop()
+    # Loaded (here: started again on its port, empty), it serves the same app's requests.
+    redis_factory(loading.port)
+    assert post_send(client).get_json() == {"sequence": "1"}
+
+
+def test_a_refused_allocation_is_logged_with_the_reply_redis_gave(
+    refusing: tuple[Any, Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, client, admin = refusing
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="timeline.sequence"):
+            assert_unavailable(post_send(client))  # a's and b's counters exist: allocate.lua
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert "OOM" in caplog.text, caplog.text

@@ -29,6 +29,9 @@ _MOVE_ROUNDS = 5
 #: Pages one read may go through when placeholders, expired entries or late writes are in
 #: the way.
 _READ_PAGES = 5
+#: Placeholders a reader stores at once: a bigger gap (data another system thinned out) is
+#: sealed a chunk at a time, never in one insert that a timeout would keep failing.
+_SEAL_CHUNK = 1000
 
 
 def _now_ms() -> int:
@@ -207,7 +210,7 @@ class TimelineService:
             mid = _digest(history_id, client_msg_id)[:32]
         ids = [history_id, *recipients]
         count = len(messages)
-        lasts, stale = self._allocate(ids, count, record)
+        lasts, replay_age = self._allocate(ids, count, record)
         plan = _Plan(
             ids=ids,
             firsts=lasts if count == 1 else [last - count + 1 for last in lasts],
@@ -216,7 +219,7 @@ class TimelineService:
             mid=mid,
             record=record,
         )
-        failed = [ids[position] for position in self._store(plan, stale)]
+        failed = [ids[position] for position in self._store(plan, replay_age)]
         metrics.FAN_OUT.observe(len(recipients))
         if failed:
             metrics.FAILED_MEMBERS.inc(len(failed))
@@ -231,11 +234,11 @@ class TimelineService:
 
     def _allocate(
         self, ids: list[str], count: int, record: Record | None
-    ) -> tuple[list[int], bool]:
+    ) -> tuple[list[int], int | None]:
         """One EVALSHA in the steady state; seeds missing counters from the store first.
 
-        Returns the last sequence of each timeline's range, and whether they come from a
-        record older than the grace period (a stale replay).
+        Returns the last sequence of each timeline's range, and, when they come from the
+        record of an earlier attempt (a replay), how old that record is (ms).
         """
         keys = self.allocator.keys(ids[0], ids[1:])
         for _ in range(_SEED_ROUNDS):
@@ -246,10 +249,9 @@ class TimelineService:
                     raise ClientMsgIdReused(
                         "client_msg_id was already used for another message in this conversation"
                     )
-                age = self._clock_ms() - allocation.allocated_ms
-                return allocation.lasts, age >= self.policy.gap_grace_ms
+                return allocation.lasts, self._clock_ms() - allocation.allocated_ms
             if not allocation.missing:
-                return allocation.lasts, False
+                return allocation.lasts, None
             self._seed([Timeline(_Plan.kind(p), ids[p]) for p in allocation.missing])
         raise Unavailable("sequence counters keep disappearing from redis")
 
@@ -264,7 +266,7 @@ class TimelineService:
         self.allocator.seed(floors)
         metrics.SEQUENCE_REPAIRS.labels("seeded").inc(len(floors))
 
-    def _store(self, plan: _Plan, stale: bool) -> list[int]:
+    def _store(self, plan: _Plan, replay_age: int | None) -> list[int]:
         """Write until every timeline's copies are stored, retrying what may succeed.
 
         Returns the positions whose copies could not be stored (the plan's firsts say where
@@ -276,9 +278,11 @@ class TimelineService:
         """
         total = len(plan.ids)
         todo = set(range(total))  # positions whose copies are not all stored yet
-        pinned: set[int] = set()  # partly stored: the rest may only go where it belongs
+        # Partly stored by an attempt a device may have read (an earlier one, or a write of
+        # this one that failed): the rest may only go where it belongs, never move whole.
+        pinned: set[int] = set(todo) if replay_age is not None else set()
         given_up: set[int] = set()  # pinned, and refused there: reported, not moved
-        if stale:
+        if replay_age is not None and replay_age >= self.policy.gap_grace_ms:
             # A replay older than the grace period must not fill the holes its first attempt
             # left: readers may have passed them. What is stored stays; the rest moves.
             self._settle(plan, [0], todo, True, pinned, given_up)
@@ -311,8 +315,6 @@ class TimelineService:
                     continue
                 if self._settle(plan, taken, todo, False, pinned, given_up):
                     moves += 1
-                    if moves > _MOVE_ROUNDS:
-                        raise Unavailable("sequences keep being taken by other messages")
             except _MoveLost as lost:
                 # Without a record a second move could skip the sequences a lost reply
                 # gave: report these copies instead.
@@ -320,8 +322,10 @@ class TimelineService:
                     raise Unavailable("history sequence could not be moved") from lost
                 return sorted(todo | given_up)
             except Unavailable as exc:
-                if getattr(exc, "history_stored", False):
+                if getattr(exc, "history_stored", False) and 0 in todo:
                     todo.discard(0)  # the store got the history copy before failing
+                    metrics.HISTORY_WRITTEN.inc(plan.count)
+                pinned.update(todo)  # the failed write may have stored (and shown) a part
                 failures += 1
                 backoff_ms = self.policy.retry_backoff_ms * 2 ** (failures - 1)
                 nothing_stored = 0 in todo
@@ -332,6 +336,11 @@ class TimelineService:
                         raise
                     return sorted(todo | given_up)
                 self._sleep(backoff_ms / 1000)
+            if moves > _MOVE_ROUNDS:
+                # Outside the try: this is not a store failure to retry.
+                if 0 in todo:
+                    raise Unavailable("sequences keep being taken by other messages")
+                return sorted(todo | given_up)
         if 0 in given_up:
             raise Unavailable("history copies could not all be stored")
         return sorted(given_up)
@@ -350,13 +359,14 @@ class TimelineService:
 
         All the message's: done. None of them: the copies move to new sequences above the
         store (another message, a placeholder or a floor holds the range), and the range
-        left behind is sealed. Some of them, written by this request a moment ago next to
-        another message's copy: the range moves whole (its own copies removed first), so
-        that its messages stay together and in order. Some of them otherwise (a stale
-        replay, a write that failed partway): the timeline is pinned, since a reader may
-        already have the part that is stored; the rest is written where it belongs, copy by
-        copy, and if that is refused it is given up (reported to the caller), never moved:
-        moving would deliver the stored part twice. Returns whether anything moved.
+        left behind is sealed. Some of them, written by this request's own successful write
+        a moment ago next to another message's copy: the range moves whole (its own copies
+        removed first), so that its messages stay together and in order. Some of them
+        otherwise (a replay of an earlier attempt, a write of this request that failed
+        partway, or nothing else holding the rest): the timeline is pinned, since a reader
+        may already have the part that is stored; the rest is written where it belongs,
+        copy by copy, and if that is refused it is given up (reported to the caller), never
+        moved: moving would deliver the stored part twice. Returns whether anything moved.
         """
         if not positions:
             return False
@@ -503,7 +513,9 @@ class TimelineService:
         # Store first, then Redis: latestSeq is then never below the last entry returned.
         latest = self._latest(member)
         if entries and entries[-1].seq > latest:
-            latest = entries[-1].seq  # a counter behind the store; the next send repairs it
+            # A counter behind the store (the next send repairs it): the store says how far
+            # the timeline goes, so that a client does not stop paging at a short page.
+            latest = max(entries[-1].seq, self.store.max_seqs(Kind.SYNC, [member])[member])
         min_seq = self._min_seq(Kind.SYNC, member, first, latest, cutoff)
         return SyncResult(latest_seq=latest, min_seq=min_seq, entries=entries)
 
@@ -560,8 +572,10 @@ class TimelineService:
                             break
                         if now - entry.created_at_ms < self.policy.gap_grace_ms:
                             return entries  # a write below it may still be in flight
-                        if not self._seal(kind, timeline_id, expected, entry.seq, now):
+                        closed = self._close(kind, timeline_id, expected, entry, first, cutoff)
+                        if closed is None:
                             return entries  # what comes before the hole is safe to hand out
+                        expected = closed
                         reread = True  # sealed, unless a late write got there first
                         break
                 entries.append(entry)
@@ -573,15 +587,36 @@ class TimelineService:
             page = None
         return entries
 
-    def _seal(self, kind: Kind, timeline_id: str, low: int, high: int, now: int) -> bool:
-        """Close the old gap [low, high) for good with placeholders where nothing is stored
-        (each sequence is sealed or written, whichever comes first: no window for a late
-        write to land where readers have passed); whether the store took them."""
+    def _close(
+        self, kind: Kind, timeline_id: str, low: int, entry: Entry, first: Page, cutoff: int
+    ) -> int | None:
+        """Close the old gap [low, entry.seq) for good; returns where reading goes on (all
+        below it is hidden), or None when the store refused.
+
+        Placeholders where nothing is stored: each sequence is sealed or written, whichever
+        comes first, so a late write cannot land where readers have passed. A gap too big
+        to seal at once is sealed a chunk per call, from the first chunk not sealed yet;
+        only one with nothing visible below it (data another system removed) has the floor
+        raised over it in one step instead.
+        """
+        now = self._clock_ms()
         try:
-            self.store.seal(kind, [(timeline_id, seq) for seq in range(low, high)], now)
+            if entry.seq - low <= _SEAL_CHUNK:
+                self.store.seal(kind, [(timeline_id, seq) for seq in range(low, entry.seq)], now)
+                return low  # read the gap again: sealed now, unless a late write got there
+            if first.lowest is not None and entry.seq == first.lowest.seq:
+                self.store.raise_floor(kind, timeline_id, entry.seq - 1)
+                return entry.seq
+            start = low
+            while start < entry.seq:
+                end = min(entry.seq, start + _SEAL_CHUNK)
+                if self.store.gap(kind, timeline_id, start, end, cutoff).hidden < end - start:
+                    self.store.seal(kind, [(timeline_id, seq) for seq in range(start, end)], now)
+                    break
+                start = end  # sealed by an earlier read
         except Unavailable:
-            return False
-        return True
+            return None
+        return start
 
 
 class _MoveLost(Exception):

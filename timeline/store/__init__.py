@@ -84,6 +84,10 @@ class Store(Protocol):
         timeline's floor to `floor` (which covers every sequence removed) first."""
         ...
 
+    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
+        """Declare everything up to `seq` gone: readers skip it, writes there count as taken."""
+        ...
+
     def gap(self, kind: Kind, timeline_id: str, low: int, high: int, not_before_ms: int) -> Gap:
         """What holds a sequence in `low <= seq < high`: every document, and those hidden
         from readers (placeholders, entries created before `not_before_ms`). A reader steps

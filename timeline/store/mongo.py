@@ -346,6 +346,13 @@ class MongoStore:
 
         self._call("ack", acknowledge)
 
+    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
+        floors = self._floors[kind]
+        self._call(
+            "floor",
+            lambda: floors.update_one({"_id": timeline_id}, {"$max": {"seq": seq}}, upsert=True),
+        )
+
     def gap(self, kind: Kind, timeline_id: str, low: int, high: int, not_before_ms: int) -> Gap:
         collection = self._collections[kind]
         run: dict[str, Any] = {"id": timeline_id, "seq": {"$gte": low, "$lt": high}}

@@ -292,6 +292,10 @@ class SQLiteStore:
                 conn.execute(_RAISE_FLOOR.format(table=_SYNC), (member, floor))
             conn.execute(f"DELETE FROM {_SYNC} WHERE id = ? AND seq <= ?", (member, seq))
 
+    def raise_floor(self, kind: Kind, timeline_id: str, seq: int) -> None:
+        with self._transaction() as conn:
+            conn.execute(_RAISE_FLOOR.format(table=COLLECTIONS[kind]), (timeline_id, seq))
+
     def gap(self, kind: Kind, timeline_id: str, low: int, high: int, not_before_ms: int) -> Gap:
         # One statement: both counts come from the same snapshot.
         sql = (
