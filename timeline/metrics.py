@@ -2,12 +2,16 @@
 
 With PROMETHEUS_MULTIPROC_DIR set (gunicorn.conf.py sets it before any worker starts) every
 worker writes its samples to files there and a scrape of any worker adds them all up;
-without it (tests, `flask run`) the process's own registry is served.
+without it (tests, `flask run`) the process's own registry is served. A file a worker is
+still creating (or died creating) is left out of a scrape rather than failing it.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -16,9 +20,16 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
-    multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY
+
+log = logging.getLogger(__name__)
+
+# prometheus_client's public merge of multiprocess files (what MultiProcessCollector.collect
+# does with the whole directory); the library leaves it untyped.
+_merge: Callable[..., Iterable[Metric]] = MultiProcessCollector.merge
 
 REQUEST_DURATION = Histogram(
     "timeline_http_request_duration_seconds",
@@ -59,8 +70,13 @@ ACKED = Counter(
 )
 EXPIRED_REMOVED = Counter(
     "timeline_expired_removed_total",
-    "Expired entries removed by the SQLite purge (MongoDB's TTL index removes its own).",
+    "Expired entries the purge removed (not those MongoDB's TTL index removes as a backstop).",
     ["kind"],
+)
+FILES_SKIPPED = Counter(
+    "timeline_metrics_files_skipped_total",
+    "Worker metrics files left out of a scrape because they could not be read (being created, "
+    "or left cut short by a worker that died meanwhile).",
 )
 
 
@@ -83,10 +99,74 @@ def dependency_failed(dependency: str) -> None:
     DEPENDENCY_ERRORS.labels(dependency).inc()
 
 
+class TolerantMultiProcessCollector:
+    """prometheus_client's multiprocess collection, leaving out the files it cannot read."""
+
+    # A file that fails can be dropped, or vanish, between the probe and the merge of what is
+    # left; a few rounds cover that without looping forever on a directory gone wrong.
+    _ROUNDS = 3
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        # Files skipped by the previous scrape: skipped again, they are not being created but
+        # stuck (their worker died midway), and that deserves a warning, not a debug line.
+        self._skipped: set[str] = set()
+
+    def collect(self) -> Iterable[Metric]:
+        """Every readable file's samples, merged as MultiProcessCollector.collect does."""
+        files = glob.glob(os.path.join(self._path, "*.db"))
+        skipped: set[str] = set()
+        failure: Exception | None = None
+        for _ in range(self._ROUNDS):
+            try:
+                # One read of every file in the usual case. list(): should merge ever turn
+                # lazy, its errors must still surface here and not while the answer is written.
+                merged = list(_merge(files, accumulate=True))
+            except Exception as exc:
+                # Which exception depends on the library version and on where the file was cut
+                # (struct.error, RuntimeError, UnicodeDecodeError, JSONDecodeError, OSError):
+                # whatever it is, the file is found by reading each one alone.
+                failure = exc
+                readable = [f for f in files if self._readable(f)]
+                skipped.update(set(files) - set(readable))
+                files = readable
+                continue
+            self._skipped = skipped
+            return merged
+        assert failure is not None
+        raise failure
+
+    def _readable(self, path: str) -> bool:
+        """Whether prometheus_client reads this one file (its public merge, on it alone)."""
+        try:
+            list(_merge([path], accumulate=True))
+        except Exception as exc:
+            FILES_SKIPPED.inc()
+            if path in self._skipped:
+                log.warning(
+                    "metrics file %s still unreadable, left out of every scrape: a worker died "
+                    "while creating it? (nothing in it can be read; removing it loses nothing) %r",
+                    path,
+                    exc,
+                )
+            else:
+                log.debug("metrics file %s not readable yet, left out of the scrape: %r", path, exc)
+            return False
+        return True
+
+
+# One per process: it remembers which files the previous scrape skipped.
+_collectors: dict[str, TolerantMultiProcessCollector] = {}
+
+
 def exposition() -> tuple[bytes, str]:
     """The text exposition format of every metric, summed over workers when there are many."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        collector = _collectors.get(path)
+        if collector is None:
+            collector = _collectors[path] = TolerantMultiProcessCollector(path)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
