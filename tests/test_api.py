@@ -118,9 +118,18 @@ def test_message_object_is_accepted_as_extension(client: Any) -> None:
     assert json.loads(entry["message"]) == {"text": "object", "n": 1}
 
 
-def test_unknown_request_fields_are_ignored(client: Any) -> None:
-    body = {"from": "a", "to": "b", "message": "{}", "priority": 5, "extra": {"x": 1}}
-    assert post(client, "/timeline/send", body).status_code == 200
+def test_unknown_request_fields_are_ignored(client: Any, store: Store) -> None:
+    # Given a send carrying fields the API does not know,
+    body = {"from": "a", "to": "b", "message": '{"text":"hi"}', "priority": 5, "extra": {"x": 1}}
+    # when it is posted, then it is answered as if they were absent,
+    assert post(client, "/timeline/send", body).get_json() == {"sequence": "1"}
+    # and the message alone is stored, in both sync timelines and the history: the unknown
+    # fields are neither stored nor merged into it.
+    for kind, timeline_id in ((Kind.SYNC, "a"), (Kind.SYNC, "b"), (Kind.HISTORY, "a:b")):
+        [entry] = store.read(kind, timeline_id, 0, 10)
+        assert (entry.seq, json.loads(entry.message)) == (1, {"text": "hi"}), timeline_id
+    [entry] = client.get("/timeline/sync?member=b").get_json()["entrySet"]
+    assert (entry["sequence"], entry["message"]) == ("1", '{"text":"hi"}')
 
 
 def test_form_content_type_is_read_as_json(client: Any) -> None:
@@ -147,20 +156,85 @@ def test_duplicate_group_members_receive_one_copy(client: Any) -> None:
     assert client.get("/timeline/sync?member=a").get_json()["latestSeq"] == "1"
 
 
-def test_sync_pages_with_count_and_entry_set_last_seq(client: Any) -> None:
+def sync_page(client: Any, member: str, last_read: str, count: int) -> tuple[Any, ...]:
+    """One pull: the sequences it returned, its entrySetLastSeq and its latestSeq."""
+    reply = client.get(f"/timeline/sync?member={member}&last_read={last_read}&count={count}")
+    assert reply.status_code == 200, reply.get_data(as_text=True)
+    body = reply.get_json()
+    return [e["sequence"] for e in body["entrySet"]], body["entrySetLastSeq"], body["latestSeq"]
+
+
+def test_sync_pages_hold_count_entries_and_end_at_the_latest(client: Any) -> None:
+    # Given five messages in b's sync timeline,
     for i in range(5):
         send(client, "a", "b", f"m{i}")
-    seen: list[str] = []
+    # when a device pulls with count=2, each time from the entrySetLastSeq it got,
+    pages = []
     last_read = "0"
-    while True:
-        body = client.get(f"/timeline/sync?member=b&last_read={last_read}&count=2").get_json()
-        if not body["entrySet"]:
-            break
-        seen += [e["sequence"] for e in body["entrySet"]]
-        last_read = body["entrySetLastSeq"]
-        if last_read == body["latestSeq"]:
-            break
-    assert seen == ["1", "2", "3", "4", "5"]
+    for _ in range(4):
+        page = sync_page(client, "b", last_read, count=2)
+        pages.append(page)
+        last_read = page[1] if page[0] else last_read
+    # then every page holds exactly count entries but the last, and says where it ended;
+    # the one that reaches latestSeq is the last, and the pull after it is empty.
+    assert pages == [
+        (["1", "2"], "2", "5"),
+        (["3", "4"], "4", "5"),
+        (["5"], "5", "5"),
+        ([], "0", "5"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("last_read", "count", "expected"),
+    [
+        ("0", 1, ["1"]),
+        ("0", 4, ["1", "2", "3", "4"]),
+        ("0", 5, ["1", "2", "3", "4", "5"]),  # exactly all: the page ends at latestSeq
+        ("0", 6, ["1", "2", "3", "4", "5"]),
+        ("1", 3, ["2", "3", "4"]),
+        ("3", 2, ["4", "5"]),
+        ("4", 1, ["5"]),
+        ("5", 3, []),
+    ],
+)
+def test_sync_returns_at_most_count_entries_after_last_read(
+    client: Any, last_read: str, count: int, expected: list[str]
+) -> None:
+    for i in range(5):
+        send(client, "a", "b", f"m{i}")
+    last_seq = expected[-1] if expected else "0"
+    assert sync_page(client, "b", last_read, count) == (expected, last_seq, "5")
+
+
+@pytest.mark.parametrize("route", ["/timeline/history/single/b/a", "/timeline/history/group/g"])
+def test_history_pages_forward_hold_count_entries(client: Any, route: str) -> None:
+    # Given five messages in a conversation (a one-to-one, or a group),
+    for i in range(5):
+        if "group" in route:
+            send_group(client, "a", "g", ["a", "b"], f"m{i}")
+        else:
+            send(client, "a", "b", f"m{i}")
+
+    def page(last_read: str, count: int, spelling: str = "last_read") -> list[str]:
+        reply = client.get(f"{route}?{spelling}={last_read}&count={count}")
+        assert reply.status_code == 200, reply.get_data(as_text=True)
+        body = reply.get_json()
+        assert set(body) == {"entrySet"}  # forward is go-timeline's shape: no nextBefore
+        return [e["sequence"] for e in body["entrySet"]]
+
+    # when a web client pages forward with count=2 from the last sequence it has,
+    pages, last_read = [], "0"
+    for _ in range(4):
+        pages.append(page(last_read, 2))
+        last_read = pages[-1][-1] if pages[-1] else last_read
+    # then it gets [1, 2] [3, 4] [5], then nothing;
+    assert pages == [["1", "2"], ["3", "4"], ["5"], []]
+    # count bounds every page, whatever it starts from and however last_read is spelt.
+    assert page("0", 1) == ["1"]
+    assert page("1", 3, "lastRead") == ["2", "3", "4"]
+    assert page("0", 5) == ["1", "2", "3", "4", "5"]
+    assert page("2", 10) == ["3", "4", "5"]
 
 
 def test_count_defaults_to_100(client: Any) -> None:
@@ -170,6 +244,51 @@ def test_count_defaults_to_100(client: Any) -> None:
     assert len(client.get("/timeline/sync?member=a").get_json()["entrySet"]) == 100
     assert len(client.get("/timeline/sync?member=a&count=0").get_json()["entrySet"]) == 100
     assert len(client.get("/timeline/history/group/g?count=101").get_json()["entrySet"]) == 101
+
+
+# --- retries: a client_msg_id replays the first answer ------------------------------------
+
+
+def test_a_retry_with_the_same_client_msg_id_replays_its_sequences(client: Any) -> None:
+    # Given a message sent with a client_msg_id, and another message to b after it,
+    body = {"from": "a", "to": "b", "message": {"text": "hi"}, "client_msg_id": "a-0001"}
+    assert post(client, SEND, body).get_json() == {"sequence": "1"}
+    assert send(client, "c", "b", "later").get_json() == {"sequence": "2"}
+    # when the first is sent again (its reply was lost), twice,
+    replies = [post(client, SEND, body).get_json() for _ in range(2)]
+    # then each retry gets the first answer, and nothing is allocated or stored again.
+    assert replies == [{"sequence": "1"}, {"sequence": "1"}]
+    inbox = client.get("/timeline/sync?member=b").get_json()
+    assert texts(inbox["entrySet"]) == [("1", "hi"), ("2", "later")]
+    assert inbox["latestSeq"] == "2"
+    sender = client.get("/timeline/sync?member=a").get_json()
+    assert (texts(sender["entrySet"]), sender["latestSeq"]) == ([("1", "hi")], "1")
+    history = client.get("/timeline/history/single/a/b").get_json()["entrySet"]
+    assert texts(history) == [("1", "hi")]
+    # The same id with another message is refused, and stores nothing either.
+    other = post(client, SEND, body | {"message": {"text": "other"}})
+    assert assert_envelope(other, 409)["reason"] == "TIMELINE_CLIENT_MSG_ID_REUSED"
+    assert client.get("/timeline/sync?member=b").get_json()["latestSeq"] == "2"
+
+
+def test_a_retried_group_message_is_stored_once(client: Any) -> None:
+    # Given a group message with a client_msg_id, already stored for a, b and c,
+    body = {
+        "group_name": "g",
+        "group_members": ["a", "b", "c"],
+        "message": {"text": "hello"},
+        "clientMsgId": "g-1",
+    }
+    assert post(client, GROUP, body).get_json() == {"failedMembers": []}
+    # when it is retried, its members listed in another order,
+    retry = body | {"group_members": ["c", "a", "b"]}
+    assert post(client, GROUP, retry).get_json() == {"failedMembers": []}
+    # then every member and the group's history hold it once, at 1.
+    for member in ("a", "b", "c"):
+        reply = client.get(f"/timeline/sync?member={member}").get_json()
+        assert (texts(reply["entrySet"]), reply["latestSeq"]) == ([("1", "hello")], "1"), member
+    history = client.get("/timeline/history/group/g").get_json()["entrySet"]
+    assert texts(history) == [("1", "hello")]
 
 
 # --- validation: every bad input is a 4xx envelope and stores nothing ---------------------
@@ -386,8 +505,7 @@ def commands_during(redis_client: redis.Redis, action: Any) -> list[str]:
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    ready.wait(5)
-    time.sleep(0.1)
+    assert ready.wait(5)  # set once the server acknowledged MONITOR: nothing is missed
     other = redis.Redis(connection_pool=redis_client.connection_pool)
     other.echo(f"{marker}-start")
     action()
@@ -567,10 +685,22 @@ def test_doubled_slashes_get_the_envelope_not_a_redirect(client: Any) -> None:
     assert_envelope(client.get("//timeline/sync?member=a"), 404)
 
 
-def test_a_pretty_printed_message_is_measured_compact(client: Any) -> None:
+def test_a_pretty_printed_message_is_measured_compact(client: Any, store: Store) -> None:
+    # Given a message of 30 KB that pretty-printing pads past the 64 KiB limit,
     message = json.dumps({"a": "x" * 30000}, indent=40000)  # 40 KB of spaces
     assert len(message) > 65536
-    assert post(client, SEND, {"from": "a", "to": "b", "message": message}).status_code == 200
+    # when it is sent, then it is accepted: the limit is on the compact form,
+    assert post(client, SEND, {"from": "a", "to": "b", "message": message}).get_json() == {
+        "sequence": "1"
+    }
+    # and the compact form is what is stored and returned, the same object, without padding.
+    compact = json.dumps({"a": "x" * 30000}, separators=(",", ":"))
+    [entry] = client.get("/timeline/sync?member=b").get_json()["entrySet"]
+    assert entry["message"] == compact
+    [history] = client.get("/timeline/history/single/a/b").get_json()["entrySet"]
+    assert history["message"] == compact
+    [stored] = store.read(Kind.SYNC, "b", 0, 10)
+    assert json.loads(stored.message) == {"a": "x" * 30000}
 
 
 def test_a_fan_out_over_the_byte_budget_is_a_413(client: Any, store: Store) -> None:

@@ -13,7 +13,7 @@ import redis
 
 from support import put
 from timeline.factory import create_app
-from timeline.model import Kind, Message
+from timeline.model import Entry, Kind, Message
 from timeline.settings import Settings
 from timeline.store import Purger, Store
 from timeline.store.mongo import TTL_BACKSTOP_S, TTL_INDEX_NAME, MongoStore
@@ -137,58 +137,88 @@ def test_bad_acks_are_a_400(client: Any, body: dict[str, Any]) -> None:
 # --- retention -------------------------------------------------------------------------------
 
 
+class Clock:
+    """The service's and the purger's clock, moved by the test: no waiting on the wall clock.
+    It starts at the real time, so a real MongoDB's TTL backstop (a day) never acts."""
+
+    def __init__(self) -> None:
+        self.ms = time.time_ns() // 1_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
 @pytest.fixture
 def retained(settings: Settings, store: Store) -> Any:
-    """An app whose sync entries live 2 seconds; its history keeps everything."""
+    """An app whose sync entries live 2 seconds, its history forever, on a clock of the
+    test's own."""
     settings = settings.replace(sync_retention_seconds=2)
     if isinstance(store, SQLiteStore):
         store = SQLiteStore(store.path, retention_ms={Kind.SYNC: 2000})
     else:
         assert isinstance(store, MongoStore)
         store = MongoStore(store._database, retention_ms={Kind.SYNC: 2000})
-    return create_app(settings, store=store), store
+        store.prepare()  # no write waits for the start-up thread
+    app = create_app(settings, store=store)
+    clock = Clock()
+    app.extensions["timeline"]["service"]._clock_ms = clock
+    app.extensions["timeline"]["purger"]._clock_ms = clock
+    return app, store, clock
 
 
 def test_an_expired_entry_vanishes_from_sync_at_once_and_history_keeps_it(retained: Any) -> None:
-    app, _ = retained
+    app, _, clock = retained
     client = app.test_client()
+    # Given "old" sent at t and "new" at t + 1.2 s, with a retention of 2 s,
+    sent = clock.ms
     send(client, "a", "b", "old")
-    time.sleep(1.2)
+    clock.ms += 1_200
     send(client, "a", "b", "new")
     assert texts(sync(client, "b")["entrySet"]) == ["old", "new"]
+    # then "old" is returned up to the end of its 2 s,
+    clock.ms = sent + 2_000
+    assert texts(sync(client, "b")["entrySet"]) == ["old", "new"]
 
-    time.sleep(1.0)  # "old" is now past 2 s; "new" is not
+    # and not a millisecond longer; "new" is, and the history keeps both.
+    clock.ms = sent + 2_001
     body = sync(client, "b")
     assert texts(body["entrySet"]) == ["new"]
-    assert body["minSeq"] == "2"
-    assert body["latestSeq"] == "2"
+    assert (body["minSeq"], body["latestSeq"], body["entrySetLastSeq"]) == ("2", "2", "2")
     history = client.get("/timeline/history/single/a/b").get_json()["entrySet"]
     assert texts(history) == ["old", "new"]
 
-    time.sleep(1.2)  # both expired: nothing returnable, minSeq past the latest
+    # When both have expired, nothing is returnable and minSeq is past the latest.
+    clock.ms = sent + 3_201
     body = sync(client, "b")
     assert body["entrySet"] == []
-    assert body["minSeq"] == "3"
+    assert (body["minSeq"], body["latestSeq"]) == ("3", "2")
 
 
 def test_expired_entries_leave_the_store_soon_after(retained: Any) -> None:
-    app, store = retained
+    app, store, clock = retained
     client = app.test_client()
+    # Given a message whose sync copies (a's and b's) expired 0.1 s ago,
     send(client, "a", "b", "old")
-    time.sleep(2.1)
+    clock.ms += 2_100
+    # when the purge runs, then it removes both copies, once per period across workers,
     purger = app.extensions["timeline"]["purger"]
     assert purger.run_once() == 2  # a's and b's copies
     assert purger.run_once() == 0  # one claim per period: the other workers skip
+    assert store.read(Kind.SYNC, "a", 0, 10) == []
     assert store.read(Kind.SYNC, "b", 0, 10) == []
-    assert len(store.read(Kind.HISTORY, "a:b", 0, 10)) == 1  # history keeps it
-    # What the purge removed still counts when Redis loses its counters.
-    assert store.max_seqs(Kind.SYNC, ["b"]) == {"b": 1}
+    assert texts_of(store.read(Kind.HISTORY, "a:b", 0, 10)) == ["old"]  # history keeps it
+    # and what it removed still counts when Redis loses its counters.
+    assert store.max_seqs(Kind.SYNC, ["a", "b"]) == {"a": 1, "b": 1}
 
     # A new message after the purge is readable at once: the floor says 1 is gone, not late.
     send(client, "a", "b", "new")
     body = sync(client, "b")
     assert texts(body["entrySet"]) == ["new"]
-    assert body["minSeq"] == "2"
+    assert (body["minSeq"], body["latestSeq"]) == ("2", "2")
+
+
+def texts_of(entries: list[Entry]) -> list[str]:
+    return [json.loads(e.message)["t"] for e in entries]
 
 
 def test_mongo_keeps_a_ttl_index_as_a_backstop(
@@ -280,9 +310,49 @@ def test_backward_before_is_exclusive_and_forward_stays_the_default(client: Any)
     assert seqs(forward["entrySet"]) == [4, 5]
 
 
+def test_backward_pages_hold_count_entries_and_name_the_next_before(client: Any) -> None:
+    # Given five messages between a and b,
+    for i in range(5):
+        send(client, "a", "b", f"m{i}")
+
+    def page(query: str) -> tuple[list[int], str]:
+        reply = client.get(f"/timeline/history/single/a/b?direction=backward&{query}")
+        assert reply.status_code == 200, reply.get_data(as_text=True)
+        body = reply.get_json()
+        assert set(body) == {"entrySet", "nextBefore"}
+        return seqs(body["entrySet"]), body["nextBefore"]
+
+    # when a client scrolls back with count=2, each time from the nextBefore it got,
+    pages, before = [], "0"
+    for _ in range(3):
+        pages.append(page(f"count=2&before={before}"))
+        before = pages[-1][1]
+    # then it gets [5, 4] [3, 2] [1], newest first, and "0" once nothing older is left.
+    assert pages == [([5, 4], "4"), ([3, 2], "2"), ([1], "0")]
+    # A full page with nothing older says "0" too; one with something older names its
+    # lowest sequence; count bounds every page, wherever it starts.
+    assert page("count=2&before=3") == ([2, 1], "0")
+    assert page("count=1") == ([5], "5")
+    assert page("count=3&before=5") == ([4, 3, 2], "2")
+    assert page("count=5") == ([5, 4, 3, 2, 1], "0")
+    assert page("count=2&before=1") == ([], "0")
+
+
 def test_a_bad_direction_is_a_400(client: Any) -> None:
-    reply = client.get("/timeline/history/group/g?direction=sideways")
+    send(client, "a", "b", "kept")
+    reply = client.get("/timeline/history/single/a/b?direction=sideways")
     assert reply.status_code == 400
+    assert reply.mimetype == "application/json"
+    assert reply.get_json() == {
+        "code": 400,
+        "reason": "TIMELINE_INVALID_PARAM",
+        "message": "direction must be forward or backward",
+        "metadata": {"field": "direction"},
+    }
+    # Only an unknown direction is refused: an empty one is forward, and case is ignored.
+    for direction, expected in (("", [1]), ("forward", [1]), ("BACKWARD", [1])):
+        body = client.get(f"/timeline/history/single/a/b?direction={direction}").get_json()
+        assert seqs(body["entrySet"]) == expected, direction
 
 
 # --- batches ---------------------------------------------------------------------------------

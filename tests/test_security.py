@@ -45,7 +45,15 @@ def test_without_the_token_every_route_is_a_401(guarded: Any, authorization: str
         assert reply.get_json()["reason"] == "TIMELINE_UNAUTHORIZED"
         assert reply.headers["WWW-Authenticate"].startswith("Bearer")
         assert TOKEN not in reply.get_data(as_text=True)
-    assert guarded.get("/timeline/sync?member=b", headers={"Authorization": f"Bearer {TOKEN}"})
+    # Nothing was stored by the refused send: with the token, b's timeline is still empty.
+    reply = guarded.get("/timeline/sync?member=b", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert reply.status_code == 200
+    assert reply.get_json() == {
+        "latestSeq": "0",
+        "entrySetLastSeq": "0",
+        "entrySet": [],
+        "minSeq": "1",
+    }
 
 
 def test_with_the_token_requests_go_through(guarded: Any) -> None:
@@ -53,8 +61,11 @@ def test_with_the_token_requests_go_through(guarded: Any) -> None:
     assert guarded.post("/timeline/send", data=BODY, headers=headers).get_json() == {
         "sequence": "1"
     }
+    # The scheme in any case, and spaces around the token, are accepted.
     reply = guarded.get("/timeline/sync?member=b", headers={"Authorization": f"bearer  {TOKEN}"})
     assert reply.status_code == 200
+    [entry] = reply.get_json()["entrySet"]
+    assert (entry["sequence"], entry["message"]) == ("1", "{}")
 
 
 def test_a_browser_preflight_needs_no_token(guarded: Any) -> None:

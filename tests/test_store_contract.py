@@ -29,6 +29,11 @@ def copies(
     return Copies(ids, firsts, list(messages) or [message(n=1)], created_at_ms, mid)
 
 
+def stored(store: Store, kind: Kind, timeline_id: str) -> list[tuple[int, object, str]]:
+    """Every document of a timeline: its sequence, message and mid."""
+    return [(e.seq, orjson.loads(e.message), e.mid) for e in store.read(kind, timeline_id, 0, 99)]
+
+
 def test_written_copies_read_back_in_sequence_order(store: Store) -> None:
     one, two = message(n=1), message(n=2)
     assert store.write(copies("g", 1, one), copies(["a", "b"], [2, 1], two)) == WriteResult()
@@ -75,15 +80,56 @@ def test_message_creation_time_and_mid_round_trip(store: Store) -> None:
 
 def test_taken_sync_keys_are_reported_and_the_rest_kept(store: Store) -> None:
     store.write(None, copies(["a", "c"], 1, message(text="first")))
-    # Given a and c already hold seq 1, when a fan-out writes seq 1 to a, b, c, d,
-    # then a and c are reported (positions 0 and 2) and b and d are stored.
-    result = store.write(copies("g", 1), copies(["a", "b", "c", "d"], 1, message(text="second")))
+    # Given a and c already hold seq 1, when a fan-out writes seq 1 to a, b, c, d
+    # (the first copy of the bulk write taken: an ordered insert would stop there),
+    result = store.write(
+        copies("g", 1), copies(["a", "b", "c", "d"], 1, message(text="second"), mid="m2")
+    )
+    # then b and d are stored all the same,
+    for member in ("b", "d"):
+        assert stored(store, Kind.SYNC, member) == [(1, {"text": "second"}, "m2")], member
+    # a and c keep what they had, never overwritten nor doubled,
+    for member in ("a", "c"):
+        assert stored(store, Kind.SYNC, member) == [(1, {"text": "first"}, "m")], member
+    # and exactly a and c are reported, by position (0 and 2).
     assert result == WriteResult(sync_taken=[0, 2])
-    assert [e.seq for e in store.read(Kind.SYNC, "b", 0, 10)] == [1]
-    assert [e.seq for e in store.read(Kind.SYNC, "d", 0, 10)] == [1]
-    [kept] = store.read(Kind.SYNC, "a", 0, 10)
-    assert orjson.loads(kept.message) == {"text": "first"}  # never overwritten
     assert [e.seq for e in store.read(Kind.HISTORY, "g", 0, 10)] == [1]
+
+
+def test_a_key_is_stored_once_whoever_writes_it_again(store: Store) -> None:
+    # Given seq 1 of sync timeline a and of history g stored by message m1,
+    store.write(copies("g", 1, message(text="one"), mid="m1"), copies("a", 1, mid="m1"))
+    # when other messages write the same keys, alone or in a batch that covers them,
+    assert store.write(None, copies("a", 1, mid="m2")) == WriteResult(sync_taken=[0])
+    assert store.write(copies("g", 1, mid="m3"), None) == WriteResult(history_taken=True)
+    batch = copies("g", 1, message(n=1), message(n=2), mid="m4")
+    assert store.write(batch, None) == WriteResult(history_taken=True)
+    # then each key still holds one document, the first one's.
+    assert stored(store, Kind.SYNC, "a") == [(1, {"n": 1}, "m1")]
+    assert store.gap(Kind.SYNC, "a", 1, 2, 0) == (1, 0)
+    assert stored(store, Kind.HISTORY, "g") == [(1, {"text": "one"}, "m1")]
+    assert store.gap(Kind.HISTORY, "g", 1, 3, 0) == (1, 0)
+
+
+def test_ack_removes_the_member_s_entries_up_to_and_including_seq(store: Store) -> None:
+    # Given a holds 1..5 and b holds 1..2,
+    store.write(None, copies(["a", "b"], 1, *[message(n=i) for i in (1, 2)]))
+    store.write(None, copies("a", 3, *[message(n=i) for i in (3, 4, 5)]))
+    # when a acks 3,
+    store.ack("a", 3, 3)
+    # then 1, 2 and 3 are gone and 4 and 5 kept; b is untouched,
+    assert [e.seq for e in store.read(Kind.SYNC, "a", 0, 10)] == [4, 5]
+    assert store.gap(Kind.SYNC, "a", 1, 4, 0) == (0, 0)
+    assert [e.seq for e in store.read(Kind.SYNC, "b", 0, 10)] == [1, 2]
+    # and the floor keeps a's place: nothing is written at or below 3 again.
+    assert store.max_seqs(Kind.SYNC, ["a"]) == {"a": 5}
+    assert store.write(None, copies("a", 3, mid="late")) == WriteResult(sync_taken=[0])
+    # An ack of 0 removes nothing; an ack beyond the last removes everything.
+    store.ack("b", 0, 0)
+    assert [e.seq for e in store.read(Kind.SYNC, "b", 0, 10)] == [1, 2]
+    store.ack("a", 99, 5)
+    assert store.read(Kind.SYNC, "a", 0, 10) == []
+    assert store.max_seqs(Kind.SYNC, ["a"]) == {"a": 5}
 
 
 def test_a_taken_history_key_stops_the_write_before_any_sync_copy(store: Store) -> None:

@@ -1,0 +1,392 @@
+"""Named mutations: each breaks one promise of the service; at least one test must fail.
+
+    .venv/bin/python tests/mutants.py              # every mutation, its targeted tests
+    .venv/bin/python tests/mutants.py --all        # every mutation, the whole suite each
+    .venv/bin/python tests/mutants.py --list       # the mutations, nothing run
+    .venv/bin/python tests/mutants.py --every      # name every failing test, not the first
+    .venv/bin/python tests/mutants.py NAME ...     # only these (names or unique prefixes)
+
+Each mutation is a file, an exact text found in it once, and the text put in its place. The
+working tree is never touched (nor is git): the repository as it is, without .venv, var, .git
+and caches, is copied once to a temporary directory; each mutation is applied to a copy of
+that snapshot, and pytest runs there with this interpreter, the copy first on PYTHONPATH.
+Before any mutation the targeted test files must pass on an unmutated copy (the baseline), or
+nothing is concluded.
+
+A mutation is "killed by <test>" when a test fails (pytest stops at the first), and SURVIVED
+when every test passes. The exit status is 0 only when every mutation was killed; 1 when one
+survived; 2 when one no longer applies (its text is not in its file exactly once: the code
+moved, so the mutation must be updated, never silently skipped) or the baseline fails.
+
+Named mutations are used instead of mutmut: each is a bug the tests were found to miss once,
+chosen by hand and stated in the code, so a run is deterministic, takes minutes rather than
+hours (mutmut mutates every operator of every line and runs the suite on each) and reads as a
+list of promises; one that stops applying fails loudly instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORED = shutil.ignore_patterns(
+    ".venv",
+    "var",
+    ".git",
+    "__pycache__",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "*.egg-info",
+    "*.sqlite3*",
+    "*.log",
+)
+TIMEOUT_S = 900  # per pytest run; a mutation that hangs the tests counts as killed
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository
+    old: str  # found exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: node ids, files, -k expressions
+
+
+API, SERVICE, VALIDATION = "timeline/api.py", "timeline/service.py", "timeline/validation.py"
+ALLOCATE, SQLITE, MONGO = "lua/allocate.lua", "timeline/store/sqlite.py", "timeline/store/mongo.py"
+T_API, T_LIFE, T_ALLOC = "tests/test_api.py", "tests/test_lifecycle.py", "tests/test_allocator.py"
+T_STORE, T_READERS = "tests/test_store_contract.py", "tests/test_readers.py"
+PAGING = "count or page or paging or pages"
+
+MUTATIONS: list[Mutation] = [
+    Mutation(
+        "sync ignores count (always 100)",
+        API,
+        "result = _service().sync(member, last_read, count)",
+        "result = _service().sync(member, last_read, 100)",
+        (T_API, T_LIFE, "-k", PAGING),
+    ),
+    Mutation(
+        "forward history ignores count (always 100)",
+        API,
+        "_entries(_service().history(timeline_id, last_read, count))}",
+        "_entries(_service().history(timeline_id, last_read, 100))}",
+        (T_API, T_LIFE, "-k", PAGING),
+    ),
+    Mutation(
+        "backward history ignores count (always 100)",
+        API,
+        "page = _service().history_backward(timeline_id, before, count)",
+        "page = _service().history_backward(timeline_id, before, 100)",
+        (T_API, T_LIFE, "-k", PAGING),
+    ),
+    Mutation(
+        "allocator hands out last + 1 (skips a sequence)",
+        ALLOCATE,
+        "reply[i - first + 2] = last\n",
+        "reply[i - first + 2] = last + 1\n",
+        (T_ALLOC,),
+    ),
+    Mutation(
+        "allocator reuses the last sequence (advances by count - 1)",
+        ALLOCATE,
+        "redis.pcall('INCRBY', KEYS[i], count)",
+        "redis.pcall('INCRBY', KEYS[i], count - 1)",
+        (T_ALLOC,),
+    ),
+    Mutation(
+        "gap check off (readers step over a hole without looking)",
+        SERVICE,
+        "                if entry.seq != expected:\n",
+        "                if False:\n",
+        (T_API, T_READERS, "-k", "hole or gap or write_landing or sealed"),
+    ),
+    Mutation(
+        "replay reallocates (a retry with the same client_msg_id gets new sequences)",
+        ALLOCATE,
+        "  if record then\n    return {'replay', record}",
+        "  if false then\n    return {'replay', record}",
+        (T_ALLOC, T_LIFE, T_API, "-k", "record or retr or replay or client_msg_id"),
+    ),
+    Mutation(
+        "MongoDB sync copies inserted ordered (one taken key stops the rest)",
+        MONGO,
+        "self._collections[kind].insert_many(documents, ordered=False)",
+        "self._collections[kind].insert_many(documents, ordered=True)",
+        (T_STORE, "-k", "mongo and (taken or stored_once)"),
+    ),
+    Mutation(
+        "':' accepted in an id",
+        VALIDATION,
+        '    if ":" in value:\n',
+        "    if False:\n",
+        (T_API, "-k", "colon"),
+    ),
+    Mutation(
+        "':' accepted in a member list",
+        VALIDATION,
+        '        and ":" not in joined\n',
+        "        and True\n",
+        (T_API, "-k", "colon"),
+    ),
+    Mutation(
+        "ack removes up to seq + 1",
+        SERVICE,
+        "self.store.ack(member, seq, min(seq, latest))",
+        "self.store.ack(member, seq + 1, min(seq, latest))",
+        (T_LIFE, "-k", "ack"),
+    ),
+    Mutation(
+        "ack removes up to seq - 1",
+        SERVICE,
+        "self.store.ack(member, seq, min(seq, latest))",
+        "self.store.ack(member, seq - 1, min(seq, latest))",
+        (T_LIFE, "-k", "ack"),
+    ),
+    Mutation(
+        "SQLite ack keeps the acked seq (< instead of <=)",
+        SQLITE,
+        'f"DELETE FROM {_SYNC} WHERE id = ? AND seq <= ?"',
+        'f"DELETE FROM {_SYNC} WHERE id = ? AND seq < ?"',
+        (T_LIFE, T_STORE, "-k", "ack"),
+    ),
+    Mutation(
+        "MongoDB ack keeps the acked seq ($lt instead of $lte)",
+        MONGO,
+        'delete_many({"id": member, "seq": {"$lte": seq}})',
+        'delete_many({"id": member, "seq": {"$lt": seq}})',
+        (T_LIFE, T_STORE, "-k", "ack"),
+    ),
+    Mutation(
+        "SQLite table without UNIQUE (id, seq)",
+        SQLITE,
+        "    mid TEXT NOT NULL DEFAULT '',\n    UNIQUE (id, seq)\n)",
+        "    mid TEXT NOT NULL DEFAULT ''\n)",
+        (T_STORE, "-k", "sqlite and (taken or stored_once)"),
+    ),
+    Mutation(
+        "MongoDB (id, seq) index not unique",
+        MONGO,
+        "collection.create_index(INDEX_KEY, unique=True, name=name)",
+        "collection.create_index(INDEX_KEY, unique=False, name=name)",
+        (T_STORE, "-k", "mongo and (taken or stored_once)"),
+    ),
+]
+
+
+def snapshot(destination: Path) -> Path:
+    """The repository as it is now (others' uncommitted work included), minus the heavy and
+    the generated: every mutant starts from this one copy, so all see the same code."""
+    target = destination / "snapshot"
+    try:
+        shutil.copytree(ROOT, target, ignore=IGNORED, symlinks=True)
+    except shutil.Error as exc:
+        # An editor's temporary file that vanished mid-copy is no part of the code.
+        problems = [error for error in exc.args[0] if not _vanished(error[0])]
+        if problems:
+            raise
+    return target
+
+
+def _vanished(source: str) -> bool:
+    return not os.path.lexists(source)
+
+
+def copy_of(tree: Path, destination: Path) -> Path:
+    shutil.copytree(tree, destination, symlinks=True)
+    return destination
+
+
+def apply(mutation: Mutation, tree: Path) -> None:
+    path = tree / mutation.path
+    text = path.read_text(encoding="utf-8")
+    found = text.count(mutation.old)
+    if found != 1:
+        raise LookupError(
+            f"{mutation.path}: the text to mutate is found {found} times, not once: "
+            f"{mutation.old!r}"
+        )
+    path.write_text(text.replace(mutation.old, mutation.new), encoding="utf-8")
+
+
+def check_applies(mutation: Mutation, tree: Path = ROOT) -> str | None:
+    """Why the mutation no longer applies to the tree (read only), or None."""
+    path = tree / mutation.path
+    if not path.exists():
+        return f"{mutation.path} does not exist"
+    found = path.read_text(encoding="utf-8").count(mutation.old)
+    if found != 1:
+        return f"{mutation.path}: old text found {found} times, not once: {mutation.old!r}"
+    return None
+
+
+def environment(tree: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tree), str(tree / "tests"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_isolated(tree: Path) -> None:
+    """The copy, not the working tree, is what the tests import (the editable install points
+    at the working tree)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import timeline, sys; sys.stdout.write(timeline.__file__)"],
+        cwd=tree,
+        env=environment(tree),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if not Path(found).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"the copy imports timeline from {found}, not from {tree}")
+
+
+# pytest's short test summary: "FAILED tests/x.py::test_y[a b] - AssertionError: ...". Only
+# that section is read: captured log lines ("ERROR    timeline.api:...") look alike.
+_SUMMARY = re.compile(r"^=+ short test summary info =+$", re.MULTILINE)
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (tests/.+?)(?: - .*)?$", re.MULTILINE)
+
+
+def run_pytest(tree: Path, arguments: list[str], every: bool = False) -> tuple[int, str]:
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *([] if every else ["-x"]),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rfE",
+        *arguments,
+    ]
+    try:
+        done = subprocess.run(
+            command,
+            cwd=tree,
+            env=environment(tree),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+    return done.returncode, done.stdout + done.stderr
+
+
+def verdict(code: int, output: str) -> str:
+    if code == -1:
+        return f"killed by a timeout ({TIMEOUT_S} s)"
+    if code == 0:
+        return "SURVIVED"
+    if code == 5:
+        return "NO TESTS RAN (the selection matches nothing)"
+    summary = _SUMMARY.split(output)[-1] if _SUMMARY.search(output) else ""
+    failed = list(dict.fromkeys(_FAILED.findall(summary)))
+    if len(failed) > 1:
+        return f"killed by {failed[0]} and {len(failed) - 1} more:\n" + "\n".join(
+            f"    {test}" for test in failed[1:]
+        )
+    if failed:
+        return f"killed by {failed[0]}"
+    return f"killed (pytest exit {code}, no failing test named)"
+
+
+def targeted_files(mutations: list[Mutation]) -> list[str]:
+    """The files the mutations' tests live in, whole: a baseline that covers every selection
+    (each -k expression picks a subset of its files), in one pytest run."""
+    files: dict[str, None] = {}
+    for mutation in mutations:
+        arguments = iter(mutation.tests)
+        for argument in arguments:
+            if argument == "-k":
+                next(arguments)
+            else:
+                files[argument.split("::")[0]] = None
+    return list(files)
+
+
+def selected(names: list[str]) -> list[Mutation]:
+    if not names:
+        return MUTATIONS
+    chosen = []
+    for wanted in names:
+        matches = [m for m in MUTATIONS if m.name == wanted] or [
+            m for m in MUTATIONS if m.name.startswith(wanted)
+        ]
+        if len(matches) != 1:
+            raise SystemExit(f"{wanted!r} names {len(matches)} mutations; see --list")
+        chosen += matches
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (names or unique prefixes)")
+    parser.add_argument("--all", action="store_true", help="run the whole suite per mutation")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument(
+        "--every", action="store_true", help="name every failing test, not only the first"
+    )
+    options = parser.parse_args(argv)
+    mutations = selected(options.names)
+    if options.list:
+        for mutation in mutations:
+            print(f"{mutation.name}\n    {mutation.path}; tests: {' '.join(mutation.tests)}")
+        return 0
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="timeline-mutants-") as scratch:
+        pristine = snapshot(Path(scratch))
+        stale = [(m, why) for m in mutations if (why := check_applies(m, pristine)) is not None]
+        for mutation, why in stale:
+            print(f"NOT APPLICABLE  {mutation.name}: {why}", flush=True)
+        if stale:
+            return 2
+
+        # The baseline: every targeted test file passes before anything is mutated.
+        tree = copy_of(pristine, Path(scratch) / "baseline")
+        check_isolated(tree)
+        arguments = ["tests"] if options.all else targeted_files(mutations)
+        code, output = run_pytest(tree, arguments)
+        if code != 0:
+            print(output[-3000:])
+            print(f"BASELINE FAILS ({' '.join(arguments)}): fix the tests first")
+            return 2
+        shutil.rmtree(tree)
+        print(f"baseline passes ({time.monotonic() - started:.0f} s)", flush=True)
+
+        survived = 0
+        for number, mutation in enumerate(mutations, 1):
+            begun = time.monotonic()
+            tree = copy_of(pristine, Path(scratch) / f"mutant-{number}")
+            apply(mutation, tree)
+            arguments = ["tests"] if options.all else list(mutation.tests)
+            code, output = run_pytest(tree, arguments, options.every)
+            result = verdict(code, output)
+            if not result.startswith("killed"):
+                survived += 1
+            took = time.monotonic() - begun
+            print(f"[{number:2}] {mutation.name} ({took:.0f} s)\n     {result}", flush=True)
+            shutil.rmtree(tree)
+
+    total = time.monotonic() - started
+    print(f"{len(mutations) - survived} of {len(mutations)} killed in {total:.0f} s")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
