@@ -1,30 +1,47 @@
 # Two commands on a fresh machine: `make run` and `make test`. Each creates the virtual
 # environment and installs what it needs on first use; nothing is installed by hand.
+# PYTHON picks the interpreter the environment is made with (3.11 or newer), e.g.
+# `PYTHON=python3.12 make run`; it counts when .venv is created (`make clean` to change it).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# One stamp per install and per pyproject.toml content: `make run` installs the runtime
+# dependencies only, `make test` the dev extra (which holds them too, so it leaves the
+# runtime stamp behind as well). A changed pyproject.toml has new stamps: both reinstall.
+HASH := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+RUNTIME := $(VENV)/.installed-runtime-$(HASH)
+DEV := $(VENV)/.installed-dev-$(HASH)
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test lint bench clean docker up down
+.PHONY: install run test lint mutants bench clean docker up down
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "timeline needs Python 3.11 or newer: '$(PYTHON)' is missing or older (try PYTHON=python3.11 make ...)" >&2; \
+		exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+$(RUNTIME): | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
-install: $(STAMP)
+$(DEV): | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@ $(RUNTIME)
+
+## install: the virtual environment with the dev extra (tests, linters, benchmarks).
+install: $(DEV)
 
 ## run: serve the API on http://127.0.0.1:$(PORT) with 2 gunicorn workers on the embedded
 ## default (a redis-server and SQLite under var/), unless TIMELINE_* variables say otherwise.
-run: $(STAMP)
+run: $(RUNTIME)
 	$(BIN)/gunicorn app:app
 
 ## lint: ruff (lint and format) and mypy.
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -33,8 +50,14 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+## mutants: the named mutations of tests/mutants.py, each applied to a copy of the tree (the
+## working tree and git are never touched); fails if a test lets one survive or one no longer
+## applies (about 2 minutes). MUTANTS_ARGS=--all runs the whole suite per mutation (~10 min).
+mutants: $(DEV)
+	$(BIN)/python tests/mutants.py $(MUTANTS_ARGS)
+
 ## bench: the benchmark suite on this machine (a few minutes); rewrites docs/benchmarks.md.
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python -m timeline.bench.suite
 
 ## docker: build the image (needs a Docker engine).

@@ -1,27 +1,34 @@
 """gunicorn settings: `gunicorn app:app` reads this file from the working directory.
 
 Environment: PORT (8000), HOST (127.0.0.1; 0.0.0.0 in the container), WEB_CONCURRENCY
-(workers, 2), GUNICORN_TIMEOUT (30 s), plus every TIMELINE_* setting.
+(workers, 2), GUNICORN_TIMEOUT (30 s), plus every TIMELINE_* setting. A bad or unknown setting
+stops gunicorn here, before it binds or starts anything: one line on stderr, exit status 1.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from timeline.settings import load_settings
+# None of these imports prometheus_client, which reads PROMETHEUS_MULTIPROC_DIR (set below).
+from timeline import embedded
+from timeline.logs import logging_config
+from timeline.settings import SettingsError, load_settings
 
-_settings = load_settings()
+try:
+    _settings = load_settings()
+except SettingsError as exc:
+    # gunicorn would print its own traceback and another line; the one line that matters is
+    # what is wrong and where, so it is all that is printed (on stderr, exit status 1).
+    sys.exit(f"timeline: {exc}")
 _data_dir = Path(_settings.data_dir).resolve()
 
 # Metrics from every worker add up: prometheus_client's multiprocess mode reads this variable
 # at import, so it is set here, in the master, before any worker exists.
 _metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_data_dir / "metrics")))
-
-from timeline import embedded  # noqa: E402  (after the variable above)
-from timeline.logs import logging_config  # noqa: E402
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))

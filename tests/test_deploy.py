@@ -4,7 +4,10 @@ name images new enough, and agree with the service's own settings."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from support import free_port
 from timeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +166,59 @@ def test_gunicorn_settings_come_from_the_environment(
     defaults = load_gunicorn_conf(monkeypatch, tmp_path)
     assert defaults.bind == "127.0.0.1:8000"
     assert defaults.workers == 2
+
+
+def gunicorn(**settings: str) -> subprocess.CompletedProcess[str]:
+    """`gunicorn app:app` as `make run` starts it, with these TIMELINE_* variables only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIMELINE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn", "app:app"],
+        cwd=ROOT,
+        env=env | settings | {"PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "TIMELINE_COUNT_DEFALT",
+            "5",
+            "timeline: TIMELINE_COUNT_DEFALT is not a timeline setting; "
+            "did you mean TIMELINE_COUNT_DEFAULT?",
+        ),
+        (
+            "TIMELINE_COUNT_MAX",
+            "many",
+            "timeline: TIMELINE_COUNT_MAX: count_max must be an integer, got 'many'",
+        ),
+        ("TIMELINE_COUNT_MAX", "0", "timeline: TIMELINE_COUNT_MAX: count_max must be positive"),
+    ],
+)
+def test_gunicorn_refuses_a_bad_setting_in_one_line(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    # What `make run` shows: gunicorn's stderr is that one line, and it exits non-zero.
+    data = tmp_path / "var"
+    done = gunicorn(
+        TIMELINE_DATA_DIR=str(data),
+        TIMELINE_SQLITE_PATH=str(data / "t.sqlite3"),
+        **{variable: value},
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [message]
+    assert done.stdout == ""
+    assert not data.exists()  # stopped before anything was started
+
+
+def test_gunicorn_refuses_a_data_dir_too_deep_for_the_redis_socket(tmp_path: Path) -> None:
+    deep = tmp_path.resolve() / ("d" * 120)
+    done = gunicorn(TIMELINE_DATA_DIR=str(deep))
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("timeline: TIMELINE_DATA_DIR: data_dir is too deep")
+    assert str(deep / "redis.sock") in line

@@ -263,7 +263,7 @@ def test_timeline_bench_reports_and_verifies_a_run(service: Service, tmp_path: P
         *("--scenario", "sendGroup", "--group-size", "5", "--concurrency", "2"),
         *("--requests", "40", "--verify", "--json", str(report), "--plot", str(plot)),
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr + service.log.read_text()[-4000:]
     result = json.loads(report.read_text())
     for key in ("requests_per_second", "messages_per_second", "p50", "p95", "p99", "max"):
         assert result[key] > 0, key

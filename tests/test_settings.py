@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
-from timeline.settings import Settings, SettingsError, load_settings
+from timeline.embedded import SOCKET_PATH_MAX
+from timeline.settings import NOT_SETTINGS, Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,3 +87,84 @@ def test_the_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for f in fields(Settings):
         assert f"`TIMELINE_{f.name.upper()}`" in readme, f.name
+
+
+def test_an_unknown_variable_is_refused_with_the_closest_name() -> None:
+    shipped = ROOT / "configs" / "timeline.yaml"
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"TIMELINE_COUNT_DEFALT": "5"}, config_path=shipped)
+    assert str(refused.value) == (
+        "TIMELINE_COUNT_DEFALT is not a timeline setting; did you mean TIMELINE_COUNT_DEFAULT?"
+    )
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"TIMELINE_XYZZY": "1"}, config_path=shipped)
+    assert str(refused.value) == "TIMELINE_XYZZY is not a timeline setting"
+
+
+def test_an_unknown_yaml_name_gets_the_closest_name_too(tmp_path: Path) -> None:
+    config = tmp_path / "t.yaml"
+    config.write_text("cuont_max: 5\n")
+    with pytest.raises(SettingsError, match="did you mean count_max"):
+        load_settings({}, config_path=config)
+
+
+def test_variables_that_are_not_settings_are_let_through(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text("count_max: 700\n")
+    env = {name: "x" for name in NOT_SETTINGS} | {"TIMELINE_CONFIG": str(tmp_path / "t.yaml")}
+    assert load_settings(env).count_max == 700
+
+
+def test_every_timeline_variable_read_anywhere_is_a_setting_or_listed() -> None:
+    # A TIMELINE_* variable the code or the tests read for themselves, unknown to the loader,
+    # would stop the service: each must be a setting or be listed in NOT_SETTINGS.
+    settings = {f"TIMELINE_{f.name.upper()}" for f in fields(Settings)}
+    read: set[str] = set()
+    sources = [*ROOT.glob("timeline/**/*.py"), *ROOT.glob("tests/*.py"), ROOT / "gunicorn.conf.py"]
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        read |= set(
+            re.findall(r"(?:environ\.get\(|environ\[|getenv\()\s*[\"'](TIMELINE_\w+)", text)
+        )
+    assert read - settings <= NOT_SETTINGS
+    assert {"TIMELINE_TEST_MONGO_URI", "TIMELINE_TEST_REDIS_URL"} <= read
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "complaint"),
+    [
+        ("", {"TIMELINE_COUNT_MAX": "0"}, "TIMELINE_COUNT_MAX: count_max must be positive"),
+        ("", {"TIMELINE_LOG_LEVEL": "loud"}, "TIMELINE_LOG_LEVEL: log_level must be debug"),
+        ("count_max: 0\n", {}, "{config}: count_max must be positive"),
+        (
+            "count_default: 20\n",
+            {"TIMELINE_COUNT_MAX": "10"},
+            "{config}, TIMELINE_COUNT_MAX: count_default must not exceed count_max",
+        ),
+    ],
+)
+def test_a_bad_value_names_where_it_was_set(
+    tmp_path: Path, text: str, env: dict[str, str], complaint: str
+) -> None:
+    config = tmp_path / "t.yaml"
+    config.write_text(text)
+    with pytest.raises(SettingsError) as refused:
+        load_settings(env, config_path=config)
+    assert str(refused.value).startswith(complaint.format(config=config))
+
+
+def test_a_data_dir_too_deep_for_the_redis_socket_is_refused(tmp_path: Path) -> None:
+    none = tmp_path / "none.yaml"
+    none.write_text("")
+    base = tmp_path.resolve()
+    # base/ddd.../redis.sock, one byte over the limit.
+    deep = base / ("d" * (SOCKET_PATH_MAX + 1 - len(f"{base}//redis.sock")))
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"TIMELINE_DATA_DIR": str(deep)}, config_path=none)
+    message = str(refused.value)
+    assert message.startswith("TIMELINE_DATA_DIR: data_dir is too deep")
+    assert f"{SOCKET_PATH_MAX + 1} bytes, over the {SOCKET_PATH_MAX}" in message
+    # One byte less fits; and with an external Redis there is no socket to place.
+    fits = deep.with_name(deep.name[1:])
+    assert load_settings({"TIMELINE_DATA_DIR": str(fits)}, config_path=none)
+    external = {"TIMELINE_DATA_DIR": str(deep), "TIMELINE_REDIS_URL": "redis://r:6379/0"}
+    assert load_settings(external, config_path=none).data_dir == str(deep)

