@@ -12,10 +12,11 @@ import pytest
 import redis
 
 from support import put
-from test_faults import Clock, FlakyStore, msg, read_all, service, texts
-from timeline.errors import PartialWrite, Unavailable
-from timeline.model import Copies, Kind, Timeline
-from timeline.store import Store, WriteResult
+from test_faults import Clock, FlakyStore, msg, read_all, service, texts, threadsafe
+from test_repairs import PartialSync
+from timeline.errors import Unavailable
+from timeline.model import Kind, Timeline
+from timeline.store import Store
 
 
 def test_a_long_sealed_run_does_not_end_history_early(
@@ -77,29 +78,10 @@ def test_min_seq_does_not_claim_missed_entries_while_a_write_is_in_flight(
     assert texts(svc.sync("b", 3, 10).entries) == ["four", "five"]
 
 
-class FirstOfBatch:
-    """Stores the history and only the first message of each sync range, then fails."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner, self.backend, self.broken = inner, inner.backend, True
-
-    def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
-        if not self.broken or sync is None:
-            return self.inner.write(history, sync)
-        if history is not None:
-            self.inner.write(history, None)
-        first = Copies(sync.ids, sync.firsts, sync.messages[:1], sync.created_at_ms, sync.mid)
-        self.inner.write(None, first)
-        raise PartialWrite("injected: failed midway through the sync copies")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def test_a_late_retry_of_a_partly_stored_batch_delivers_nothing_twice(
     redis_url: str, key_prefix: str, store: Store
 ) -> None:
-    partial, clock = FirstOfBatch(store), Clock()
+    partial, clock = PartialSync(store), Clock()
     svc = service(redis_url, key_prefix, partial, clock, retry_backoff_ms=0)
     batch = [msg("1"), msg("2"), msg("3")]
     assert svc.send_group("g", ["b"], batch, "batch-1") == ["b"]  # reported; client retries
@@ -233,8 +215,7 @@ def test_every_device_receives_every_message_once_and_in_order(
     """Writers send to one member from several threads through two workers (two services
     on one Redis and one store) while devices follow last_read page by page."""
     real_clock = _RealClock()
-    if getattr(store, "simulated", False):
-        store = OneCallAtATime(store)  # type: ignore[assignment]
+    store = threadsafe(store)  # mongomock is not thread-safe; a real server is
     workers = [service(redis_url, key_prefix, store, real_clock) for _ in range(2)]
     senders, per_sender, devices = 4, 25, 3
     total = senders * per_sender
@@ -278,56 +259,3 @@ class _RealClock:
 
     def __call__(self) -> int:
         return time.time_ns() // 1_000_000
-
-
-class OneCallAtATime:
-    """mongomock is not thread-safe (a real server is): its calls take turns here, which
-    still lets writers and readers interleave between any two calls of a request."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner, self.backend = inner, inner.backend
-        self.lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.inner, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with self.lock:
-                return method(*args, **kwargs)
-
-        return call
-
-
-def test_a_huge_gap_below_everything_is_passed_in_one_step(
-    redis_url: str, key_prefix: str, store: Store
-) -> None:
-    # Data another system thinned out: a member's oldest entry left is 50,000.
-    clock = Clock()
-    svc = service(redis_url, key_prefix, store, clock)
-    put(store, Kind.SYNC, "b", 50_000, msg("left"), clock.ms - 60_000, "m1")
-    page = svc.sync("b", 0, 10)
-    assert texts(page.entries) == ["left"]
-    assert page.min_seq == 50_000
-    assert store.gap(Kind.SYNC, "b", 1, 50_000, 0) == (0, 0)  # no placeholder was stored
-    assert store.max_seqs(Kind.SYNC, ["b"]) == {"b": 50_000}
-
-
-def test_a_huge_gap_between_entries_is_sealed_a_chunk_at_a_time(
-    redis_url: str, key_prefix: str, sqlite_store: Store
-) -> None:
-    clock = Clock()
-    svc = service(redis_url, key_prefix, sqlite_store, clock)
-    old = clock.ms - 60_000
-    put(sqlite_store, Kind.HISTORY, "g", 1, msg("one"), old, "m1")
-    put(sqlite_store, Kind.HISTORY, "g", 12_002, msg("two"), old, "m2")  # 2..12001 missing
-    reads = []
-    while len(reads) < 10:
-        reads.append(texts(svc.history("g", 0, 10)))
-        if reads[-1] == ["one", "two"]:
-            break
-    # Each read seals a few chunks and hands out only what lies before the hole ...
-    assert reads[:-1] == [["one"]] * (len(reads) - 1)
-    assert 2 <= len(reads) <= 4
-    # ... until every missing sequence holds a placeholder and the reader passes.
-    assert reads[-1] == ["one", "two"]
-    assert sqlite_store.gap(Kind.HISTORY, "g", 2, 12_002, 0) == (12_000, 12_000)
