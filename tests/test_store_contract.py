@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
+from pymongo.errors import AutoReconnect
 
-from timeline.model import Copies, Kind, Message
+from timeline.errors import PartialWrite, Unavailable
+from timeline.model import HOLE_MID, Copies, Kind, Message
 from timeline.store import Store, WriteResult
+from timeline.store.mongo import MongoStore
 from timeline.store.sqlite import SQLiteStore
 
 
@@ -258,3 +263,222 @@ def test_a_file_of_the_earlier_schema_is_migrated(tmp_path: Path) -> None:
     [entry] = store.read(Kind.SYNC, "a", 0, 10)
     assert (entry.seq, entry.message, entry.created_at_ms, entry.mid) == (1, '{"n":1}', 5, "")
     assert store.write(None, copies("a", 2)) == WriteResult()
+
+
+# --- big writes: cut into parts of whole timelines ------------------------------------------
+
+
+class Parts:
+    """Counts the parts (SQLite transactions, MongoDB sync insert_many calls) the store's
+    writes are cut into, and fails the `fail`-th one when asked: at the start of its
+    transaction on SQLite, where another connection holds the write lock past the busy
+    timeout (a real `database is locked`); on MongoDB as a lost connection does."""
+
+    def __init__(self, store: Store, fail: int = 0) -> None:
+        self.store, self.fail, self.started, self.injected = store, fail, 0, 0
+        if isinstance(store, SQLiteStore):
+            write_part, begin = store._write_part, store._begin
+            armed = [False]
+
+            def counted_write_part(*args: Any) -> Any:
+                self.started += 1
+                armed[0] = self.started == self.fail
+                return write_part(*args)
+
+            def locked_begin(conn: sqlite3.Connection) -> None:
+                if not armed[0]:
+                    return begin(conn)
+                armed[0] = False
+                self.injected += 1
+                blocker = sqlite3.connect(store.path, isolation_level=None)
+                blocker.execute("BEGIN IMMEDIATE")
+                timeout = store._busy_timeout
+                store._busy_timeout = 0.05
+                try:
+                    return begin(conn)
+                finally:
+                    store._busy_timeout = timeout
+                    blocker.execute("ROLLBACK")
+                    blocker.close()
+
+            store._write_part = counted_write_part  # type: ignore[method-assign]
+            store._begin = locked_begin  # type: ignore[method-assign]
+        else:
+            assert isinstance(store, MongoStore)
+            collection = store._collections[Kind.SYNC]
+            insert_many = collection.insert_many
+
+            def failing_insert_many(documents: Any, *args: Any, **kwargs: Any) -> Any:
+                self.started += 1
+                if self.started == self.fail:
+                    self.injected += 1
+                    raise AutoReconnect("injected: connection reset between two parts")
+                return insert_many(documents, *args, **kwargs)
+
+            proxy = _Proxy(collection, insert_many=failing_insert_many)
+            store._collections[Kind.SYNC] = proxy  # type: ignore[assignment]
+
+
+class _Proxy:
+    def __init__(self, inner: Any, **overrides: Any) -> None:
+        self.inner, self.overrides = inner, overrides
+
+    def __getattr__(self, name: str) -> Any:
+        return self.overrides.get(name) or getattr(self.inner, name)
+
+
+def batch_of(n: int) -> list[Message]:
+    return [message(n=i) for i in range(1, n + 1)]
+
+
+def test_a_write_bigger_than_one_part_stores_every_timeline_s_batch_in_order(
+    store: Store,
+) -> None:
+    # Parts of 7 copies: two timelines of a 3-message batch each; 5 timelines, 3 parts.
+    store.write_chunk_rows = 7  # type: ignore[attr-defined]
+    parts = Parts(store)
+    members = ["a", "b", "c", "d", "e"]
+    firsts = [1, 4, 1, 10, 2]
+    sync = Copies(members, firsts, batch_of(3), 1_000, "m")
+    assert store.write(copies("g", 1, *batch_of(3)), sync) == WriteResult()
+    # SQLite: the history copies share the first part's transaction.
+    assert parts.started == 3
+    for member, first in zip(members, firsts, strict=True):
+        assert stored(store, Kind.SYNC, member) == [
+            (first + i, {"n": i + 1}, "m") for i in range(3)
+        ], member
+    assert [e.seq for e in store.read(Kind.HISTORY, "g", 0, 10)] == [1, 2, 3]
+
+
+def test_taken_keys_in_a_later_part_are_reported_by_their_position_in_the_whole_write(
+    store: Store,
+) -> None:
+    store.write_chunk_rows = 6  # type: ignore[attr-defined]
+    store.write(None, copies("d", 2, message(text="other"), mid="other"))  # in d's range
+    store.ack("e", 1, 1)  # e's range starts at its floor
+    parts = Parts(store)
+    members = ["a", "b", "c", "d", "e", "f"]
+    result = store.write(None, Copies(members, [1] * 6, batch_of(3), 1_000, "m"))
+    assert parts.started == 3  # a b | c d | e f
+    # d's seq 2 and e's seq 1 (the fourth and fifth timelines of 3 copies each) are taken,
+    # by position in the whole write: 10 and 12; where the store keeps a batch together
+    # (SQLite), all of d's and e's copies are reported: 9..14.
+    expected = list(range(9, 15)) if store.backend == "sqlite" else [10, 12]
+    assert result == WriteResult(sync_taken=expected)
+    for member in ("a", "b", "c", "f"):
+        assert [e.seq for e in store.read(Kind.SYNC, member, 0, 10)] == [1, 2, 3], member
+    assert store.owners(Kind.SYNC, [("d", 2)]) == {("d", 2): "other"}
+    if store.backend == "sqlite":
+        assert stored(store, Kind.SYNC, "d") == [(2, {"text": "other"}, "other")]
+        assert stored(store, Kind.SYNC, "e") == []
+
+
+def test_a_write_failing_between_its_parts_is_partial_and_writing_again_finishes_it(
+    store: Store,
+) -> None:
+    store.write_chunk_rows = 6  # type: ignore[attr-defined]
+    members = ["a", "b", "c", "d", "e"]
+    history, sync = copies("g", 1, *batch_of(3)), Copies(members, [1] * 5, batch_of(3), 1, "m")
+    parts = Parts(store, fail=2)  # a b | c d (fails) | e
+    with pytest.raises(PartialWrite):  # the history copies are stored
+        store.write(history, sync)
+    assert parts.injected == 1
+    assert [e.seq for e in store.read(Kind.HISTORY, "g", 0, 10)] == [1, 2, 3]
+    assert [bool(store.read(Kind.SYNC, member, 0, 10)) for member in members] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    # Writing the same documents again (as the service does: the history copy is
+    # stored, so the sync copies alone) finds the first part stored, by this message,
+    assert store.write(history, sync) == WriteResult(history_taken=True)
+    assert store.write(None, sync) == WriteResult(sync_taken=list(range(6)))
+    # and stores the rest: every copy once.
+    keys = [(member, seq) for member in members for seq in (1, 2, 3)]
+    assert store.owners(Kind.SYNC, keys) == dict.fromkeys(keys, "m")
+    for member in members:
+        assert stored(store, Kind.SYNC, member) == [(i, {"n": i}, "m") for i in (1, 2, 3)]
+
+
+def test_a_sync_only_write_failing_between_its_parts_is_unavailable(store: Store) -> None:
+    store.write_chunk_rows = 3  # type: ignore[attr-defined]
+    sync = Copies(["a", "b", "c"], [1, 1, 1], batch_of(3), 1, "m")
+    parts = Parts(store, fail=2)
+    with pytest.raises(Unavailable) as raised:
+        store.write(None, sync)
+    assert not isinstance(raised.value, PartialWrite)  # no history copy in this write
+    assert parts.injected == 1
+    assert store.write(None, sync) == WriteResult(sync_taken=[0, 1, 2])  # a's, stored
+    for member in ("a", "b", "c"):
+        assert [e.seq for e in store.read(Kind.SYNC, member, 0, 10)] == [1, 2, 3]
+
+
+def test_a_batch_bigger_than_a_part_is_never_cut(store: Store) -> None:
+    store.write_chunk_rows = 2  # type: ignore[attr-defined]
+    store.write_chunk_bytes = 10  # type: ignore[attr-defined]
+    parts = Parts(store)
+    sync = Copies(["a", "b"], [1, 5], batch_of(4), 1, "m")
+    assert store.write(None, sync) == WriteResult()
+    assert parts.started == 2  # one timeline each, 4 copies
+    assert [e.seq for e in store.read(Kind.SYNC, "b", 0, 10)] == [5, 6, 7, 8]
+
+
+def test_parts_are_cut_by_the_bytes_of_their_messages_too(store: Store) -> None:
+    store.write_chunk_bytes = 2_500  # type: ignore[attr-defined]
+    big = message(text="x" * 1_000)  # about 1 KB a copy: two timelines a part
+    parts = Parts(store)
+    assert store.write(None, copies(["a", "b", "c", "d", "e"], 1, big)) == WriteResult()
+    assert parts.started == 3
+    for member in "abcde":
+        assert len(store.read(Kind.SYNC, member, 0, 10)) == 1
+
+
+# --- many keys at once --------------------------------------------------------------------
+
+
+def test_owners_of_many_ranges_are_exact(store: Store) -> None:
+    # 120 timelines, each with a run of its own: whole, partly stored, held by two messages,
+    # with a placeholder, or empty; asked for in runs, unordered, and twice over.
+    expected: dict[tuple[str, int], str] = {}
+    keys: list[tuple[str, int]] = []
+    for i in range(120):
+        member, first, length = f"m{i}", 1 + i % 7, 1 + i % 5
+        run = [(member, first + j) for j in range(length)]
+        keys += run
+        shape = i % 4
+        if shape == 0:  # all of it, by one message
+            store.write(None, Copies([member], [first], batch_of(length), 1, "x"))
+            expected |= dict.fromkeys(run, "x")
+        elif shape == 1 and length > 1:  # the first half by x, the rest by y
+            half = length // 2
+            store.write(None, Copies([member], [first], batch_of(half), 1, "x"))
+            store.write(None, Copies([member], [first + half], batch_of(length - half), 1, "y"))
+            expected |= dict.fromkeys(run[:half], "x") | dict.fromkeys(run[half:], "y")
+        elif shape == 2:  # only the last one, a placeholder
+            store.seal(Kind.SYNC, run[-1:], 1)
+            expected[run[-1]] = HOLE_MID
+        # shape 3: nothing stored; and what lies just outside each run must not count
+        store.write(None, Copies([member], [first + length], [message(n=0)], 1, "outside"))
+    assert store.owners(Kind.SYNC, keys) == expected
+    assert store.owners(Kind.SYNC, keys[::-1] + keys[:50]) == expected
+    assert store.owners(Kind.SYNC, [("m0", 1), ("m0", 3), ("m8", 2)]) == {
+        key: expected[key] for key in [("m0", 1), ("m8", 2)] if key in expected
+    }
+    assert store.owners(Kind.HISTORY, keys) == {}
+
+
+def test_seal_and_unwrite_of_many_keys_go_in_parts_and_stay_exact(store: Store) -> None:
+    store.write_chunk_rows = 4  # type: ignore[attr-defined]
+    store.write(None, Copies(["a", "b"], [3, 1], batch_of(2), 1, "m"))  # a 3..4, b 1..2
+    store.write(None, copies("c", 2, mid="other"))
+    keys = [(member, seq) for member in "abc" for seq in range(1, 6)]
+    taken = store.seal(Kind.SYNC, keys, 5)
+    assert taken == [("a", 3), ("a", 4), ("b", 1), ("b", 2), ("c", 2)]
+    owners = store.owners(Kind.SYNC, keys)
+    assert {key for key, mid in owners.items() if mid == HOLE_MID} == set(keys) - set(taken)
+    # unwrite removes exactly m's documents among the keys, whatever else they hold.
+    store.unwrite(Kind.SYNC, keys, "m")
+    assert store.owners(Kind.SYNC, [("a", 3), ("a", 4), ("b", 1), ("b", 2)]) == {}
+    assert store.owners(Kind.SYNC, [("c", 2), ("c", 3)]) == {("c", 2): "other", ("c", 3): HOLE_MID}

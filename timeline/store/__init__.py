@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -44,6 +44,28 @@ class WriteResult:
     sync_taken: list[int] = field(default_factory=list)  # positions in `sync.rows()`
 
 
+def split(copies: Copies, rows: int, size: int) -> Iterator[tuple[int, Copies]]:
+    """The copies in parts of whole timelines, each at most `rows` copies and `size` bytes
+    of messages (a timeline's batch alone may be more: it is never cut), with the position
+    of each part's first copy in `copies.rows()`. One part when all of it fits."""
+    count = len(copies.messages)
+    timelines = len(copies.ids)
+    batch = sum(len(message.json.encode()) for message in copies.messages)
+    step = max(1, min(rows // count, size // max(1, batch)))
+    if step >= timelines:
+        yield 0, copies
+        return
+    for start in range(0, timelines, step):
+        part = Copies(
+            copies.ids[start : start + step],
+            copies.firsts[start : start + step],
+            copies.messages,
+            copies.created_at_ms,
+            copies.mid,
+        )
+        yield start * count, part
+
+
 class Store(Protocol):
     """Documents `{id, seq, message}`, unique on `(id, seq)`, read back in sequence order.
 
@@ -54,17 +76,25 @@ class Store(Protocol):
     backend: str
 
     def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
-        """Store a request's copies: one bulk write per collection.
+        """Store a request's copies: one bulk write per collection, or, for a big one,
+        several in a row (see split), so that no single transaction or operation runs long:
+        on SQLite no other writer waits a large part of its busy timeout behind it.
 
         The history copies are written first, all or none: if one's `(id, seq)` is taken,
         no sync copy is attempted. The sync copies are written independently of each other;
         those whose `(id, seq)` is taken are reported (by position in `sync.rows()`), the
         others kept. A sequence at or below its timeline's floor (acked or purged) counts as
-        taken, also when the floor rises while the write is in flight. Where the store can
-        (SQLite), one timeline's copies of a batch are stored together or not at all.
-        Any other failure raises Unavailable (PartialWrite once the history is stored); the
-        write may then have been partly done, and writing the same documents again is how
-        to finish it.
+        taken, also when the floor rises while the write is in flight. A write is cut only
+        between timelines: where the store can (SQLite), one timeline's copies of a batch
+        are stored together or not at all, whatever the write's size.
+        Any other failure raises Unavailable (PartialWrite once the history is stored, also
+        when it fails after some of its parts were stored); the write may then have been
+        partly done, and writing the same documents again is how to finish it: what is
+        stored comes back as taken, under its own mid (see owners).
+
+        Finding keys taken costs what storing them would, or less: a replay of a request
+        whose copies are all stored (a client's retry) is set-based work, never a
+        statement or a savepoint per copy or per timeline.
         """
         ...
 
@@ -72,11 +102,15 @@ class Store(Protocol):
         self, kind: Kind, keys: Sequence[tuple[str, int]], created_at_ms: int
     ) -> list[tuple[str, int]]:
         """Store placeholders (mid HOLE_MID) at the given `(id, seq)` where none is stored;
-        return the keys that turned out to be taken (a late write got there first)."""
+        return the keys that turned out to be taken (a late write got there first). Many
+        keys are stored in several transactions (placeholders stand each on its own): a
+        failure (Unavailable) may leave some stored, and sealing again finishes."""
         ...
 
     def unwrite(self, kind: Kind, keys: Sequence[tuple[str, int]], mid: str) -> None:
-        """Delete the documents at these `(id, seq)` that belong to message `mid`."""
+        """Delete the documents at these `(id, seq)` that belong to message `mid`. Many keys
+        are deleted in several transactions, never cutting one timeline's run of
+        consecutive keys; a failure may leave some deleted, and unwriting again finishes."""
         ...
 
     def ack(self, member: str, seq: int, floor: int) -> None:
@@ -96,7 +130,12 @@ class Store(Protocol):
         ...
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
-        """The `mid` of the stored document at each `(id, seq)` that exists."""
+        """The `mid` of the stored document at each `(id, seq)` that exists.
+
+        The keys are looked up as runs of consecutive sequences of one timeline (what a
+        request's keys are: one run per timeline), each run one index range scan, in a
+        number of round trips that does not grow with the runs' length: asking about a
+        replayed fan-out of 10,000 members x 20 messages costs about what storing it did."""
         ...
 
     def max_seqs(self, kind: Kind, ids: Sequence[str]) -> dict[str, int]:

@@ -39,7 +39,7 @@ from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
 from timeline.settings import TTL_BACKSTOP_SECONDS, Settings
-from timeline.store import COLLECTIONS, Gap, Page, WriteResult
+from timeline.store import COLLECTIONS, Gap, Page, WriteResult, split
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,12 @@ _PROJECTION = {"_id": 0, "seq": 1, "message": 1, "created_at": 1, "mid": 1}
 #: Branches per `$or` query of keys: a replay to 10,000 members is many small queries, each
 #: planned and served by the (id, seq) index, not one query of 10,000 branches.
 _OR_BRANCHES = 256
+#: A big write is cut into insert_many calls of whole timelines (a timeline's batch is never
+#: cut), each at most this many documents and bytes of messages: each is one operation with
+#: its own deadline (mongo_operation_timeout_ms), and a failure leaves those before it
+#: stored, found again by a retry as its own. A 10,000-member fan-out of one message is one.
+WRITE_CHUNK_ROWS = 10_000
+WRITE_CHUNK_BYTES = 16 << 20
 T = TypeVar("T")
 
 
@@ -121,8 +127,12 @@ class MongoStore:
         database: Database[Any],
         client: Any = None,
         retention_ms: dict[Kind, int] | None = None,
+        write_chunk_rows: int = WRITE_CHUNK_ROWS,
+        write_chunk_bytes: int = WRITE_CHUNK_BYTES,
     ) -> None:
         self._client = client
+        self.write_chunk_rows = write_chunk_rows
+        self.write_chunk_bytes = write_chunk_bytes
         self._database = database
         self._collections: dict[Kind, Collection[Any]] = {
             kind: _pinned(database[name]) for kind, name in COLLECTIONS.items()
@@ -236,8 +246,10 @@ class MongoStore:
         if sync is None:
             return WriteResult()
         # From here on the history copy is stored: a failure says so (PartialWrite).
+        taken: list[int] = []
         try:
-            taken = self._write_sync(sync)
+            for offset, part in split(sync, self.write_chunk_rows, self.write_chunk_bytes):
+                taken.extend(offset + position for position in self._write_sync(part))
         except PyMongoError as exc:
             log.warning("mongo write failed after the history copy: %s", exc)
             dependency_failed("store")
@@ -270,7 +282,7 @@ class MongoStore:
         return True
 
     def _write_sync(self, sync: Copies) -> list[int]:
-        """insert_many(ordered=False) of the sync copies; the positions taken."""
+        """insert_many(ordered=False) of (a part of) the sync copies; the positions taken."""
         taken = self._insert_unordered(Kind.SYNC, _bson(sync))
         below = self._below_floors(Kind.SYNC, sync) - set(taken)
         if not below:
@@ -328,8 +340,16 @@ class MongoStore:
             {"id": id_, "seq": seq, "message": {}, "created_at": created_at, "mid": HOLE_MID}
             for id_, seq in keys
         ]
-        taken = self._call("seal", lambda: self._insert_unordered(kind, holes))
-        return [keys[i] for i in taken]
+        step = self.write_chunk_rows
+
+        def insert() -> list[int]:
+            return [
+                start + i
+                for start in range(0, len(holes), step)
+                for i in self._insert_unordered(kind, holes[start : start + step])
+            ]
+
+        return [keys[i] for i in self._call("seal", insert)]
 
     def unwrite(self, kind: Kind, keys: Sequence[tuple[str, int]], mid: str) -> None:
         if keys:
@@ -527,7 +547,9 @@ def _keys(copies: Copies) -> Iterator[tuple[str, int]]:
 def _key_queries(keys: Sequence[tuple[str, int]]) -> Iterator[dict[str, Any]]:
     """Queries that together match exactly these (id, seq) keys, each a `$or` of at most
     _OR_BRANCHES branches: one per set of sequences, naming every timeline that has
-    exactly those (a fan-out's members often share them)."""
+    exactly those (a fan-out's members often share them). A set of consecutive sequences
+    (a batch's range: what a replay asks about) is a range, one index scan per timeline;
+    so a replay of 10,000 timelines is 40 queries, whatever its batch's size."""
     by_id: dict[str, list[int]] = {}
     for id_, seq in keys:
         by_id.setdefault(id_, []).append(seq)
@@ -535,15 +557,21 @@ def _key_queries(keys: Sequence[tuple[str, int]]) -> Iterator[dict[str, Any]]:
     for id_, seqs in by_id.items():
         by_seqs.setdefault(tuple(sorted(set(seqs))), []).append(id_)
     branches = [
-        {
-            "id": ids[0] if len(ids) == 1 else {"$in": ids},
-            "seq": seqs[0] if len(seqs) == 1 else {"$in": list(seqs)},
-        }
+        {"id": ids[0] if len(ids) == 1 else {"$in": ids}, "seq": _seq_query(seqs)}
         for seqs, ids in by_seqs.items()
     ]
     for start in range(0, len(branches), _OR_BRANCHES):
         chunk = branches[start : start + _OR_BRANCHES]
         yield chunk[0] if len(chunk) == 1 else {"$or": chunk}
+
+
+def _seq_query(seqs: tuple[int, ...]) -> Any:
+    """Exactly these distinct, ascending sequences."""
+    if len(seqs) == 1:
+        return seqs[0]
+    if seqs[-1] - seqs[0] == len(seqs) - 1:
+        return {"$gte": seqs[0], "$lte": seqs[-1]}  # consecutive
+    return {"$in": list(seqs)}
 
 
 def _ensure_unique(collection: Collection[Any]) -> None:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from timeline.errors import Unavailable
+import orjson
+
+from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
-from timeline.store import COLLECTIONS, Gap, Page, WriteResult
+from timeline.store import COLLECTIONS, Gap, Page, WriteResult, split
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +63,44 @@ _INSERT = {
     for table in COLLECTIONS.values()
 }
 
+_HISTORY = COLLECTIONS[Kind.HISTORY]
+_SYNC = COLLECTIONS[Kind.SYNC]
 _CHUNK = 500  # rows per statement in lookups: well under SQLite's 32,766 variables
 _PURGE_BATCH = 500  # rows per purge transaction: the write lock is never held for long
 
-_HISTORY = COLLECTIONS[Kind.HISTORY]
-_SYNC = COLLECTIONS[Kind.SYNC]
+# A big write (a fan-out of 10,000 members x 20 messages is 200,000 rows) is stored in
+# several transactions, none holding the write lock for more than a small part of the busy
+# timeout another writer waits: at most this many rows, and this many bytes of messages.
+# Measured on a loaded 2-core machine (tests/bench_big_requests.py; README, "Big requests"):
+# 4,000 rows of small messages hold the lock 20-50 ms (median), 1 MiB of 6.5 KB messages
+# 5-15 ms. A timeline's copies of one batch are never cut (a batch that alone is more, up to
+# the 4 MiB a body may hold, is one transaction of its own).
+WRITE_CHUNK_ROWS = 4_000
+WRITE_CHUNK_BYTES = 1 << 20
+# How often a writer waiting for the lock tries again. SQLite's own busy handler sleeps ever
+# longer between tries (up to 100 ms), and would keep missing the moments between a big
+# write's transactions; this one tries every half millisecond.
+_LOCK_POLL_S = 0.0005
+# Between two transactions of a big write, how long it lets waiting writers go first at
+# most (they announce themselves, see _begin): about one transaction's worth, so that under
+# a steady stream of small writes the big one still gets half of the lock's time.
+_YIELD_MAX_S = 0.05
+# The ranges of sequences a statement is given as one JSON parameter: [[id, first, last]...].
+_RANGES_JOIN = (
+    "json_each(?) AS r CROSS JOIN {table} AS t ON t.id = json_extract(r.value, '$[0]') "
+    "AND t.seq BETWEEN json_extract(r.value, '$[1]') AND json_extract(r.value, '$[2]')"
+)
+# Which of these sync ranges (by index) hold a document, or lie at or below their floor
+# (the floor guard would refuse them): each an index range scan and a floor lookup.
+_TAKEN_RANGES = f"""
+SELECT r.key FROM json_each(?) AS r
+WHERE EXISTS (
+    SELECT 1 FROM {_SYNC} AS t WHERE t.id = json_extract(r.value, '$[0]')
+    AND t.seq BETWEEN json_extract(r.value, '$[1]') AND json_extract(r.value, '$[2]')
+) OR json_extract(r.value, '$[1]') <= (
+    SELECT seq FROM {_SYNC}_floor WHERE id = json_extract(r.value, '$[0]')
+)
+"""
 
 
 class _HistoryTaken(Exception):
@@ -118,9 +156,16 @@ class SQLiteStore:
         path: str | Path,
         busy_timeout_ms: int = 1000,
         retention_ms: dict[Kind, int] | None = None,
+        write_chunk_rows: int = WRITE_CHUNK_ROWS,
+        write_chunk_bytes: int = WRITE_CHUNK_BYTES,
     ) -> None:
         self.path = Path(path)
         self._busy_timeout = busy_timeout_ms / 1000
+        self._busy_timeout_ms = busy_timeout_ms
+        self.write_chunk_rows = write_chunk_rows
+        self.write_chunk_bytes = write_chunk_bytes
+        # Writers waiting for the lock hold a shared lock on this file (see _begin).
+        self._waiting_path = self.path.with_name(self.path.name + "-wait")
         self._local = threading.local()
         self._retention = {kind: (retention_ms or {}).get(kind, 0) for kind in Kind}
         self._checkpoints = _Checkpointer(self.path)
@@ -128,12 +173,13 @@ class SQLiteStore:
         try:
             conn = self._connection()
             conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("SELECT json_extract('[1]', '$[0]')")  # the JSON functions exist
             for table in COLLECTIONS.values():
                 self._migrate(conn, table)
                 conn.execute(_SCHEMA.format(table=table))
                 conn.execute(_FLOOR_SCHEMA.format(table=table))
                 conn.execute(_FLOOR_GUARD.format(table=table))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             dependency_failed("store")
             raise Unavailable(f"sqlite store at {self.path} cannot be opened") from exc
 
@@ -176,16 +222,87 @@ class SQLiteStore:
             self._local.pid = os.getpid()
         return conn
 
+    def _waiting_file(self) -> IO[bytes] | None:
+        """This thread's open `-wait` file: flock() locks belong to an open file, so each
+        thread (and each process: not one inherited across a fork) needs its own to wait,
+        and be seen waiting, apart. None when it cannot be opened: writers then wait
+        without being seen (a big write does not let them in first), nothing worse."""
+        found: tuple[int, IO[bytes]] | None = getattr(self._local, "waiting", None)
+        if found is not None and found[0] == os.getpid():
+            return found[1]
+        try:
+            waiting = open(self._waiting_path, "ab")  # noqa: SIM115 (kept, closed in close())
+        except OSError as exc:
+            log.warning("sqlite: %s cannot be opened: %s", self._waiting_path, exc)
+            return None
+        self._local.waiting = (os.getpid(), waiting)
+        return waiting
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE: take the write lock up front (two writers never deadlock on
+        upgrade), waiting for it up to the busy timeout.
+
+        SQLite's busy handler sleeps ever longer between tries (1, 2, 5 ... then 100 ms),
+        so a writer queued behind a big write's string of transactions would keep missing
+        the moments between them, and fail after the timeout. So the wait is done here:
+        a try every half millisecond, and meanwhile a shared lock on the `-wait` file,
+        which a big write looks at between its transactions (_let_waiting_writers_in) to
+        let waiting writers go first. When the lock is free, this costs nothing more.
+        """
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+            deadline = time.monotonic() + self._busy_timeout
+            waiting = self._waiting_file()
+            announced = False
+            try:
+                while True:
+                    if not announced and waiting is not None:
+                        # Refused only for the instant a big write looks: next time, then.
+                        announced = _flock(waiting, fcntl.LOCK_SH | fcntl.LOCK_NB) is True
+                    time.sleep(_LOCK_POLL_S)
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                        return
+                    except sqlite3.OperationalError as exc:
+                        if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                            raise
+                        if time.monotonic() >= deadline:
+                            raise
+            finally:
+                if announced and waiting is not None:
+                    _flock(waiting, fcntl.LOCK_UN)
+        finally:
+            # Reads keep SQLite's own handler (in WAL mode they hardly ever wait at all).
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+
+    def _let_waiting_writers_in(self) -> None:
+        """Between two transactions of a big write (or of the purge): while another writer
+        waits for the lock (it holds a shared lock on the `-wait` file), let it go first,
+        for up to _YIELD_MAX_S. Nobody waiting: one flock() call."""
+        waiting = self._waiting_file()
+        if waiting is None:
+            return
+        deadline = time.monotonic() + _YIELD_MAX_S
+        while (granted := _flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)) is False:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(_LOCK_POLL_S)
+        if granted:
+            _flock(waiting, fcntl.LOCK_UN)
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; any SQLite error rolls back and becomes Unavailable.
-
-        IMMEDIATE takes the write lock up front, so two writers never deadlock on upgrade.
-        """
+        """BEGIN IMMEDIATE ... COMMIT; any SQLite error rolls back and becomes Unavailable."""
         conn: sqlite3.Connection | None = None
         try:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             yield conn
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -210,31 +327,68 @@ class SQLiteStore:
     # --- writing --------------------------------------------------------------------------
 
     def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
+        """One transaction per part of the sync copies (see split: whole timelines, at most
+        a chunk's rows and bytes each), the history copies in the first: a timeline's batch
+        is stored together or reported taken together.
+
+        A failure once the first transaction committed is PartialWrite when it held the
+        history copies (Unavailable otherwise): the parts before it are stored, and writing
+        the same copies again finds them taken by their own mid and stores the rest.
+        """
+        parts: list[tuple[int, Copies | None]] = [(0, None)]
+        if sync is not None:
+            parts = list(split(sync, self.write_chunk_rows, self.write_chunk_bytes))
+        taken: list[int] = []
+        committed = 0
         conn: sqlite3.Connection | None = None
         try:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            if history is not None and not self._insert_history(conn, history):
-                conn.execute("ROLLBACK")
-                return WriteResult(history_taken=True)  # nothing stored: all or none
-            taken: list[int] = []
-            if sync is not None:
-                try:
-                    conn.executemany(_INSERT[_SYNC], sync.rows())
-                except sqlite3.IntegrityError:
-                    try:
-                        taken = self._write_sync_slowly(conn, history, sync)
-                    except _HistoryTaken:
-                        conn.execute("ROLLBACK")
-                        return WriteResult(history_taken=True)
-            conn.execute("COMMIT")
+            for offset, part in parts:
+                if committed:
+                    self._let_waiting_writers_in()
+                first = history if not committed else None
+                result = self._write_part(conn, first, part)
+                if result.history_taken:
+                    return result  # the first part: nothing stored, all or none
+                taken.extend(offset + position for position in result.sync_taken)
+                committed += 1
         except sqlite3.Error as exc:
             if conn is not None and conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.warning("sqlite write failed: %s", exc)
             dependency_failed("store")
+            if committed and history is not None:
+                raise PartialWrite(
+                    f"store (sqlite) failed after {committed} of {len(parts)} transactions"
+                ) from exc
             raise Unavailable("store (sqlite) is unavailable") from exc
+        except BaseException:
+            if conn is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         self._checkpoints.start()
+        return WriteResult(sync_taken=taken)
+
+    def _write_part(
+        self, conn: sqlite3.Connection, history: Copies | None, sync: Copies | None
+    ) -> WriteResult:
+        """One transaction: the history copies (all or none), then the sync copies."""
+        rows = list(sync.rows()) if sync is not None else []  # built before taking the lock
+        self._begin(conn)
+        if history is not None and not self._insert_history(conn, history):
+            conn.execute("ROLLBACK")
+            return WriteResult(history_taken=True)
+        taken: list[int] = []
+        if sync is not None:
+            try:
+                conn.executemany(_INSERT[_SYNC], rows)
+            except sqlite3.IntegrityError:
+                try:
+                    taken = self._write_sync_slowly(conn, history, sync, rows)
+                except _HistoryTaken:
+                    conn.execute("ROLLBACK")
+                    return WriteResult(history_taken=True)
+        conn.execute("COMMIT")
         return WriteResult(sync_taken=taken)
 
     @staticmethod
@@ -246,45 +400,89 @@ class SQLiteStore:
         return True
 
     def _write_sync_slowly(
-        self, conn: sqlite3.Connection, history: Copies | None, sync: Copies
+        self,
+        conn: sqlite3.Connection,
+        history: Copies | None,
+        sync: Copies,
+        rows: list[tuple[str, int, str, int, str]],
     ) -> list[int]:
-        """The rare path: a sync key was taken. Start the transaction over (no savepoint on
-        the fast path: it would cost every write), then write timeline by timeline, each in a
-        savepoint: a timeline whose batch hits a taken key keeps none of it, so that its
-        messages move together and no reader ever sees part of them twice."""
+        """The rare path: a sync key was taken (or a replay: all of them, by its own
+        earlier attempt). Start the transaction over (no savepoint on the fast path: it
+        would cost every write), find in one statement the timelines whose range holds a
+        document or lies at or below its floor, and insert the others' rows: a timeline
+        that is taken anywhere keeps none of its batch, so that its messages move together
+        and no reader ever sees part of them twice. Returns the positions not written."""
         conn.execute("ROLLBACK")
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         if history is not None and not self._insert_history(conn, history):
             raise _HistoryTaken  # taken between the two transactions
-        insert = _INSERT[_SYNC]
-        per_timeline = len(sync.messages)
-        rows = list(sync.rows())
-        taken: list[int] = []
-        for start in range(0, len(rows), per_timeline):
-            conn.execute("SAVEPOINT timeline_rows")
-            try:
-                conn.executemany(insert, rows[start : start + per_timeline])
-            except sqlite3.IntegrityError:
-                conn.execute("ROLLBACK TO timeline_rows")
-                taken.extend(range(start, start + per_timeline))
-            conn.execute("RELEASE timeline_rows")
-        return taken
+        count = len(sync.messages)
+        ranges = [
+            (id_, first, first + count - 1)
+            for id_, first in zip(sync.ids, sync.firsts, strict=True)
+        ]
+        busy = {key for (key,) in conn.execute(_TAKEN_RANGES, (_json(ranges),))}
+        free = [i for i in range(len(ranges)) if i not in busy]
+        conn.execute("SAVEPOINT free_rows")
+        try:
+            if len(free) == len(ranges):
+                conn.executemany(_INSERT[_SYNC], rows)
+            elif free:
+                conn.executemany(
+                    _INSERT[_SYNC], (row for i in free for row in rows[i * count : (i + 1) * count])
+                )
+        except sqlite3.IntegrityError:
+            # Only a write that names one key twice gets here: timeline by timeline.
+            conn.execute("ROLLBACK TO free_rows")
+            for i in free:
+                conn.execute("SAVEPOINT timeline_rows")
+                try:
+                    conn.executemany(_INSERT[_SYNC], rows[i * count : (i + 1) * count])
+                except sqlite3.IntegrityError:
+                    conn.execute("ROLLBACK TO timeline_rows")
+                    busy.add(i)
+                conn.execute("RELEASE timeline_rows")
+        conn.execute("RELEASE free_rows")
+        return [position for i in sorted(busy) for position in range(i * count, (i + 1) * count)]
 
     def seal(
         self, kind: Kind, keys: Sequence[tuple[str, int]], created_at_ms: int
     ) -> list[tuple[str, int]]:
-        insert = f"INSERT OR IGNORE INTO {COLLECTIONS[kind]} {_COLUMNS} VALUES (?, ?, '{{}}', ?, ?)"
-        taken = []
-        with self._transaction() as conn:
-            for id_, seq in keys:
-                if conn.execute(insert, (id_, seq, created_at_ms, HOLE_MID)).rowcount != 1:
-                    taken.append((id_, seq))
+        """In transactions of at most a chunk's rows each (placeholders are independent of
+        each other); what a transaction finds stored is found in one statement."""
+        table = COLLECTIONS[kind]
+        insert = f"INSERT OR IGNORE INTO {table} {_COLUMNS} VALUES (?, ?, '{{}}', ?, ?)"
+        taken: list[tuple[str, int]] = []
+        for start in range(0, len(keys), self.write_chunk_rows):
+            if start:
+                self._let_waiting_writers_in()
+            chunk = keys[start : start + self.write_chunk_rows]
+            with self._transaction() as conn:
+                stored = self._stored(conn, table, _ranges(chunk))
+                conn.executemany(
+                    insert,
+                    [
+                        (id_, seq, created_at_ms, HOLE_MID)
+                        for id_, seq in chunk
+                        if (id_, seq) not in stored
+                    ],
+                )
+            taken.extend(key for key in chunk if key in stored)
         return taken
 
     def unwrite(self, kind: Kind, keys: Sequence[tuple[str, int]], mid: str) -> None:
-        delete = f"DELETE FROM {COLLECTIONS[kind]} WHERE id = ? AND seq = ? AND mid = ?"
-        with self._transaction() as conn:
-            conn.executemany(delete, [(id_, seq, mid) for id_, seq in keys])
+        """One statement per transaction, each of whole ranges of at most a chunk's rows
+        (a timeline's range is never split)."""
+        table = COLLECTIONS[kind]
+        delete = (
+            f"DELETE FROM {table} WHERE rowid IN (SELECT t.rowid FROM "
+            f"{_RANGES_JOIN.format(table=table)} WHERE t.mid = ?)"
+        )
+        for n, ranges in enumerate(_runs(_ranges(keys), self.write_chunk_rows)):
+            if n:
+                self._let_waiting_writers_in()
+            with self._transaction() as conn:
+                conn.execute(delete, (_json(ranges), mid))
 
     def ack(self, member: str, seq: int, floor: int) -> None:
         with self._transaction() as conn:
@@ -308,14 +506,43 @@ class SQLiteStore:
     # --- reading --------------------------------------------------------------------------
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """The keys as ranges of consecutive sequences (a replay's are one per timeline),
+        looked up together: see _stored."""
+        if not keys:
+            return {}
+        try:
+            return self._stored(self._connection(), COLLECTIONS[kind], _ranges(keys))
+        except sqlite3.Error as exc:
+            log.warning("sqlite read failed: %s", exc)
+            dependency_failed("store")
+            raise Unavailable("store (sqlite) is unavailable") from exc
+
+    @staticmethod
+    def _stored(
+        conn: sqlite3.Connection, table: str, ranges: list[tuple[str, int, int]]
+    ) -> dict[tuple[str, int], str]:
+        """The mid of every document stored in these (id, first, last) ranges.
+
+        One statement gives, per range, how many documents it holds and the lowest and
+        highest mid among them, each range an index range scan: a range that is full and
+        of one mid (a replay finding its own copies) needs no row of its own. Only the
+        others' documents are read one by one, in a second statement.
+        """
         found: dict[tuple[str, int], str] = {}
-        table = COLLECTIONS[kind]
-        for start in range(0, len(keys), _CHUNK):
-            chunk = keys[start : start + _CHUNK]
-            values = ", ".join("(?, ?)" for _ in chunk)
-            sql = f"SELECT id, seq, mid FROM {table} WHERE (id, seq) IN (VALUES {values})"
-            params = [value for key in chunk for value in key]
-            for id_, seq, mid in self._query(sql, params):
+        if not ranges:
+            return found
+        join = _RANGES_JOIN.format(table=table)
+        summary = f"SELECT r.key, COUNT(*), MIN(t.mid), MAX(t.mid) FROM {join} GROUP BY r.key"
+        mixed: list[tuple[str, int, int]] = []
+        for index, held, low, high in conn.execute(summary, (_json(ranges),)):
+            id_, first, last = ranges[index]
+            if held == last - first + 1 and low == high:
+                found.update(zip(zip(repeat(id_), range(first, last + 1)), repeat(low)))
+            else:
+                mixed.append(ranges[index])
+        if mixed:
+            documents = f"SELECT t.id, t.seq, t.mid FROM {join}"
+            for id_, seq, mid in conn.execute(documents, (_json(mixed),)):
                 found[(id_, seq)] = mid
         return found
 
@@ -390,6 +617,8 @@ class SQLiteStore:
         boundary = self._expired_up_to(table, before_ms)
         removed = 0
         while boundary is not None:
+            if removed:
+                self._let_waiting_writers_in()
             with self._transaction() as conn:
                 # created_at is checked too: a retried write can land later in rowid order
                 # than its creation time says, and must not go before it has expired.
@@ -457,3 +686,58 @@ class SQLiteStore:
         if conn is not None:
             conn.close()
             self._local.conn = None
+        waiting: tuple[int, IO[bytes]] | None = getattr(self._local, "waiting", None)
+        if waiting is not None:
+            waiting[1].close()
+            self._local.waiting = None
+
+
+def _flock(file: IO[bytes], operation: int) -> bool | None:
+    """flock() without blocking: True when granted, False when another open file holds a
+    lock in the way, None when the file system refuses flock() altogether."""
+    try:
+        fcntl.flock(file, operation)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        log.debug("sqlite: flock on the -wait file failed: %s", exc)
+        return None
+    return True
+
+
+def _json(ranges: Sequence[tuple[str, int, int]]) -> str:
+    return orjson.dumps(ranges).decode()
+
+
+def _ranges(keys: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """The keys as (id, first, last) runs of consecutive sequences of one timeline, in the
+    order given: exactly the keys, however they come (unordered ones make more runs)."""
+    ranges: list[tuple[str, int, int]] = []
+    if not keys:
+        return ranges
+    id_, first = keys[0]
+    last = first
+    for key, seq in keys[1:]:
+        if key == id_ and seq == last + 1:
+            last = seq
+        else:
+            ranges.append((id_, first, last))
+            id_, first, last = key, seq, seq
+    ranges.append((id_, first, last))
+    return ranges
+
+
+def _runs(ranges: list[tuple[str, int, int]], rows: int) -> Iterator[list[tuple[str, int, int]]]:
+    """Whole ranges, grouped so that each group covers at most `rows` sequences (a range
+    longer than that alone)."""
+    group: list[tuple[str, int, int]] = []
+    size = 0
+    for one in ranges:
+        length = one[2] - one[1] + 1
+        if group and size + length > rows:
+            yield group
+            group, size = [], 0
+        group.append(one)
+        size += length
+    if group:
+        yield group
