@@ -141,6 +141,20 @@ MUTATIONS: list[Mutation] = [
         (T_API, "-k", "colon"),
     ),
     Mutation(
+        "'/' accepted in an id",
+        VALIDATION,
+        "    if routable:\n        _unroutable(value, name)\n",
+        "    if False:\n        _unroutable(value, name)\n",
+        (T_API, "-k", "slash"),
+    ),
+    Mutation(
+        "'/' accepted in a member list",
+        VALIDATION,
+        '        and "/" not in joined\n',
+        "        and True\n",
+        (T_API, "-k", "slash"),
+    ),
+    Mutation(
         "ack removes up to seq + 1",
         SERVICE,
         "self.store.ack(member, seq, min(seq, latest))",

@@ -7,6 +7,7 @@ import logging
 import time
 from functools import lru_cache
 from typing import Any, cast
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
@@ -25,6 +26,7 @@ from timeline.model import Entry, Message, conversation_id
 from timeline.service import TimelineService
 from timeline.validation import (
     Limits,
+    check_documents,
     check_fan_out,
     decode_body,
     field,
@@ -117,7 +119,33 @@ def _client_msg_id(body: dict[str, Any], limits: Limits) -> str | None:
     value = field(body, "client_msg_id", "clientMsgId")
     if value is None or value == "":
         return None
-    return parse_id(value, "client_msg_id", limits)
+    return parse_id(value, "client_msg_id", limits, routable=False)
+
+
+def _strict_query() -> None:
+    """A query string whose %-sequences (or raw bytes) are not UTF-8 is a 400, as in a path.
+
+    Werkzeug keeps such a sequence as its text: ?member=%FF would read as "%FF", the member
+    ?member=%25FF names. Checked once per request, before its parameters are read."""
+    raw: bytes = request.query_string
+    if (raw.isascii() and b"%" not in raw) or _utf8(raw):
+        return
+    # Name the parameter: '&' and '=' are ASCII, so the bad bytes lie within one pair.
+    for pair in raw.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if not _utf8(value):
+            key = unquote_to_bytes(name.replace(b"+", b" ")).decode(errors="replace")[:64]
+            raise InvalidParam(f"query parameter {key!r} is not valid UTF-8", field=key)
+    raise InvalidParam("a query parameter's name is not valid UTF-8")
+
+
+def _utf8(encoded: bytes) -> bool:
+    """Whether %-encoded text decodes to valid UTF-8."""
+    try:
+        unquote_to_bytes(encoded).decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _query(proto_name: str, json_name: str | None = None) -> str | None:
@@ -161,6 +189,8 @@ def send() -> dict[str, Any]:
     sender = parse_id(body.get("from"), "from", limits)
     receiver = parse_id(body.get("to"), "to", limits)
     messages, batch = _messages(body, data)
+    # The receiver's copy and the sender's (one when they are the same user).
+    check_documents(1 if sender == receiver else 2, len(messages), limits)
     client_msg_id = _client_msg_id(body, limits)
     sequences = _service().send(sender, receiver, messages, client_msg_id)
     reply: dict[str, Any] = {"sequence": str(sequences[-1])}
@@ -176,6 +206,7 @@ def send_group() -> dict[str, Any]:
     group = parse_id(field(body, "group_name", "groupName"), "group_name", limits)
     members = parse_members(field(body, "group_members", "groupMembers"), "group_members", limits)
     messages, _ = _messages(body, data)
+    check_documents(len(members), len(messages), limits)
     check_fan_out(members, messages, limits)
     client_msg_id = _client_msg_id(body, limits)
     failed = _service().send_group(group, members, messages, client_msg_id)
@@ -196,6 +227,7 @@ def ack() -> dict[str, Any]:
 @bp.get("/sync")
 def sync() -> dict[str, Any]:
     limits = _limits()
+    _strict_query()
     member = parse_id(_query("member"), "member", limits)
     last_read = parse_int64(_query("last_read", "lastRead"), "last_read")
     count = parse_count(_query("count"), "count", limits)
@@ -209,6 +241,7 @@ def sync() -> dict[str, Any]:
 
 
 def _history(timeline_id: str) -> dict[str, Any]:
+    _strict_query()
     count = parse_count(_query("count"), "count", _limits())
     direction = (_query("direction") or "forward").lower()
     if direction == "backward":
@@ -333,6 +366,9 @@ def cors_headers(origin: str) -> list[tuple[str, str]]:
             "Content-Type, Authorization, X-Requested-With, X-Request-ID",
         ),
         ("Access-Control-Max-Age", "600"),
+        # Without this a page's script cannot read them: the id to quote in a report, and
+        # how long to wait after a 503.
+        ("Access-Control-Expose-Headers", "X-Request-ID, Retry-After"),
     ]
 
 

@@ -17,8 +17,9 @@ _ID = {
     "type": "string",
     "minLength": 1,
     "maxLength": 128,
-    "pattern": "^[^:\\x00-\\x1f\\x7f]+$",
-    "description": "1 to 128 printable characters, no ':'.",
+    "pattern": "^(?!\\.\\.?$)[^:/\\x00-\\x1f\\x7f]+$",
+    "description": "1 to 128 printable characters, no ':' or '/', not '.' or '..' "
+    "(every id written can be read back on the path routes).",
 }
 _INT64_OUT = {"type": "string", "pattern": "^-?[0-9]+$", "description": "An int64, as a string."}
 _INT64_IN = {
@@ -33,15 +34,22 @@ _MESSAGE = {
         {"type": "string", "description": "A JSON object, as text (go-timeline's form)."},
         {"type": "object", "description": "Extension: the JSON object itself."},
     ],
-    "description": "At most 64 KiB compact, 64 levels deep, no key starting with '$'.",
+    "description": "At most 64 KiB compact, 64 levels deep, no key starting with '$', no "
+    "key repeated in an object.",
 }
-_CLIENT_MSG_ID = {**_ID, "description": "Extension: makes retries idempotent."}
+_CLIENT_MSG_ID = {
+    **_ID,
+    "pattern": "^[^:\\x00-\\x1f\\x7f]+$",
+    "description": "Extension: makes retries idempotent. 1 to 128 printable characters, "
+    "no ':' ('/', '.' and '..' are allowed: it is never in a path).",
+}
 _MESSAGES = {
     "type": "array",
     "items": _MESSAGE,
     "minItems": 1,
     "maxItems": 100,
-    "description": "Extension, instead of message: a batch, stored in order, contiguous.",
+    "description": "Extension, instead of message: a batch, stored in order, contiguous. "
+    "Recipients x messages is at most 200,000 sync copies (413 beyond).",
 }
 _ONE_OF_MESSAGE = {"anyOf": [{"required": ["message"]}, {"required": ["messages"]}]}
 
@@ -56,11 +64,15 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     reasons = {
-        400: "Invalid parameter (TIMELINE_INVALID_PARAM); nothing was stored.",
+        400: "Invalid parameter (TIMELINE_INVALID_PARAM): a malformed or missing field, a "
+        "key repeated in a JSON object, a query %-sequence that is not UTF-8; nothing was "
+        "stored.",
         401: "Missing or wrong bearer token, when one is configured.",
         404: "No such route (TIMELINE_NOT_FOUND).",
         409: "client_msg_id already names another message (TIMELINE_CLIENT_MSG_ID_REUSED).",
-        413: "Body, message or fan-out over its limit (TIMELINE_PAYLOAD_TOO_LARGE).",
+        413: "Body, message or fan-out bytes, or sync copies (recipients x messages, "
+        "request_documents_max: 200,000), over its limit (TIMELINE_PAYLOAD_TOO_LARGE; "
+        "metadata.limit); nothing was stored.",
         503: "Redis or the store unavailable, or copies not stored (retry; Retry-After).",
     }
     return {str(code): _json(_ref("Error"), reasons[code]) for code in codes}

@@ -31,6 +31,7 @@ class Limits:
     id_max_length: int
     fanout_max_bytes: int
     batch_max_messages: int = 100
+    request_documents_max: int = 200_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -43,6 +44,7 @@ class Limits:
             id_max_length=settings.id_max_length,
             fanout_max_bytes=settings.fanout_max_bytes,
             batch_max_messages=settings.batch_max_messages,
+            request_documents_max=settings.request_documents_max,
         )
 
 
@@ -56,8 +58,13 @@ def field(data: Mapping[str, Any], proto_name: str, json_name: str | None = None
     return data[json_name]
 
 
-def parse_id(value: Any, name: str, limits: Limits) -> str:
-    """A user, member or group id: 1..id_max_length printable characters, no ':'."""
+def parse_id(value: Any, name: str, limits: Limits, *, routable: bool = True) -> str:
+    """A user, member or group id: 1..id_max_length printable characters, no ':'.
+
+    A routable id (one that names a timeline) can also be read back on a path route, so it
+    holds no '/' and is not '.' or '..' (see _unroutable). client_msg_id, never in a path,
+    is not routable.
+    """
     if value is None or value == "":
         raise InvalidParam(f"{name} is required", field=name)
     if not isinstance(value, str):
@@ -72,7 +79,25 @@ def parse_id(value: Any, name: str, limits: Limits) -> str:
     if ":" in value:
         # ':' joins the two users of a one-to-one conversation id.
         raise InvalidParam(f"{name} must not contain ':'", field=name)
+    if routable:
+        _unroutable(value, name)
     return value
+
+
+def _unroutable(value: str, name: str) -> None:
+    """Refuse what no path route could name: the history routes take ids as path segments.
+
+    '/' (even sent as %2F, which the server decodes before routing) splits the segment, and
+    a segment '.' or '..' (or %2E%2E) is removed by browsers and curl before sending. Such an
+    id could be written but its history never read, so it is refused like ':'.
+    """
+    if "/" in value:
+        raise InvalidParam(f"{name} must not contain '/'", field=name)
+    if value in _DOT_SEGMENTS:
+        raise InvalidParam(f"{name} must not be '.' or '..'", field=name)
+
+
+_DOT_SEGMENTS = frozenset({".", ".."})
 
 
 def parse_members(value: Any, name: str, limits: Limits) -> list[str]:
@@ -104,9 +129,12 @@ def _all_valid_ids(values: list[Any], limits: Limits) -> bool:
     return (
         joined.isprintable()
         and ":" not in joined
+        and "/" not in joined
         and "\ufffd" not in joined
         and min(map(len, values)) > 0
         and max(map(len, values)) <= limits.id_max_length
+        and "." not in values
+        and ".." not in values
     )
 
 
@@ -223,7 +251,25 @@ def parse_message(
             f"{name} is larger than {limits.message_max_bytes} bytes (compact JSON)",
             limit=limits.message_max_bytes,
         )
-    return Message(document=document, json=encoded.decode())
+    compact = encoded.decode()
+    if isinstance(value, str):
+        # The object form was checked with the body; the text form is checked here. Its depth
+        # is within message_max_depth already, so Python's json cannot recurse too far.
+        reject_duplicate_keys(value, compact, name)
+    return Message(document=document, json=compact)
+
+
+def check_documents(recipients: int, messages: int, limits: Limits) -> None:
+    """Rows, not only bytes: the sync copies one request may write, recipients x messages.
+
+    Checked before anything is allocated or stored; the caller splits the request."""
+    copies = recipients * messages
+    if copies > limits.request_documents_max:
+        raise PayloadTooLarge(
+            f"{recipients} recipients x {messages} messages make {copies} sync copies, over "
+            f"the {limits.request_documents_max} one request may write; split the request",
+            limit=limits.request_documents_max,
+        )
 
 
 def check_fan_out(members: list[str], messages: list[Message], limits: Limits) -> None:
@@ -247,7 +293,65 @@ def decode_body(data: bytes) -> dict[str, Any]:
         raise InvalidParam(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise InvalidParam("request body must be a JSON object")
+    try:
+        canonical: bytes | None = orjson.dumps(body)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes: no fast path
+        canonical = None
+    reject_duplicate_keys(data, canonical)
     return body
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _pairs_once(pairs: list[tuple[str, Any]]) -> None:
+    """object_pairs_hook: raise on an object that names a key twice; build nothing."""
+    if len(pairs) > 1 and len(dict(pairs)) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+
+
+# Built once: json.loads with a hook builds a decoder on every call. Shared across threads
+# as json.loads' own default decoder is.
+_PAIRS_ONCE = json.JSONDecoder(object_pairs_hook=_pairs_once)
+
+
+def reject_duplicate_keys(
+    text: str | bytes, canonical: str | bytes | None, name: str | None = None
+) -> None:
+    """Refuse JSON text (already read by orjson) in which an object repeats a key.
+
+    go's protojson refuses a repeated field; orjson keeps the last in silence, so a gateway
+    that checked the first "from" would be bypassed. When the text is exactly `canonical`,
+    what orjson writes back for what it read, it repeats nothing (orjson never writes a key
+    twice): compact JSON, as browsers and most clients send it, costs that comparison alone.
+    Other text is read again by Python's json, with a hook that sees every object's pairs.
+    `name` is the message field the text is, None for the request body.
+    """
+    if canonical is not None:
+        # Compared as given (bytes for a body, text for a message): no copy to convert.
+        stripped = text.strip(b" \t\r\n") if isinstance(text, bytes) else text.strip(" \t\r\n")
+        if canonical == stripped:
+            return
+    if isinstance(text, bytes):
+        text = text.decode()  # orjson has read it: valid UTF-8
+    where = "request body" if name is None else name
+    try:
+        _PAIRS_ONCE.decode(text)
+    except _RepeatedKey as exc:
+        key = exc.key if len(exc.key) <= 64 else exc.key[:64] + "..."
+        metadata = {"key": key} if name is None else {"field": name, "key": key}
+        raise InvalidParam(f"{where} repeats the key {key!r} in one object", **metadata) from None
+    except RecursionError as exc:  # an unknown field nested beyond any message's depth
+        raise InvalidParam(f"{where} is nested too deeply") from exc
+    except ValueError as exc:  # orjson accepted it; kept for safety
+        raise InvalidParam(f"{where} is not valid JSON: {exc}") from exc
 
 
 def reread_message(data: bytes, key: str, index: int | None = None) -> Any:
