@@ -32,10 +32,19 @@ _metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_data_
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# A request never lives longer than this; gap_grace_ms (30 s) relies on it.
+# The master aborts (SIGABRT) a worker whose main loop has not checked in for this long: a
+# hung worker. It does not bound a request (its thread does not check in): request_deadline_ms
+# does. Requests in flight in an aborted worker are answered 503, Retry-After: 1.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 20
-keepalive = 5
+# The HTTP front (timeline/worker.py): gthread's threaded worker, with every socket read and
+# write in its main loop, so that slow or silent clients hold no thread. http_threads requests
+# run at once per worker; the worker reads its timeouts from the same settings after the fork.
+worker_class = "timeline.worker.TimelineWorker"
+threads = _settings.http_threads
+# gunicorn's own keep-alive knob (whole seconds, and 0 would turn keep-alive off); the worker
+# closes idle connections after http_keepalive_ms itself.
+keepalive = max(1, -(-_settings.http_keepalive_ms // 1000))
 # The app (and its Redis and MongoDB clients) is built in each worker after the fork:
 # pymongo's client is not fork-safe.
 preload_app = False

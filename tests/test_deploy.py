@@ -30,8 +30,8 @@ def version(image: str) -> tuple[int, ...]:
     return tuple(int(part or 0) for part in match.groups())
 
 
-def test_compose_has_the_three_services_with_health_checks() -> None:
-    assert set(SERVICES) == {"timeline", "mongo", "redis"}
+def test_compose_has_the_services_with_health_checks() -> None:
+    assert set(SERVICES) == {"proxy", "timeline", "mongo", "redis"}
     for name, service in SERVICES.items():
         assert service["healthcheck"]["test"], name
         assert service["restart"] == "unless-stopped", name
@@ -45,7 +45,8 @@ def test_images_meet_the_minimum_versions() -> None:
 def test_timeline_is_built_here_and_waits_for_healthy_dependencies() -> None:
     timeline = SERVICES["timeline"]
     assert timeline["build"] == "."
-    assert timeline["ports"] == ["9321:8000"]  # as the seed maps it
+    assert "ports" not in timeline  # only the proxy is published
+    assert SERVICES["proxy"]["ports"] == ["9321:8000"]  # as the seed maps it
     assert timeline["depends_on"] == {
         "mongo": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
@@ -161,11 +162,38 @@ def test_gunicorn_settings_come_from_the_environment(
     assert conf.bind == "0.0.0.0:9000"
     assert conf.workers == 5
     assert conf.preload_app is False  # clients are created in each worker, after the fork
-    assert conf.timeout * 1000 <= Settings().gap_grace_ms
+    # No request runs into the worker timeout: each stops starting work well before it.
+    assert Settings().request_deadline_ms < conf.timeout * 1000
     assert conf.logconfig_dict["formatters"]["json"]
     defaults = load_gunicorn_conf(monkeypatch, tmp_path)
     assert defaults.bind == "127.0.0.1:8000"
     assert defaults.workers == 2
+
+
+def test_gunicorn_serves_through_the_front_with_the_http_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from gunicorn.config import Config
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from timeline.worker import TimelineWorker
+
+    conf = load_gunicorn_conf(monkeypatch, tmp_path)
+    assert conf.worker_class == "timeline.worker.TimelineWorker"
+    assert conf.threads == Settings().http_threads == 4
+    # gunicorn's own keep-alive knob (whole seconds) never cuts the worker's timeout short.
+    assert conf.keepalive * 1000 >= Settings().http_keepalive_ms
+    # gunicorn loads the class named (threads > 1 would otherwise turn "sync" into gthread).
+    cfg = Config()
+    cfg.set("worker_class", conf.worker_class)
+    cfg.set("threads", conf.threads)
+    assert cfg.worker_class is TimelineWorker
+    assert issubclass(TimelineWorker, ThreadWorker)
+
+    tuned = load_gunicorn_conf(
+        monkeypatch, tmp_path, TIMELINE_HTTP_THREADS="7", TIMELINE_HTTP_KEEPALIVE_MS="2500"
+    )
+    assert (tuned.threads, tuned.keepalive) == (7, 3)
 
 
 def gunicorn(**settings: str) -> subprocess.CompletedProcess[str]:

@@ -60,8 +60,18 @@ class Service:
     def stop(self) -> None:
         if self.process is not None:
             self.process.send_signal(signal.SIGTERM)
-            self.process.wait(20)
-            self.process = None
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                # A test that failed may leave gunicorn unable to stop in time: never leave
+                # it (or its workers) running after the test.
+                for child in psutil.Process(self.process.pid).children(recursive=True):
+                    child.kill()
+                self.process.kill()
+                self.process.wait(10)
+                raise
+            finally:
+                self.process = None
 
     def workers(self) -> int:
         assert self.process is not None
@@ -86,14 +96,23 @@ def clean_env(**values: str) -> dict[str, str]:
     return env | values
 
 
-@pytest.fixture
-def service(tmp_path: Path, redis_url: str, key_prefix: str) -> Iterator[Service]:
-    env = clean_env(
+def service_env(
+    directory: Path, redis_url: str, key_prefix: str, **settings: str
+) -> dict[str, str]:
+    """A service's environment: this Redis under its own key prefix, its store and data
+    directory under `directory`, and these TIMELINE_* settings."""
+    return clean_env(
         TIMELINE_REDIS_URL=redis_url,
         TIMELINE_REDIS_KEY_PREFIX=key_prefix,
-        TIMELINE_SQLITE_PATH=str(tmp_path / "timeline.sqlite3"),
-        TIMELINE_DATA_DIR=str(tmp_path / "var"),
+        TIMELINE_SQLITE_PATH=str(directory / "timeline.sqlite3"),
+        TIMELINE_DATA_DIR=str(directory / "var"),
+        **settings,
     )
+
+
+@pytest.fixture
+def service(tmp_path: Path, redis_url: str, key_prefix: str) -> Iterator[Service]:
+    env = service_env(tmp_path, redis_url, key_prefix)
     running = Service(env, tmp_path / "gunicorn.log").start()
     yield running
     running.stop()
@@ -199,12 +218,7 @@ def test_probes_metrics_logs_and_document_under_gunicorn(
     tmp_path: Path, redis_factory: Any, key_prefix: str
 ) -> None:
     redis_server = redis_factory()
-    env = clean_env(
-        TIMELINE_REDIS_URL=redis_server.url,
-        TIMELINE_REDIS_KEY_PREFIX=key_prefix,
-        TIMELINE_SQLITE_PATH=str(tmp_path / "timeline.sqlite3"),
-        TIMELINE_DATA_DIR=str(tmp_path / "var"),
-    )
+    env = service_env(tmp_path, redis_server.url, key_prefix)
     service = Service(env, tmp_path / "gunicorn.log").start()
     try:
         assert service.request("GET", "/healthz") == (200, {"status": "ok"})

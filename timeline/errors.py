@@ -45,6 +45,49 @@ class MethodNotAllowed(TimelineError):
     reason = "TIMELINE_METHOD_NOT_ALLOWED"
 
 
+class Forbidden(TimelineError):
+    """A PROXY protocol line from a peer that may not send one (the HTTP front)."""
+
+    code = 403
+    reason = "TIMELINE_FORBIDDEN"
+
+
+class RequestTimeout(TimelineError):
+    """The request's headers and body did not arrive within http_read_timeout_ms."""
+
+    code = 408
+    reason = "TIMELINE_REQUEST_TIMEOUT"
+
+
+class UriTooLong(TimelineError):
+    """The request line is over gunicorn's limit_request_line."""
+
+    code = 414
+    reason = "TIMELINE_URI_TOO_LONG"
+
+
+class ExpectationNotMet(TimelineError):
+    """An Expect header other than 100-continue."""
+
+    code = 417
+    reason = "TIMELINE_EXPECTATION_FAILED"
+
+
+class HeadersTooLarge(TimelineError):
+    """Too many header fields, or one too large (gunicorn's limit_request_fields and
+    limit_request_field_size)."""
+
+    code = 431
+    reason = "TIMELINE_HEADERS_TOO_LARGE"
+
+
+class NotImplementedCoding(TimelineError):
+    """A Transfer-Encoding gunicorn does not implement."""
+
+    code = 501
+    reason = "TIMELINE_NOT_IMPLEMENTED"
+
+
 class ClientMsgIdReused(TimelineError):
     """A client_msg_id already names another message of the conversation."""
 

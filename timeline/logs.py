@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -10,6 +11,10 @@ import orjson
 
 #: Where the current request's id is kept, in its WSGI environ (set by timeline.ops).
 REQUEST_ID = "timeline.request_id"
+#: An X-Request-ID a client may choose; any other is replaced by one of ours. Here, not in
+#: timeline.ops: gunicorn's master loads the HTTP front (timeline.worker), which must not
+#: import Flask or the metrics.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 class JsonFormatter(logging.Formatter):

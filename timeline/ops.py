@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from typing import Any
 
@@ -13,14 +12,12 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from timeline import metrics
 from timeline.errors import TimelineError, Unavailable
-from timeline.logs import REQUEST_ID
+from timeline.logs import REQUEST_ID, REQUEST_ID_PATTERN
 from timeline.openapi import openapi_document
 from timeline.service import TimelineService
 
 bp = Blueprint("ops", __name__)
 access_log = logging.getLogger("timeline.access")
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 def _service() -> TimelineService:
@@ -75,7 +72,7 @@ def _start() -> None:
     environ = request.environ
     environ[_STARTED] = time.perf_counter()
     given = environ.get("HTTP_X_REQUEST_ID", "")
-    environ[REQUEST_ID] = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+    environ[REQUEST_ID] = given if REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
 
 
 def _finish(response: Response) -> Response:
