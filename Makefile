@@ -15,7 +15,7 @@ DEV := $(VENV)/.installed-dev-$(HASH)
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test lint mutants bench clean docker up down
+.PHONY: install run test lint mutants proxy bench clean docker up down
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -55,6 +55,11 @@ test: lint
 ## applies (about 2 minutes). MUTANTS_ARGS=--all runs the whole suite per mutation (~10 min).
 mutants: $(DEV)
 	$(BIN)/python tests/mutants.py $(MUTANTS_ARGS)
+
+## proxy: configs/nginx.conf run for real in front of gunicorn (tests/test_proxy.py); needs an
+## nginx binary (apt-get install -y nginx), else those tests skip and say so.
+proxy: $(DEV)
+	$(BIN)/pytest tests/test_proxy.py -ra
 
 ## bench: the benchmark suite on this machine (a few minutes); rewrites docs/benchmarks.md.
 bench: $(DEV)

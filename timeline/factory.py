@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     store = store or open_store(settings)
     policy = Policy(
         gap_grace_ms=settings.gap_grace_ms,
+        request_deadline_ms=settings.request_deadline_ms,
         record_ttl_ms=settings.idempotency_ttl_seconds * 1000,
         write_attempts=settings.store_write_attempts,
         retry_backoff_ms=settings.store_retry_backoff_ms,

@@ -29,6 +29,10 @@ _MOVE_ROUNDS = 5
 #: Pages one read may go through when placeholders, expired entries or late writes are in
 #: the way.
 _READ_PAGES = 5
+#: Copies one store write carries at most: a bigger fan-out is written in several, so that
+#: each stays well within the store's operation timeout and the request's deadline is looked
+#: at between them.
+_WRITE_ROWS = 50_000
 #: Placeholders a reader stores at once: a bigger gap (data another system thinned out) is
 #: sealed a chunk at a time, never in one insert that a timeout would keep failing.
 _SEAL_CHUNK = 1000
@@ -78,7 +82,8 @@ class Delivery:
 class Policy:
     """The service's knobs, from the settings."""
 
-    gap_grace_ms: int = 30_000
+    gap_grace_ms: int = 6_000
+    request_deadline_ms: int = 3_000
     record_ttl_ms: int = 86_400_000
     write_attempts: int = 4
     retry_backoff_ms: int = 100
@@ -101,6 +106,7 @@ class _Plan:
     created_at_ms: int
     mid: str
     record: Record | None
+    deadline_ms: int  # no store write starts after this (the request's deadline)
 
     @property
     def count(self) -> int:
@@ -189,6 +195,7 @@ class TimelineService:
     ) -> Delivery:
         """Allocate a contiguous range for the history timeline and every recipient at once,
         then store it all."""
+        deadline_ms = self._clock_ms() + self.policy.request_deadline_ms
         if (state := self.store.readiness()) != "ready":
             # Before allocating: sequences allocated for a write that cannot happen would be
             # holes that readers wait on.
@@ -218,6 +225,7 @@ class TimelineService:
             created_at_ms=self._clock_ms(),
             mid=mid,
             record=record,
+            deadline_ms=deadline_ms,
         )
         failed = [ids[position] for position in self._store(plan, replay_age)]
         metrics.FAN_OUT.observe(len(recipients))
@@ -288,11 +296,19 @@ class TimelineService:
             self._settle(plan, [0], todo, True, pinned, given_up)
             self._settle(plan, list(range(1, total)), todo, True, pinned, given_up)
         failures = moves = 0
-        deadline = self._clock_ms() + self.policy.retry_budget_ms
+        budget_end = self._clock_ms() + self.policy.retry_budget_ms
+        per_write = max(1, _WRITE_ROWS // plan.count)  # timelines whose copies one write takes
         while todo:
+            if self._clock_ms() >= plan.deadline_ms:
+                # Past the request's deadline no write starts (readers wait out only so
+                # long): the caller is told what is not stored, and retries it.
+                if 0 in todo:
+                    raise Unavailable("the request ran out of time before its history copy")
+                return sorted(todo | given_up)
             history = plan.copies([0]) if 0 in todo else None
-            everyone = len(todo) - (0 in todo) == total - 1
-            positions = range(1, total) if everyone else sorted(todo - {0})
+            pending = len(todo) - (0 in todo)
+            everyone = pending == total - 1 and pending <= per_write
+            positions = range(1, total) if everyone else sorted(todo - {0})[:per_write]
             sync = plan.copies(None if everyone else positions) if positions else None
             try:
                 result = self.store.write(history, sync)
@@ -329,9 +345,10 @@ class TimelineService:
                 failures += 1
                 backoff_ms = self.policy.retry_backoff_ms * 2 ** (failures - 1)
                 nothing_stored = 0 in todo
-                if nothing_stored and self._clock_ms() + backoff_ms > deadline:
+                if nothing_stored and self._clock_ms() + backoff_ms > budget_end:
                     raise  # nothing written yet: a fast 503 costs the client nothing
-                if failures >= self.policy.write_attempts:
+                out_of_time = self._clock_ms() + backoff_ms >= plan.deadline_ms
+                if failures >= self.policy.write_attempts or out_of_time:
                     if nothing_stored:
                         raise
                     return sorted(todo | given_up)
@@ -419,6 +436,8 @@ class TimelineService:
         for j, done in enumerate(stored):
             if done:
                 continue
+            if self._clock_ms() >= plan.deadline_ms:
+                return False  # reported; the caller's retry fills it in
             copy = Copies(
                 [plan.ids[position]], [first + j], [plan.messages[j]], plan.created_at_ms, plan.mid
             )

@@ -83,6 +83,8 @@ class Settings:
     body_max_bytes: int = 4 * 1024 * 1024
     # What one sendGroup may write in all: (members + 1) x the message's bytes.
     fanout_max_bytes: int = 64 * 1024 * 1024
+    # Sync copies one request may write: members x messages of its batch.
+    request_documents_max: int = 200_000
 
     # CORS headers on every reply to a browser, as go-timeline sends them; empty: none.
     cors_allow_origin: str = "*"
@@ -99,9 +101,22 @@ class Settings:
     # When set, every /timeline/* route needs `Authorization: Bearer <api_token>`.
     api_token: str | None = None
 
+    # A request starts no new work after this long (a fan-out then reports the members it
+    # could not write): far below gunicorn's timeout, so that no request runs into it.
+    request_deadline_ms: int = 3_000
     # A reader never steps over a sequence whose write may still be in flight; after
-    # this long the writer is known to have failed and the hole is passed over.
-    gap_grace_ms: int = 30_000
+    # this long the writer is known to have failed and the hole is passed over. At least
+    # request_deadline_ms + the longest store operation + 1 s (validated).
+    gap_grace_ms: int = 6_000
+
+    # The HTTP front (gunicorn's worker, timeline/worker.py): a request's headers and body
+    # must arrive within http_read_timeout_ms, its reply be taken within
+    # http_write_timeout_ms, and a kept-alive connection idle for http_keepalive_ms is
+    # closed; http_threads requests run at once in each worker process.
+    http_read_timeout_ms: int = 10_000
+    http_write_timeout_ms: int = 10_000
+    http_keepalive_ms: int = 5_000
+    http_threads: int = 4
 
     @property
     def embedded_redis(self) -> bool:
@@ -132,6 +147,12 @@ class Settings:
             "store_write_attempts",
             "purge_interval_seconds",
             "batch_max_messages",
+            "request_documents_max",
+            "request_deadline_ms",
+            "http_read_timeout_ms",
+            "http_write_timeout_ms",
+            "http_keepalive_ms",
+            "http_threads",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -151,8 +172,14 @@ class Settings:
                     "TTL index counts seconds in 32 bits); 0 keeps entries forever",
                     names=(name,),
                 )
-        if self.gap_grace_ms < 0:
-            raise SettingsError("gap_grace_ms must not be negative", names=("gap_grace_ms",))
+        longest_write = max(self.mongo_operation_timeout_ms, self.sqlite_busy_timeout_ms) + 1000
+        if self.gap_grace_ms < self.request_deadline_ms + longest_write:
+            raise SettingsError(
+                f"gap_grace_ms must be at least {self.request_deadline_ms + longest_write}: "
+                "request_deadline_ms + the longest store operation + 1 s, or a reader could "
+                "step over a write still in flight",
+                names=("gap_grace_ms", "request_deadline_ms"),
+            )
         if self.count_default > self.count_max:
             raise SettingsError(
                 "count_default must not exceed count_max", names=("count_default", "count_max")

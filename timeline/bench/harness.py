@@ -23,6 +23,8 @@ from urllib.parse import quote, urlsplit
 SCENARIOS = ("send", "sendGroup", "sync", "mixed")
 SYNC_ENTRIES = 20  # what a sync request returns in the sync scenario
 SEND_USERS = 30  # the user pool of the send scenario: 435 conversations
+RETRIES = 3  # more attempts of a send whose outcome is not final
+RETRY_PAUSE = 0.05  # seconds before the first of them, doubling
 
 
 class BenchError(RuntimeError):
@@ -154,7 +156,9 @@ class Result:
             "concurrency": self.concurrency,
             "duration": round(self.duration, 3),
             "requests_per_second": round(self.requests / duration, 1),
-            "messages_per_second": round(sum(self.copies.values()) / duration, 1),
+            "messages_per_second": round(
+                (self.copies["history"] + self.copies["sync"]) / duration, 1
+            ),
             "p50": round(self.percentile(0.50), 3),
             "p95": round(self.percentile(0.95), 3),
             "p99": round(self.percentile(0.99), 3),
@@ -166,6 +170,7 @@ class Result:
             "history_copies_per_second": round(self.copies["history"] / duration, 1),
             "sync_copies_per_second": round(self.copies["sync"] / duration, 1),
             "group_size": self.group_size,
+            "retries": self.copies["retries"],
             "client_cpu_cores": round(self.client_cpu, 2),
         }
 
@@ -244,20 +249,34 @@ class Scenario:
     def _call(
         self, path: str, body: dict[str, Any], message_id: str, timelines: list[tuple[str, str]]
     ) -> Callable[[Client], tuple[int, Counter[str]]]:
+        # As the README tells clients: an id of the message's own, and the same request again
+        # while the outcome is not final (a 5xx, failedMembers, a dropped connection).
+        body = body | {"client_msg_id": message_id}
+
         def call(client: Client) -> tuple[int, Counter[str]]:
-            try:
-                status, reply = client.request("POST", path, body)
-            except OSError:
-                self.ledger.record([], timelines, message_id)  # sent, or not: unknown
-                raise
-            failed = reply.get("failedMembers", []) if status == 200 and reply else []
+            copies: Counter[str] = Counter()
+            lost: OSError | None = None
+            for attempt in range(RETRIES + 1):
+                if attempt:
+                    copies["retries"] += 1
+                    time.sleep(min(RETRY_PAUSE * 2 ** (attempt - 1), 1.0))
+                try:
+                    status, reply = client.request("POST", path, body)
+                except OSError as exc:
+                    status, reply, lost = 0, None, exc  # sent, or not: unknown
+                    continue
+                failed = reply.get("failedMembers", []) if status == 200 and reply else []
+                if status < 500 and not failed:
+                    break
+            if lost is not None and status == 0:
+                self.ledger.record([], timelines, message_id)
+                raise lost
             if status == 200:
                 missing = {("sync", member) for member in failed}
                 stored = [t for t in timelines if t not in missing]
                 self.ledger.record(stored, sorted(missing), message_id)
             else:
                 self.ledger.record([], timelines, message_id)
-            copies: Counter[str] = Counter()
             if status == 200:
                 copies["history"] = 1
                 copies["sync"] = len(timelines) - 1 - len(failed)

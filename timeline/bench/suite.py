@@ -108,7 +108,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "redis": (redis_version[0].removeprefix("v=") if redis_version else "unknown"),
         "sqlite": sqlite3.sqlite_version,
-        "gunicorn": f"{gunicorn.__version__}, 2 sync workers",
+        "gunicorn": f"{gunicorn.__version__}, 2 workers of timeline.worker.TimelineWorker",
         "timeline": __version__,
     }
 
@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             "baseline",
             [
                 "--workers", "2",
+                # Served as timeline is (its worker class and threads): the comparison is
+                # of the apps, not of two ways of serving them.
+                "--worker-class", "timeline.worker.TimelineWorker",
+                "--threads", "4",
                 "--bind", "127.0.0.1:{port}",
                 "--control-socket", str(work / "baseline.ctl"),
                 "timeline.bench.baseline:app",
