@@ -38,9 +38,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support import RedisServer
+from timeline.allocator import Allocator
+from timeline.allocator.standalone import StandaloneRedis, connect_redis
 from timeline.errors import Unavailable
 from timeline.model import Copies, Message
-from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
 from timeline.store.sqlite import SQLiteStore
@@ -81,7 +82,7 @@ class Counting:
 def service(redis_url: str, store: Any, prefix: str = "bench:") -> TimelineService:
     """A service whose request deadline (where there is one) is far away: the figures are
     what the work costs, not where a deadline cut it short."""
-    allocator = SequenceAllocator(connect_redis(redis_url, Settings()), prefix)
+    allocator = Allocator(StandaloneRedis(connect_redis(redis_url, Settings())), prefix)
     fields = {f.name for f in dataclasses.fields(Policy)}
     policy = Policy(**({"request_deadline_ms": 600_000} if "request_deadline_ms" in fields else {}))
     return TimelineService(allocator, store, policy)

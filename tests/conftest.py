@@ -166,3 +166,67 @@ def app(settings: Settings, store: Store) -> Any:
 @pytest.fixture
 def client(app: Any) -> Any:
     return app.test_client()
+
+
+# --- Redis Cluster and Redis Sentinel: real servers of our own (tests/topologies.py) --------
+#
+# `redis_cluster` / `redis_sentinel`: one of each for the whole session (started on first use,
+# about 2.5 s each), for tests that kill nothing. Tests that kill or restart nodes take the
+# factories: every call starts fresh servers, and all of them are killed at the test's end.
+
+# (Imported here, not at the top, so that this block is an addition of its own.)
+from collections.abc import Callable  # noqa: E402
+
+from topologies import ClusterServers, SentinelServers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterServers]:
+    """A shared Redis Cluster: 3 masters, each with a replica. Kill nothing in it."""
+    cluster = ClusterServers(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelServers]:
+    """A shared primary, replica and 3 sentinels. Kill nothing in it."""
+    servers = SentinelServers(tmp_path_factory.mktemp("sentinel"))
+    try:
+        yield servers.start()
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def redis_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., ClusterServers]]:
+    """`make(**options)`: a fresh, started ClusterServers (options: password=,
+    node_timeout_ms=, masters=, replicas=); every one is killed at the test's end."""
+    clusters: list[ClusterServers] = []
+
+    def make(**options: Any) -> ClusterServers:
+        cluster = ClusterServers(tmp_path / f"cluster-{len(clusters)}", **options)
+        clusters.append(cluster)
+        return cluster.start()
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel_factory(tmp_path: Path) -> Iterator[Callable[..., SentinelServers]]:
+    """`make(**options)`: fresh, started SentinelServers (options: password=, master_name=,
+    down_after_ms=, failover_timeout_ms=, ...); every one is killed at the test's end."""
+    created: list[SentinelServers] = []
+
+    def make(**options: Any) -> SentinelServers:
+        servers = SentinelServers(tmp_path / f"sentinel-{len(created)}", **options)
+        created.append(servers)
+        return servers.start()
+
+    yield make
+    for servers in created:
+        servers.stop()

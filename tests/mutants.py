@@ -63,10 +63,13 @@ class Mutation:
     tests: tuple[str, ...]  # pytest arguments: node ids, files, -k expressions
 
 
-API, SERVICE, VALIDATION = "timeline/api.py", "timeline/service.py", "timeline/validation.py"
+API, VALIDATION = "timeline/api.py", "timeline/validation.py"
+READING, WRITING = "timeline/service/reading.py", "timeline/service/writing.py"
+ALLOCATOR, RELEASE = "timeline/allocator/__init__.py", "lua/release.lua"
 ALLOCATE, SQLITE, MONGO = "lua/allocate.lua", "timeline/store/sqlite.py", "timeline/store/mongo.py"
 T_API, T_LIFE, T_ALLOC = "tests/test_api.py", "tests/test_lifecycle.py", "tests/test_allocator.py"
 T_STORE, T_READERS = "tests/test_store_contract.py", "tests/test_readers.py"
+T_MODES, T_CLUSTER = "tests/test_modes.py", "tests/test_cluster.py"
 PAGING = "count or page or paging or pages"
 
 MUTATIONS: list[Mutation] = [
@@ -107,7 +110,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "gap check off (readers step over a hole without looking)",
-        SERVICE,
+        READING,
         "                if entry.seq != expected:\n",
         "                if False:\n",
         (T_API, T_READERS, "-k", "hole or gap or write_landing or sealed"),
@@ -118,6 +121,27 @@ MUTATIONS: list[Mutation] = [
         "  if record then\n    return {'replay', record}",
         "  if false then\n    return {'replay', record}",
         (T_ALLOC, T_LIFE, T_API, "-k", "record or retr or replay or client_msg_id"),
+    ),
+    Mutation(
+        "the store's record of a message ignored (a retry after Redis forgot stores it again)",
+        WRITING,
+        "        stored = self.store.claim(mine, now)\n",
+        "        stored = mine\n",
+        (T_MODES, "-k", "forgot and standalone"),
+    ),
+    Mutation(
+        "a bucket call of unknown outcome sent again without a record",
+        ALLOCATOR,
+        "if record is not None and _unknown(reply):",
+        "if _unknown(reply):",
+        (T_CLUSTER, "-k", "without_a_record"),
+    ),
+    Mutation(
+        "release gives back a range another allocation came after",
+        RELEASE,
+        "  if current and current == ARGV[i + 1] then",
+        "  if current then",
+        (T_ALLOC, "-k", "release"),
     ),
     Mutation(
         "MongoDB sync copies inserted ordered (one taken key stops the rest)",
@@ -156,14 +180,14 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "ack removes up to seq + 1",
-        SERVICE,
+        READING,
         "self.store.ack(member, seq, min(seq, latest))",
         "self.store.ack(member, seq + 1, min(seq, latest))",
         (T_LIFE, "-k", "ack"),
     ),
     Mutation(
         "ack removes up to seq - 1",
-        SERVICE,
+        READING,
         "self.store.ack(member, seq, min(seq, latest))",
         "self.store.ack(member, seq - 1, min(seq, latest))",
         (T_LIFE, "-k", "ack"),

@@ -8,11 +8,12 @@ import pytest
 
 from support import put
 from test_faults import Clock, msg, read_all, service, texts
-from timeline import service as service_module
+from timeline.allocator import Allocator
+from timeline.allocator.standalone import StandaloneRedis, connect_redis
 from timeline.errors import PartialWrite, Unavailable
 from timeline.model import Copies, Kind
-from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import Policy, TimelineService
+from timeline.service import writing as service_module
 from timeline.settings import Settings, SettingsError
 from timeline.store import Store, WriteResult
 
@@ -105,7 +106,7 @@ def test_backoff_never_sleeps_past_the_deadline(
         slept.append(seconds)
         clock.ms += int(seconds * 1000)
 
-    allocator = SequenceAllocator(connect_redis(redis_url, Settings()), key_prefix)
+    allocator = Allocator(StandaloneRedis(connect_redis(redis_url, Settings())), key_prefix)
     policy = Policy(request_deadline_ms=3_000, write_attempts=10, retry_backoff_ms=1_000)
     svc = TimelineService(allocator, FailingSync(store), policy, clock_ms=clock, sleep=sleep)
     assert svc.send_group("g", ["a"], [msg("m")]) == ["a"]

@@ -21,10 +21,11 @@ import pytest
 import redis
 
 from support import put
+from timeline.allocator import Allocator
+from timeline.allocator.standalone import StandaloneRedis, connect_redis
 from timeline.errors import PartialWrite, Unavailable, WriteFailed
 from timeline.factory import create_app
 from timeline.model import Copies, Entry, Kind, Message, Timeline
-from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
 from timeline.store import Store, WriteResult
@@ -175,7 +176,7 @@ class Allocations:
     """Watches a service's allocator: the counters each allocation found missing (Redis lost
     them, or the timeline is new), by era (a fault starts a new one), and the replays."""
 
-    def __init__(self, allocator: SequenceAllocator) -> None:
+    def __init__(self, allocator: Allocator) -> None:
         self.allocator = allocator
         self.lock = threading.Lock()
         self.era = 0
@@ -183,11 +184,13 @@ class Allocations:
         self.replayed = 0
         real = allocator.allocate
 
-        def allocate(counters: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-            allocation = real(counters, *args, **kwargs)
+        def allocate(timelines: Sequence[Timeline], *args: Any, **kwargs: Any) -> Any:
+            allocation = real(timelines, *args, **kwargs)
             with self.lock:
-                self.missing += [(self.era, counters[i]) for i in allocation.missing]
-                self.replayed += allocation.replayed
+                self.missing += [
+                    (self.era, allocator.key(timelines[i])) for i in allocation.missing
+                ]
+                self.replayed += bool(allocation.replays)
             return allocation
 
         allocator.allocate = allocate  # type: ignore[method-assign]
@@ -607,7 +610,7 @@ def msg(text: str) -> Message:
 def service(
     redis_url: str, prefix: str, store: Any, clock: Clock, **policy: Any
 ) -> TimelineService:
-    allocator = SequenceAllocator(connect_redis(redis_url, Settings()), prefix)
+    allocator = Allocator(StandaloneRedis(connect_redis(redis_url, Settings())), prefix)
     return TimelineService(allocator, store, Policy(**policy), clock_ms=clock, sleep=lambda _: None)
 
 

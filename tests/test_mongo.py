@@ -18,7 +18,7 @@ from typing import Any
 import mongomock
 import pymongo
 import pytest
-from pymongo.errors import PyMongoError
+from pymongo.errors import AutoReconnect, PyMongoError
 from pymongo.read_preferences import ReadPreference
 from pymongo.write_concern import WriteConcern
 
@@ -27,9 +27,17 @@ from timeline.errors import Unavailable
 from timeline.factory import create_app
 from timeline.model import Copies, Kind, Message
 from timeline.settings import Settings
-from timeline.store import WriteResult
+from timeline.store import Claim, WriteResult
 from timeline.store import mongo as mongo_module
-from timeline.store.mongo import INDEX_NAME, MongoStore, _key_queries
+from timeline.store.mongo import (
+    CLAIMS,
+    CLAIMS_TTL_INDEX_NAME,
+    INDEX_NAME,
+    MongoStore,
+    _date,
+    _key_queries,
+    _ms,
+)
 
 REAL_MONGO = os.environ.get("TIMELINE_TEST_MONGO_URI")
 needs_real_mongo = pytest.mark.skipif(
@@ -43,6 +51,15 @@ def one(text: str) -> Message:
 
 def copies(ids: list[str], first: int, mid: str = "m", created_at_ms: int = 1_000) -> Copies:
     return Copies(ids, [first] * len(ids), [one(mid)], created_at_ms, mid)
+
+
+#: An hour from now: records' times the TTL index (and mongomock's imitation of it) leaves
+#: alone; tests expire records by the `now_ms` they give claim().
+NOW = int(time.time() * 1000) + 3_600_000
+
+
+def claim_of(fingerprint: str = "f" * 16, expires_ms: int = NOW + 1_000) -> Claim:
+    return Claim("c" * 32, fingerprint, (7, 12, 3), NOW, expires_ms)
 
 
 # --- where reads go and how writes are acknowledged ---------------------------------------
@@ -71,7 +88,7 @@ class Recorder:
     mongomock's collections serve."""
 
     READS = ("find", "find_one", "count_documents", "aggregate")
-    WRITES = ("insert_one", "insert_many", "update_one", "delete_many")
+    WRITES = ("insert_one", "insert_many", "update_one", "replace_one", "delete_many")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reads: list[tuple[str, str, Any]] = []
@@ -121,9 +138,15 @@ def test_every_read_and_write_of_the_store_is_pinned(monkeypatch: pytest.MonkeyP
     store.page(Kind.SYNC, "a", 0, 10, 0)
     store.claim_purge(10_000, 1000)
     store.purge(Kind.SYNC, 10_000)
+    store.claim(claim_of(), NOW)  # stored
+    store.claim(claim_of("e" * 16), NOW)  # taken: the earlier record, read
+    store.claim(claim_of("d" * 16), NOW + 1_000)  # expired: replaced
+    store.reclaim(claim_of("d" * 16))
     # then each read went to the primary and each write waited for a journaled majority.
     touched = {name for name, _, _ in recorder.reads + recorder.writes}
-    assert touched >= {"chat_sync", "chat_history", "chat_sync_floor", "timeline_claims"}
+    assert touched >= {"chat_sync", "chat_history", "chat_sync_floor", "timeline_claims", CLAIMS}
+    idempotency = {op for name, op, _ in recorder.reads + recorder.writes if name == CLAIMS}
+    assert idempotency >= {"insert_one", "find_one", "replace_one", "update_one"}
     assert {op for _, op, _ in recorder.reads} == set(Recorder.READS)
     assert all(setting == ReadPreference.PRIMARY for _, _, setting in recorder.reads)
     assert {op for _, op, _ in recorder.writes} == set(Recorder.WRITES)
@@ -153,6 +176,28 @@ def test_prepare_builds_the_unique_index_once_and_again_harmlessly(database: Any
         index = database[name].index_information()[INDEX_NAME]
         assert index["key"] == [("id", 1), ("seq", 1)]
         assert index["unique"] is True
+
+
+def test_prepare_builds_the_ttl_index_that_forgets_idempotency_records(database: Any) -> None:
+    MongoStore(database).prepare()
+    MongoStore(database).prepare()  # again: harmless
+    index = database[CLAIMS].index_information()[CLAIMS_TTL_INDEX_NAME]
+    assert index["key"] == [("expires_at", 1)]
+    assert index["expireAfterSeconds"] == 0  # removed at expires_at, not later
+    assert not index.get("unique")
+    # The field the index looks at holds a date (a number never expires), the record's:
+    store = MongoStore(database)
+    store.prepare()
+    store.claim(claim_of(expires_ms=NOW + 1_234), NOW)
+    record = database[CLAIMS].find_one({"_id": "c" * 32})
+    assert _ms(record["expires_at"]) == NOW + 1_234
+    assert _ms(record["allocated_at"]) == NOW
+
+
+def test_dates_round_trip_to_the_millisecond() -> None:
+    # int(timestamp() * 1000) is a millisecond short for these (floating point).
+    for ms in (537_815_791_823, 2_193_427_399_726, 1_088_978_727_399, 0, NOW):
+        assert _ms(_date(ms)) == ms
 
 
 def test_writes_wait_for_the_index_and_reads_do_not(database: Any) -> None:
@@ -291,6 +336,109 @@ def test_a_copy_the_floor_passed_mid_write_is_reported_taken(mongo_store: MongoS
     result = mongo_store.write(copies(["g"], 1), copies(["b", "a"], 2, mid="m2"))
     assert result == WriteResult(sync_taken=[1])  # a's copy: below its floor, so moved
     assert mongo_store.owners(Kind.SYNC, [("a", 2), ("b", 2)]) == {("b", 2): "m2"}
+
+
+# --- idempotency records: races and failures ----------------------------------------------
+
+
+class Intercepted:
+    """The idempotency collection, with something done just before one of its operations."""
+
+    def __init__(self, store: MongoStore, **before: Any) -> None:
+        self.inner = store._idempotency
+        self.before = before
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+        if name not in self.before:
+            return method
+
+        def intercepted(*args: Any, **kwargs: Any) -> Any:
+            self.before[name]()
+            return method(*args, **kwargs)
+
+        return intercepted
+
+
+def test_a_claim_that_loses_the_replacement_of_an_expired_record_returns_the_winner(
+    mongo_store: MongoStore,
+) -> None:
+    mongo_store.claim(claim_of(expires_ms=NOW), NOW - 1)
+    winner = claim_of("a" * 16, expires_ms=NOW + 5_000)
+    records = mongo_store._idempotency
+
+    def another_claim_first() -> None:  # replaces the expired record just before us
+        mongo_store._idempotency = records
+        assert mongo_store.claim(winner, NOW) == winner
+        mongo_store._idempotency = intercepted  # type: ignore[assignment]
+
+    intercepted = Intercepted(mongo_store, replace_one=another_claim_first)
+    mongo_store._idempotency = intercepted  # type: ignore[assignment]
+    assert mongo_store.claim(claim_of("b" * 16, expires_ms=NOW + 9_000), NOW) == winner
+    mongo_store._idempotency = records
+    assert records.find_one({"_id": "c" * 32})["fingerprint"] == "a" * 16
+
+
+def test_a_record_removed_between_insert_and_read_is_claimed_again(
+    mongo_store: MongoStore,
+) -> None:
+    mongo_store.claim(claim_of(expires_ms=NOW), NOW - 1)
+    records = mongo_store._idempotency
+    # The TTL index removes the expired record after our insert found it, before we read it.
+    removed = Intercepted(mongo_store, find_one=lambda: records.delete_one({"_id": "c" * 32}))
+    mongo_store._idempotency = removed  # type: ignore[assignment]
+    mine = claim_of("b" * 16, expires_ms=NOW + 9_000)
+    assert mongo_store.claim(mine, NOW) == mine
+    mongo_store._idempotency = records
+    assert records.find_one({"_id": "c" * 32})["fingerprint"] == "b" * 16
+
+
+def test_claims_on_an_unreachable_server_are_a_fast_unavailable() -> None:
+    settings = Settings(
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true",
+        mongo_timeout_ms=300,
+    )
+    store = MongoStore.connect(settings, {})
+    store._state = "ready"  # as if prepare() had succeeded before the server went away
+    try:
+        for action in (lambda: store.claim(claim_of(), NOW), lambda: store.reclaim(claim_of())):
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as raised:
+                action()
+            assert isinstance(raised.value.__cause__, PyMongoError)
+            # The bound is the behaviour: within mongo_timeout_ms (300 ms), well before the
+            # 2 s operation timeout a driver call outside the store's _call would take.
+            assert time.monotonic() - started < 1.5
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("failing", ["insert_one", "find_one", "replace_one", "update_one"])
+def test_a_claim_failing_at_any_step_is_unavailable(mongo_store: MongoStore, failing: str) -> None:
+    mongo_store.claim(claim_of(expires_ms=NOW), NOW - 1)  # expired at NOW: every step runs
+
+    def fail() -> None:
+        raise AutoReconnect(f"injected: connection reset at {failing}")
+
+    mongo_store._idempotency = Intercepted(mongo_store, **{failing: fail})  # type: ignore[assignment]
+    if failing == "update_one":
+        action = lambda: mongo_store.reclaim(claim_of())  # noqa: E731
+    else:
+        action = lambda: mongo_store.claim(claim_of("b" * 16), NOW)  # noqa: E731
+    with pytest.raises(Unavailable) as raised:
+        action()
+    assert isinstance(raised.value.__cause__, AutoReconnect)
+
+
+def test_claims_wait_for_the_indexes_as_writes_do(database: Any) -> None:
+    store = MongoStore(database)
+    with pytest.raises(Unavailable, match="indexes building"):
+        store.claim(claim_of(), NOW)
+    with pytest.raises(Unavailable, match="indexes building"):
+        store.reclaim(claim_of())
+    assert database[CLAIMS].count_documents({}) == 0
+    store.prepare()
+    assert store.claim(claim_of(), NOW) == claim_of()
 
 
 # --- only a real server shows these -------------------------------------------------------

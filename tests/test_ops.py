@@ -435,7 +435,7 @@ def test_message_contents_are_never_logged_at_info(
     ]
     sends = [("/timeline/send", 200), ("/timeline/send", 400), ("/timeline/sendGroup", 200)]
     assert access == [*sends, ("/timeline/send", 503)]
-    causes = [r for r in caplog.records if r.name == "timeline.sequence"]
+    causes = [r for r in caplog.records if r.name == "timeline.allocator"]
     assert causes
     assert all("Connection refused" in r.getMessage() for r in causes)
     [error] = [r for r in caplog.records if r.name == "timeline.api"]

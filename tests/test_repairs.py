@@ -18,12 +18,13 @@ from pymongo.errors import AutoReconnect, BulkWriteError, WriteConcernError
 
 from support import put
 from test_faults import Allocations, Clock, msg, read_all, service, texts
-from timeline import service as service_module
+from timeline.allocator import Allocator
+from timeline.allocator.standalone import StandaloneRedis, connect_redis
 from timeline.errors import PartialWrite, Unavailable
 from timeline.factory import create_app
 from timeline.model import Copies, Kind, Timeline
-from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import TimelineService
+from timeline.service import writing as service_module
 from timeline.settings import Settings
 from timeline.store import Store, WriteResult
 from timeline.store.mongo import MongoStore
@@ -61,12 +62,12 @@ def held(store: Store, kind: Kind, timeline_id: str) -> list[tuple[int, str]]:
     return [(e.seq, texts([e])[0]) for e in read_all(store, kind, timeline_id)]
 
 
-def counter(redis_url: str, allocator: SequenceAllocator, kind: Kind, id_: str) -> int | None:
+def counter(redis_url: str, allocator: Allocator, kind: Kind, id_: str) -> int | None:
     value = redis.Redis.from_url(redis_url).get(allocator.key(Timeline(kind, id_)))
     return None if value is None else int(value)
 
 
-def set_counter(redis_url: str, allocator: SequenceAllocator, kind: Kind, id_: str, n: int) -> None:
+def set_counter(redis_url: str, allocator: Allocator, kind: Kind, id_: str, n: int) -> None:
     """A counter behind the store: a failover to a replica that lagged."""
     redis.Redis.from_url(redis_url).set(allocator.key(Timeline(kind, id_)), n)
 
@@ -189,7 +190,7 @@ class WriteLog(Wrapper):
 class LostReplies:
     """The allocator's moves run in Redis, but their replies are lost while `losing`."""
 
-    def __init__(self, allocator: SequenceAllocator) -> None:
+    def __init__(self, allocator: Allocator) -> None:
         self.losing, self.moves = True, 0
         real = allocator.reallocate
 
@@ -497,7 +498,7 @@ def test_a_seal_failing_after_a_move_is_suppressed_and_readers_seal_later(
 ) -> None:
     sealing, clock = SealFails(store), Clock()
     backoffs: list[float] = []
-    allocator = SequenceAllocator(connect_redis(redis_url, Settings()), key_prefix)
+    allocator = Allocator(StandaloneRedis(connect_redis(redis_url, Settings())), key_prefix)
     svc = TimelineService(allocator, sealing, clock_ms=clock, sleep=backoffs.append)  # type: ignore[arg-type]
     svc.send_group("g", ["a", "b"], [msg("x"), msg("y")])  # a, b: 1..2
     set_counter(redis_url, svc.allocator, Kind.SYNC, "b", 1)

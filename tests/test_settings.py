@@ -66,6 +66,34 @@ def test_an_empty_variable_unsets_an_optional_setting(tmp_path: Path) -> None:
         ("count_max: true\n", {}, "integer"),
         ("", {"TIMELINE_SYNC_RETENTION_SECONDS": str(100 * 365 * 86_400)}, "68 years"),
         ("", {"TIMELINE_HISTORY_RETENTION_SECONDS": "2147397248"}, "at most 2147397247"),
+        ("", {"TIMELINE_REDIS_MODE": "clustered"}, "standalone, cluster, sentinel"),
+        ("", {"TIMELINE_REDIS_MODE": "cluster"}, "needs redis_url"),
+        (
+            "",
+            {"TIMELINE_REDIS_MODE": "cluster", "TIMELINE_REDIS_URL": "unix:///tmp/r.sock"},
+            "needs redis_url",
+        ),
+        (
+            "redis_mode: cluster\nredis_url: redis://h:7000/0\nredis_key_prefix: 'a{b}:'\n",
+            {},
+            "must not contain { or }",
+        ),
+        (
+            "redis_mode: cluster\nredis_url: redis://h:7000/0\n",
+            {"TIMELINE_REDIS_BUCKETS": "16385"},
+            "between 1 and 16384",
+        ),
+        ("", {"TIMELINE_REDIS_MODE": "sentinel"}, "needs redis_sentinels"),
+        (
+            "redis_mode: sentinel\nredis_sentinel_master: m\n",
+            {"TIMELINE_REDIS_SENTINELS": "h1:26379,h2"},
+            "'h2' is not host:port",
+        ),
+        (
+            "redis_mode: sentinel\nredis_sentinel_master: m\nredis_url: redis://h:1/0\n",
+            {"TIMELINE_REDIS_SENTINELS": "h1:26379"},
+            "not used in sentinel mode",
+        ),
         ("", {"TIMELINE_MONGO_OPERATION_TIMEOUT_MS": "0"}, "positive"),
     ],
 )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,8 @@ from pymongo.errors import AutoReconnect
 
 from timeline.errors import PartialWrite, Unavailable
 from timeline.model import HOLE_MID, Copies, Kind, Message
-from timeline.store import Store, WriteResult
+from timeline.store import Claim, Purger, Store, WriteResult
+from timeline.store import sqlite as sqlite_module
 from timeline.store.mongo import MongoStore
 from timeline.store.sqlite import SQLiteStore
 
@@ -482,3 +487,200 @@ def test_seal_and_unwrite_of_many_keys_go_in_parts_and_stay_exact(store: Store) 
     store.unwrite(Kind.SYNC, keys, "m")
     assert store.owners(Kind.SYNC, [("a", 3), ("a", 4), ("b", 1), ("b", 2)]) == {}
     assert store.owners(Kind.SYNC, [("c", 2), ("c", 3)]) == {("c", 2): "other", ("c", 3): HOLE_MID}
+
+
+# --- idempotency records: the store's claim on a message's sequences ----------------------
+
+#: An hour from now, for the records' times: MongoDB's TTL index removes a record once its
+#: expires_at has passed on the wall clock (mongomock at every access), and these tests
+#: expire records by the `now_ms` they give claim(), never by the wall clock.
+NOW = int(time.time() * 1000) + 3_600_000
+DAY = 86_400_000
+
+
+def claim_of(
+    n: int,
+    fingerprint: str = "f" * 16,
+    lasts: tuple[int, ...] = (7, 12, 3),
+    allocated_ms: int = NOW,
+    expires_ms: int = NOW + DAY,
+) -> Claim:
+    return Claim(f"{n:032x}", fingerprint, lasts, allocated_ms, expires_ms)
+
+
+def held(store: Store, claim: Claim, now_ms: int = NOW) -> Claim:
+    """The record stored for claim.mid, asked for by a claim that differs in everything
+    else (which would be stored, and returned, were there none)."""
+    probe = Claim(claim.mid, "0" * 16, (0,), 1, NOW + 2 * DAY)
+    return store.claim(probe, now_ms)
+
+
+def test_a_first_claim_is_stored_and_returned(store: Store) -> None:
+    first = claim_of(1)
+    assert store.claim(first, NOW) == first
+    assert held(store, first) == first
+    # Another message's record is its own.
+    other = claim_of(2, fingerprint="e" * 16, lasts=(1,))
+    assert store.claim(other, NOW + 1) == other
+    assert held(store, first) == first
+
+
+def test_a_later_claim_gets_the_earlier_record_unchanged(store: Store) -> None:
+    first = claim_of(1, allocated_ms=NOW - 5, expires_ms=NOW + 1_000)
+    assert store.claim(first, NOW) == first
+    # Other lasts (a retry that allocated again), another fingerprint (another message), or
+    # other times, up to the last millisecond before the record expires: the first one.
+    for later in (
+        replace(first, lasts=(8, 13, 4), allocated_ms=NOW + 1),
+        replace(first, fingerprint="e" * 16, lasts=(1, 2), expires_ms=NOW + DAY),
+        claim_of(1, fingerprint="d" * 16, lasts=(), allocated_ms=NOW + 999),
+    ):
+        assert store.claim(later, NOW + 999) == first
+    assert held(store, first, NOW + 999) == first
+
+
+def test_an_expired_record_is_replaced(store: Store) -> None:
+    first = claim_of(1, expires_ms=NOW + 1_000)
+    store.claim(first, NOW)
+    second = claim_of(1, fingerprint="e" * 16, lasts=(20, 30), allocated_ms=NOW + 1_000)
+    # At its expires_ms a record has expired (unexpired means expires_ms > now).
+    assert store.claim(second, NOW + 1_000) == second
+    assert held(store, second, NOW + 1_001) == second
+    # and the record that replaced it holds in turn.
+    third = claim_of(1, fingerprint="d" * 16, lasts=(5,), allocated_ms=NOW + 2_000)
+    assert store.claim(third, NOW + 2_000) == second
+
+
+def test_reclaim_replaces_the_lasts_of_the_record_with_that_fingerprint_only(
+    store: Store,
+) -> None:
+    first = claim_of(1, lasts=(7, 12, 3), allocated_ms=NOW - 5, expires_ms=NOW + DAY)
+    store.claim(first, NOW)
+    # The lasts change, and nothing else: not the fingerprint, not the times.
+    store.reclaim(replace(first, lasts=(7, 15, 3), allocated_ms=NOW + 7, expires_ms=NOW + 9))
+    moved = replace(first, lasts=(7, 15, 3))
+    assert held(store, first) == moved
+    # Another fingerprint (another message's claim on the mid) changes nothing,
+    store.reclaim(replace(first, fingerprint="e" * 16, lasts=(99, 99, 99)))
+    assert held(store, first) == moved
+    # and a reclaim of a mid nobody claimed stores nothing.
+    unclaimed = claim_of(2)
+    store.reclaim(unclaimed)
+    probe = held(store, unclaimed)
+    assert probe.fingerprint == "0" * 16  # the probe itself: nothing was there
+
+
+def test_ten_thousand_and_one_lasts_round_trip_exactly(store: Store) -> None:
+    # A sendGroup to 10,000 members: the history's last, then each member's, in order;
+    # small and large sequences (int32 and int64 in BSON), the largest an int64 holds.
+    rng = random.Random(7)
+    lasts = tuple(
+        rng.choice([rng.randrange(1, 1_000), rng.randrange(1, 2**62)]) for _ in range(10_001)
+    )
+    lasts = (*lasts[:-4], 1, 2**31 - 1, 2**31, 2**63 - 1)
+    big = claim_of(1, lasts=lasts)
+    assert store.claim(big, NOW) == big
+    found = held(store, big)
+    assert found.lasts == lasts
+    assert all(type(last) is int for last in found.lasts)
+    moved = (*(last + 1 if i % 2 else last for i, last in enumerate(lasts[:-1])), 5)
+    store.reclaim(replace(big, lasts=moved))
+    assert held(store, big).lasts == moved
+
+
+def test_claims_racing_for_one_mid_all_get_the_same_winner(store: Store) -> None:
+    if getattr(store, "simulated", False):
+        pytest.skip("mongomock is not thread-safe; a real MongoDB runs this")
+    threads, rounds = 6, 15
+    barrier = threading.Barrier(threads)
+    got: dict[int, list[Claim]] = {n: [] for n in range(rounds)}
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def contender(t: int) -> None:
+        try:
+            for n in range(rounds):
+                mine = claim_of(n, fingerprint=f"{t:016x}", lasts=(n, t, 10 * t))
+                barrier.wait(10)  # all claims of a round start together
+                winner = store.claim(mine, NOW)
+                with lock:
+                    got[n].append(winner)
+        except BaseException as exc:  # reported below, the test failing
+            failures.append(exc)
+            barrier.abort()
+
+    workers = [threading.Thread(target=contender, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not failures
+    for n, winners in got.items():
+        assert len(winners) == threads
+        assert len(set(winners)) == 1, winners  # one winner, whoever asks
+        [winner] = set(winners)
+        assert winner.fingerprint in {f"{t:016x}" for t in range(threads)}
+        assert winner.lasts == (n, int(winner.fingerprint, 16), 10 * int(winner.fingerprint, 16))
+        assert held(store, winner) == winner
+
+
+def test_sqlite_purges_expired_claims_in_batches(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_FORGET_BATCH", 100)
+    batches: list[int] = []
+    let_in = sqlite_store._let_waiting_writers_in
+    monkeypatch.setattr(
+        sqlite_store, "_let_waiting_writers_in", lambda: batches.append(1) or let_in()
+    )
+    for n in range(250):
+        sqlite_store.claim(claim_of(n, expires_ms=NOW + n % 5), NOW - 1)  # NOW .. NOW + 4
+    for n in range(250, 255):
+        sqlite_store.claim(claim_of(n, expires_ms=NOW + DAY), NOW - 1)
+    assert sqlite_store.forget_expired_claims(NOW - 1) == 0  # none has expired
+    # At NOW + 4 all of the first 250 have (expires_ms <= now): three batches, writers let in
+    # between them; the five unexpired stay.
+    assert sqlite_store.forget_expired_claims(NOW + 4) == 250
+    assert len(batches) == 2
+    conn = sqlite3.connect(sqlite_store.path)
+    left = sorted(row[0] for row in conn.execute("SELECT mid FROM idempotency"))
+    conn.close()
+    assert left == [f"{n:032x}" for n in range(250, 255)]
+    assert sqlite_store.forget_expired_claims(NOW + 4) == 0
+
+
+def test_the_purger_forgets_expired_claims_whatever_the_retention(
+    sqlite_store: SQLiteStore,
+) -> None:
+    # Entries kept for ever (no retention at all): the records still expire.
+    clock = [NOW]
+    purger = Purger(sqlite_store, {}, 0.05, lambda: clock[0])
+    expired, kept = claim_of(1, expires_ms=NOW), claim_of(2, expires_ms=NOW + 1)
+    sqlite_store.claim(expired, NOW - 1)
+    sqlite_store.claim(kept, NOW - 1)
+    purger.start()
+    try:
+        conn = sqlite3.connect(sqlite_store.path)
+        deadline = time.monotonic() + 5
+        query = "SELECT mid FROM idempotency ORDER BY mid"
+        while len(conn.execute(query).fetchall()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [row[0] for row in conn.execute(query)] == [kept.mid]
+        conn.close()
+    finally:
+        purger.stop()
+
+
+def test_a_file_without_the_idempotency_table_gets_it(tmp_path: Path) -> None:
+    # A file an earlier version made: no idempotency table, documents already stored.
+    path = tmp_path / "old.sqlite3"
+    SQLiteStore(path).write(None, copies("a", 1))
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE idempotency")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path)
+    first = claim_of(1)
+    assert store.claim(first, NOW) == first
+    assert held(store, first) == first
+    assert [e.seq for e in store.read(Kind.SYNC, "a", 0, 10)] == [1]

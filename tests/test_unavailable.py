@@ -173,7 +173,7 @@ def assert_refused(client: Any, caplog: pytest.LogCaptureFixture, reply_of_redis
     """Sends are a 503 with the envelope while Redis refuses, and Redis's own reply is in
     the log: for counters it has (allocate.lua) and for new ones (seeded first)."""
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="timeline.sequence"):
+    with caplog.at_level(logging.WARNING, logger="timeline.allocator"):
         for reply in (post_send(client), send(client, "a", "new")):
             assert_unavailable(reply)
             assert reply.get_json()["reason"] == "TIMELINE_UNAVAILABLE"
@@ -313,7 +313,7 @@ def test_redis_loading_its_data_is_a_503_and_then_serves(
             redis_url=loading.url, redis_key_prefix=key_prefix, sqlite_path=str(tmp_path / "t.db")
         )
         client = create_app(settings).test_client()
-        with caplog.at_level(logging.WARNING, logger="timeline.sequence"):
+        with caplog.at_level(logging.WARNING, logger="timeline.allocator"):
             assert_unavailable(post_send(client))
             assert_unavailable(client.get("/timeline/sync?member=b"))
         assert "Redis is loading the dataset in memory" in caplog.text
@@ -332,7 +332,7 @@ def test_a_refused_allocation_is_logged_with_the_reply_redis_gave(
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", 1)
     try:
-        with caplog.at_level(logging.WARNING, logger="timeline.sequence"):
+        with caplog.at_level(logging.WARNING, logger="timeline.allocator"):
             assert_unavailable(post_send(client))  # a's and b's counters exist: allocate.lua
     finally:
         admin.config_set("maxmemory", 0)

@@ -7,8 +7,8 @@ import logging
 from flask import Flask
 
 from timeline import api, ops
+from timeline.allocator import open_allocator
 from timeline.embedded import ensure_redis
-from timeline.sequence import SequenceAllocator, connect_redis
 from timeline.service import Policy, TimelineService, _now_ms
 from timeline.settings import Settings, load_settings
 from timeline.store import Preparer, Purger, Store, open_store, retention_ms
@@ -17,9 +17,10 @@ from timeline.validation import Limits
 log = logging.getLogger(__name__)
 
 
-def redis_url(settings: Settings) -> str:
-    """The configured Redis, or the embedded redis-server (started if need be)."""
-    if settings.redis_url:
+def redis_url(settings: Settings) -> str | None:
+    """The configured Redis, or the embedded redis-server (started if need be); None in
+    sentinel mode (the sentinels name the primary)."""
+    if settings.redis_url or not settings.embedded_redis:
         return settings.redis_url
     url, _ = ensure_redis(settings.data_dir)
     return url
@@ -44,9 +45,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     app.json = api.OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.body_max_bytes
 
-    allocator = SequenceAllocator(
-        connect_redis(redis_url(settings), settings), settings.redis_key_prefix
-    )
+    allocator = open_allocator(settings, redis_url(settings))
     store = store or open_store(settings)
     policy = Policy(
         gap_grace_ms=settings.gap_grace_ms,
@@ -76,6 +75,6 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     log.info(
         "timeline ready: store=%s redis=%s",
         store.backend,
-        "embedded" if settings.embedded_redis else "external",
+        "embedded" if settings.embedded_redis else allocator.describe(),
     )
     return app

@@ -25,6 +25,20 @@ TTL_BACKSTOP_SECONDS = 86_400
 #: The longest retention: MongoDB keeps a TTL index's expireAfterSeconds in a 32-bit integer
 #: (about 68 years), and the backstop comes on top.
 RETENTION_MAX_SECONDS = 2**31 - 1 - TTL_BACKSTOP_SECONDS
+#: How the service finds its Redis (redis_mode).
+REDIS_MODES = ("standalone", "cluster", "sentinel")
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """`host:port,host:port,...` (redis_sentinels) as (host, port) pairs; ValueError when
+    malformed."""
+    addresses = []
+    for part in value.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part.strip()!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
 
 
 class SettingsError(ValueError):
@@ -42,6 +56,17 @@ class Settings:
 
     # Redis: the sequence allocator. None means the embedded redis-server under data_dir.
     redis_url: str | None = None
+    # standalone (one Redis, or the embedded one), cluster (redis_url names any node) or
+    # sentinel (redis_sentinels and redis_sentinel_master name the primary).
+    redis_mode: str = "standalone"
+    redis_sentinels: str | None = None  # host:port,host:port,...
+    redis_sentinel_master: str | None = None
+    # The password of the Redis nodes (not the sentinels'), in any mode; one in redis_url
+    # is used too.
+    redis_password: str | None = None
+    # cluster: counters are spread over this many buckets (hash tags); fixed for the life
+    # of a deployment (changing it is a migration: see the README).
+    redis_buckets: int = 64
     redis_key_prefix: str = "timeline:"
     redis_connect_timeout_ms: int = 200
     redis_socket_timeout_ms: int = 500
@@ -120,7 +145,7 @@ class Settings:
 
     @property
     def embedded_redis(self) -> bool:
-        return not self.redis_url
+        return self.redis_mode == "standalone" and not self.redis_url
 
     @property
     def store_backend(self) -> str:
@@ -132,6 +157,7 @@ class Settings:
             "redis_connect_timeout_ms",
             "redis_socket_timeout_ms",
             "redis_max_connections",
+            "redis_buckets",
             "mongo_timeout_ms",
             "mongo_operation_timeout_ms",
             "sqlite_busy_timeout_ms",
@@ -194,6 +220,7 @@ class Settings:
             raise SettingsError(
                 "redis_url must start with redis://, rediss:// or unix://", names=("redis_url",)
             )
+        self._validate_redis_mode()
         if self.embedded_redis:
             # The embedded redis-server listens on a unix socket under data_dir, and a socket
             # path longer than the kernel's sun_path is cut short by redis-server (it would
@@ -207,6 +234,51 @@ class Settings:
                     names=("data_dir",),
                 )
         return self
+
+    def _validate_redis_mode(self) -> None:
+        mode = self.redis_mode
+        if mode not in REDIS_MODES:
+            raise SettingsError(
+                f"redis_mode must be one of {', '.join(REDIS_MODES)}, got {mode!r}",
+                names=("redis_mode",),
+            )
+        if mode == "cluster":
+            if not self.redis_url or self.redis_url.startswith("unix://"):
+                raise SettingsError(
+                    "redis_mode cluster needs redis_url: redis://[:password@]host:port/0 of "
+                    "any one node (the others are discovered from it)",
+                    names=("redis_mode", "redis_url"),
+                )
+            if not 1 <= self.redis_buckets <= 16384:
+                raise SettingsError(
+                    "redis_buckets must be between 1 and 16384 (the cluster's hash slots)",
+                    names=("redis_buckets",),
+                )
+            if "{" in self.redis_key_prefix or "}" in self.redis_key_prefix:
+                raise SettingsError(
+                    "redis_key_prefix must not contain { or } in cluster mode: the bucket's "
+                    "hash tag must be the key's first",
+                    names=("redis_key_prefix",),
+                )
+        if mode == "sentinel":
+            if not self.redis_sentinels or not self.redis_sentinel_master:
+                raise SettingsError(
+                    "redis_mode sentinel needs redis_sentinels (host:port,host:port,...) and "
+                    "redis_sentinel_master (the monitored primary's name)",
+                    names=("redis_mode", "redis_sentinels", "redis_sentinel_master"),
+                )
+            try:
+                sentinel_addresses(self.redis_sentinels)
+            except ValueError as exc:
+                raise SettingsError(
+                    f"redis_sentinels must be host:port,host:port,...: {exc}",
+                    names=("redis_sentinels",),
+                ) from None
+            if self.redis_url:
+                raise SettingsError(
+                    "redis_url is not used in sentinel mode (the sentinels name the primary)",
+                    names=("redis_mode", "redis_url"),
+                )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes).validate()

@@ -44,6 +44,21 @@ class WriteResult:
     sync_taken: list[int] = field(default_factory=list)  # positions in `sync.rows()`
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An idempotent message's record in the store: which sequences it holds, for good.
+
+    The store, not Redis, is the authority: a retry whose Redis record is gone (Redis lost
+    its data between the attempt and the retry) finds its sequences here, and writes the
+    same copies again instead of storing the message twice. See Store.claim."""
+
+    mid: str  # the message id: 32 hex chars, deterministic per (conversation, client_msg_id)
+    fingerprint: str  # 16 hex chars: a digest of the request; a different one = another message
+    lasts: tuple[int, ...]  # the last sequence of each timeline's range: history, then recipients
+    allocated_ms: int  # when the sequences were allocated (ms since epoch)
+    expires_ms: int  # after this the record may be forgotten (ms since epoch)
+
+
 def split(copies: Copies, rows: int, size: int) -> Iterator[tuple[int, Copies]]:
     """The copies in parts of whole timelines, each at most `rows` copies and `size` bytes
     of messages (a timeline's batch alone may be more: it is never cut), with the position
@@ -168,6 +183,33 @@ class Store(Protocol):
         timeline's floor first; how many were removed."""
         ...
 
+    def claim(self, claim: Claim, now_ms: int) -> Claim:
+        """Atomically: store `claim` unless an unexpired record of its mid is stored (one
+        whose expires_ms > now_ms); return the record that holds now: the given one, or the
+        earlier one, unchanged (fingerprint, lasts and times as they were stored, whatever
+        the given claim says). Of two claims of one mid racing, both get the same record.
+
+        An expired record is as good as none: it is replaced, also before the background
+        purge (forget_expired_claims, or MongoDB's TTL index) has removed it. `lasts` of
+        any length (10,001 for a fan-out to 10,000 members) come back exactly, in order.
+        Raises Unavailable, like every other call, when the store cannot be reached (and,
+        on MongoDB, until prepare() has succeeded, as writes do)."""
+        ...
+
+    def reclaim(self, claim: Claim) -> None:
+        """Replace the lasts, and only them, of the stored record of `claim.mid` whose
+        fingerprint equals `claim.fingerprint` (after some of the message's timelines moved
+        to new sequences); its times stay. Nothing happens when no such record is stored
+        (none of that mid, or one of another fingerprint: another message's). Expiry is not
+        looked at. Raises Unavailable."""
+        ...
+
+    def forget_expired_claims(self, now_ms: int) -> int:
+        """Remove records that expired (expires_ms <= now_ms) in small batches, so that
+        they never pile up; how many were removed. The Purger calls it every period,
+        whatever the retention of entries; MongoDB leaves it to its TTL index (0)."""
+        ...
+
     def claim_purge(self, now_ms: int, period_ms: int) -> bool:
         """Whether this process should purge now: one claim per period across all workers
         (and, for MongoDB, all hosts)."""
@@ -192,8 +234,10 @@ class Store(Protocol):
 
 
 class Purger:
-    """Removes expired entries every period, in a daemon thread of each worker; the store's
-    claim makes one worker do it per period. Requests never wait for it."""
+    """Removes expired entries, and expired idempotency records (forget_expired_claims),
+    every period, in a daemon thread of each worker; the store's claim_purge makes one
+    worker do it per period. Requests never wait for it. It runs whatever the retention of
+    entries (0: kept for ever): idempotency records always expire."""
 
     def __init__(
         self,
@@ -210,7 +254,7 @@ class Purger:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._retention and self._thread is None:
+        if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="timeline-purge", daemon=True)
             self._thread.start()
 
@@ -218,11 +262,14 @@ class Purger:
         self._stopping.set()
 
     def run_once(self) -> int:
+        """One period's purge, if this process claims it: how many entries it removed
+        (expired idempotency records are not counted)."""
         removed = 0
         now = self._clock_ms()
         if self._store.claim_purge(now, int(self._period_s * 1000)):
             for kind, retention in self._retention.items():
                 removed += self._store.purge(kind, now - retention)
+            self._store.forget_expired_claims(now)
         return removed
 
     def _run(self) -> None:

@@ -15,6 +15,8 @@ What it relies on, from the MongoDB manual:
   before it is ready. A createIndexes for an index already being built joins that build.
 - pymongo's client-side operation timeout (timeoutMS) bounds each operation from server
   selection to reply and sends the rest as maxTimeMS, so the server gives up too.
+- Idempotency records (chat_idempotency) rely on the unique `_id` index for "one record per
+  message", and on a TTL index on `expires_at` to forget them: see CLAIMS and prepare().
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import pymongo
 from bson.dbref import DBRef
+from bson.int64 import Int64
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
@@ -39,7 +42,7 @@ from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
 from timeline.settings import TTL_BACKSTOP_SECONDS, Settings
-from timeline.store import COLLECTIONS, Gap, Page, WriteResult, split
+from timeline.store import COLLECTIONS, Claim, Gap, Page, WriteResult, split
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,23 @@ _OR_BRANCHES = 256
 #: stored, found again by a retry as its own. A 10,000-member fan-out of one message is one.
 WRITE_CHUNK_ROWS = 10_000
 WRITE_CHUNK_BYTES = 16 << 20
+#: Idempotent messages' records (Store.claim), one per message:
+#: `{_id: mid, fingerprint, lasts: [int64...], allocated_at: Date, expires_at: Date}`.
+#: A 10,000-member fan-out's lasts are 10,001 int64, about 140 KB of BSON (an array's
+#: elements carry their index as a key), far below the 16 MiB a document may hold.
+CLAIMS = "chat_idempotency"
+#: Removes a record once its expires_at has passed (expireAfterSeconds 0: at that date).
+#: Legal on a sharded collection ("TTL Indexes", the MongoDB manual,
+#: https://www.mongodb.com/docs/manual/core/index-ttl/: a TTL index is a single-field index,
+#: on any field but _id; sharded clusters are not excluded). Sharded, the collection would
+#: be sharded on {_id: "hashed"}: _id is then the shard key, and the _id index enforces its
+#: uniqueness across the cluster, which it does only when _id is the shard key ("Shard Key
+#: Indexes", https://www.mongodb.com/docs/manual/core/sharding-shard-key-indexes/); every
+#: operation below names _id, so each is routed to the one shard holding it.
+CLAIMS_TTL_INDEX_NAME = "expires_at_ttl"
+#: How many times claim() reads again after losing a race (an insert or a replacement of an
+#: expired record that another claim made first); each round, another claim made progress.
+_CLAIM_ROUNDS = 5
 T = TypeVar("T")
 
 
@@ -90,12 +110,37 @@ def _json_default(value: Any) -> Any:
     return str(value)  # ObjectId, Decimal128, Binary, Timestamp...
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def _ms(value: Any) -> int:
     if isinstance(value, datetime):
         if value.tzinfo is None:  # pymongo decodes naive UTC datetimes by default
             value = value.replace(tzinfo=UTC)
-        return int(value.timestamp() * 1000)
+        # Exact: int(timestamp() * 1000) is a millisecond short for some dates (floats).
+        return int((value - _EPOCH) // _MS)
     return 0  # documents written by go-timeline carry no creation time
+
+
+def _claim_document(claim: Claim) -> dict[str, Any]:
+    return {
+        "_id": claim.mid,
+        "fingerprint": claim.fingerprint,
+        "lasts": [Int64(last) for last in claim.lasts],
+        "allocated_at": _date(claim.allocated_ms),
+        "expires_at": _date(claim.expires_ms),
+    }
+
+
+def _claim_of(document: dict[str, Any]) -> Claim:
+    return Claim(
+        document["_id"],
+        document["fingerprint"],
+        tuple(map(int, document["lasts"])),
+        _ms(document["allocated_at"]),
+        _ms(document["expires_at"]),
+    )
 
 
 def _unexpired(not_before_ms: int) -> dict[str, Any]:
@@ -142,6 +187,7 @@ class MongoStore:
             kind: _pinned(database[f"{name}_floor"]) for kind, name in COLLECTIONS.items()
         }
         self._claims = _pinned(database["timeline_claims"])
+        self._idempotency = _pinned(database[CLAIMS])
         self._retention = {kind: (retention_ms or {}).get(kind, 0) for kind in Kind}
         self._state = "building"
         self._prepare_lock = threading.Lock()
@@ -211,10 +257,11 @@ class MongoStore:
     # --- indexes --------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """The unique (id, seq) index on both collections, and the TTL index a retention
-        asks for. Waits for the builds with no deadline (pymongo's timeout(0), CSOT's "no
-        limit"): run at start-up in a thread of its own (Preparer) or by `timeline-admin
-        migrate`, never in a request."""
+        """The unique (id, seq) index on both collections, the TTL index a retention asks
+        for, and the TTL index that forgets expired idempotency records. Waits for the
+        builds with no deadline (pymongo's timeout(0), CSOT's "no limit"): run at start-up
+        in a thread of its own (Preparer) or by `timeline-admin migrate`, never in a
+        request."""
         with self._prepare_lock:
             if self._state == "ready":
                 return
@@ -226,6 +273,7 @@ class MongoStore:
                         retention_s = self._retention[kind] // 1000
                         ttl = retention_s + TTL_BACKSTOP_S if retention_s else 0
                         _ensure_ttl(collection, ttl)
+                    _ensure_expiry(self._idempotency)
             except (PyMongoError, SchemaProblem) as exc:
                 self._state = "failed"
                 log.error("mongo indexes cannot be made ready: %s", exc)
@@ -432,6 +480,59 @@ class MongoStore:
 
         return self._call("claim", claim)
 
+    # --- idempotency ----------------------------------------------------------------------
+
+    def claim(self, claim: Claim, now_ms: int) -> Claim:
+        """insert_one; when the mid is taken, the stored record, unless it has expired: then
+        a replace_one that matches only while it still has, so that of two claims replacing
+        it one wins and the other reads the winner. A record the TTL index removed between
+        two steps is inserted again."""
+        self._writable()
+        records = self._idempotency
+        document = _claim_document(claim)
+        expired = {"_id": claim.mid, "expires_at": {"$lte": _date(now_ms)}}
+
+        def inserted() -> bool:
+            try:
+                records.insert_one(dict(document))
+            except DuplicateKeyError:
+                return False
+            return True
+
+        def run() -> Claim:
+            if inserted():
+                return claim
+            for _ in range(_CLAIM_ROUNDS):
+                found = records.find_one({"_id": claim.mid})
+                if found is None:
+                    if inserted():  # removed since (expired): stored now, or taken again
+                        return claim
+                elif _ms(found["expires_at"]) > now_ms:
+                    return _claim_of(found)
+                elif records.replace_one(expired, dict(document)).matched_count:
+                    return claim
+                # Another claim got there first (or the TTL index removed it): read again.
+            raise PyMongoError(f"claim of {claim.mid} lost {_CLAIM_ROUNDS} races in a row")
+
+        return self._call("claim", run)
+
+    def reclaim(self, claim: Claim) -> None:
+        self._writable()
+        lasts = [Int64(last) for last in claim.lasts]
+        records = self._idempotency
+        self._call(
+            "reclaim",
+            lambda: records.update_one(
+                {"_id": claim.mid, "fingerprint": claim.fingerprint}, {"$set": {"lasts": lasts}}
+            ),
+        )
+
+    def forget_expired_claims(self, now_ms: int) -> int:
+        """Nothing: the TTL index on expires_at removes expired records (within a minute
+        or so of their expiry: the TTL monitor's period); claim() replaces an expired one
+        it finds before that."""
+        return 0
+
     # --- reading --------------------------------------------------------------------------
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
@@ -599,6 +700,36 @@ def _ensure_unique(collection: Collection[Any]) -> None:
             f"{collection.name} holds two documents with the same (id, seq), so the unique "
             f"index cannot be built; remove the duplicates ({exc})"
         ) from exc
+
+
+def _ensure_expiry(collection: Collection[Any]) -> None:
+    """The TTL index that removes an idempotency record at its expires_at (ours, or one of
+    another name that does the same). As for _ensure_ttl, a mismatch is a warning, never a
+    reason to refuse requests: claim() replaces an expired record it finds, removed or not;
+    only the removal of those nobody claims again waits for the index."""
+    key = [("expires_at", 1)]
+    for name, spec in collection.index_information().items():
+        if list(spec.get("key", [])) != key:
+            continue
+        ttl = spec.get("expireAfterSeconds")
+        if ttl == 0:
+            return
+        if name != CLAIMS_TTL_INDEX_NAME:
+            log.warning(
+                "%s: the index %r on expires_at does not remove records at that date; "
+                "expired idempotency records are replaced, not removed",
+                collection.name,
+                name,
+            )
+            return
+        log.warning("%s: %s acts %s s after expires_at; now at it", collection.name, name, ttl)
+        collection.database.command(
+            "collMod",
+            collection.name,
+            index={"name": CLAIMS_TTL_INDEX_NAME, "expireAfterSeconds": 0},
+        )
+        return
+    collection.create_index(key, name=CLAIMS_TTL_INDEX_NAME, expireAfterSeconds=0)
 
 
 def _ensure_ttl(collection: Collection[Any], seconds: int) -> None:

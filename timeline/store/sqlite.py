@@ -19,7 +19,7 @@ import orjson
 from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
-from timeline.store import COLLECTIONS, Gap, Page, WriteResult, split
+from timeline.store import COLLECTIONS, Claim, Gap, Page, WriteResult, split
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,41 @@ _RAISE_FLOOR = """
 INSERT INTO {table}_floor (id, seq) VALUES (?, ?)
 ON CONFLICT (id) DO UPDATE SET seq = MAX(seq, excluded.seq)
 """
+# Idempotent messages' records (Store.claim): which sequences each holds. `lasts` is the
+# record's integers in decimal, joined by commas ("7,12,3,40"), as Redis holds them: a byte
+# a digit and one a comma, so a 10,000-member fan-out's record (10,001 integers) is about
+# 70 KB at sequences below a million; only a retry reads it back. A rowid table: SQLite
+# advises WITHOUT ROWID only for rows well under a page. The index on expires_ms serves
+# the purge (forget_expired_claims), never a request.
+IDEMPOTENCY = "idempotency"
+_IDEMPOTENCY_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {IDEMPOTENCY} (
+    mid TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    lasts TEXT NOT NULL,
+    allocated_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+)
+"""
+_IDEMPOTENCY_EXPIRY = (
+    f"CREATE INDEX IF NOT EXISTS {IDEMPOTENCY}_expires ON {IDEMPOTENCY} (expires_ms)"
+)
+# Stored unless an unexpired record of the mid is: an expired one is replaced in place.
+_CLAIM = f"""
+INSERT INTO {IDEMPOTENCY} (mid, fingerprint, lasts, allocated_ms, expires_ms)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (mid) DO UPDATE SET fingerprint = excluded.fingerprint, lasts = excluded.lasts,
+    allocated_ms = excluded.allocated_ms, expires_ms = excluded.expires_ms
+WHERE {IDEMPOTENCY}.expires_ms <= ?
+"""
+_CLAIMED = f"SELECT fingerprint, lasts, allocated_ms, expires_ms FROM {IDEMPOTENCY} WHERE mid = ?"
+_RECLAIM = f"UPDATE {IDEMPOTENCY} SET lasts = ? WHERE mid = ? AND fingerprint = ?"
+_FORGET_EXPIRED = (
+    f"DELETE FROM {IDEMPOTENCY} WHERE rowid IN "
+    f"(SELECT rowid FROM {IDEMPOTENCY} WHERE expires_ms <= ? LIMIT ?)"
+)
+# Records per purge transaction: a fan-out's is 70 KB, so at most some 7 MB freed at once.
+_FORGET_BATCH = 100
 _COLUMNS = "(id, seq, message, created_at, mid)"
 _INSERT = {
     table: f"INSERT INTO {table} {_COLUMNS} VALUES (?, ?, ?, ?, ?)"
@@ -179,6 +214,9 @@ class SQLiteStore:
                 conn.execute(_SCHEMA.format(table=table))
                 conn.execute(_FLOOR_SCHEMA.format(table=table))
                 conn.execute(_FLOOR_GUARD.format(table=table))
+            # In a file an earlier version made too: IF NOT EXISTS.
+            conn.execute(_IDEMPOTENCY_SCHEMA)
+            conn.execute(_IDEMPOTENCY_EXPIRY)
         except (sqlite3.Error, OSError) as exc:
             dependency_failed("store")
             raise Unavailable(f"sqlite store at {self.path} cannot be opened") from exc
@@ -641,6 +679,20 @@ class SQLiteStore:
             EXPIRED_REMOVED.labels(kind.value).inc(removed)
         return removed
 
+    def forget_expired_claims(self, now_ms: int) -> int:
+        """Remove expired idempotency records, in transactions of at most _FORGET_BATCH
+        records, letting waiting writers in between; found by the index on expires_ms. Not
+        counted in EXPIRED_REMOVED (entries only)."""
+        removed = 0
+        while True:
+            if removed:
+                self._let_waiting_writers_in()
+            with self._transaction() as conn:
+                count = conn.execute(_FORGET_EXPIRED, (now_ms, _FORGET_BATCH)).rowcount
+            removed += count
+            if count < _FORGET_BATCH:
+                return removed
+
     def _expired_up_to(self, table: str, before_ms: int) -> int | None:
         """The highest rowid created before `before_ms`, by binary search over rowids (rows
         append in creation order); None when nothing has expired."""
@@ -670,6 +722,27 @@ class SQLiteStore:
                 (now_ms + period_ms * 9 // 10, now_ms),
             ).rowcount
         return claimed == 1
+
+    # --- idempotency ----------------------------------------------------------------------
+
+    def claim(self, claim: Claim, now_ms: int) -> Claim:
+        """One write transaction (taking part in the writer-lock scheme: see _begin): the
+        upsert stores the claim unless an unexpired record is there; only when it did not
+        is the record read back (a retry's path), in the same transaction."""
+        lasts = _lasts_text(claim.lasts)  # built before taking the lock
+        record = (claim.mid, claim.fingerprint, lasts, claim.allocated_ms, claim.expires_ms)
+        with self._transaction() as conn:
+            if conn.execute(_CLAIM, (*record, now_ms)).rowcount:
+                return claim  # inserted, or an expired record replaced
+            fingerprint, text, allocated_ms, expires_ms = conn.execute(
+                _CLAIMED, (claim.mid,)
+            ).fetchone()
+        return Claim(claim.mid, fingerprint, _lasts_of(text), allocated_ms, expires_ms)
+
+    def reclaim(self, claim: Claim) -> None:
+        lasts = _lasts_text(claim.lasts)
+        with self._transaction() as conn:
+            conn.execute(_RECLAIM, (lasts, claim.mid, claim.fingerprint))
 
     def prepare(self) -> None:
         """Nothing to wait for: the schema is made when the store opens."""
@@ -703,6 +776,15 @@ def _flock(file: IO[bytes], operation: int) -> bool | None:
         log.debug("sqlite: flock on the -wait file failed: %s", exc)
         return None
     return True
+
+
+def _lasts_text(lasts: Sequence[int]) -> str:
+    """The integers as the idempotency table holds them: decimal, joined by commas."""
+    return ",".join(map(str, lasts))
+
+
+def _lasts_of(text: str) -> tuple[int, ...]:
+    return tuple(map(int, text.split(","))) if text else ()
 
 
 def _json(ranges: Sequence[tuple[str, int, int]]) -> str:

@@ -1,0 +1,131 @@
+"""Script calls on one connection, pipelined: sent in one write, replies read in order.
+
+Shared by every topology. The send and the reading are two steps, so that a cluster can
+send to all its nodes before it reads from any (one round trip of wall time). What each
+reply means for the caller:
+
+- the script's reply: it ran;
+- NotRun: it did not run (no connection could be had, the server refused the command);
+- a redirection (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) as the exception redis-py parses it
+  into: it did not run, the cluster module sends it again where it belongs;
+- any other exception (a timeout, a dropped connection): the outcome is unknown. Once a
+  connection fails every reply not read yet is unknown, and the connection is dropped.
+
+A script the server does not know (NOSCRIPT: a restart, a failover, SCRIPT FLUSH) did not
+run: it is loaded on that connection and its calls are sent once more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError
+
+from timeline.allocator import Call, NotRun
+
+__all__ = ["REDIRECTS", "Batch", "NotRun", "run"]
+
+#: Replies meaning the call did not run and belongs elsewhere or later (cluster only).
+REDIRECTS: tuple[type[Exception], ...] = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+class Batch:
+    """Calls sent on one connection of `pool`; `finish()` reads their replies."""
+
+    def __init__(self, pool: redis.ConnectionPool, calls: Sequence[Call], asking: bool = False):
+        self._pool = pool
+        self._calls = list(calls)
+        self._asking = asking  # an ASK redirection: each call is preceded by ASKING
+        self._connection: Any = None
+        self._failed: BaseException | None = None
+        self._sent = False
+
+    def start(self) -> Batch:
+        """Send every call (nothing is read yet)."""
+        try:
+            self._connection = self._pool.get_connection()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._failed = NotRun(f"no connection: {exc}")
+            return self
+        self._send(self._calls)
+        return self
+
+    def _send(self, calls: Sequence[Call]) -> None:
+        commands: list[tuple[Any, ...]] = []
+        for call in calls:
+            if self._asking:
+                commands.append(("ASKING",))
+            commands.append(("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args))
+        try:
+            self._connection.send_packed_command(self._connection.pack_commands(commands))
+            self._sent = True
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._failed = exc  # some of it may have gone out: unknown
+
+    def finish(self) -> list[Any]:
+        """Each call's reply, or the exception that stands for it (see the module's text)."""
+        if self._connection is None:
+            assert self._failed is not None
+            return [self._failed] * len(self._calls)
+        try:
+            replies = self._read(len(self._calls))
+            unknown_script = [
+                i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
+            ]
+            if unknown_script and self._failed is None:
+                for script in {self._calls[i].script for i in unknown_script}:
+                    self._connection.send_command("SCRIPT", "LOAD", script.source)
+                    if self._connection.read_response() != script.sha.encode():  # pragma: no cover
+                        raise NotRun(f"SCRIPT LOAD of {script.name} returned another SHA")
+                self._send([self._calls[i] for i in unknown_script])
+                for i, reply in zip(unknown_script, self._read(len(unknown_script)), strict=True):
+                    replies[i] = reply
+            return replies
+        except NotRun as exc:
+            return [exc] * len(self._calls)
+        finally:
+            if self._failed is not None:
+                self._connection.disconnect()
+            self._pool.release(self._connection)
+
+    def _read(self, count: int) -> list[Any]:
+        replies: list[Any] = []
+        for _ in range(count):
+            if self._failed is not None:
+                replies.append(self._failed)
+                continue
+            if self._asking:
+                try:
+                    self._connection.read_response()  # ASKING's +OK
+                except redis.ResponseError:
+                    pass
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                    self._failed = exc
+                    replies.append(exc)
+                    continue
+            try:
+                replies.append(self._connection.read_response())
+            except NoScriptError as exc:
+                replies.append(exc)
+            except REDIRECTS as exc:
+                replies.append(exc)
+            except redis.ResponseError as exc:
+                # The server refused it (OOM, READONLY, MISCONF, a script's own error): the
+                # script changed nothing (lua/allocate.lua undoes a partial run itself).
+                replies.append(NotRun(str(exc)))
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                self._failed = exc
+                replies.append(exc)
+        return replies
+
+
+def run(pool: redis.ConnectionPool, calls: Sequence[Call]) -> list[Any]:
+    """Send the calls on one connection and read their replies."""
+    return Batch(pool, calls).start().finish()

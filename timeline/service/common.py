@@ -1,0 +1,98 @@
+"""What the service's parts share: its policy, the plan of a request being stored, and the
+state each part reads (the allocator, the store, the clock)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from timeline.allocator import Allocator, Record
+from timeline.model import Copies, Kind, Message, Timeline
+from timeline.store import Claim, Store
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The service's knobs, from the settings."""
+
+    gap_grace_ms: int = 6_000
+    request_deadline_ms: int = 3_000
+    record_ttl_ms: int = 86_400_000
+    write_attempts: int = 4
+    retry_backoff_ms: int = 100
+    retry_budget_ms: int = 1000
+    sync_retention_ms: int = 0
+    history_retention_ms: int = 0
+
+    def retention_ms(self, kind: Kind) -> int:
+        return self.sync_retention_ms if kind is Kind.SYNC else self.history_retention_ms
+
+
+@dataclass(slots=True)
+class _Allocated:
+    """A request's sequences: the last of each timeline's range (0 where none), which of
+    them an earlier attempt allocated (position: when, ms since the epoch), and the
+    positions whose allocation failed (reported to the caller, never written)."""
+
+    lasts: list[int]
+    replayed: dict[int, int]
+    failed: set[int]
+    allocated_ms: int  # when the sequences were allocated (the earliest, for a replay)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one request stores, by timeline position: 0 is the history timeline, then each
+    recipient's sync timeline; timeline p gets the messages at firsts[p], firsts[p] + 1..."""
+
+    ids: list[str]
+    firsts: list[int]
+    messages: Sequence[Message]
+    created_at_ms: int
+    mid: str
+    record: Record | None
+    claim: Claim | None  # the store's record of an idempotent message
+    deadline_ms: int  # no store write starts after this (the request's deadline)
+
+    @property
+    def count(self) -> int:
+        return len(self.messages)
+
+    @staticmethod
+    def kind(position: int) -> Kind:
+        return Kind.HISTORY if position == 0 else Kind.SYNC
+
+    def timeline(self, position: int) -> Timeline:
+        return Timeline(self.kind(position), self.ids[position])
+
+    @property
+    def timelines(self) -> list[Timeline]:
+        return [self.timeline(p) for p in range(len(self.ids))]
+
+    def copies(self, positions: Sequence[int] | None) -> Copies:
+        """The copies of these positions; None: every sync timeline (the usual case)."""
+        if positions is None:
+            ids, firsts = self.ids[1:], self.firsts[1:]
+        else:
+            ids = [self.ids[p] for p in positions]
+            firsts = [self.firsts[p] for p in positions]
+        return Copies(ids, firsts, self.messages, self.created_at_ms, self.mid)
+
+    def keys(self, position: int) -> list[tuple[str, int]]:
+        first = self.firsts[position]
+        return [(self.ids[position], first + j) for j in range(self.count)]
+
+
+class Parts:
+    """The state every part of the service works with (see TimelineService)."""
+
+    allocator: Allocator
+    store: Store
+    policy: Policy
+    _clock_ms: Callable[[], int]
+    _sleep: Callable[[float], None]

@@ -1,0 +1,399 @@
+"""Writing: send and send_group. One allocation (one script call per bucket of counters),
+the store's record of an idempotent message, then as few bulk writes as the copies need."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from timeline import metrics
+from timeline.allocator import Record
+from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
+from timeline.model import Copies, Kind, Message, Timeline, conversation_id
+from timeline.service.common import _Allocated, _Plan
+from timeline.service.repairing import Repairing, _MoveLost
+from timeline.store import Claim, WriteResult
+
+log = logging.getLogger("timeline.service")
+
+#: How often allocation may find counters missing (seeding them in between) before giving up;
+#: more than once means Redis is losing data while we work.
+_SEED_ROUNDS = 3
+#: How often a write may find its sequences taken by other messages (a counter behind the
+#: store) before giving up; each move starts above the store's highest, so one is the rule.
+_MOVE_ROUNDS = 5
+#: Copies one store write carries at most: a bigger fan-out is written in several, so that
+#: each stays well within the store's operation timeout and the request's deadline is looked
+#: at between them.
+_WRITE_ROWS = 50_000
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Messages stored: who has no copy, and where each timeline's range starts."""
+
+    failed: list[str]
+    plan: _Plan
+
+    def sequences(self, member: str) -> list[int]:
+        """The member's sequences for the messages, in order."""
+        position = self.plan.ids.index(member, 1)
+        first = self.plan.firsts[position]
+        return list(range(first, first + self.plan.count))
+
+
+class Writing(Repairing):
+    """Stores a request's copies: allocate, record, write; repairs what it finds on the way."""
+
+    def send(
+        self,
+        sender: str,
+        receiver: str,
+        messages: Sequence[Message],
+        client_msg_id: str | None = None,
+    ) -> list[int]:
+        """One-to-one messages, in order; returns the receiver's sync sequences for them."""
+        recipients = [sender] if sender == receiver else [sender, receiver]
+        conversation = conversation_id(sender, receiver)
+        delivery = self._deliver(conversation, recipients, messages, client_msg_id)
+        if delivery.failed:
+            raise WriteFailed(
+                "message could not be stored for every recipient; retry with the same "
+                "client_msg_id",
+                failedMembers=delivery.failed,
+            )
+        return delivery.sequences(receiver)
+
+    def send_group(
+        self,
+        group: str,
+        members: Sequence[str],
+        messages: Sequence[Message],
+        client_msg_id: str | None = None,
+    ) -> list[str]:
+        """Group messages to the listed (distinct) members; returns those not written."""
+        return self._deliver(group, members, messages, client_msg_id).failed
+
+    def _deliver(
+        self,
+        history_id: str,
+        recipients: Sequence[str],
+        messages: Sequence[Message],
+        client_msg_id: str | None,
+    ) -> Delivery:
+        """Allocate a contiguous range for the history timeline and every recipient at once,
+        then store it all."""
+        deadline_ms = self._clock_ms() + self.policy.request_deadline_ms
+        if (state := self.store.readiness()) != "ready":
+            # Before allocating: sequences allocated for a write that cannot happen would be
+            # holes that readers wait on.
+            raise Unavailable(f"store is not ready: indexes {state} (see /readyz)", indexes=state)
+        record = None
+        mid = uuid.uuid4().hex
+        if client_msg_id is not None:
+            # A retry may list the members, or the messages' keys, in another order.
+            recipients = sorted(recipients)
+            canonical = [
+                orjson.dumps(m.document, option=orjson.OPT_SORT_KEYS).decode() for m in messages
+            ]
+            record = Record(
+                conversation=history_id,
+                client_msg_id=client_msg_id,
+                fingerprint=_digest(history_id, *recipients, "\x01", *canonical)[:16],
+                ttl_ms=self.policy.record_ttl_ms,
+            )
+            # The same for every attempt, so each can tell the copies of another apart.
+            mid = _digest(history_id, client_msg_id)[:32]
+        ids = [history_id, *recipients]
+        timelines = [Timeline(_Plan.kind(p), id_) for p, id_ in enumerate(ids)]
+        count = len(messages)
+        allocated = self._allocate(timelines, count, record)
+        claim = None
+        if record is not None:
+            allocated, claim = self._claim(timelines, count, record, mid, allocated)
+        plan = _Plan(
+            ids=ids,
+            firsts=[last - count + 1 if last else 0 for last in allocated.lasts],
+            messages=messages,
+            created_at_ms=self._clock_ms(),
+            mid=mid,
+            record=record,
+            claim=claim,
+            deadline_ms=deadline_ms,
+        )
+        now = self._clock_ms()
+        ages = {p: now - at for p, at in allocated.replayed.items()}
+        failed = [ids[p] for p in self._store(plan, ages, allocated.failed)]
+        metrics.FAN_OUT.observe(len(recipients))
+        if failed:
+            metrics.FAILED_MEMBERS.inc(len(failed))
+            log.warning(
+                "%d of %d sync copies not stored (timeline %s seq %d)",
+                len(failed),
+                len(recipients),
+                history_id,
+                plan.firsts[0],
+            )
+        return Delivery(failed=failed, plan=plan)
+
+    def _allocate(self, timelines: list[Timeline], count: int, record: Record | None) -> _Allocated:
+        """One script call per bucket of counters (on one Redis: one EVALSHA) in the steady
+        state; counters found missing are seeded from the store and their buckets asked
+        again. A bucket that failed: without a record its members are reported (the history
+        timeline's: 503); with one the request answers 503, and its retry replays."""
+        now = self._clock_ms()
+        lasts: dict[int, int] = {}
+        replayed: dict[int, int] = {}
+        failed: set[int] = set()
+        allocated_ms = now
+        positions: list[int] | None = None
+        for _ in range(_SEED_ROUNDS):
+            allocation = self.allocator.allocate(timelines, count, record, now, positions)
+            lasts.update(allocation.lasts)
+            failed.update(allocation.failed)
+            for replay in allocation.replays:
+                assert record is not None
+                if replay.fingerprint != record.fingerprint or not all(
+                    p in lasts for p in replay.positions
+                ):
+                    fresh = {p: last for p, last in lasts.items() if p not in replayed}
+                    for p in replay.positions:
+                        fresh.pop(p, None)
+                    self._abandon(timelines, count, fresh)
+                    raise ClientMsgIdReused(
+                        "client_msg_id was already used for another message in this conversation"
+                    )
+                allocated_ms = min(allocated_ms, replay.allocated_ms)
+                replayed.update(dict.fromkeys(replay.positions, replay.allocated_ms))
+            if not allocation.pending:
+                break
+            self._seed([timelines[p] for p in allocation.missing])
+            positions = allocation.pending
+        else:
+            if record is None:
+                self._abandon(timelines, count, lasts)
+            raise Unavailable("sequence counters keep disappearing from redis")
+        if failed and (record is not None or 0 in failed):
+            if record is None:
+                # Nothing will be written: what was allocated is sealed at once, so that
+                # readers need not wait for it (with a record the retry writes it).
+                self._abandon(timelines, count, lasts)
+            raise Unavailable("sequence allocator (redis) could not allocate every timeline")
+        return _Allocated(
+            lasts=[lasts.get(p, 0) for p in range(len(timelines))],
+            replayed=replayed,
+            failed=failed,
+            allocated_ms=allocated_ms,
+        )
+
+    def _claim(
+        self,
+        timelines: list[Timeline],
+        count: int,
+        record: Record,
+        mid: str,
+        allocated: _Allocated,
+    ) -> tuple[_Allocated, Claim]:
+        """Make the store's record of an idempotent message the last word on its sequences,
+        before any copy is written: the first attempt's record stands, whatever Redis
+        forgot since (a failover to a replica that lagged, a restart without persistence,
+        FLUSHALL) and so allocated again. Those new sequences are abandoned (sealed) and
+        Redis's records are set to the store's, so that later retries replay them."""
+        now = self._clock_ms()
+        mine = Claim(
+            mid=mid,
+            fingerprint=record.fingerprint,
+            lasts=tuple(allocated.lasts),
+            allocated_ms=allocated.allocated_ms,
+            expires_ms=now + record.ttl_ms,
+        )
+        stored = self.store.claim(mine, now)
+        if stored == mine:
+            return allocated, stored  # the usual case: the first attempt, now on record
+        if stored.fingerprint != mine.fingerprint or len(stored.lasts) != len(mine.lasts):
+            self._abandon(timelines, count, self._fresh(allocated))
+            with contextlib.suppress(Unavailable):
+                self.allocator.rerecord(
+                    timelines, stored.lasts, record, stored.fingerprint, stored.allocated_ms
+                )
+            raise ClientMsgIdReused(
+                "client_msg_id was already used for another message in this conversation"
+            )
+        # Where Redis replayed a record of the same allocation as the store's (same time),
+        # Redis is the newer: a move updates it first, then the store. Anywhere else Redis
+        # forgot the message and allocated again: the store's sequences stand, and the new
+        # ones are abandoned.
+        lasts = [
+            mine.lasts[p] if allocated.replayed.get(p) == stored.allocated_ms else stored.lasts[p]
+            for p in range(len(timelines))
+        ]
+        forgotten = {p: last for p, last in enumerate(mine.lasts) if last != lasts[p]}
+        final = dataclasses.replace(stored, lasts=tuple(lasts))
+        if final.lasts != stored.lasts:
+            self.store.reclaim(final)
+        if forgotten:
+            self._abandon(timelines, count, forgotten)
+            with contextlib.suppress(Unavailable):
+                self.allocator.rerecord(
+                    timelines, final.lasts, record, final.fingerprint, final.allocated_ms
+                )
+            metrics.SEQUENCE_REPAIRS.labels("restored").inc(len(forgotten))
+            log.warning(
+                "message %s was stored before under other sequences (redis forgot %d of "
+                "its timelines): the first attempt's stand",
+                mid,
+                len(forgotten),
+            )
+        restored = _Allocated(
+            lasts=lasts,
+            replayed=dict.fromkeys(range(len(timelines)), stored.allocated_ms),
+            failed=set(),
+            allocated_ms=stored.allocated_ms,
+        )
+        return restored, final
+
+    @staticmethod
+    def _fresh(allocated: _Allocated) -> dict[int, int]:
+        """The positions this attempt allocated itself (not replayed), with their lasts."""
+        return {
+            p: last
+            for p, last in enumerate(allocated.lasts)
+            if p not in allocated.replayed and p not in allocated.failed
+        }
+
+    def _abandon(self, timelines: list[Timeline], count: int, lasts: dict[int, int]) -> None:
+        """Seal sequences this request allocated but will never write, so that readers step
+        over them at once; where nothing was allocated after a range, it is given back
+        instead, and the timeline keeps no hole. Best effort: otherwise readers seal them
+        after the grace period."""
+        if not lasts:
+            return
+        with contextlib.suppress(Unavailable):
+            released = self.allocator.release(timelines, count, lasts)
+            lasts = {p: last for p, last in lasts.items() if p not in released}
+        now = self._clock_ms()
+        for kind in Kind:
+            keys = [
+                (timelines[p].id, seq)
+                for p, last in lasts.items()
+                if timelines[p].kind is kind and last
+                for seq in range(last - count + 1, last + 1)
+            ]
+            if keys:
+                with contextlib.suppress(Unavailable):
+                    self.store.seal(kind, keys, now)
+
+    def _store(self, plan: _Plan, replayed: dict[int, int], failed: set[int]) -> list[int]:
+        """Write until every timeline's copies are stored, retrying what may succeed.
+        `replayed`: the positions an earlier attempt allocated, with how long ago (ms);
+        `failed`: those never allocated (reported, never written).
+
+        Returns the positions whose copies could not be stored (the plan's firsts say where
+        the others finally are: some may have moved). Raises when the history copies cannot
+        be stored: without them no sync copy is attempted. Once they are stored the request
+        tries hard to finish (store errors and Redis hiccups alike are retried with backoff,
+        up to write_attempts), because a client retry is only idempotent while Redis keeps
+        the message's record; before, it gives up once retry_budget_ms is spent.
+        """
+        total = len(plan.ids)
+        # Positions whose copies are not all stored yet; those whose allocation failed are
+        # reported, never written.
+        todo = set(range(total)) - failed
+        # Partly stored by an attempt a device may have read (an earlier one, or a write of
+        # this one that failed): the rest may only go where it belongs, never move whole.
+        pinned: set[int] = set(replayed) & todo
+        given_up: set[int] = set(failed)  # pinned and refused there, or never allocated
+        stale = sorted(p for p in pinned if replayed[p] >= self.policy.gap_grace_ms)
+        if stale:
+            # A replay older than the grace period must not fill the holes its first attempt
+            # left: readers may have passed them. What is stored stays; the rest moves.
+            self._settle(plan, [p for p in stale if p == 0], todo, True, pinned, given_up)
+            self._settle(plan, [p for p in stale if p != 0], todo, True, pinned, given_up)
+        failures = moves = 0
+        budget_end = self._clock_ms() + self.policy.retry_budget_ms
+        per_write = max(1, _WRITE_ROWS // plan.count)  # timelines whose copies one write takes
+        while todo:
+            if self._clock_ms() >= plan.deadline_ms:
+                # Past the request's deadline no write starts (readers wait out only so
+                # long): the caller is told what is not stored, and retries it.
+                if 0 in todo:
+                    raise Unavailable("the request ran out of time before its history copy")
+                return sorted(todo | given_up)
+            history = plan.copies([0]) if 0 in todo else None
+            pending = len(todo) - (0 in todo)
+            everyone = pending == total - 1 and pending <= per_write
+            positions = range(1, total) if everyone else sorted(todo - {0})[:per_write]
+            sync = plan.copies(None if everyone else positions) if positions else None
+            try:
+                result = self.store.write(history, sync)
+                self._count_written(history, sync, result)
+                if result.history_taken:
+                    taken = [0]
+                elif not result.sync_taken:
+                    taken = []
+                    if everyone:
+                        todo.clear()  # the usual case: one write stored it all
+                    else:
+                        todo.difference_update(positions)
+                        todo.discard(0)
+                else:
+                    assert sync is not None
+                    taken = sorted({positions[sync.timeline_of(i)] for i in result.sync_taken})
+                    todo.difference_update(set(positions) - set(taken))
+                    todo.discard(0)
+                if not taken:
+                    continue
+                if self._settle(plan, taken, todo, False, pinned, given_up):
+                    moves += 1
+            except _MoveLost as lost:
+                # Without a record a second move could skip the sequences a lost reply
+                # gave: report these copies instead.
+                if 0 in todo:
+                    raise Unavailable("history sequence could not be moved") from lost
+                return sorted(todo | given_up)
+            except Unavailable as exc:
+                if getattr(exc, "history_stored", False) and 0 in todo:
+                    todo.discard(0)  # the store got the history copy before failing
+                    metrics.HISTORY_WRITTEN.inc(plan.count)
+                pinned.update(todo)  # the failed write may have stored (and shown) a part
+                failures += 1
+                backoff_ms = self.policy.retry_backoff_ms * 2 ** (failures - 1)
+                nothing_stored = 0 in todo
+                if nothing_stored and self._clock_ms() + backoff_ms > budget_end:
+                    raise  # nothing written yet: a fast 503 costs the client nothing
+                out_of_time = self._clock_ms() + backoff_ms >= plan.deadline_ms
+                if failures >= self.policy.write_attempts or out_of_time:
+                    if nothing_stored:
+                        raise
+                    return sorted(todo | given_up)
+                self._sleep(backoff_ms / 1000)
+            if moves > _MOVE_ROUNDS:
+                # Outside the try: this is not a store failure to retry.
+                if 0 in todo:
+                    raise Unavailable("sequences keep being taken by other messages")
+                return sorted(todo | given_up)
+        if 0 in given_up:
+            raise Unavailable("history copies could not all be stored")
+        return sorted(given_up)
+
+    @staticmethod
+    def _count_written(history: Copies | None, sync: Copies | None, result: WriteResult) -> None:
+        """Count the documents this write inserted (a taken history means none were)."""
+        if result.history_taken:
+            return
+        if history is not None:
+            metrics.HISTORY_WRITTEN.inc(len(history))
+        written = (len(sync) if sync is not None else 0) - len(result.sync_taken)
+        if written:
+            metrics.SYNC_WRITTEN.inc(written)
