@@ -12,7 +12,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from support import free_port
-from timeline.allocator import SCRIPTS, Allocation, Allocator, Record, load_script
+from timeline.allocator import SCRIPTS, Allocation, Allocator, Record, load_script, wire
 from timeline.allocator.cluster import ClusterRedis
 from timeline.allocator.standalone import StandaloneRedis, connect_redis
 from timeline.errors import Unavailable
@@ -327,3 +327,44 @@ def test_release_gives_back_only_a_range_nothing_came_after(allocator: Allocator
     assert lasts(allocator, [sync("a")]) == [1]  # the range is handed out again
     assert allocator.release([sync("c")], 1, {0: 1}) == set()  # no counter: nothing to give
     assert allocator.latest(sync("c")) is None
+
+
+def in_use(allocator: Allocator) -> int:
+    """Connections taken from the pools and not given back."""
+    redis_ = allocator.redis
+    if isinstance(redis_, ClusterRedis):
+        nodes = redis_.client.nodes_manager.nodes_cache.values()
+        pools = [n.redis_connection.connection_pool for n in nodes if n.redis_connection]
+    else:
+        assert isinstance(redis_, StandaloneRedis)
+        pools = [redis_.client.connection_pool]
+    return sum(len(pool._in_use_connections) for pool in pools)
+
+
+def test_a_failure_while_loading_a_script_leaves_no_connection_out_of_step(
+    allocator: Allocator, view: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    members = [sync(f"u{i}") for i in range(30)]
+    fresh(allocator, members)
+    lasts(allocator, members)
+    for node in nodes(view):
+        node.script_flush()  # every call now answers NOSCRIPT first
+    real = wire.Batch._load
+    failures = iter([True])
+
+    def load(batch: wire.Batch, scripts: Any) -> None:
+        if next(failures, False):
+            raise redis.TimeoutError("SCRIPT LOAD timed out")  # its reply may still come
+        real(batch, scripts)
+
+    monkeypatch.setattr(wire.Batch, "_load", load)
+    allocation = allocator.allocate(members)  # reports, never raises
+    assert allocation.failed  # the batch whose load failed: outcome unknown
+    assert set(allocation.failed) | set(allocation.lasts) == set(range(30))
+    assert in_use(allocator) == 0
+    # Every connection is in step: each reply belongs to its own call.
+    again = allocator.allocate(members)
+    assert not again.failed
+    for p, member in enumerate(members):
+        assert int(view.get(allocator.key(member))) == again.lasts[p]
+    assert allocator.latest(members[0]) == again.lasts[0]

@@ -100,6 +100,10 @@ class Redis(Protocol):
         """SET key value PX ttl for each item (safe to repeat); raises redis errors."""
         ...
 
+    def delete(self, keys: Sequence[str]) -> None:
+        """DEL each key (safe to repeat); raises redis errors."""
+        ...
+
     def ping(self) -> None:
         """Raise a redis error unless every node that allocates answers."""
         ...
@@ -195,8 +199,14 @@ class Allocator:
 
     def record_key(self, record: Record, bucket: int) -> str:
         """Where an idempotent message's record of one bucket lives (scoped to its
-        conversation): `<prefix>msg:[{<bucket>}:]<conversation>:<client_msg_id>`."""
-        return f"{self._prefix}msg:{self._tag(bucket)}{record.conversation}:{record.client_msg_id}"
+        conversation): `<prefix>msg:<conversation>:<client_msg_id>` on one Redis; on a
+        cluster `<prefix>msg:{<bucket>}:<buckets>:<conversation>:<client_msg_id>`: the
+        number of buckets in the key, since a record lists the sequences of its bucket's
+        timelines, which another number of buckets groups otherwise."""
+        tag = self._tag(bucket)
+        if tag:
+            tag = f"{tag}{self._buckets}:"
+        return f"{self._prefix}msg:{tag}{record.conversation}:{record.client_msg_id}"
 
     def groups(
         self, timelines: Sequence[Timeline], positions: Collection[int] | None = None
@@ -360,14 +370,23 @@ class Allocator:
         record: Record,
         fingerprint: str,
         allocated_ms: int,
+        positions: Collection[int] | None = None,
     ) -> None:
-        """Overwrite the message's records with these sequences (the store's record of it,
-        which wins over what Redis said): the next retry replays them."""
+        """Overwrite the message's records (of the buckets of `positions`; None: all) with
+        these sequences (the store's record of it, which wins over what Redis said): the
+        next retry replays them."""
         items = []
-        for bucket, positions in self.groups(timelines):
-            value = ",".join([fingerprint, str(allocated_ms), *(str(lasts[p]) for p in positions)])
+        for bucket, members in self.groups(timelines, positions):
+            value = ",".join([fingerprint, str(allocated_ms), *(str(lasts[p]) for p in members)])
             items.append((self.record_key(record, bucket), value, record.ttl_ms))
         self._command("rerecord", lambda: self._redis.set_many(items))
+
+    def forget(
+        self, timelines: Sequence[Timeline], record: Record, positions: Collection[int]
+    ) -> None:
+        """Delete the message's records of the buckets of these positions."""
+        keys = [self.record_key(record, bucket) for bucket, _ in self.groups(timelines, positions)]
+        self._command("forget", lambda: self._redis.delete(keys))
 
     def latest(self, timeline: Timeline) -> int | None:
         """The newest sequence allocated to the timeline; None if its counter is missing."""

@@ -46,7 +46,7 @@ from timeline.settings import Settings
 log = logging.getLogger(__name__)
 
 #: How often a call may be redirected (or find its master down) before it is reported
-#: refused; the waits between rounds add up to about a third of a second.
+#: refused; the rounds stop sooner once redis_socket_timeout_ms has passed.
 ROUNDS = 5
 _WAIT_S = 0.02
 
@@ -65,12 +65,14 @@ class ClusterRedis:
             "socket_timeout": settings.redis_socket_timeout_ms / 1000,
             "max_connections": settings.redis_max_connections,
             "client_name": "timeline",
-            # One retry, at once, for what is safe to repeat: GET, SET, PING, CLUSTER SLOTS.
-            "retry": Retry(NoBackoff(), 1),
+            # No retries: a connection that cannot be had is a fast 503 (or, for a script
+            # call, a refusal this module deals with); redis-py would reconnect and wait.
+            "retry": Retry(NoBackoff(), 0),
             # Buckets of the masters that answer are served while another is down.
             "require_full_coverage": False,
         }
         self._slots = [key_slot(f"{{{b}}}".encode()) for b in range(self.buckets)]
+        self._budget_s = settings.redis_socket_timeout_ms / 1000
         self._lock = threading.Lock()
         self._client: RedisCluster | None = None
 
@@ -95,6 +97,9 @@ class ClusterRedis:
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         asked: dict[int, ClusterNode] = {}
+        # Redirections and a master that does not answer are retried for as long as one
+        # reply may take, not more: a request must not outwait its deadline here.
+        deadline = time.monotonic() + self._budget_s
         for round_ in range(ROUNDS):
             batches: dict[tuple[str, bool], tuple[ClusterNode, list[int]]] = {}
             for i in todo:
@@ -112,31 +117,35 @@ class ClusterRedis:
             ]
             todo, refresh, wait = [], False, False
             asked = {}
+            # Every batch is finished (finish() never raises), so that no connection is
+            # left behind and no reply of a call that ran is dropped.
             for indexes, batch in started:
                 for i, reply in zip(indexes, batch.finish(), strict=True):
+                    replies[i] = reply
                     if isinstance(reply, MovedError):
                         refresh = True
                         todo.append(i)
                     elif isinstance(reply, AskError):
-                        asked[i] = self._node(reply.host, reply.port)
-                        todo.append(i)
+                        node = self._node(reply.host, reply.port)
+                        if node is None:
+                            replies[i] = NotRun(f"ASK names an unknown node: {reply}")
+                        else:
+                            asked[i] = node
+                            todo.append(i)
                     elif isinstance(reply, wire.REDIRECTS):  # TRYAGAIN, CLUSTERDOWN
                         wait = True
                         todo.append(i)
                     elif isinstance(reply, NotRun) and str(reply).startswith("no connection"):
                         refresh = wait = True  # the master is down: is there a new one?
                         todo.append(i)
-                    replies[i] = reply
-            if not todo:
+            pause = _WAIT_S * 2**round_ if wait else 0.0
+            if not todo or round_ == ROUNDS - 1 or time.monotonic() + pause >= deadline:
                 break
-            if round_ == ROUNDS - 1:
-                break
-            if wait:
-                time.sleep(_WAIT_S * 2**round_)
+            time.sleep(pause)
             if refresh:
                 self._refresh()
         return [
-            NotRun(f"redirected {ROUNDS} times: {reply}")
+            NotRun(f"redirected or unreachable: {reply}")
             if isinstance(reply, wire.REDIRECTS)
             else reply
             for reply in replies
@@ -147,14 +156,12 @@ class ClusterRedis:
         pool: redis.ConnectionPool = connection.connection_pool
         return pool
 
-    def _node(self, host: str, port: int) -> ClusterNode:
+    def _node(self, host: str, port: int) -> ClusterNode | None:
         manager = self.client.nodes_manager
         node = manager.get_node(host=host, port=port)
         if node is None:
             self._refresh()
             node = manager.get_node(host=host, port=port)
-        if node is None:
-            raise redis.ConnectionError(f"ASK names an unknown node {host}:{port}")
         return node
 
     def _refresh(self) -> None:
@@ -176,6 +183,13 @@ class ClusterRedis:
             pipe.execute()
 
         self._safe(set_all)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        def delete_all() -> None:
+            for key in keys:  # one slot each: no cross-slot DEL
+                self.client.delete(key)
+
+        self._safe(delete_all)
 
     def ping(self) -> None:
         self._safe(lambda: self.client.ping(target_nodes=RedisCluster.PRIMARIES))

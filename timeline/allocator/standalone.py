@@ -60,6 +60,10 @@ class StandaloneRedis:
                 pipe.set(key, value, px=ttl_ms)
             pipe.execute()
 
+    def delete(self, keys: Sequence[str]) -> None:
+        if keys:
+            self.client.delete(*keys)
+
     def ping(self) -> None:
         self.client.ping()
 

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from timeline.allocator import Call, NotRun
+from timeline.allocator import Call, NotRun, Script
 
 __all__ = ["REDIRECTS", "Batch", "NotRun", "run"]
 
@@ -70,30 +70,41 @@ class Batch:
             self._failed = exc  # some of it may have gone out: unknown
 
     def finish(self) -> list[Any]:
-        """Each call's reply, or the exception that stands for it (see the module's text)."""
+        """Each call's reply, or the exception that stands for it (see the module's text).
+        Never raises: whatever goes wrong, the connection goes back to the pool either in
+        step (every reply read) or dropped."""
         if self._connection is None:
             assert self._failed is not None
             return [self._failed] * len(self._calls)
+        replies: list[Any] = []
         try:
             replies = self._read(len(self._calls))
             unknown_script = [
                 i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
             ]
             if unknown_script and self._failed is None:
-                for script in {self._calls[i].script for i in unknown_script}:
-                    self._connection.send_command("SCRIPT", "LOAD", script.source)
-                    if self._connection.read_response() != script.sha.encode():  # pragma: no cover
-                        raise NotRun(f"SCRIPT LOAD of {script.name} returned another SHA")
+                self._load({self._calls[i].script for i in unknown_script})
                 self._send([self._calls[i] for i in unknown_script])
                 for i, reply in zip(unknown_script, self._read(len(unknown_script)), strict=True):
                     replies[i] = reply
-            return replies
-        except NotRun as exc:
-            return [exc] * len(self._calls)
+        except Exception as exc:
+            # Anything unexpected (a SCRIPT LOAD that timed out, a reply that cannot be
+            # parsed): what was not read yet is unknown, and the connection is dropped.
+            self._failed = exc
+            replies += [exc] * (len(self._calls) - len(replies))
+            replies = [exc if isinstance(r, NoScriptError) else r for r in replies]
         finally:
             if self._failed is not None:
                 self._connection.disconnect()
             self._pool.release(self._connection)
+        return replies
+
+    def _load(self, scripts: set[Script]) -> None:
+        """SCRIPT LOAD each script on this connection (a NOSCRIPT reply: it did not run)."""
+        for script in scripts:
+            self._connection.send_command("SCRIPT", "LOAD", script.source)
+            if self._connection.read_response() != script.sha.encode():  # pragma: no cover
+                raise redis.ResponseError(f"SCRIPT LOAD of {script.name} returned another SHA")
 
     def _read(self, count: int) -> list[Any]:
         replies: list[Any] = []

@@ -133,17 +133,19 @@ class Repairing(Parts):
         floors = self.store.max_seqs(first.kind, [plan.ids[p] for p in positions])
         moves = [(p, plan.firsts[p] + count - 1, floors[plan.ids[p]]) for p in positions]
         lasts = self.allocator.reallocate(plan.timelines, moves, count, plan.record)
+        firsts = list(plan.firsts)
         for p, last in zip(positions, lasts, strict=True):
-            plan.firsts[p] = last - count + 1
+            firsts[p] = last - count + 1
         if plan.claim is not None:
-            # The store's record follows, so that a retry after Redis forgot finds them.
-            plan.claim = dataclasses.replace(
-                plan.claim, lasts=tuple(first + count - 1 for first in plan.firsts)
+            # The store's record first: a copy is only ever written where it says, so that a
+            # retry after Redis forgot finds it (a failure here is a failed write: retried,
+            # and the retried move gets the same sequences back from Redis's record).
+            claim = dataclasses.replace(
+                plan.claim, lasts=tuple(first + count - 1 if first else 0 for first in firsts)
             )
-            try:
-                self.store.reclaim(plan.claim)
-            except Unavailable:
-                log.warning("the store's record of message %s could not follow a move", plan.mid)
+            self.store.reclaim(claim)
+            plan.claim = claim
+        plan.firsts = firsts
 
 
 class _MoveLost(Exception):

@@ -171,6 +171,11 @@ class Writing(Repairing):
                     for p in replay.positions:
                         fresh.pop(p, None)
                     self._abandon(timelines, count, fresh)
+                    if fresh:
+                        # The records this attempt wrote beside them would make the first
+                        # message's own retry look like another message: they go too.
+                        with contextlib.suppress(Unavailable):
+                            self.allocator.forget(timelines, record, set(fresh))
                     raise ClientMsgIdReused(
                         "client_msg_id was already used for another message in this conversation"
                     )
@@ -208,7 +213,7 @@ class Writing(Repairing):
         """Make the store's record of an idempotent message the last word on its sequences,
         before any copy is written: the first attempt's record stands, whatever Redis
         forgot since (a failover to a replica that lagged, a restart without persistence,
-        FLUSHALL) and so allocated again. Those new sequences are abandoned (sealed) and
+        FLUSHALL) and so allocated again. Those new sequences are given back or sealed, and
         Redis's records are set to the store's, so that later retries replay them."""
         now = self._clock_ms()
         mine = Claim(
@@ -222,36 +227,48 @@ class Writing(Repairing):
         if stored == mine:
             return allocated, stored  # the usual case: the first attempt, now on record
         if stored.fingerprint != mine.fingerprint or len(stored.lasts) != len(mine.lasts):
-            self._abandon(timelines, count, self._fresh(allocated))
-            with contextlib.suppress(Unavailable):
-                self.allocator.rerecord(
-                    timelines, stored.lasts, record, stored.fingerprint, stored.allocated_ms
-                )
+            fresh = self._fresh(allocated)
+            self._abandon(timelines, count, fresh)
+            if fresh:
+                with contextlib.suppress(Unavailable):
+                    self.allocator.forget(timelines, record, set(fresh))
             raise ClientMsgIdReused(
                 "client_msg_id was already used for another message in this conversation"
             )
-        # Where Redis replayed a record of the same allocation as the store's (same time),
-        # Redis is the newer: a move updates it first, then the store. Anywhere else Redis
-        # forgot the message and allocated again: the store's sequences stand, and the new
-        # ones are abandoned.
-        lasts = [
-            mine.lasts[p] if allocated.replayed.get(p) == stored.allocated_ms else stored.lasts[p]
-            for p in range(len(timelines))
-        ]
-        forgotten = {p: last for p, last in enumerate(mine.lasts) if last != lasts[p]}
+        # They disagree where Redis forgot the message (and allocated anew), where Redis came
+        # back with an older record (a snapshot, a replica that lagged), or where a move of
+        # an earlier attempt reached Redis but not the store. Copies are only ever written
+        # where the store's record says (a move records itself there first), so where the
+        # copies are decides; where neither range holds any, a range Redis replayed is this
+        # message's own reservation and stands, and a range it allocated just now gives way.
+        differ = [p for p in range(len(timelines)) if mine.lasts[p] != stored.lasts[p]]
+        held = self._holding(timelines, count, mid, differ, mine.lasts, stored.lasts)
+        lasts = list(stored.lasts)
+        for p in differ:
+            if held.get(p) == "redis" or (held.get(p) is None and p in allocated.replayed):
+                lasts[p] = mine.lasts[p]
         final = dataclasses.replace(stored, lasts=tuple(lasts))
         if final.lasts != stored.lasts:
-            self.store.reclaim(final)
+            self.store.reclaim(final)  # before any copy goes where the store does not say
+        forgotten = {p: mine.lasts[p] for p in differ if lasts[p] != mine.lasts[p]}
         if forgotten:
-            self._abandon(timelines, count, forgotten)
+            # Only what this attempt allocated itself is given back (or sealed): a range it
+            # replayed belongs to the attempt that allocated it.
+            fresh = self._fresh(allocated)
+            self._abandon(timelines, count, {p: v for p, v in forgotten.items() if p in fresh})
             with contextlib.suppress(Unavailable):
                 self.allocator.rerecord(
-                    timelines, final.lasts, record, final.fingerprint, final.allocated_ms
+                    timelines,
+                    final.lasts,
+                    record,
+                    final.fingerprint,
+                    final.allocated_ms,
+                    set(forgotten),
                 )
             metrics.SEQUENCE_REPAIRS.labels("restored").inc(len(forgotten))
             log.warning(
-                "message %s was stored before under other sequences (redis forgot %d of "
-                "its timelines): the first attempt's stand",
+                "message %s: %d of its timelines keep the sequences the store recorded "
+                "(redis forgot them, or came back with an older record)",
                 mid,
                 len(forgotten),
             )
@@ -262,6 +279,36 @@ class Writing(Repairing):
             allocated_ms=stored.allocated_ms,
         )
         return restored, final
+
+    def _holding(
+        self,
+        timelines: list[Timeline],
+        count: int,
+        mid: str,
+        positions: list[int],
+        redis_lasts: tuple[int, ...],
+        store_lasts: tuple[int, ...],
+    ) -> dict[int, str]:
+        """Which of two ranges holds copies of message `mid`, for each position: `store`,
+        `redis`, or absent when neither does (the store's wins when both do)."""
+        held: dict[int, str] = {}
+        for kind in Kind:
+            mine = [p for p in positions if timelines[p].kind is kind]
+            if not mine:
+                continue
+            keys = {
+                (timelines[p].id, seq): (p, side)
+                for side, lasts in (("redis", redis_lasts), ("store", store_lasts))
+                for p in mine
+                if lasts[p]
+                for seq in range(lasts[p] - count + 1, lasts[p] + 1)
+            }
+            for key, owner in self.store.owners(kind, list(keys)).items():
+                if owner == mid:
+                    p, side = keys[key]
+                    if held.get(p) != "store":
+                        held[p] = side
+        return held
 
     @staticmethod
     def _fresh(allocated: _Allocated) -> dict[int, int]:
