@@ -11,6 +11,8 @@ when its reply says it did not run.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +213,40 @@ def test_every_master_gets_its_pipeline_before_any_reply_is_read(
     assert kinds == ["send"] * 3 + ["read"] * 3  # one pipeline per master, all sent first
     buckets = len({allocator.bucket(m) for m in members})
     assert sum(n for kind, n in events if kind == "send") == buckets  # one call per bucket
+
+
+def test_a_hung_master_fails_its_buckets_within_the_request_deadline(
+    redis_cluster_factory: Any, key_prefix: str
+) -> None:
+    """A master that accepts connections but never answers (SIGSTOP), before the cluster
+    fails it over: its buckets are reported, the others allocated, and the call returns well
+    inside the request's deadline (3 s), with a record (sent twice) or without, on pooled or
+    new connections. The bound is the behaviour: no request may outwait its deadline here."""
+    cluster = redis_cluster_factory(node_timeout_ms=60_000)  # no failover during the test
+    settings = Settings(redis_mode="cluster", redis_url=cluster.url, redis_key_prefix=key_prefix)
+    pooled = Allocator(ClusterRedis(cluster.url, settings), key_prefix)
+    paused, others = spread(pooled, 30)
+    timelines = [*others, *paused]
+    pooled.seed(dict.fromkeys(timelines, 0))
+    pooled.allocate(timelines)  # connections open to every master
+    fresh = Allocator(ClusterRedis(cluster.url, settings), key_prefix)
+    assert fresh.redis.client  # the slot map read while every master answers
+    process = cluster.nodes[int(master_of(pooled, paused[0]).rpartition(":")[2])].process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        for allocator, record in (
+            (pooled, None),
+            (pooled, Record("c", "x", "f", 60_000)),
+            (fresh, None),
+        ):
+            started = time.monotonic()
+            allocation = allocator.allocate(timelines, 1, record, 1)
+            took = time.monotonic() - started
+            assert sorted(allocation.failed) == list(range(len(others), len(timelines)))
+            assert sorted(allocation.lasts) == list(range(len(others)))
+            assert took < 2.5, took
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        pooled.close()
+        fresh.close()
