@@ -283,6 +283,21 @@ def report(
     return "\n".join(lines)
 
 
+#: Sections other scripts write into the page (tests/bench_cluster.py): kept as they are.
+KEPT = (("<!-- cluster:start -->", "<!-- cluster:end -->"),)
+
+
+def keep_sections(text: str, page: Path) -> str:
+    """The new page, with the kept sections of the old one put back before its last part."""
+    old = page.read_text() if page.exists() else ""
+    for start, end in KEPT:
+        if start in old and start not in text:
+            section = start + old.split(start, 1)[1].split(end, 1)[0] + end
+            before, marker, after = text.partition("## Reproduce")
+            text = before + section + "\n\n" + marker + after if marker else text + section
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="timeline.bench.suite")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -350,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             name: throughput(ours, baseline, name, args.seconds, 2, args.concurrency)
             for name in ("send", "sync")
         }
-        text = report(machine(), scenarios, fan, ab, args.seconds, args.concurrency)
+        text = keep_sections(
+            report(machine(), scenarios, fan, ab, args.seconds, args.concurrency), args.out
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         say(f"wrote {args.out}")
