@@ -81,6 +81,16 @@ def spread(allocator: Allocator, count: int) -> tuple[list[Timeline], list[Timel
     return paused, others
 
 
+def prepared(allocator: Allocator) -> tuple[list[Timeline], list[Timeline], list[Timeline]]:
+    """Members on one master and on the others, counters seeded and advanced once (so that
+    every master knows the script: a call sent now runs it)."""
+    paused, others = spread(allocator, 40)
+    timelines = [Timeline(Kind.HISTORY, "g"), *others, *paused]
+    allocator.seed(dict.fromkeys(timelines, 0))
+    allocator.allocate(timelines)
+    return paused, others, timelines
+
+
 def pause(cluster: ClusterServers, node: str, ms: int) -> threading.Thread:
     """Keep a master busy for `ms` (a script that loops): commands sent meanwhile wait,
     then run, also when their client gave up waiting (a reply lost, as far as it knows)."""
@@ -99,10 +109,7 @@ def pause(cluster: ClusterServers, node: str, ms: int) -> threading.Thread:
 def test_a_timed_out_bucket_without_a_record_is_reported_and_never_sent_again(
     allocator: Allocator, view: RedisCluster, redis_cluster: ClusterServers
 ) -> None:
-    paused, others = spread(allocator, 40)
-    timelines = [Timeline(Kind.HISTORY, "g"), *others, *paused]
-    allocator.seed(dict.fromkeys(timelines, 0))
-    allocator.allocate(timelines)  # every master knows the script: the next call runs it
+    paused, others, timelines = prepared(allocator)
     pause(redis_cluster, master_of(allocator, paused[0]), 1200)
     allocation = allocator.allocate(timelines)
     # The buckets of the paused master: outcome unknown, reported; every other allocated.
@@ -117,10 +124,7 @@ def test_a_timed_out_bucket_without_a_record_is_reported_and_never_sent_again(
 def test_a_timed_out_bucket_with_a_record_is_sent_once_more_and_allocates_once(
     allocator: Allocator, view: RedisCluster, redis_cluster: ClusterServers
 ) -> None:
-    paused, others = spread(allocator, 40)
-    timelines = [Timeline(Kind.HISTORY, "g"), *others, *paused]
-    allocator.seed(dict.fromkeys(timelines, 0))
-    allocator.allocate(timelines)  # every master knows the script: the next call runs it
+    paused, _, timelines = prepared(allocator)
     record = Record("g", "m-1", "fp", ttl_ms=60_000)
     pause(redis_cluster, master_of(allocator, paused[0]), 900)
     first = allocator.allocate(timelines, 1, record, now_ms=5)

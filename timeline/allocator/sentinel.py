@@ -14,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from timeline.allocator.standalone import StandaloneRedis
+from timeline.allocator.standalone import StandaloneRedis, client_options
 from timeline.settings import Settings, sentinel_addresses
 
 
@@ -25,15 +25,7 @@ class SentinelRedis(StandaloneRedis):
         self.sentinel = sentinel
         self.master = master
         super().__init__(
-            sentinel.master_for(  # type: ignore[no-untyped-call]
-                master,
-                password=settings.redis_password or None,
-                socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
-                socket_timeout=settings.redis_socket_timeout_ms / 1000,
-                retry=Retry(NoBackoff(), 0),
-                max_connections=settings.redis_max_connections,
-                client_name="timeline",
-            ),
+            sentinel.master_for(master, **client_options(settings)),  # type: ignore[no-untyped-call]
             mode="sentinel",
         )
 

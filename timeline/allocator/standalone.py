@@ -21,15 +21,19 @@ def connect_redis(url: str, settings: Settings) -> redis.Redis:
     allocation whose reply was lost may have run, and running it again would skip
     sequences silently. A failure surfaces once, as a 503, and the caller decides.
     """
-    return redis.Redis.from_url(
-        url,
-        password=settings.redis_password or None,
-        socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
-        socket_timeout=settings.redis_socket_timeout_ms / 1000,
-        retry=Retry(NoBackoff(), 0),
-        max_connections=settings.redis_max_connections,
-        client_name="timeline",
-    )
+    return redis.Redis.from_url(url, **client_options(settings))
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """The allocator's connection options: the settings' timeouts and password, no retries."""
+    return {
+        "password": settings.redis_password or None,
+        "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
+        "socket_timeout": settings.redis_socket_timeout_ms / 1000,
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": settings.redis_max_connections,
+        "client_name": "timeline",
+    }
 
 
 class StandaloneRedis:

@@ -10,6 +10,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import orjson
 
@@ -170,15 +171,7 @@ class Writing(Repairing):
                     fresh = {p: last for p, last in lasts.items() if p not in replayed}
                     for p in replay.positions:
                         fresh.pop(p, None)
-                    self._abandon(timelines, count, fresh)
-                    if fresh:
-                        # The records this attempt wrote beside them would make the first
-                        # message's own retry look like another message: they go too.
-                        with contextlib.suppress(Unavailable):
-                            self.allocator.forget(timelines, record, set(fresh))
-                    raise ClientMsgIdReused(
-                        "client_msg_id was already used for another message in this conversation"
-                    )
+                    self._refuse_reused(timelines, count, record, fresh)
                 allocated_ms = min(allocated_ms, replay.allocated_ms)
                 replayed.update(dict.fromkeys(replay.positions, replay.allocated_ms))
             if not allocation.pending:
@@ -227,14 +220,7 @@ class Writing(Repairing):
         if stored == mine:
             return allocated, stored  # the usual case: the first attempt, now on record
         if stored.fingerprint != mine.fingerprint or len(stored.lasts) != len(mine.lasts):
-            fresh = self._fresh(allocated)
-            self._abandon(timelines, count, fresh)
-            if fresh:
-                with contextlib.suppress(Unavailable):
-                    self.allocator.forget(timelines, record, set(fresh))
-            raise ClientMsgIdReused(
-                "client_msg_id was already used for another message in this conversation"
-            )
+            self._refuse_reused(timelines, count, record, self._fresh(allocated))
         # They disagree where Redis forgot the message (and allocated anew), where Redis came
         # back with an older record (a snapshot, a replica that lagged), or where a move of
         # an earlier attempt reached Redis but not the store. Copies are only ever written
@@ -309,6 +295,20 @@ class Writing(Repairing):
                     if held.get(p) != "store":
                         held[p] = side
         return held
+
+    def _refuse_reused(
+        self, timelines: list[Timeline], count: int, record: Record, fresh: dict[int, int]
+    ) -> NoReturn:
+        """409: the client_msg_id names another message. What this attempt allocated is
+        given back (or sealed), and the records it wrote beside it deleted: they would make
+        the first message's own retry look like another message."""
+        self._abandon(timelines, count, fresh)
+        if fresh:
+            with contextlib.suppress(Unavailable):
+                self.allocator.forget(timelines, record, set(fresh))
+        raise ClientMsgIdReused(
+            "client_msg_id was already used for another message in this conversation"
+        )
 
     @staticmethod
     def _fresh(allocated: _Allocated) -> dict[int, int]:
