@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -311,7 +311,31 @@ class _Killed:
     replicas: frozenset[int] = field(default_factory=frozenset)
 
 
-class ClusterServers:
+class _Servers:
+    """Processes started together and killed together (also as a context manager)."""
+
+    def processes(self) -> list[Node]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """SIGKILL every process; never raises."""
+        for node in self.processes():
+            with contextlib.suppress(Exception):
+                node.kill()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ClusterServers(_Servers):
     """A Redis Cluster of 3 masters and 3 replicas, made with `redis-cli --cluster create`.
 
     `cluster-require-full-coverage` keeps its default (yes): while a killed master's slots
@@ -395,22 +419,8 @@ class ClusterServers:
         self.startup_seconds = time.monotonic() - began
         return self
 
-    def stop(self) -> None:
-        """SIGKILL every node; never raises."""
-        for node in self.nodes.values():
-            with contextlib.suppress(Exception):
-                node.kill()
-
-    def __enter__(self) -> ClusterServers:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def processes(self) -> list[Node]:
+        return list(self.nodes.values())
 
     # -- looking ------------------------------------------------------------------------------
 
@@ -627,7 +637,7 @@ class ClusterServers:
 # --- Redis Sentinel ---------------------------------------------------------------------------
 
 
-class SentinelServers:
+class SentinelServers(_Servers):
     """A primary, its replica(s) and 3 sentinels monitoring them under `master_name`."""
 
     def __init__(
@@ -716,22 +726,8 @@ class SentinelServers:
         self.startup_seconds = time.monotonic() - began
         return self
 
-    def stop(self) -> None:
-        """SIGKILL every sentinel and data node; never raises."""
-        for node in [*self.sentinel_nodes.values(), *self.data.values()]:
-            with contextlib.suppress(Exception):
-                node.kill()
-
-    def __enter__(self) -> SentinelServers:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def processes(self) -> list[Node]:
+        return [*self.sentinel_nodes.values(), *self.data.values()]
 
     # -- looking ------------------------------------------------------------------------------
 
