@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +36,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     limit.add_argument("--duration", type=float, help="seconds to run (default 10)")
     limit.add_argument("--requests", type=int, help="requests to make in all")
     parser.add_argument("--verify", action="store_true", help="check every touched timeline")
+    parser.add_argument(
+        "--verify-wait",
+        type=float,
+        default=7.0,
+        help="when some requests did not succeed, seconds to wait before --verify: readers "
+        "step over the holes such a request may leave only after the service's gap grace "
+        "(6 s by default)",
+    )
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--plot", type=Path, help="write latency plots as PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the table stays)")
@@ -162,6 +171,14 @@ def bench(args: argparse.Namespace) -> int:
         if show:
             sys.stderr.write("\n")
         if args.verify:
+            if any(scenario.ledger.uncertain.values()) and args.verify_wait > 0:
+                if not args.quiet:
+                    print(
+                        f"some requests failed: waiting {args.verify_wait:g} s before verifying "
+                        "(the holes they left become readable after the gap grace)",
+                        file=sys.stderr,
+                    )
+                time.sleep(args.verify_wait)
             result.verify = verify(args.url, scenario, args.token)
     except (OSError, http.client.HTTPException) as exc:
         # Preparing the run and verifying it are a client's plain requests: failing to make
