@@ -38,6 +38,7 @@ import contextlib
 import errno
 import heapq
 import itertools
+import logging
 import os
 import re
 import resource
@@ -488,6 +489,9 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self.running = 0  # requests handed to a thread and not yet back
         self.accept_deferred_until = 0.0  # a pending connection left to idle workers until then
         self.arrivals: deque[Conn] = deque()  # connections accepted in the last _ACCEPT_GRACE
+        # gunicorn's own access line (the service writes its own): its fields are only worked
+        # out when someone configured a logger that would print them.
+        self._gunicorn_access = False
 
     def init_process(self) -> None:
         if self.cfg.is_ssl:
@@ -499,6 +503,9 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self.write_timeout = settings.http_write_timeout_ms / 1000
         self.keepalive_timeout = settings.http_keepalive_ms / 1000
         self.limits = Limits(self.cfg, settings.body_max_bytes)
+        self._gunicorn_access = bool(
+            getattr(self.log, "access_log_enabled", False)
+        ) and logging.getLogger("gunicorn.access").isEnabledFor(logging.INFO)
         # Each connection is a file descriptor: stay below the process's limit (with room for
         # Redis, the store, pipes and logs), so that a flood of connections is refused, not
         # met with EMFILE.
@@ -895,7 +902,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
                     resp.write(item)
                 resp.close()
             finally:
-                self.log.access(resp, req, environ, datetime.now() - started)
+                if self._gunicorn_access:
+                    self.log.access(resp, req, environ, datetime.now() - started)
                 if hasattr(respiter, "close"):
                     respiter.close()
             return not resp.should_close()

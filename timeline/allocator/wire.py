@@ -25,7 +25,7 @@ from redis.exceptions import NoScriptError
 
 from timeline.allocator import Call, NotRun, Script
 
-__all__ = ["REDIRECTS", "Batch", "NotRun", "run"]
+__all__ = ["REDIRECTS", "Batch", "NotRun", "command", "run"]
 
 #: Replies meaning the call did not run and belongs elsewhere or later (cluster only).
 REDIRECTS: tuple[type[Exception], ...] = (
@@ -135,6 +135,23 @@ class Batch:
                 self._failed = exc
                 replies.append(exc)
         return replies
+
+
+def command(pool: redis.ConnectionPool, *args: Any) -> Any:
+    """One command that is safe to repeat (GET), on a pooled connection: its reply, or the
+    redis error it raised (the connection is dropped unless the reply was an error reply,
+    after which it is still in step)."""
+    connection: Any = pool.get_connection()
+    try:
+        connection.send_command(*args)
+        return connection.read_response()
+    except redis.ResponseError:
+        raise
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
 
 
 def run(pool: redis.ConnectionPool, calls: Sequence[Call]) -> list[Any]:
