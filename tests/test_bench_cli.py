@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from support import free_port
 from timeline.bench.cli import main
+from timeline.bench.harness import Client
 from timeline.factory import close_app, create_app
 from timeline.settings import Settings
 
@@ -103,3 +105,78 @@ def test_without_quiet_a_terminal_gets_the_bar_too(
     out, err = capsys.readouterr()
     assert "requests/s" in out
     assert "\r[" in err
+
+
+# --- the harness's HTTP client, against a server that does what servers may ----------------
+
+
+class RawServer:
+    """Answers each request on a connection with the next scripted reply; a reply of None
+    closes the connection without answering (a kept-alive connection the server dropped)."""
+
+    def __init__(self, replies: list[bytes | None]) -> None:
+        self.replies = list(replies)
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while self.replies:
+            conn, _ = self.sock.accept()
+            self.connections += 1
+            with conn:
+                while self.replies:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    if not data:
+                        break
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = (
+                        int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                        if (b"Content-Length" in head)
+                        else 0
+                    )
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    reply = self.replies.pop(0)
+                    if reply is None:
+                        break  # closed without a reply
+                    self.requests.append(head.split(b"\r\n", 1)[0])
+                    conn.sendall(reply)
+                    if b"Connection: close" in reply:
+                        break
+
+
+def reply(body: bytes, *headers: str) -> bytes:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+def test_the_client_reads_replies_by_length_and_honours_connection_close() -> None:
+    big = b'{"entrySet": "' + b"x" * 300_000 + b'"}'
+    server = RawServer([reply(b'{"a": 1}'), reply(big, "Connection: close"), reply(b"{}")])
+    client = Client(server.url)
+    assert client.request("GET", "/one") == (200, {"a": 1})
+    status, document = client.request("GET", "/big")
+    assert (status, len(document["entrySet"])) == (200, 300_000)
+    assert client.request("POST", "/after", {"x": 1}) == (200, {})
+    assert server.connections == 2  # the server said close: the third went on a new one
+    client.close()
+
+
+def test_a_kept_alive_connection_dropped_before_the_reply_is_sent_again_once() -> None:
+    # The server answers one request, then drops the connection on reading the second
+    # (a keep-alive timeout): that request never reached the service; it goes again.
+    server = RawServer([reply(b"{}"), None, reply(b'{"ok": true}')])
+    client = Client(server.url)
+    assert client.request("POST", "/first", {"n": 1}) == (200, {})
+    assert client.request("POST", "/second", {"n": 2}) == (200, {"ok": True})
+    assert server.connections == 2
+    assert server.requests == [b"POST /first HTTP/1.1", b"POST /second HTTP/1.1"]
+    client.close()

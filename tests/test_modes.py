@@ -308,7 +308,16 @@ def test_timeline_bench_verifies_a_run_in_every_mode(
         report = tmp_path / "out.json"
         done = bench(
             service,
-            *("--scenario", scenario, "--group-size", "12", "--concurrency", "4"),
+            *(
+                "--scenario",
+                scenario,
+                "--group-size",
+                "12",
+                "--concurrency",
+                "4",
+                "--processes",
+                "2",
+            ),
             *("--requests", "120", "--verify", "--json", str(report)),
         )
         assert done.returncode == 0, done.stderr + service.log.read_text()[-4000:]

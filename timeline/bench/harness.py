@@ -10,7 +10,9 @@ import http.client
 import itertools
 import json
 import math
+import multiprocessing
 import random
+import socket
 import threading
 import time
 import uuid
@@ -32,7 +34,14 @@ class BenchError(RuntimeError):
 
 
 class Client:
-    """One keep-alive connection; reconnects when the server closes it."""
+    """One keep-alive connection; reconnects when the server closes it.
+
+    HTTP/1.1 by hand on a plain socket: requests are a few bytes built at once, replies are
+    read by Content-Length. http.client parses every header through the email package, which
+    cost the harness more CPU per request than the socket work itself; on a machine that
+    also runs the service, that CPU is taken from the service being measured. https:// URLs
+    go through http.client (TLS is not what this tool measures).
+    """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
         parts = urlsplit(url)
@@ -44,23 +53,101 @@ class Client:
         self.headers = {"Content-Type": "application/json", "Connection": "keep-alive"}
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+        self._head += f"Host: {self.host}:{self.port}\r\n"
         self.conn: http.client.HTTPConnection | None = None
+        self.sock: socket.socket | None = None
+        self.buffer = b""
 
     def _connect(self) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         return cls(self.host, self.port, timeout=self.timeout)
 
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, parse: bool = True
+    ) -> tuple[int, Any]:
+        """(status, the reply's JSON); with `parse` False the reply is read, not decoded."""
         data = None if body is None else json.dumps(body).encode()
+        if self.https:
+            return self._request_tls(method, path, data)
+        reused = self.sock is not None
+        try:
+            self._send(method, path, data)
+        except OSError:
+            # A kept-alive connection the server had closed: the request never left; send it
+            # once more on a new one. Anything later (no reply) is not retried: the server
+            # may have done it, and a second POST would be a second message.
+            self.close()
+            if not reused:
+                raise
+            self._send(method, path, data)
+        try:
+            status, close, payload = self._receive()
+        except OSError as exc:
+            self.close()
+            closed_idle = isinstance(exc, _Closed) and exc.before_reply and reused
+            if closed_idle or (method == "GET" and isinstance(exc, ConnectionError)):
+                # Closed by the server before it read the request (a keep-alive timeout), or
+                # a read cut off: once more on a new connection, which a GET can always be.
+                self._send(method, path, data)
+                status, close, payload = self._receive()
+            else:
+                raise
+        if close:
+            self.close()
+        if not parse:
+            return status, None
+        try:
+            return status, json.loads(payload) if payload else None
+        except ValueError:
+            return status, None
+
+    def _send(self, method: str, path: str, data: bytes | None) -> None:
+        if self.sock is None:
+            self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buffer = b""
+        length = f"Content-Length: {len(data)}\r\n" if data is not None else ""
+        head = f"{method} {self.base}{path} HTTP/1.1\r\n{self._head}{length}\r\n".encode()
+        self.sock.sendall(head + data if data is not None else head)
+
+    def _receive(self) -> tuple[int, bool, bytes]:
+        """(status, whether the server closes the connection, body)."""
+        assert self.sock is not None
+        buffer = self.buffer
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise _Closed(before_reply=not buffer)
+            buffer += chunk
+        lines = buffer[:end].decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length, close = 0, False
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection":
+                close = value.strip().lower() == "close"
+            elif name == "transfer-encoding":
+                raise http.client.HTTPException("chunked replies are not expected here")
+        buffer = buffer[end + 4 :]
+        while len(buffer) < length:
+            chunk = self.sock.recv(max(65536, length - len(buffer)))
+            if not chunk:
+                raise _Closed(before_reply=False)
+            buffer += chunk
+        self.buffer = buffer[length:]
+        return status, close, buffer[:length]
+
+    def _request_tls(self, method: str, path: str, data: bytes | None) -> tuple[int, Any]:
         reused = self.conn is not None
         if self.conn is None:
             self.conn = self._connect()
         try:
             self.conn.request(method, self.base + path, body=data, headers=self.headers)
         except OSError:
-            # A kept-alive connection the server had closed: the request never left; send it
-            # once more on a new one. Anything later (no reply) is not retried: the server
-            # may have done it, and a second POST would be a second message.
             self.close()
             if not reused:
                 raise
@@ -73,8 +160,6 @@ class Client:
             self.close()
             closed_idle = isinstance(exc, http.client.RemoteDisconnected) and reused
             if closed_idle or (method == "GET" and isinstance(exc, ConnectionError)):
-                # Closed by the server before it read the request (a keep-alive timeout), or
-                # a read cut off: once more on a new connection, which a GET can always be.
                 self.conn = self._connect()
                 self.conn.request(method, self.base + path, body=data, headers=self.headers)
                 reply = self.conn.getresponse()
@@ -92,6 +177,18 @@ class Client:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self.buffer = b""
+
+
+class _Closed(ConnectionError):
+    """The server closed the connection; `before_reply`: before any byte of the reply."""
+
+    def __init__(self, before_reply: bool) -> None:
+        super().__init__("the server closed the connection")
+        self.before_reply = before_reply
 
 
 @dataclass
@@ -133,6 +230,7 @@ class Result:
     client_cpu: float  # cores the harness itself used on average
     group_size: int = 0
     verify: dict[str, Any] | None = None
+    processes: int = 1
 
     @property
     def requests(self) -> int:
@@ -172,6 +270,7 @@ class Result:
             "group_size": self.group_size,
             "retries": self.copies["retries"],
             "client_cpu_cores": round(self.client_cpu, 2),
+            "client_processes": self.processes,
         }
 
 
@@ -225,7 +324,7 @@ class Scenario:
         if kind == "sync":
             reader = rng.choice(self.readers)
             path = f"/timeline/sync?member={quote(reader)}&last_read=0&count={SYNC_ENTRIES}"
-            return lambda client: (client.request("GET", path)[0], Counter())
+            return lambda client: (client.request("GET", path, parse=False)[0], Counter())
         if kind == "send":
             sender, receiver = rng.sample(self.users, 2)
             return self._send(sender, receiver)
@@ -293,50 +392,62 @@ def run(
     requests: int | None = None,
     token: str | None = None,
     progress: Callable[[float, int, int], None] | None = None,
+    processes: int = 1,
 ) -> Result:
-    """Drive the service until `duration` seconds pass or `requests` are made."""
+    """Drive the service until `duration` seconds pass or `requests` are made, with
+    `concurrency` keep-alive workers spread over `processes` processes (one interpreter
+    lock each: a single Python process saturates near one core, long before the service)."""
     if (duration is None) == (requests is None):
         raise ValueError("give exactly one of duration and requests")
     scenario.prepare(Client(url, token))
-    samples: list[list[Sample]] = [[] for _ in range(concurrency)]
-    copies: list[Counter[str]] = [Counter() for _ in range(concurrency)]
-    budget = itertools.count()
-    started = time.perf_counter()
+    processes = max(1, min(processes, concurrency))
+    context = multiprocessing.get_context("fork")
+    done = context.Array("q", processes, lock=False)  # requests made, per process
+    failed = context.Array("q", processes, lock=False)  # of them not 200, per process
+    budget = context.Value("q", 0)  # requests started, all processes (with --requests)
+    started = time.monotonic()
     deadline = started + duration if duration is not None else math.inf
     cpu_started = time.process_time()
-
-    def worker(index: int) -> None:
-        client = Client(url, token)
-        rng = random.Random(index)  # noqa: S311 - load shapes, not secrets
-        own = samples[index]
-        while time.perf_counter() < deadline:
-            if requests is not None and next(budget) >= requests:
-                break
-            call = scenario.next(index, rng)
-            begun = time.perf_counter()
-            try:
-                status, written = call(client)
-            except OSError:
-                status, written = 0, Counter()
-            own.append(Sample(begun - started, (time.perf_counter() - begun) * 1000, status))
-            copies[index].update(written)
-        client.close()
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    while any(thread.is_alive() for thread in threads):
+    # Message ids go on after those prepare() used, each process in steps of `processes`.
+    plan = _Plan(
+        url, token, concurrency, processes, requests, started, deadline, next(scenario.counter)
+    )
+    pipes = []
+    children = []
+    for index in range(1, processes):
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(
+            target=_child, args=(plan, scenario, index, done, failed, budget, sender), daemon=True
+        )
+        child.start()
+        sender.close()
+        pipes.append(receiver)
+        children.append(child)
+    ledger = scenario.ledger  # the parent's workers book into a list too, merged below
+    own: list[_Part] = []
+    thread = threading.Thread(
+        target=lambda: own.append(_drive(plan, scenario, 0, done, failed, budget)), daemon=True
+    )
+    thread.start()
+    while thread.is_alive() or any(child.is_alive() for child in children):
         time.sleep(0.2)
         if progress is not None:
-            done = sum(len(own) for own in samples)
-            errors = sum(1 for own in samples for s in own if s.status != 200)
-            progress(time.perf_counter() - started, done, errors)
-    elapsed = time.perf_counter() - started
-    cpu = (time.process_time() - cpu_started) / max(elapsed, 1e-9)
+            progress(time.monotonic() - started, sum(done), sum(failed))
+        if not thread.is_alive() and all(pipe.poll() for pipe in pipes):
+            break
+    thread.join()
+    parts = [*own, *(pipe.recv() for pipe in pipes)]
+    for child in children:
+        child.join(10)
+    elapsed = time.monotonic() - started
+    cpu = (time.process_time() - cpu_started + sum(part.cpu for part in parts)) / max(elapsed, 1e-9)
+    scenario.ledger = ledger
     total: Counter[str] = Counter()
-    for written in copies:
-        total.update(written)
-    everything = sorted((s for own in samples for s in own), key=lambda s: s.started)
+    for part in parts:
+        total.update(part.copies)
+        for message_id, stored, unsure in part.ledger:
+            ledger.record(stored, unsure, message_id)
+    everything = sorted((s for part in parts for s in part.samples), key=lambda s: s.started)
     return Result(
         scenario=scenario.name,
         concurrency=concurrency,
@@ -345,7 +456,115 @@ def run(
         copies=total,
         client_cpu=cpu,
         group_size=scenario.group_size if scenario.name in ("sendGroup", "mixed") else 0,
+        processes=processes,
     )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    url: str
+    token: str | None
+    concurrency: int
+    processes: int
+    requests: int | None
+    started: float  # time.monotonic(): one clock for every process
+    deadline: float
+    first_id: int  # the first message number after prepare()'s
+
+
+@dataclass
+class _Part:
+    """What one process's workers did."""
+
+    samples: list[Sample]
+    copies: Counter[str]
+    ledger: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]]
+    cpu: float  # CPU seconds of the process (0 for the parent's own part: counted apart)
+
+
+def _child(
+    plan: _Plan,
+    scenario: Scenario,
+    index: int,
+    done: Any,
+    failed: Any,
+    budget: Any,
+    pipe: Any,
+) -> None:
+    cpu = time.process_time()
+    part = _drive(plan, scenario, index, done, failed, budget)
+    part.cpu = time.process_time() - cpu
+    pipe.send(part)
+    pipe.close()
+
+
+def _drive(
+    plan: _Plan, scenario: Scenario, index: int, done: Any, failed: Any, budget: Any
+) -> _Part:
+    """This process's workers (every `processes`-th of them), until the plan's end."""
+    # Message ids stay unique across processes: each counts in steps of `processes`.
+    scenario.counter = itertools.count(plan.first_id + index, plan.processes)
+    booked: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]] = []
+    scenario.ledger = _Booking(booked)  # type: ignore[assignment]
+    workers = list(range(index, plan.concurrency, plan.processes))
+    samples: list[list[Sample]] = [[] for _ in workers]
+    copies: list[Counter[str]] = [Counter() for _ in workers]
+    lock = threading.Lock()
+
+    def take() -> bool:
+        if plan.requests is None:
+            return True
+        with budget.get_lock():
+            if budget.value >= plan.requests:
+                return False
+            budget.value += 1
+            return True
+
+    def worker(slot: int, number: int) -> None:
+        client = Client(plan.url, plan.token)
+        rng = random.Random(number)  # noqa: S311 - load shapes, not secrets
+        own = samples[slot]
+        while time.monotonic() < plan.deadline and take():
+            call = scenario.next(number, rng)
+            begun = time.monotonic()
+            try:
+                status, written = call(client)
+            except OSError:
+                status, written = 0, Counter()
+            own.append(Sample(begun - plan.started, (time.monotonic() - begun) * 1000, status))
+            copies[slot].update(written)
+            with lock:
+                done[index] += 1
+                if status != 200:
+                    failed[index] += 1
+        client.close()
+
+    threads = [
+        threading.Thread(target=worker, args=(slot, number), daemon=True)
+        for slot, number in enumerate(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total: Counter[str] = Counter()
+    for written in copies:
+        total.update(written)
+    return _Part([s for own in samples for s in own], total, booked, 0.0)
+
+
+class _Booking:
+    """A process's side of the ledger: what it sent, handed to the parent at the end."""
+
+    def __init__(self, booked: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]]):
+        self.booked = booked
+        self.lock = threading.Lock()
+
+    def record(
+        self, stored: list[tuple[str, str]], unsure: list[tuple[str, str]], message_id: str
+    ) -> None:
+        with self.lock:
+            self.booked.append((message_id, list(stored), list(unsure)))
 
 
 def _read_all(client: Client, kind: str, timeline: str) -> list[dict[str, Any]]:
