@@ -32,7 +32,7 @@ import redis
 
 from timeline.errors import Unavailable
 from timeline.metrics import dependency_failed
-from timeline.model import Timeline
+from timeline.model import Kind, Timeline
 
 LUA_DIR = Path(__file__).resolve().parent.parent.parent / "lua"
 
@@ -267,7 +267,8 @@ class Allocator:
         now_ms: int,
     ) -> Call:
         prefix = self._counter_prefixes[bucket]
-        keys = [f"{prefix}{timelines[p].kind.value}:{timelines[p].id}" for p in positions]
+        kinds = {kind: f"{prefix}{kind.value}:" for kind in Kind}
+        keys = [kinds[kind] + id_ for kind, id_ in map(timelines.__getitem__, positions)]
         if record is None:
             args: list[Any] = [count, 0, 0, "", 0]
         else:

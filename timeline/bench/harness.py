@@ -436,7 +436,15 @@ def run(
         if not thread.is_alive() and all(pipe.poll() for pipe in pipes):
             break
     thread.join()
-    parts = [*own, *(pipe.recv() for pipe in pipes)]
+    parts = list(own)
+    for pipe, child in zip(pipes, children, strict=True):
+        try:
+            parts.append(pipe.recv())
+        except EOFError:
+            child.join(10)
+            raise BenchError(
+                f"a load process failed (exit status {child.exitcode}): no report"
+            ) from None
     for child in children:
         child.join(10)
     elapsed = time.monotonic() - started

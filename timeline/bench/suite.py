@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -146,10 +147,33 @@ def fan_out(url: str, floor: Floor, samples: int) -> dict[str, Any]:
     }
 
 
+WRK_SCRIPTS = Path(__file__).resolve().parent / "wrk"
+
+
+def wrk_rate(url: str, name: str, seconds: float, connections: int, close: bool = False) -> float:
+    """Requests/s that wrk (C, 2 threads) measures for the scenario's script; keep-alive
+    connections, or with `close` one connection per request."""
+    exe = shutil.which("wrk")
+    assert exe is not None
+    command = [exe, "-t2", f"-c{connections}", f"-d{max(1, int(seconds))}s"]
+    if close:
+        command += ["-H", "Connection: close"]
+    command += ["-s", str(WRK_SCRIPTS / f"{name}.lua"), url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+    if bad:
+        raise RuntimeError(f"wrk {name} at {url}: {bad.group(1)} replies were not 2xx")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
+    if found is None:
+        raise RuntimeError(f"wrk {name} at {url} printed no rate:\n{done.stdout}{done.stderr}")
+    return float(found.group(1))
+
+
 def throughput(
     ours: Server, baseline: Server, name: str, seconds: float, rounds: int, concurrency: int
 ) -> list[dict[str, float]]:
-    """A B A B: each round runs timeline, then the baseline, the same scenario and load."""
+    """A B A B: each round runs timeline, then the baseline, the same scenario and load;
+    with timeline-bench, and with wrk too where it is installed."""
     pairs = []
     for _ in range(rounds):
         pair = {}
@@ -159,8 +183,21 @@ def throughput(
             if errors:
                 raise RuntimeError(f"{server.name} {name}: {errors} errors")
             pair[server.name] = result.requests / result.duration
+            if shutil.which("wrk"):
+                pair[f"{server.name} wrk"] = wrk_rate(server.url, name, seconds, concurrency)
+                pair[f"{server.name} wrk close"] = wrk_rate(
+                    server.url, name, seconds / 2, concurrency, close=True
+                )
         pairs.append(pair)
-        say(f"  {name}: timeline {pair['timeline']:.0f}/s, baseline {pair['baseline']:.0f}/s")
+        say(
+            f"  {name}: timeline {pair['timeline']:.0f}/s, baseline {pair['baseline']:.0f}/s"
+            + (
+                f"; wrk: timeline {pair['timeline wrk']:.0f}/s, baseline "
+                f"{pair['baseline wrk']:.0f}/s"
+                if "timeline wrk" in pair
+                else ""
+            )
+        )
     return pairs
 
 
@@ -260,6 +297,27 @@ def report(
             f"| **{name}** | all | | | **{total:.2f}** "
             f"({'met' if total >= THROUGHPUT_RATIO else 'missed'}: at least {THROUGHPUT_RATIO}) |"
         )
+    if all("timeline wrk" in pair for pairs in ab.values() for pair in pairs):
+        lines += [
+            "",
+            "The same rounds measured by `wrk` (C, 2 threads, the same number of keep-alive",
+            "connections; `timeline/bench/wrk/*.lua`), and with one connection per request",
+            "(`Connection: close`, half as long), right after timeline-bench's run of each:",
+            "",
+            "| scenario | round | timeline, wrk | baseline, wrk | ratio | timeline-bench / wrk "
+            "| timeline, new connection each | baseline, new connection each |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, pairs in ab.items():
+            for i, p in enumerate(pairs, 1):
+                lines.append(
+                    f"| {name} | {i} | {p['timeline wrk']:,.0f} | {p['baseline wrk']:,.0f} "
+                    f"| {p['timeline wrk'] / p['baseline wrk']:.2f} "
+                    f"| {p['timeline'] / p['timeline wrk']:.2f} "
+                    f"| {p['timeline wrk close']:,.0f} | {p['baseline wrk close']:,.0f} |"
+                )
+    else:
+        lines += ["", "(wrk is not installed here: no C load generator figures in this run.)"]
     lines += [
         "",
         "What timeline does per request that the baseline does not: strict validation, the",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import logging
 import uuid
 from collections.abc import Sequence
@@ -117,7 +118,10 @@ class Writing(Repairing):
             # The same for every attempt, so each can tell the copies of another apart.
             mid = _digest(history_id, client_msg_id)[:32]
         ids = [history_id, *recipients]
-        timelines = [Timeline(_Plan.kind(p), id_) for p, id_ in enumerate(ids)]
+        timelines = [
+            Timeline(Kind.HISTORY, history_id),
+            *map(Timeline, itertools.repeat(Kind.SYNC), recipients),
+        ]
         count = len(messages)
         allocated = self._allocate(timelines, count, record)
         claim = None
