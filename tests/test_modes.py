@@ -328,3 +328,55 @@ def test_timeline_bench_verifies_a_run_in_every_mode(
         assert f"redis={settings.redis_mode}" in service.log.read_text()
     finally:
         service.stop()
+
+
+# --- passwords: TIMELINE_REDIS_PASSWORD in every mode -------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["standalone", "cluster", "sentinel"])
+def test_the_redis_password_setting_works_in_every_mode(
+    mode: str,
+    redis_cluster_factory: Callable[..., ClusterServers],
+    redis_sentinel_factory: Callable[..., SentinelServers],
+    tmp_path: Path,
+    key_prefix: str,
+    sqlite_store: Store,
+) -> None:
+    base = Settings(
+        redis_key_prefix=key_prefix,
+        redis_password="s3cret",
+        sqlite_path=str(tmp_path / "timeline.sqlite3"),
+        data_dir=str(tmp_path / "var"),
+    )
+    if mode == "cluster":
+        cluster = redis_cluster_factory(password="s3cret")
+        # The node named without its password: the setting supplies it.
+        settings = base.replace(redis_mode="cluster", redis_url=cluster.url.replace(":s3cret@", ""))
+    elif mode == "sentinel":
+        servers = redis_sentinel_factory(password="s3cret")
+        settings = base.replace(
+            redis_mode="sentinel",
+            redis_sentinels=servers.sentinels,
+            redis_sentinel_master=servers.master_name,
+        )
+    else:
+        server = RedisServer(tmp_path / "redis").start()
+        server_client(server).config_set("requirepass", "s3cret")
+        settings = base.replace(redis_url=server.url)
+    assert "s3cret" not in (settings.redis_url or "")
+    app = create_app(settings, store=sqlite_store)
+    try:
+        client = app.test_client()
+        body = {"from": "a", "to": "b", "message": {"text": "hi"}, "client_msg_id": "p-1"}
+        assert post(client, SEND, body).get_json() == {"sequence": "1"}
+        assert texts(inbox(client, "b")["entrySet"]) == [("1", "hi")]
+        without = create_app(settings.replace(redis_password=None), store=sqlite_store)
+        try:
+            refused = post(without.test_client(), SEND, body | {"client_msg_id": "p-2"})
+            assert refused.status_code == 503  # the password is what let the first one in
+        finally:
+            close_app(without)
+    finally:
+        close_app(app)
+        if mode == "standalone":
+            server.stop()
