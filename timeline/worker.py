@@ -701,18 +701,24 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             self.log.exception("Error on a connection from %s", conn.client)
             self._close(conn)
 
+    def _recv(self, conn: Conn, size: int) -> bytes | None:
+        """What the socket has (b"": the client closed its side); None when there is
+        nothing yet (the connection is watched again) or it failed (it is closed)."""
+        try:
+            return conn.sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            self._watch(conn, selectors.EVENT_READ)
+        except OSError:
+            self._close(conn)
+        return None
+
     def _read(self, conn: Conn) -> None:
         framing = conn.framing
         size = _RECV_SIZE
         if framing.head_end and not framing.chunked:
             size = min(max(size, framing.body_start + framing.length - len(conn.buf)), _RECV_MAX)
-        try:
-            data = conn.sock.recv(size)
-        except (BlockingIOError, InterruptedError):
-            self._watch(conn, selectors.EVENT_READ)
-            return
-        except OSError:
-            self._close(conn)
+        data = self._recv(conn, size)
+        if data is None:
             return
         if not data:
             self._close(conn)  # the client left before its request was complete (or idle)
@@ -840,13 +846,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self._drain(conn)
 
     def _drain(self, conn: Conn) -> None:
-        try:
-            data = conn.sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            self._watch(conn, selectors.EVENT_READ)
-            return
-        except OSError:
-            self._close(conn)
+        data = self._recv(conn, _RECV_SIZE)
+        if data is None:
             return
         conn.lingered += len(data)
         if not data or conn.lingered > _LINGER_BYTES:

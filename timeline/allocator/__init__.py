@@ -216,10 +216,8 @@ class Allocator:
         if self._buckets == 1:
             return [(0, list(range(len(timelines))))]
         members: dict[int, list[int]] = {}
-        buckets, crc32 = self._buckets, zlib.crc32
         for position, timeline in enumerate(timelines):
-            bucket = crc32(f"{timeline.kind.value}:{timeline.id}".encode()) % buckets
-            members.setdefault(bucket, []).append(position)
+            members.setdefault(self.bucket(timeline), []).append(position)
         if positions is None:
             return list(members.items())
         wanted = {self.bucket(timelines[p]) for p in positions}

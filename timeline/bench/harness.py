@@ -423,7 +423,7 @@ def run(
         sender.close()
         pipes.append(receiver)
         children.append(child)
-    ledger = scenario.ledger  # the parent's workers book into a list too, merged below
+    ledger = scenario.ledger  # the parent's workers book into a ledger of their own too
     own: list[_Part] = []
     thread = threading.Thread(
         target=lambda: own.append(_drive(plan, scenario, 0, done, failed, budget)), daemon=True
@@ -453,8 +453,10 @@ def run(
     total: Counter[str] = Counter()
     for part in parts:
         total.update(part.copies)
-        for message_id, stored, unsure in part.ledger:
-            ledger.record(stored, unsure, message_id)
+        for timeline, ids in part.acknowledged.items():
+            ledger.acknowledged[timeline] |= ids
+        for timeline, ids in part.uncertain.items():
+            ledger.uncertain[timeline] |= ids
     everything = sorted((s for part in parts for s in part.samples), key=lambda s: s.started)
     return Result(
         scenario=scenario.name,
@@ -486,7 +488,8 @@ class _Part:
 
     samples: list[Sample]
     copies: Counter[str]
-    ledger: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]]
+    acknowledged: dict[tuple[str, str], set[str]]  # its workers' ledger (see Ledger)
+    uncertain: dict[tuple[str, str], set[str]]
     cpu: float  # CPU seconds of the process (0 for the parent's own part: counted apart)
 
 
@@ -512,8 +515,7 @@ def _drive(
     """This process's workers (every `processes`-th of them), until the plan's end."""
     # Message ids stay unique across processes: each counts in steps of `processes`.
     scenario.counter = itertools.count(plan.first_id + index, plan.processes)
-    booked: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]] = []
-    scenario.ledger = _Booking(booked)  # type: ignore[assignment]
+    ledger = scenario.ledger = Ledger()  # this process's; merged into the run's at the end
     workers = list(range(index, plan.concurrency, plan.processes))
     samples: list[list[Sample]] = [[] for _ in workers]
     copies: list[Counter[str]] = [Counter() for _ in workers]
@@ -558,21 +560,13 @@ def _drive(
     total: Counter[str] = Counter()
     for written in copies:
         total.update(written)
-    return _Part([s for own in samples for s in own], total, booked, 0.0)
-
-
-class _Booking:
-    """A process's side of the ledger: what it sent, handed to the parent at the end."""
-
-    def __init__(self, booked: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]]):
-        self.booked = booked
-        self.lock = threading.Lock()
-
-    def record(
-        self, stored: list[tuple[str, str]], unsure: list[tuple[str, str]], message_id: str
-    ) -> None:
-        with self.lock:
-            self.booked.append((message_id, list(stored), list(unsure)))
+    return _Part(
+        [s for own in samples for s in own],
+        total,
+        dict(ledger.acknowledged),
+        dict(ledger.uncertain),
+        0.0,
+    )
 
 
 def _read_all(client: Client, kind: str, timeline: str) -> list[dict[str, Any]]:

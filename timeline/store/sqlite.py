@@ -289,12 +289,8 @@ class SQLiteStore:
         """
         conn.execute("PRAGMA busy_timeout = 0")
         try:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+            if _begin_immediate(conn):
                 return
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                    raise
             deadline = time.monotonic() + self._busy_timeout
             waiting = self._waiting_file()
             announced = False
@@ -304,14 +300,8 @@ class SQLiteStore:
                         # Refused only for the instant a big write looks: next time, then.
                         announced = _flock(waiting, fcntl.LOCK_SH | fcntl.LOCK_NB) is True
                     time.sleep(_LOCK_POLL_S)
-                    try:
-                        conn.execute("BEGIN IMMEDIATE")
+                    if _begin_immediate(conn, last_try=time.monotonic() >= deadline):
                         return
-                    except sqlite3.OperationalError as exc:
-                        if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                            raise
-                        if time.monotonic() >= deadline:
-                            raise
             finally:
                 if announced and waiting is not None:
                     _flock(waiting, fcntl.LOCK_UN)
@@ -763,6 +753,18 @@ class SQLiteStore:
         if waiting is not None:
             waiting[1].close()
             self._local.waiting = None
+
+
+def _begin_immediate(conn: sqlite3.Connection, last_try: bool = False) -> bool:
+    """BEGIN IMMEDIATE: whether it took the write lock; False while another writer holds
+    it (SQLITE_BUSY raised instead on the last try); any other error raised."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or last_try:
+            raise
+        return False
+    return True
 
 
 def _flock(file: IO[bytes], operation: int) -> bool | None:
