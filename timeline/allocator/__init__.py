@@ -176,10 +176,6 @@ class Allocator:
     def redis(self) -> Redis:
         return self._redis
 
-    @property
-    def mode(self) -> str:
-        return self._redis.mode
-
     def bucket(self, timeline: Timeline) -> int:
         """The bucket of a timeline's counter: crc32 of `kind:id`, modulo the buckets."""
         if self._buckets == 1:

@@ -51,6 +51,7 @@ class _Plan:
     recipient's sync timeline; timeline p gets the messages at firsts[p], firsts[p] + 1..."""
 
     ids: list[str]
+    timelines: list[Timeline]  # the same positions, with their kinds
     firsts: list[int]
     messages: Sequence[Message]
     created_at_ms: int
@@ -68,11 +69,7 @@ class _Plan:
         return Kind.HISTORY if position == 0 else Kind.SYNC
 
     def timeline(self, position: int) -> Timeline:
-        return Timeline(self.kind(position), self.ids[position])
-
-    @property
-    def timelines(self) -> list[Timeline]:
-        return [self.timeline(p) for p in range(len(self.ids))]
+        return self.timelines[position]
 
     def copies(self, positions: Sequence[int] | None) -> Copies:
         """The copies of these positions; None: every sync timeline (the usual case)."""

@@ -129,6 +129,7 @@ class Writing(Repairing):
             allocated, claim = self._claim(timelines, count, record, mid, allocated)
         plan = _Plan(
             ids=ids,
+            timelines=timelines,
             firsts=[last - count + 1 if last else 0 for last in allocated.lasts],
             messages=messages,
             created_at_ms=self._clock_ms(),
