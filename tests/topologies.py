@@ -317,6 +317,21 @@ class _Servers:
     def processes(self) -> list[Node]:
         raise NotImplementedError
 
+    def _start(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start every process and wait until the topology is ready; on any failure kill
+        what was started. `startup_seconds` says how long it took."""
+        began = time.monotonic()
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - began
+        return self
+
     def stop(self) -> None:
         """SIGKILL every process; never raises."""
         for node in self.processes():
@@ -384,40 +399,33 @@ class ClusterServers(_Servers):
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> ClusterServers:
-        began = time.monotonic()
-        try:
-            for node in self.nodes.values():
-                node.spawn()
-            for node in self.nodes.values():
-                node.wait_up()
-            env = None
-            if self.password is not None:
-                env = {**os.environ, "REDISCLI_AUTH": self.password}
-            create = subprocess.run(
-                [
-                    redis_cli_binary(),
-                    "--cluster",
-                    "create",
-                    *(f"{HOST}:{port}" for port in self.nodes),
-                    "--cluster-replicas",
-                    str(self.replicas_per_master),
-                    "--cluster-yes",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=env,
-                check=False,
-            )
-            if create.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}")
-            self.wait_ok(timeout=timeout, replicas=True)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_seconds = time.monotonic() - began
-        return self
+    def _start(self, timeout: float) -> None:
+        for node in self.nodes.values():
+            node.spawn()
+        for node in self.nodes.values():
+            node.wait_up()
+        env = None
+        if self.password is not None:
+            env = {**os.environ, "REDISCLI_AUTH": self.password}
+        create = subprocess.run(
+            [
+                redis_cli_binary(),
+                "--cluster",
+                "create",
+                *(f"{HOST}:{port}" for port in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas_per_master),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}")
+        self.wait_ok(timeout=timeout, replicas=True)
 
     def processes(self) -> list[Node]:
         return list(self.nodes.values())
@@ -700,31 +708,24 @@ class SentinelServers(_Servers):
             lines.append(f"sentinel auth-pass {name} {self.password}")
         return "\n".join(lines) + "\n"
 
-    def start(self, timeout: float = 20.0) -> SentinelServers:
-        began = time.monotonic()
-        try:
-            primary = self._first_primary
-            for port, node in self.data.items():
-                node.spawn([] if port == primary else ["--replicaof", HOST, str(primary)])
-            for node in self.data.values():
-                node.wait_up()
-            for port in self.data:
-                if port != primary:
-                    self._wait_replica(port, primary, timeout)
-            # Started once the replica is connected: a sentinel's first INFO of the primary
-            # (sent on connecting) then already lists it; later ones come every 10 s only.
-            for node in self.sentinel_nodes.values():
-                node.directory.mkdir(parents=True, exist_ok=True)
-                (node.directory / "sentinel.conf").write_text(self._sentinel_conf(node))
-                node.spawn()
-            for node in self.sentinel_nodes.values():
-                node.wait_up()
-            self.wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_seconds = time.monotonic() - began
-        return self
+    def _start(self, timeout: float) -> None:
+        primary = self._first_primary
+        for port, node in self.data.items():
+            node.spawn([] if port == primary else ["--replicaof", HOST, str(primary)])
+        for node in self.data.values():
+            node.wait_up()
+        for port in self.data:
+            if port != primary:
+                self._wait_replica(port, primary, timeout)
+        # Started once the replica is connected: a sentinel's first INFO of the primary
+        # (sent on connecting) then already lists it; later ones come every 10 s only.
+        for node in self.sentinel_nodes.values():
+            node.directory.mkdir(parents=True, exist_ok=True)
+            (node.directory / "sentinel.conf").write_text(self._sentinel_conf(node))
+            node.spawn()
+        for node in self.sentinel_nodes.values():
+            node.wait_up()
+        self.wait_ready(timeout)
 
     def processes(self) -> list[Node]:
         return [*self.sentinel_nodes.values(), *self.data.values()]
