@@ -30,8 +30,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from topologies import ClusterServers
-
 from support import RedisServer
 from timeline.allocator import Allocator, Record
 from timeline.allocator.cluster import ClusterRedis
@@ -40,6 +38,7 @@ from timeline.model import Kind, Message, Timeline
 from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
 from timeline.store.sqlite import SQLiteStore
+from topologies import ClusterServers
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks.md"

@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import redis
 from redis.cluster import RedisCluster
-from topologies import ClusterServers
 
 from timeline.allocator import Allocator, Record, wire
 from timeline.allocator.cluster import ClusterRedis
 from timeline.factory import close_app, create_app
 from timeline.model import Kind, Timeline
 from timeline.settings import Settings
+from topologies import ClusterServers
 
 
 def sync(member: str) -> Timeline:

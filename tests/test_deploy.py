@@ -138,7 +138,9 @@ def test_the_image_holds_everything_the_service_reads_at_run_time() -> None:
 
 
 def load_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Any:
-    for name in ("PORT", "HOST", "WEB_CONCURRENCY"):
+    """gunicorn.conf.py as `gunicorn app:app` reads it, with the default environment and
+    these variables."""
+    for name in ("PORT", "HOST", "WEB_CONCURRENCY", "GUNICORN_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TIMELINE_DATA_DIR", str(tmp_path / "var"))
     # Set, not deleted: the file sets it when absent, and a setenv is undone after the test.

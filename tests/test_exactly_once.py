@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import redis
 from redis.cluster import RedisCluster
-from topologies import ClusterServers
 
 from test_faults import Clock, FlakyStore, msg, read_all, service, texts
 from timeline.allocator import Allocator, NotRun
@@ -24,6 +23,7 @@ from timeline.model import Kind, Timeline
 from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
 from timeline.store import Store
+from topologies import ClusterServers
 
 
 def snapshot(client: redis.Redis, prefix: str) -> dict[bytes, tuple[Any, int]]:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from topologies import ClusterServers, SentinelServers
 
 from test_e2e import Service, clean_env
 from timeline.factory import close_app, create_app
 from timeline.settings import Settings
+from topologies import ClusterServers, SentinelServers
 
 GROUP = "/timeline/sendGroup"
 SEND = "/timeline/send"

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from topologies import ClusterServers, SentinelServers
 
 from support import RedisServer
 from test_e2e import Service, bench, clean_env
@@ -25,6 +24,7 @@ from timeline.factory import close_app, create_app
 from timeline.model import Kind, Timeline
 from timeline.settings import Settings
 from timeline.store import Store
+from topologies import ClusterServers, SentinelServers
 
 SEND, GROUP = "/timeline/send", "/timeline/sendGroup"
 

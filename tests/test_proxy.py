@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import importlib.util
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import yaml
 from gunicorn.config import Config as GunicornConfig
 
 from support import free_port
+from test_deploy import load_gunicorn_conf
 from test_e2e import Service, service_env
 from timeline.settings import Settings, load_settings
 
@@ -97,20 +97,6 @@ def seconds(value: str) -> float:
     assert match, value
     number, unit = int(match.group(1)), match.group(2) or "s"
     return number * {"ms": 0.001, "s": 1, "m": 60}[unit]
-
-
-def load_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """gunicorn.conf.py as `gunicorn app:app` reads it, with the default environment."""
-    for name in ("PORT", "HOST", "WEB_CONCURRENCY", "GUNICORN_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TIMELINE_DATA_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
-    spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "gunicorn.conf.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- No nginx needed: the compose file and the config's numbers ---------------------------

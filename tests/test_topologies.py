@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import redis
 from redis.cluster import RedisCluster
+
 from topologies import SLOTS, ClusterServers, SentinelServers
 
 PASSWORD = "topology-secret"
