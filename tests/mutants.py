@@ -76,22 +76,22 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "sync ignores count (always 100)",
         API,
-        "result = _service().sync(member, last_read, count)",
-        "result = _service().sync(member, last_read, 100)",
+        "result = ctx.service.sync(member, last_read, count)",
+        "result = ctx.service.sync(member, last_read, 100)",
         (T_API, T_LIFE, "-k", PAGING),
     ),
     Mutation(
         "forward history ignores count (always 100)",
         API,
-        "_entries(_service().history(timeline_id, last_read, count))}",
-        "_entries(_service().history(timeline_id, last_read, 100))}",
+        "_entries(ctx.service.history(timeline_id, last_read, count))}",
+        "_entries(ctx.service.history(timeline_id, last_read, 100))}",
         (T_API, T_LIFE, "-k", PAGING),
     ),
     Mutation(
         "backward history ignores count (always 100)",
         API,
-        "page = _service().history_backward(timeline_id, before, count)",
-        "page = _service().history_backward(timeline_id, before, 100)",
+        "page = ctx.service.history_backward(timeline_id, before, count)",
+        "page = ctx.service.history_backward(timeline_id, before, 100)",
         (T_API, T_LIFE, "-k", PAGING),
     ),
     Mutation(
@@ -124,9 +124,9 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "the store's record of a message ignored (a retry after Redis forgot stores it again)",
-        WRITING,
-        "        stored = self.store.claim(mine, now)\n",
-        "        stored = mine\n",
+        SQLITE,
+        "    if conn.execute(_CLAIM, (*row, now_ms)).rowcount:\n",
+        "    if conn.execute(_CLAIM, (*row, now_ms)).rowcount or True:\n",
         (T_MODES, "-k", "forgot and standalone"),
     ),
     Mutation(

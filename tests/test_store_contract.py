@@ -539,6 +539,49 @@ def test_a_later_claim_gets_the_earlier_record_unchanged(store: Store) -> None:
     assert held(store, first, NOW + 999) == first
 
 
+def test_a_write_stores_its_claim_with_its_copies(store: Store) -> None:
+    claim = claim_of(1, lasts=(1, 1, 1))
+    result = store.write(
+        copies("g", 1, mid=claim.mid), copies(["a", "b"], 1, mid=claim.mid), claim, NOW
+    )
+    assert result == WriteResult()
+    assert held(store, claim) == claim
+    assert [seq for seq, _, _ in stored(store, Kind.SYNC, "b")] == [1]
+    # The same claim again (a write tried again after an unknown outcome) writes on.
+    again = store.write(None, copies("c", 1, mid=claim.mid), claim, NOW + 1)
+    assert again == WriteResult()
+    assert [seq for seq, _, _ in stored(store, Kind.SYNC, "c")] == [1]
+
+
+def test_a_write_whose_mid_holds_another_record_writes_nothing(store: Store) -> None:
+    first = claim_of(1, lasts=(1, 1, 1))
+    assert store.claim(first, NOW) == first
+    later = replace(first, lasts=(2, 2, 2), allocated_ms=NOW + 5, expires_ms=NOW + 3 * DAY)
+    result = store.write(
+        copies("g", 2, mid=first.mid), copies(["a", "b"], 2, mid=first.mid), later, NOW + 5
+    )
+    assert result == WriteResult(claimed=first)
+    assert held(store, first, NOW + 5) == first
+    for kind, timeline in ((Kind.HISTORY, "g"), (Kind.SYNC, "a"), (Kind.SYNC, "b")):
+        assert stored(store, kind, timeline) == []
+    # Once the record expired, the write's claim replaces it and the copies go in.
+    result = store.write(copies("g", 2, mid=first.mid), None, later, NOW + DAY)
+    assert result == WriteResult()
+    assert held(store, later, NOW + DAY) == later
+
+
+def test_a_write_that_finds_its_history_taken_leaves_its_claim_to_claim(store: Store) -> None:
+    store.write(copies("g", 1, mid="other"), None)
+    claim = claim_of(1, lasts=(1, 1))
+    result = store.write(copies("g", 1, mid=claim.mid), copies("a", 1, mid=claim.mid), claim, NOW)
+    assert result.history_taken
+    assert stored(store, Kind.SYNC, "a") == []
+    # Stored with it or not (SQLite rolls it back with the copies, MongoDB keeps it: its own
+    # collection), claim() then settles it: this claim, no other.
+    assert store.claim(claim, NOW + 1) == claim
+    assert held(store, claim, NOW + 1) == claim
+
+
 def test_an_expired_record_is_replaced(store: Store) -> None:
     first = claim_of(1, expires_ms=NOW + 1_000)
     store.claim(first, NOW)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
+from http import HTTPStatus
 from typing import Any, cast
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 
+from timeline import ops
 from timeline.errors import (
     InvalidParam,
     MethodNotAllowed,
@@ -60,33 +64,110 @@ class OrjsonProvider(JSONProvider):
         return app.response_class(orjson.dumps(obj), mimetype="application/json")
 
 
-def _service() -> TimelineService:
-    service: TimelineService = current_app.extensions[EXTENSION]["service"]
-    return service
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the handlers need of the app, looked up once: the service and the limits."""
+
+    service: TimelineService
+    limits: Limits
 
 
-def _limits() -> Limits:
-    limits: Limits = current_app.extensions[EXTENSION]["limits"]
-    return limits
+class Call:
+    """One API request as the handlers see it, built from the WSGI environ alone (no
+    framework): the method, the decoded path, the query's parameters and the body's bytes."""
 
+    __slots__ = ("_args", "_body_max", "environ", "method", "path")
 
-def _body() -> tuple[dict[str, Any], bytes]:
-    # Read raw, whatever the Content-Type: curl -d sends JSON as a form by default.
-    data = request.get_data(cache=False)
-    declared = request.content_length
-    if declared is None:
-        # A chunked body is cut at the limit rather than refused: refuse it here.
-        limit = current_app.config["MAX_CONTENT_LENGTH"]
-        if limit is not None and len(data) >= limit:
+    def __init__(self, environ: dict[str, Any], body_max: int | None) -> None:
+        self.environ = environ
+        self.method: str = environ["REQUEST_METHOD"]
+        self.path = _wsgi_text(environ.get("PATH_INFO", ""))
+        self._args: dict[str, list[str]] | None = None
+        self._body_max = body_max
+
+    def body(self) -> bytes:
+        """The whole body, whatever the Content-Type said (curl -d sends JSON as a form by
+        default); refused when larger than the limit or shorter than its Content-Length."""
+        environ, limit = self.environ, self._body_max
+        stream = environ["wsgi.input"]
+        length = environ.get("CONTENT_LENGTH")
+        if length:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise InvalidParam("Content-Length is not a number") from None
+            if limit is not None and declared > limit:
+                raise PayloadTooLarge(f"request body is larger than {limit} bytes", limit=limit)
+            data: bytes = stream.read(declared) if declared > 0 else b""
+            if len(data) != declared:
+                raise InvalidParam(f"request body has {len(data)} of its {declared} bytes")
+            return data
+        if not environ.get("wsgi.input_terminated"):
+            return b""  # neither a length nor a server that ends the stream: no body
+        # Chunked: read one byte past the limit, never the whole of a huge body.
+        data = stream.read() if limit is None else stream.read(limit + 1)
+        if limit is not None and len(data) > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes", limit=limit)
-    elif len(data) != declared:
-        raise InvalidParam(f"request body has {len(data)} of its {declared} bytes")
+        return data
+
+    def query(self, proto_name: str, json_name: str | None = None) -> str | None:
+        """One query parameter by either spelling; repeating it is an error, not a silent
+        pick."""
+        args = self._args
+        if args is None:
+            args = self._args = _parse_query(self.environ.get("QUERY_STRING", ""))
+        values = args.get(proto_name, ())
+        if json_name and json_name != proto_name:
+            other = args.get(json_name, ())
+            if values and other:
+                raise InvalidParam(f"{proto_name} and {json_name} are the same parameter; send one")
+            values = values or other
+        if len(values) > 1:
+            raise InvalidParam(f"{proto_name} is given more than once", field=proto_name)
+        return values[0] if values else None
+
+
+def _wsgi_text(value: str) -> str:
+    """A WSGI environ string (bytes as latin-1, PEP 3333) as the UTF-8 text it carries;
+    invalid UTF-8 reads as U+FFFD, which the id rules refuse."""
+    return value if value.isascii() else value.encode("latin-1").decode("utf-8", "replace")
+
+
+def _parse_query(raw: str) -> dict[str, list[str]]:
+    """The query's parameters, each name with its values in order. Checked strictly first:
+    %-sequences (or raw bytes) that are not UTF-8 are a 400, as in a path; otherwise
+    ?member=%FF would read as "%FF", the member ?member=%25FF names."""
+    encoded = raw.encode("latin-1")
+    if not (encoded.isascii() and b"%" not in encoded) and not _utf8(encoded):
+        # Name the parameter: '&' and '=' are ASCII, so the bad bytes lie within one pair.
+        for pair in encoded.split(b"&"):
+            name, _, value = pair.partition(b"=")
+            if not _utf8(value):
+                key = unquote_to_bytes(name.replace(b"+", b" ")).decode(errors="replace")[:64]
+                raise InvalidParam(f"query parameter {key!r} is not valid UTF-8", field=key)
+        raise InvalidParam("a query parameter's name is not valid UTF-8")
+    args: dict[str, list[str]] = {}
+    for key, text in parse_qsl(encoded.decode(), keep_blank_values=True):
+        args.setdefault(key, []).append(text)
+    return args
+
+
+def _utf8(encoded: bytes) -> bool:
+    """Whether %-encoded text decodes to valid UTF-8."""
+    try:
+        unquote_to_bytes(encoded).decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _body(call: Call) -> tuple[dict[str, Any], bytes]:
+    data = call.body()
     return decode_body(data), data
 
 
-def _messages(body: dict[str, Any], data: bytes) -> tuple[list[Message], bool]:
+def _messages(body: dict[str, Any], data: bytes, limits: Limits) -> tuple[list[Message], bool]:
     """`message`, or extension `messages` (a batch); returns them and whether it is a batch."""
-    limits = _limits()
     if "messages" not in body:
         message = parse_message(
             body.get("message"), limits, source=lambda: reread_message(data, "message")
@@ -122,45 +203,6 @@ def _client_msg_id(body: dict[str, Any], limits: Limits) -> str | None:
     return parse_id(value, "client_msg_id", limits, routable=False)
 
 
-def _strict_query() -> None:
-    """A query string whose %-sequences (or raw bytes) are not UTF-8 is a 400, as in a path.
-
-    Werkzeug keeps such a sequence as its text: ?member=%FF would read as "%FF", the member
-    ?member=%25FF names. Checked once per request, before its parameters are read."""
-    raw: bytes = request.query_string
-    if (raw.isascii() and b"%" not in raw) or _utf8(raw):
-        return
-    # Name the parameter: '&' and '=' are ASCII, so the bad bytes lie within one pair.
-    for pair in raw.split(b"&"):
-        name, _, value = pair.partition(b"=")
-        if not _utf8(value):
-            key = unquote_to_bytes(name.replace(b"+", b" ")).decode(errors="replace")[:64]
-            raise InvalidParam(f"query parameter {key!r} is not valid UTF-8", field=key)
-    raise InvalidParam("a query parameter's name is not valid UTF-8")
-
-
-def _utf8(encoded: bytes) -> bool:
-    """Whether %-encoded text decodes to valid UTF-8."""
-    try:
-        unquote_to_bytes(encoded).decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _query(proto_name: str, json_name: str | None = None) -> str | None:
-    """One query parameter by either spelling; repeating it is an error, not a silent pick."""
-    values = request.args.getlist(proto_name)
-    if json_name and json_name != proto_name:
-        other = request.args.getlist(json_name)
-        if values and other:
-            raise InvalidParam(f"{proto_name} and {json_name} are the same parameter; send one")
-        values = values or other
-    if len(values) > 1:
-        raise InvalidParam(f"{proto_name} is given more than once", field=proto_name)
-    return values[0] if values else None
-
-
 def _timestamp(ms: int) -> str:
     """RFC 3339, UTC, to the millisecond; "" when the store does not know (old documents)."""
     if ms <= 0:
@@ -182,56 +224,54 @@ def _entries(entries: list[Entry]) -> list[dict[str, str]]:
     ]
 
 
-@bp.post("/send")
-def send() -> dict[str, Any]:
-    body, data = _body()
-    limits = _limits()
+# --- The handlers: one per route, framework-free ---------------------------------------------
+
+
+def send(ctx: Context, call: Call) -> dict[str, Any]:
+    body, data = _body(call)
+    limits = ctx.limits
     sender = parse_id(body.get("from"), "from", limits)
     receiver = parse_id(body.get("to"), "to", limits)
-    messages, batch = _messages(body, data)
+    messages, batch = _messages(body, data, limits)
     # The receiver's copy and the sender's (one when they are the same user).
     check_documents(1 if sender == receiver else 2, len(messages), limits)
     client_msg_id = _client_msg_id(body, limits)
-    sequences = _service().send(sender, receiver, messages, client_msg_id)
+    sequences = ctx.service.send(sender, receiver, messages, client_msg_id)
     reply: dict[str, Any] = {"sequence": str(sequences[-1])}
     if batch:
         reply["sequences"] = [str(seq) for seq in sequences]
     return reply
 
 
-@bp.post("/sendGroup")
-def send_group() -> dict[str, Any]:
-    body, data = _body()
-    limits = _limits()
+def send_group(ctx: Context, call: Call) -> dict[str, Any]:
+    body, data = _body(call)
+    limits = ctx.limits
     group = parse_id(field(body, "group_name", "groupName"), "group_name", limits)
     members = parse_members(field(body, "group_members", "groupMembers"), "group_members", limits)
-    messages, _ = _messages(body, data)
+    messages, _ = _messages(body, data, limits)
     check_documents(len(members), len(messages), limits)
     check_fan_out(members, messages, limits)
     client_msg_id = _client_msg_id(body, limits)
-    failed = _service().send_group(group, members, messages, client_msg_id)
+    failed = ctx.service.send_group(group, members, messages, client_msg_id)
     return {"failedMembers": failed}
 
 
-@bp.post("/ack")
-def ack() -> dict[str, Any]:
+def ack(ctx: Context, call: Call) -> dict[str, Any]:
     """Extension: the member's device has what it pulled up to `seq`; release it."""
-    body, _ = _body()
-    member = parse_id(body.get("member"), "member", _limits())
+    body, _ = _body(call)
+    member = parse_id(body.get("member"), "member", ctx.limits)
     if body.get("seq") is None:
         raise InvalidParam("seq is required", field="seq")
     seq = parse_int64(body.get("seq"), "seq")
-    return {"minSeq": str(_service().ack(member, seq))}
+    return {"minSeq": str(ctx.service.ack(member, seq))}
 
 
-@bp.get("/sync")
-def sync() -> dict[str, Any]:
-    limits = _limits()
-    _strict_query()
-    member = parse_id(_query("member"), "member", limits)
-    last_read = parse_int64(_query("last_read", "lastRead"), "last_read")
-    count = parse_count(_query("count"), "count", limits)
-    result = _service().sync(member, last_read, count)
+def sync(ctx: Context, call: Call) -> dict[str, Any]:
+    limits = ctx.limits
+    member = parse_id(call.query("member"), "member", limits)
+    last_read = parse_int64(call.query("last_read", "lastRead"), "last_read")
+    count = parse_count(call.query("count"), "count", limits)
+    result = ctx.service.sync(member, last_read, count)
     return {
         "latestSeq": str(result.latest_seq),
         "entrySetLastSeq": str(result.entries[-1].seq if result.entries else 0),
@@ -240,50 +280,85 @@ def sync() -> dict[str, Any]:
     }
 
 
-def _history(timeline_id: str) -> dict[str, Any]:
-    _strict_query()
-    count = parse_count(_query("count"), "count", _limits())
-    direction = (_query("direction") or "forward").lower()
+def _history(ctx: Context, call: Call, timeline_id: str) -> dict[str, Any]:
+    count = parse_count(call.query("count"), "count", ctx.limits)
+    direction = (call.query("direction") or "forward").lower()
     if direction == "backward":
-        before = parse_int64(_query("before"), "before")
-        page = _service().history_backward(timeline_id, before, count)
+        before = parse_int64(call.query("before"), "before")
+        page = ctx.service.history_backward(timeline_id, before, count)
         return {"entrySet": _entries(page.entries), "nextBefore": str(page.next_before)}
     if direction != "forward":
         raise InvalidParam("direction must be forward or backward", field="direction")
-    last_read = parse_int64(_query("last_read", "lastRead"), "last_read")
-    return {"entrySet": _entries(_service().history(timeline_id, last_read, count))}
+    last_read = parse_int64(call.query("last_read", "lastRead"), "last_read")
+    return {"entrySet": _entries(ctx.service.history(timeline_id, last_read, count))}
 
 
-@bp.get("/history/single/<sender>/<receiver>")
-def history_single(sender: str, receiver: str) -> dict[str, Any]:
-    limits = _limits()
-    a = parse_id(sender, "from", limits)
-    b = parse_id(receiver, "to", limits)
-    return _history(conversation_id(a, b))
+def history_single(ctx: Context, call: Call, sender: str, receiver: str) -> dict[str, Any]:
+    a = parse_id(sender, "from", ctx.limits)
+    b = parse_id(receiver, "to", ctx.limits)
+    return _history(ctx, call, conversation_id(a, b))
 
 
-@bp.get("/history/group/<group>")
-def history_group(group: str) -> dict[str, Any]:
-    return _history(parse_id(group, "group", _limits()))
+def history_group(ctx: Context, call: Call, group: str) -> dict[str, Any]:
+    return _history(ctx, call, parse_id(group, "group", ctx.limits))
+
+
+Handler = Callable[..., dict[str, Any]]
+
+#: The routes, as Flask knows them (405s, preflights, HEAD) and as metrics name them.
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("POST", "/send", send),
+    ("POST", "/sendGroup", send_group),
+    ("POST", "/ack", ack),
+    ("GET", "/sync", sync),
+    ("GET", "/history/single/<sender>/<receiver>", history_single),
+    ("GET", "/history/group/<group>", history_group),
+)
+PREFIX = "/timeline"
+
+
+def _flask_view(handler: Handler) -> Callable[..., dict[str, Any]]:
+    def view(**path: str) -> dict[str, Any]:
+        call = Call(request.environ, current_app.config["MAX_CONTENT_LENGTH"])
+        return handler(current_app.extensions[EXTENSION]["context"], call, **path)
+
+    view.__name__ = handler.__name__
+    return view
+
+
+for _method, _rule, _handler in ROUTES:
+    bp.add_url_rule(_rule, view_func=_flask_view(_handler), methods=[_method])
+
+
+def error_body(code: int, reason: str, message: str, metadata: dict[str, Any] | None) -> bytes:
+    """The Kratos error body: {code, reason, message, metadata}."""
+    return orjson.dumps(
+        {
+            "code": code,
+            "reason": reason,
+            "message": message,
+            "metadata": {key: _metadata_value(value) for key, value in (metadata or {}).items()},
+        }
+    )
+
+
+def error_headers(code: int) -> list[tuple[str, str]]:
+    """What an error reply adds to its headers: when to retry, how to authenticate."""
+    if code == 503:
+        return [("Retry-After", "1")]
+    if code == 401:
+        return [("WWW-Authenticate", 'Bearer realm="timeline"')]
+    return []
 
 
 def envelope(
     code: int, reason: str, message: str, metadata: dict[str, Any] | None = None
 ) -> Response:
-    """The Kratos error body: {code, reason, message, metadata}, with the code as status."""
-    body = {
-        "code": code,
-        "reason": reason,
-        "message": message,
-        "metadata": {key: _metadata_value(value) for key, value in (metadata or {}).items()},
-    }
+    """The Kratos error envelope as a Flask response, with the code as status."""
     response = current_app.response_class(
-        orjson.dumps(body), status=code, mimetype="application/json"
+        error_body(code, reason, message, metadata), status=code, mimetype="application/json"
     )
-    if code == 503:
-        response.headers["Retry-After"] = "1"
-    elif code == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="timeline"'
+    response.headers.extend(error_headers(code))
     return response
 
 
@@ -326,6 +401,15 @@ def _on_unexpected(error: Exception) -> Response:
     return envelope(TimelineError.code, TimelineError.reason, "internal error")
 
 
+def authorized(token: str, header: str) -> bool:
+    """Whether an Authorization header carries the bearer token."""
+    scheme, _, given = header.partition(" ")
+    # compare_digest takes as long whatever the first wrong byte: no timing oracle.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
 def _before() -> Response | None:
     """A browser's preflight (OPTIONS on a known route) gets an empty 204; with an api_token
     set, everything else under /timeline needs `Authorization: Bearer <token>`."""
@@ -333,13 +417,9 @@ def _before() -> Response | None:
     if req.method == "OPTIONS" and req.routing_exception is None:
         return current_app.response_class(status=204)
     token = current_app.extensions[EXTENSION]["settings"].api_token
-    if not token or not req.path.startswith(bp.url_prefix or ""):
+    if not token or not req.path.startswith(PREFIX):
         return None
-    scheme, _, given = req.headers.get("Authorization", "").partition(" ")
-    # compare_digest takes as long whatever the first wrong byte: no timing oracle.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
+    if not authorized(token, req.headers.get("Authorization", "")):
         raise Unauthorized("a valid bearer token is required")
     return None
 
@@ -372,8 +452,83 @@ def cors_headers(origin: str) -> list[tuple[str, str]]:
     ]
 
 
+# --- The direct path -----------------------------------------------------------------------
+
+_STATUS = {code.value: f"{code.value} {code.phrase.upper()}" for code in HTTPStatus}
+_JSON = ("Content-Type", "application/json")
+_EXACT: dict[tuple[str, str], tuple[Handler, str]] = {
+    (method, PREFIX + rule): (handler, PREFIX + rule)
+    for method, rule, handler in ROUTES
+    if "<" not in rule
+}
+_HISTORY: dict[tuple[str, int], tuple[Handler, str]] = {
+    ("single", 6): (history_single, PREFIX + "/history/single/<sender>/<receiver>"),
+    ("group", 5): (history_group, PREFIX + "/history/group/<group>"),
+}
+
+
+class Direct:
+    """WSGI middleware in front of Flask: a GET or POST on one of the API routes is answered
+    here, by the same handler, error envelope, token check, CORS headers, request id, access
+    line and metrics as through Flask, without Flask's per-request machinery (contexts,
+    request and response objects, URL matching, hooks), which cost as much as the rest of a
+    sync. Anything else (HEAD, OPTIONS, another method, the operator routes, a path that is
+    not exactly a route) goes on to Flask."""
+
+    def __init__(self, app: Flask, wsgi_app: Callable[..., Any]) -> None:
+        self.app = app
+        self.wsgi_app = wsgi_app
+        extension = app.extensions[EXTENSION]
+        self.context: Context = extension["context"]
+        self.token: str = extension["settings"].api_token
+        self.cors: list[tuple[str, str]] = extension["cors_headers"]
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        method = environ["REQUEST_METHOD"]
+        path = environ.get("PATH_INFO", "")
+        found = _EXACT.get((method, path))
+        params: tuple[str, ...] = ()
+        if found is None:
+            if method != "GET" or not path.startswith("/timeline/history/"):
+                return self.wsgi_app(environ, start_response)
+            parts = path.split("/")  # '', 'timeline', 'history', kind, id[, id]
+            found = _HISTORY.get((parts[3], len(parts)))
+            if found is None or "" in parts[4:]:
+                return self.wsgi_app(environ, start_response)
+            params = tuple(_wsgi_text(part) for part in parts[4:])
+        handler, route = found
+        started = ops.begin(environ)
+        headers: list[tuple[str, str]] = [_JSON]
+        try:
+            if self.token and not authorized(self.token, environ.get("HTTP_AUTHORIZATION", "")):
+                raise Unauthorized("a valid bearer token is required")
+            call = Call(environ, self.app.config["MAX_CONTENT_LENGTH"])
+            body = orjson.dumps(handler(self.context, call, *params))
+            code = 200
+        except TimelineError as error:
+            code = error.code
+            if code >= 500:
+                log.warning("%s %s: %s (%s)", method, _wsgi_text(path), error.reason, error.message)
+            body = error_body(code, error.reason, error.message, error.metadata)
+            headers.extend(error_headers(code))
+        except Exception:
+            log.exception("unhandled error on %s %s", method, _wsgi_text(path))
+            code = TimelineError.code
+            body = error_body(code, TimelineError.reason, "internal error", None)
+        finally:
+            request_id = ops.end(environ)
+        headers.append(("Content-Length", str(len(body))))
+        headers.append(("X-Request-ID", request_id))
+        if self.cors and "HTTP_ORIGIN" in environ:
+            headers.extend(self.cors)
+        start_response(_STATUS[code], headers)
+        ops.record(environ, route, method, code, _wsgi_text(path), started, request_id)
+        return [body]
+
+
 def register(app: Flask) -> None:
-    """Mount the routes and map every error, expected or not, to the envelope."""
+    """Mount the routes and map every error, expected or not, to the envelope; then put the
+    direct path in front of Flask (it needs the extension's context)."""
     # '//timeline/sync' would be answered with an HTML redirect; let it be a 404 envelope.
     app.url_map.merge_slashes = False
     app.register_blueprint(bp)
@@ -382,3 +537,4 @@ def register(app: Flask) -> None:
     app.register_error_handler(TimelineError, _on_timeline_error)
     app.register_error_handler(HTTPException, _on_http_error)
     app.register_error_handler(Exception, _on_unexpected)
+    app.wsgi_app = Direct(app, app.wsgi_app)  # type: ignore[method-assign]

@@ -62,10 +62,12 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     purger.start()  # expired entries leave in the background
     preparer = Preparer(store)
     preparer.start()  # MongoDB's indexes, built beside the requests; /readyz tells
+    limits = Limits.from_settings(settings)
     app.extensions[api.EXTENSION] = {
         "settings": settings,
         "service": service,
-        "limits": Limits.from_settings(settings),
+        "limits": limits,
+        "context": api.Context(service, limits),
         "cors_headers": api.cors_headers(settings.cors_allow_origin),
         "purger": purger,
         "preparer": preparer,

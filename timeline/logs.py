@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextvars import ContextVar, Token
 from typing import Any
 
 import orjson
 
-#: Where the current request's id is kept, in its WSGI environ (set by timeline.ops).
+#: Where the current request's id is kept in its WSGI environ (set by timeline.ops).
 REQUEST_ID = "timeline.request_id"
 #: An X-Request-ID a client may choose; any other is replaced by one of ours. Here, not in
 #: timeline.ops: gunicorn's master loads the HTTP front (timeline.worker), which must not
@@ -42,15 +43,30 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+#: The id of the request the current thread is serving, for every line it logs meanwhile.
+_request_id: ContextVar[str | None] = ContextVar("timeline_request_id", default=None)
+
+
+def bind_request_id(request_id: str) -> Token[str | None]:
+    """Put the id on every line logged from here on, until unbind_request_id."""
+    return _request_id.set(request_id)
+
+
+def unbind_request_id(token: Token[str | None]) -> None:
+    try:
+        _request_id.reset(token)
+    except ValueError:  # set in another context: clear it there rather than fail a request
+        _request_id.set(None)
+
+
 class RequestIdFilter(logging.Filter):
     """Adds the current request's id (when there is one) to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            from flask import has_request_context, request
-
-            if has_request_context():
-                record.request_id = request.environ.get(REQUEST_ID)
+            request_id = _request_id.get()
+            if request_id is not None:
+                record.request_id = request_id
         return True
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from timeline import metrics
+from timeline import logs, metrics
 from timeline.errors import TimelineError, Unavailable
 from timeline.logs import REQUEST_ID, REQUEST_ID_PATTERN
 from timeline.openapi import openapi_document
@@ -66,44 +66,79 @@ def openapi() -> dict[str, Any]:
 
 # Request-scoped values live in the WSGI environ: plain dict access, on every request.
 _STARTED = "timeline.started"
+_BOUND = "timeline.request_id_bound"
 
 
-def _start() -> None:
-    environ = request.environ
-    environ[_STARTED] = time.perf_counter()
+def begin(environ: dict[str, Any]) -> float:
+    """A request starts: its id (the client's X-Request-ID when valid, else a new one) goes
+    into the environ and onto every log line it causes. Returns when it started."""
+    started = time.perf_counter()
+    environ[_STARTED] = started
     given = environ.get("HTTP_X_REQUEST_ID", "")
-    environ[REQUEST_ID] = given if REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
+    request_id = given if REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
+    environ[REQUEST_ID] = request_id
+    environ[_BOUND] = logs.bind_request_id(request_id)
+    return started
 
 
-def _finish(response: Response) -> Response:
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    environ = req.environ
-    duration = time.perf_counter() - environ.get(_STARTED, time.perf_counter())
-    request_id = environ.get(REQUEST_ID) or os.urandom(16).hex()
-    status = response.status_code
-    response.headers["X-Request-ID"] = request_id
-    rule = req.url_rule
-    route = rule.rule if rule is not None else "unmatched"
-    method = req.method
+def end(environ: dict[str, Any]) -> str:
+    """A request's work is over: its id leaves the log lines. Returns the id."""
+    bound = environ.pop(_BOUND, None)
+    if bound is not None:
+        logs.unbind_request_id(bound)
+    request_id: str | None = environ.get(REQUEST_ID)
+    return request_id or os.urandom(16).hex()
+
+
+def record(
+    environ: dict[str, Any],
+    route: str,
+    method: str,
+    status: int,
+    path: str,
+    started: float | None,
+    request_id: str,
+) -> None:
+    """A request answered: its latency in the histogram, its access line in the log."""
+    duration = time.perf_counter() - (started or time.perf_counter())
     metrics.observe_request(route, method, status, duration)
     if access_log.isEnabledFor(logging.INFO):
         # The path names users and groups, never message contents; the query is left out.
-        path = req.path
         fields = {
             "method": method,
             "path": path,
             "route": route,
             "status": status,
             "duration_ms": round(duration * 1000, 3),
-            "remote": req.remote_addr,
+            "remote": environ.get("REMOTE_ADDR"),
         }
         access_log.info(
             "%s %s %s", method, path, status, extra={"fields": fields, "request_id": request_id}
         )
+
+
+def _start() -> None:
+    begin(request.environ)
+
+
+def _finish(response: Response) -> Response:
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    environ = req.environ
+    request_id = environ.get(REQUEST_ID) or os.urandom(16).hex()
+    response.headers["X-Request-ID"] = request_id
+    rule = req.url_rule
+    route = rule.rule if rule is not None else "unmatched"
+    status = response.status_code
+    record(environ, route, req.method, status, req.path, environ.get(_STARTED), request_id)
     return response
+
+
+def _teardown(_error: BaseException | None) -> None:
+    end(request.environ)
 
 
 def register(app: Flask) -> None:
     app.register_blueprint(bp)
     app.before_request(_start)
     app.after_request(_finish)
+    app.teardown_request(_teardown)

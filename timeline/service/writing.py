@@ -41,6 +41,20 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
+def _firsts(lasts: Sequence[int], count: int) -> list[int]:
+    """Where each range starts (0 where nothing was allocated)."""
+    return [last - count + 1 if last else 0 for last in lasts]
+
+
+class _Claimed(Exception):
+    """A write that carried the claim stored nothing: the store holds another record of the
+    message, `claim`."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(claim.mid)
+        self.claim = claim
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """Messages stored: who has no copy, and where each timeline's range starts."""
@@ -124,13 +138,20 @@ class Writing(Repairing):
         ]
         count = len(messages)
         allocated = self._allocate(timelines, count, record)
-        claim = None
+        claim = first = None
         if record is not None:
-            allocated, claim = self._claim(timelines, count, record, mid, allocated)
+            if allocated.replayed or allocated.failed:
+                # A retry (or a bucket that failed): the store's record decides before
+                # anything is written.
+                allocated, claim = self._claim(timelines, count, record, mid, allocated)
+            else:
+                # A first attempt, as far as Redis knows: the claim is stored by the first
+                # write, ahead of the copies (on SQLite in the same transaction).
+                claim = first = self._claim_of(record, mid, allocated)
         plan = _Plan(
             ids=ids,
             timelines=timelines,
-            firsts=[last - count + 1 if last else 0 for last in allocated.lasts],
+            firsts=_firsts(allocated.lasts, count),
             messages=messages,
             created_at_ms=self._clock_ms(),
             mid=mid,
@@ -138,9 +159,19 @@ class Writing(Repairing):
             claim=claim,
             deadline_ms=deadline_ms,
         )
-        now = self._clock_ms()
-        ages = {p: now - at for p, at in allocated.replayed.items()}
-        failed = [ids[p] for p in self._store(plan, ages, allocated.failed)]
+        try:
+            positions = self._store(plan, self._ages(allocated), allocated.failed, first)
+        except _Claimed as claimed:
+            # The store holds another record of this message (Redis forgot it, or came back
+            # without it): nothing was written. Settled on the store's record, then written.
+            assert record is not None
+            assert first is not None
+            allocated, claim = self._settled(
+                timelines, count, record, mid, allocated, first, claimed.claim
+            )
+            plan = dataclasses.replace(plan, firsts=_firsts(allocated.lasts, count), claim=claim)
+            positions = self._store(plan, self._ages(allocated), allocated.failed)
+        failed = [ids[p] for p in positions]
         metrics.FAN_OUT.observe(len(recipients))
         if failed:
             metrics.FAILED_MEMBERS.inc(len(failed))
@@ -213,15 +244,32 @@ class Writing(Repairing):
         forgot since (a failover to a replica that lagged, a restart without persistence,
         FLUSHALL) and so allocated again. Those new sequences are given back or sealed, and
         Redis's records are set to the store's, so that later retries replay them."""
-        now = self._clock_ms()
-        mine = Claim(
+        mine = self._claim_of(record, mid, allocated)
+        stored = self.store.claim(mine, self._clock_ms())
+        return self._settled(timelines, count, record, mid, allocated, mine, stored)
+
+    def _claim_of(self, record: Record, mid: str, allocated: _Allocated) -> Claim:
+        """This attempt's claim: what it allocated, for the record's time to live."""
+        return Claim(
             mid=mid,
             fingerprint=record.fingerprint,
             lasts=tuple(allocated.lasts),
             allocated_ms=allocated.allocated_ms,
-            expires_ms=now + record.ttl_ms,
+            expires_ms=self._clock_ms() + record.ttl_ms,
         )
-        stored = self.store.claim(mine, now)
+
+    def _settled(
+        self,
+        timelines: list[Timeline],
+        count: int,
+        record: Record,
+        mid: str,
+        allocated: _Allocated,
+        mine: Claim,
+        stored: Claim,
+    ) -> tuple[_Allocated, Claim]:
+        """The sequences to write at, once the store answered this attempt's claim `mine`
+        with the record it holds, `stored` (see _claim)."""
         if stored == mine:
             return allocated, stored  # the usual case: the first attempt, now on record
         if stored.fingerprint != mine.fingerprint or len(stored.lasts) != len(mine.lasts):
@@ -346,10 +394,23 @@ class Writing(Repairing):
                 with contextlib.suppress(Unavailable):
                     self.store.seal(kind, keys, now)
 
-    def _store(self, plan: _Plan, replayed: dict[int, int], failed: set[int]) -> list[int]:
+    def _ages(self, allocated: _Allocated) -> dict[int, int]:
+        """The positions an earlier attempt allocated, with how long ago (ms)."""
+        now = self._clock_ms()
+        return {p: now - at for p, at in allocated.replayed.items()}
+
+    def _store(
+        self,
+        plan: _Plan,
+        replayed: dict[int, int],
+        failed: set[int],
+        claim: Claim | None = None,
+    ) -> list[int]:
         """Write until every timeline's copies are stored, retrying what may succeed.
         `replayed`: the positions an earlier attempt allocated, with how long ago (ms);
-        `failed`: those never allocated (reported, never written).
+        `failed`: those never allocated (reported, never written); `claim`: to be stored
+        with the first write (raises _Claimed, nothing written, when the store holds
+        another record of the message).
 
         Returns the positions whose copies could not be stored (the plan's firsts say where
         the others finally are: some may have moved). Raises when the history copies cannot
@@ -388,7 +449,17 @@ class Writing(Repairing):
             positions = range(1, total) if everyone else sorted(todo - {0})[:per_write]
             sync = plan.copies(None if everyone else positions) if positions else None
             try:
-                result = self.store.write(history, sync)
+                result = self.store.write(history, sync, claim, self._clock_ms())
+                if claim is not None:
+                    if result.claimed is not None:
+                        raise _Claimed(result.claimed)  # another record: nothing written
+                    if result.history_taken:
+                        # Nothing written, the claim neither: stored on its own, before
+                        # anything is looked at or moved.
+                        stored = self.store.claim(claim, self._clock_ms())
+                        if stored != claim:
+                            raise _Claimed(stored)
+                    claim = None  # stored
                 self._count_written(history, sync, result)
                 if result.history_taken:
                     taken = [0]

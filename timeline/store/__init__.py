@@ -42,6 +42,9 @@ class WriteResult:
 
     history_taken: bool = False  # then no sync document was attempted
     sync_taken: list[int] = field(default_factory=list)  # positions in `sync.rows()`
+    # The record of the write's claim's mid that was stored already and differs from it:
+    # then nothing was written (see Store.write).
+    claimed: Claim | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +93,13 @@ class Store(Protocol):
 
     backend: str
 
-    def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
+    def write(
+        self,
+        history: Copies | None,
+        sync: Copies | None,
+        claim: Claim | None = None,
+        now_ms: int = 0,
+    ) -> WriteResult:
         """Store a request's copies: one bulk write per collection, or, for a big one,
         several in a row (see split), so that no single transaction or operation runs long:
         on SQLite no other writer waits a large part of its busy timeout behind it.
@@ -110,6 +119,12 @@ class Store(Protocol):
         Finding keys taken costs what storing them would, or less: a replay of a request
         whose copies are all stored (a client's retry) is set-based work, never a
         statement or a savepoint per copy or per timeline.
+
+        With `claim`, the claim is stored first, as claim(claim, now_ms) would store it, and
+        where the store can, in the same transaction as the first copies (SQLite: one
+        transaction instead of two for an idempotent message's first attempt). When a
+        record of its mid that differs from it holds already, nothing is written and that
+        record comes back as `claimed`.
         """
         ...
 

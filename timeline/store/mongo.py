@@ -287,8 +287,20 @@ class MongoStore:
 
     # --- writing --------------------------------------------------------------------------
 
-    def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
+    def write(
+        self,
+        history: Copies | None,
+        sync: Copies | None,
+        claim: Claim | None = None,
+        now_ms: int = 0,
+    ) -> WriteResult:
         self._writable()
+        if claim is not None:
+            # Its own collection, so not one transaction with the copies: the claim first,
+            # as claim() stores it (the contract asks no more).
+            stored = self.claim(claim, now_ms)
+            if stored != claim:
+                return WriteResult(claimed=stored)
         if history is not None and not self._call("write", lambda: self._write_history(history)):
             return WriteResult(history_taken=True)
         if sync is None:

@@ -354,7 +354,13 @@ class SQLiteStore:
 
     # --- writing --------------------------------------------------------------------------
 
-    def write(self, history: Copies | None, sync: Copies | None) -> WriteResult:
+    def write(
+        self,
+        history: Copies | None,
+        sync: Copies | None,
+        claim: Claim | None = None,
+        now_ms: int = 0,
+    ) -> WriteResult:
         """One transaction per part of the sync copies (see split: whole timelines, at most
         a chunk's rows and bytes each), the history copies in the first: a timeline's batch
         is stored together or reported taken together.
@@ -375,8 +381,10 @@ class SQLiteStore:
                 if committed:
                     self._let_waiting_writers_in()
                 first = history if not committed else None
-                result = self._write_part(conn, first, part)
-                if result.history_taken:
+                result = self._write_part(
+                    conn, first, part, claim if not committed else None, now_ms
+                )
+                if result.history_taken or result.claimed is not None:
                     return result  # the first part: nothing stored, all or none
                 taken.extend(offset + position for position in result.sync_taken)
                 committed += 1
@@ -398,11 +406,21 @@ class SQLiteStore:
         return WriteResult(sync_taken=taken)
 
     def _write_part(
-        self, conn: sqlite3.Connection, history: Copies | None, sync: Copies | None
+        self,
+        conn: sqlite3.Connection,
+        history: Copies | None,
+        sync: Copies | None,
+        claim: Claim | None = None,
+        now_ms: int = 0,
     ) -> WriteResult:
-        """One transaction: the history copies (all or none), then the sync copies."""
+        """One transaction: the claim, the history copies (all or none), then the sync
+        copies."""
         rows = list(sync.rows()) if sync is not None else []  # built before taking the lock
+        record = _claim_row(claim) if claim is not None else None
         self._begin(conn)
+        if record is not None and (claimed := _record_claim(conn, record, now_ms)) is not None:
+            conn.execute("ROLLBACK")
+            return WriteResult(claimed=claimed)
         if history is not None and not self._insert_history(conn, history):
             conn.execute("ROLLBACK")
             return WriteResult(history_taken=True)
@@ -412,10 +430,13 @@ class SQLiteStore:
                 conn.executemany(_INSERT[_SYNC], rows)
             except sqlite3.IntegrityError:
                 try:
-                    taken = self._write_sync_slowly(conn, history, sync, rows)
+                    taken = self._write_sync_slowly(conn, history, sync, rows, record, now_ms)
                 except _HistoryTaken:
                     conn.execute("ROLLBACK")
                     return WriteResult(history_taken=True)
+                except _Claimed as claimed_meanwhile:
+                    conn.execute("ROLLBACK")
+                    return WriteResult(claimed=claimed_meanwhile.claim)
         conn.execute("COMMIT")
         return WriteResult(sync_taken=taken)
 
@@ -433,6 +454,8 @@ class SQLiteStore:
         history: Copies | None,
         sync: Copies,
         rows: list[tuple[str, int, str, int, str]],
+        record: tuple[str, str, str, int, int] | None = None,
+        now_ms: int = 0,
     ) -> list[int]:
         """The rare path: a sync key was taken (or a replay: all of them, by its own
         earlier attempt). Start the transaction over (no savepoint on the fast path: it
@@ -442,6 +465,8 @@ class SQLiteStore:
         and no reader ever sees part of them twice. Returns the positions not written."""
         conn.execute("ROLLBACK")
         self._begin(conn)
+        if record is not None and (claimed := _record_claim(conn, record, now_ms)) is not None:
+            raise _Claimed(claimed)  # claimed between the two transactions
         if history is not None and not self._insert_history(conn, history):
             raise _HistoryTaken  # taken between the two transactions
         count = len(sync.messages)
@@ -719,15 +744,9 @@ class SQLiteStore:
         """One write transaction (taking part in the writer-lock scheme: see _begin): the
         upsert stores the claim unless an unexpired record is there; only when it did not
         is the record read back (a retry's path), in the same transaction."""
-        lasts = _lasts_text(claim.lasts)  # built before taking the lock
-        record = (claim.mid, claim.fingerprint, lasts, claim.allocated_ms, claim.expires_ms)
+        record = _claim_row(claim)  # built before taking the lock
         with self._transaction() as conn:
-            if conn.execute(_CLAIM, (*record, now_ms)).rowcount:
-                return claim  # inserted, or an expired record replaced
-            fingerprint, text, allocated_ms, expires_ms = conn.execute(
-                _CLAIMED, (claim.mid,)
-            ).fetchone()
-        return Claim(claim.mid, fingerprint, _lasts_of(text), allocated_ms, expires_ms)
+            return _record_claim(conn, record, now_ms) or claim
 
     def reclaim(self, claim: Claim) -> None:
         lasts = _lasts_text(claim.lasts)
@@ -778,6 +797,37 @@ def _flock(file: IO[bytes], operation: int) -> bool | None:
         log.debug("sqlite: flock on the -wait file failed: %s", exc)
         return None
     return True
+
+
+class _Claimed(Exception):
+    """A claim's mid holds another record (read in the transaction that found it)."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(claim.mid)
+        self.claim = claim
+
+
+def _claim_row(claim: Claim) -> tuple[str, str, str, int, int]:
+    return (
+        claim.mid,
+        claim.fingerprint,
+        _lasts_text(claim.lasts),
+        claim.allocated_ms,
+        claim.expires_ms,
+    )
+
+
+def _record_claim(
+    conn: sqlite3.Connection, row: tuple[str, str, str, int, int], now_ms: int
+) -> Claim | None:
+    """In the open transaction: store the claim unless an unexpired record of its mid is
+    there; None when it is stored (or the record equals it), else the record."""
+    if conn.execute(_CLAIM, (*row, now_ms)).rowcount:
+        return None  # inserted, or an expired record replaced
+    fingerprint, text, allocated_ms, expires_ms = conn.execute(_CLAIMED, (row[0],)).fetchone()
+    if (fingerprint, text, allocated_ms, expires_ms) == row[1:]:
+        return None  # this very claim, stored by an earlier try of the same write
+    return Claim(row[0], fingerprint, _lasts_of(text), allocated_ms, expires_ms)
 
 
 def _lasts_text(lasts: Sequence[int]) -> str:
