@@ -5,13 +5,19 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from timeline.embedded import redis_server_binary
+from timeline.factory import close_app, create_app
+from timeline.settings import Settings
 
 
 def free_port() -> int:
@@ -92,3 +98,25 @@ def put(
 
     one = Copies([id_], [seq], [message], created_at_ms, mid)
     store.write(one, None) if kind is Kind.HISTORY else store.write(None, one)
+
+
+class Quiet(WSGIRequestHandler):
+    """No access lines on stderr: stderr is what the tests read."""
+
+    def log(self, type: str, message: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The service on a free port, in a thread of this process; gives its URL."""
+    app = create_app(settings)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+        close_app(app)

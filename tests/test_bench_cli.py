@@ -7,38 +7,13 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
-from werkzeug.serving import WSGIRequestHandler, make_server
 
-from support import free_port
+from support import free_port, serving
 from timeline.bench.cli import main
 from timeline.bench.harness import Client
-from timeline.factory import close_app, create_app
 from timeline.settings import Settings
-
-
-class Quiet(WSGIRequestHandler):
-    """No access lines on stderr: stderr is what the tests read."""
-
-    def log(self, type: str, message: str, *args: object) -> None:
-        pass
-
-
-@contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """The service on a free port, in a thread of this process; gives its URL."""
-    app = create_app(settings)
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(10)
-        close_app(app)
 
 
 @pytest.fixture

@@ -169,16 +169,35 @@ def wrk_rate(url: str, name: str, seconds: float, connections: int, close: bool 
     return float(found.group(1))
 
 
+#: The group of the sendGroup scenario, in timeline-bench and in wrk/sendGroup.lua alike.
+GROUP_SIZE = 50
+
+
+def wrk_latency_ms(url: str, name: str, seconds: float) -> float:
+    """The median latency (ms) wrk measures for the scenario's script on one connection."""
+    exe = shutil.which("wrk")
+    assert exe is not None
+    command = [exe, "-t1", "-c1", f"-d{max(1, int(seconds))}s", "--latency"]
+    command += ["-s", str(WRK_SCRIPTS / f"{name}.lua"), url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    found = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", done.stdout, re.M)
+    if found is None:
+        raise RuntimeError(f"wrk {name} at {url} printed no median:\n{done.stdout}{done.stderr}")
+    value, unit = float(found.group(1)), found.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
 def throughput(
     ours: Server, baseline: Server, name: str, seconds: float, rounds: int, concurrency: int
 ) -> list[dict[str, float]]:
-    """A B A B: each round runs timeline, then the baseline, the same scenario and load;
-    with timeline-bench, and with wrk too where it is installed."""
+    """A B A B: each round runs timeline, then the baseline (the next round the other way
+    round), the same scenario and load; with timeline-bench, and with wrk too where it is
+    installed."""
     pairs = []
-    for _ in range(rounds):
+    for i in range(rounds):
         pair = {}
-        for server in (ours, baseline):
-            result = run(server.url, Scenario(name, 10), concurrency, duration=seconds)
+        for server in (ours, baseline) if i % 2 == 0 else (baseline, ours):
+            result = run(server.url, Scenario(name, GROUP_SIZE), concurrency, duration=seconds)
             errors = sum(result.errors.values())
             if errors:
                 raise RuntimeError(f"{server.name} {name}: {errors} errors")
@@ -201,22 +220,38 @@ def throughput(
     return pairs
 
 
+def _spread(values: list[float], fmt: str = ",.0f") -> str:
+    """The median, and the range when there are several: `1,234 (1,200-1,300)`."""
+    middle = format(statistics.median(values), fmt)
+    if len(values) < 2:
+        return middle
+    return f"{middle} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 def report(
     info: dict[str, str],
     scenarios: list[dict[str, Any]],
     fan: dict[str, Any],
     ab: dict[str, list[dict[str, float]]],
-    seconds: float,
-    concurrency: int,
+    args: argparse.Namespace,
+    with_wrk: bool,
 ) -> str:
+    seconds, concurrency, ab_seconds = args.seconds, args.concurrency, args.ab_seconds
+    rounds = len(next(iter(ab.values()))) if ab else 0
+    bench = f"timeline-bench --url URL --concurrency {concurrency} --duration {ab_seconds:.0f}"
+    wrk = f"wrk -t2 -c{concurrency} -d{ab_seconds:.0f}s -s timeline/bench/wrk/SCENARIO.lua URL"
     lines = [
         "# Benchmarks",
         "",
-        "Made by `make bench` (`python -m timeline.bench.suite`), which starts the service on",
-        "the embedded default (SQLite and a local redis-server over a unix socket) under",
-        "gunicorn with 2 workers, drives it with `timeline-bench` from the same machine, and",
-        "writes this page. Numbers from a 2-core machine that also runs the load generator",
-        "and Redis; they vary by 10-20% from run to run, so compare within one run.",
+        "Made by `make bench` (`python -m timeline.bench.suite`, about 8 minutes), which starts",
+        "the service on the embedded default (SQLite and a local redis-server over a unix",
+        "socket) under gunicorn with 2 workers, and beside it the least Flask app that serves",
+        "the same routes (`timeline/bench/baseline.py`: per send one EVALSHA and one SQLite",
+        "transaction, per sync one SELECT and one GET; no validation, idempotency, metrics or",
+        "logs), served the same way. Both are driven from the same 2-core machine, which also",
+        "runs Redis and the load generator: figures vary by 10-20% from run to run, so compare",
+        "within one run. Every request carries a `client_msg_id` of its own, as the README",
+        "tells callers; replies are all checked to be 2xx.",
         "",
         "## Machine",
         "",
@@ -224,27 +259,78 @@ def report(
         "| --- | --- |",
         *(f"| {key} | {value} |" for key, value in info.items()),
         "",
-        "## Scenarios",
-        "",
-        f"Each {seconds:.0f} s, {concurrency} workers (one connection each), `--verify` after.",
-        "",
-        "| scenario | requests/s | messages/s (history + sync) | p50 ms | p95 ms | p99 ms "
-        "| max ms | errors | verify | load generator CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
-    for s in scenarios:
-        name = s["scenario"] + (f" ({s['group_size']} members)" if s["group_size"] else "")
-        verdict = s["verify"]
-        lines.append(
-            f"| {name} | {s['requests_per_second']:,.0f} | {s['messages_per_second']:,.0f} "
-            f"({s['history_copies_per_second']:,.0f} + {s['sync_copies_per_second']:,.0f}) "
-            f"| {s['p50']:.1f} | {s['p95']:.1f} | {s['p99']:.1f} | {s['max']:.1f} "
-            f"| {s['errors']} | {'ok' if verdict['ok'] else 'FAILED'} "
-            f"({verdict['timelines']} timelines) | {s['client_cpu_cores']:.2f} cores |"
-        )
-    lines += ["", "![latency of the send scenario](benchmarks-send.png)", ""]
+    if with_wrk:
+        lines += [
+            "## Throughput: requests/s, timeline against the least app",
+            "",
+            f"{rounds} rounds A B, B A, A B ..., {ab_seconds:.0f} s each, {concurrency} keep-alive "
+            "connections; median (lowest-highest) over the rounds. wrk (C, 2 threads) is the "
+            "measure; timeline-bench drives the same scenario right before it.",
+            "",
+            "| scenario | timeline, wrk | least app, wrk | ratio | timeline, timeline-bench "
+            "| timeline-bench / wrk | timeline, new connection each | least app, new "
+            "connection each |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, pairs in ab.items():
+            label = f"{name} ({GROUP_SIZE} members)" if name == "sendGroup" else name
+            if name == "sync":
+                label = "sync (20 entries)"
+            lines.append(
+                f"| {label} | {_spread([p['timeline wrk'] for p in pairs])} "
+                f"| {_spread([p['baseline wrk'] for p in pairs])} "
+                f"| **{_spread([p['timeline wrk'] / p['baseline wrk'] for p in pairs], '.2f')}** "
+                f"| {_spread([p['timeline'] for p in pairs])} "
+                f"| {_spread([p['timeline'] / p['timeline wrk'] for p in pairs], '.2f')} "
+                f"| {_spread([p['timeline wrk close'] for p in pairs])} "
+                f"| {_spread([p['baseline wrk close'] for p in pairs])} |"
+            )
+        lines += [
+            "",
+            "Keep-alive connections are what a backend caller with a connection pool (or nginx",
+            "with `keepalive` upstreams, as `configs/nginx.conf` sets) gets; one connection per",
+            "request is a caller without a pool, or curl (`Connection: close`, half as long).",
+            "",
+        ]
+    else:
+        lines += [
+            "## Throughput: requests/s, timeline against the least app",
+            "",
+            "(wrk is not installed here, so this run has timeline-bench's figures only: "
+            "`apt-get install wrk` and run again for the C load generator's.)",
+            "",
+            "| scenario | timeline, timeline-bench | least app, timeline-bench | ratio |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, pairs in ab.items():
+            lines.append(
+                f"| {name} | {_spread([p['timeline'] for p in pairs])} "
+                f"| {_spread([p['baseline'] for p in pairs])} "
+                f"| **{_spread([p['timeline'] / p['baseline'] for p in pairs], '.2f')}** |"
+            )
+        lines.append("")
+    lines += [
+        "Each round, in order (timeline-bench's figure, then wrk's):",
+        "",
+        "| scenario | round | timeline, timeline-bench | least app, timeline-bench"
+        + (" | timeline, wrk | least app, wrk | ratio (wrk) |" if with_wrk else " | ratio |"),
+        "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if with_wrk else ""),
+    ]
+    for name, pairs in ab.items():
+        for i, p in enumerate(pairs, 1):
+            row = f"| {name} | {i} | {p['timeline']:,.0f} | {p['baseline']:,.0f} |"
+            if with_wrk:
+                row += (
+                    f" {p['timeline wrk']:,.0f} | {p['baseline wrk']:,.0f} "
+                    f"| {p['timeline wrk'] / p['baseline wrk']:.2f} |"
+                )
+            else:
+                row += f" {p['timeline'] / p['baseline']:.2f} |"
+            lines.append(row)
     ratio = fan["ours"] / fan["floor"]
     lines += [
+        "",
         "## Fan-out: a sendGroup to 10,000 members",
         "",
         "Median over HTTP of one request at a time, interleaved with the raw floor: one EVALSHA",
@@ -253,8 +339,14 @@ def report(
         "",
         "| | median ms | budget | |",
         "| --- | ---: | --- | --- |",
-        f"| timeline, over HTTP | {fan['ours']:.1f} (p95 {fan['ours_p95']:.1f}) "
+        f"| timeline, over HTTP ({fan['samples']} requests) | {fan['ours']:.1f} "
+        f"(p95 {fan['ours_p95']:.1f}) "
         f"| at most {BUDGET_MS:.0f} ms | {'met' if fan['ours'] <= BUDGET_MS else 'missed'} |",
+        *(
+            [f"| timeline, over HTTP, wrk on one connection | {fan['wrk']:.1f} | | |"]
+            if "wrk" in fan
+            else []
+        ),
         f"| raw floor, in process | {fan['floor']:.1f} | | |",
         f"| ratio | {ratio:.2f}x | at most {FLOOR_RATIO}x "
         f"| {'met' if ratio <= FLOOR_RATIO else 'missed'} |",
@@ -276,66 +368,50 @@ def report(
             "",
         ]
     lines += [
-        "## Throughput against the least Flask app",
+        "## Scenarios, with --verify",
         "",
-        "`timeline/bench/baseline.py` serves the same routes with nothing else: per send one",
-        "EVALSHA and one SQLite transaction, per sync one SELECT and one GET; no validation,",
-        "idempotency, metrics or logs. Same gunicorn settings. Runs alternate A B A B,",
-        f"{seconds:.0f} s each, {concurrency} workers; sync reads 20 entries.",
+        f"timeline-bench alone, each {seconds:.0f} s, {concurrency} workers (one keep-alive "
+        "connection each), `--verify` after: every acknowledged message read back, each "
+        "timeline 1..N without a hole or a copy twice.",
         "",
-        "| scenario | round | timeline req/s | baseline req/s | ratio |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| scenario | requests/s | messages/s (history + sync) | p50 ms | p95 ms | p99 ms "
+        "| max ms | errors | verify | load generator CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
-    for name, pairs in ab.items():
-        for i, pair in enumerate(pairs, 1):
-            lines.append(
-                f"| {name} | {i} | {pair['timeline']:,.0f} | {pair['baseline']:,.0f} "
-                f"| {pair['timeline'] / pair['baseline']:.2f} |"
-            )
-        total = sum(p["timeline"] for p in pairs) / sum(p["baseline"] for p in pairs)
+    for sc in scenarios:
+        name = sc["scenario"] + (f" ({sc['group_size']} members)" if sc["group_size"] else "")
+        verdict = sc["verify"]
         lines.append(
-            f"| **{name}** | all | | | **{total:.2f}** "
-            f"({'met' if total >= THROUGHPUT_RATIO else 'missed'}: at least {THROUGHPUT_RATIO}) |"
+            f"| {name} | {sc['requests_per_second']:,.0f} | {sc['messages_per_second']:,.0f} "
+            f"({sc['history_copies_per_second']:,.0f} + {sc['sync_copies_per_second']:,.0f}) "
+            f"| {sc['p50']:.1f} | {sc['p95']:.1f} | {sc['p99']:.1f} | {sc['max']:.1f} "
+            f"| {sc['errors']} | {'ok' if verdict['ok'] else 'FAILED'} "
+            f"({verdict['timelines']} timelines) | {sc['client_cpu_cores']:.2f} cores |"
         )
-    if all("timeline wrk" in pair for pairs in ab.values() for pair in pairs):
-        lines += [
-            "",
-            "The same rounds measured by `wrk` (C, 2 threads, the same number of keep-alive",
-            "connections; `timeline/bench/wrk/*.lua`), and with one connection per request",
-            "(`Connection: close`, half as long), right after timeline-bench's run of each:",
-            "",
-            "| scenario | round | timeline, wrk | baseline, wrk | ratio | timeline-bench / wrk "
-            "| timeline, new connection each | baseline, new connection each |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for name, pairs in ab.items():
-            for i, p in enumerate(pairs, 1):
-                lines.append(
-                    f"| {name} | {i} | {p['timeline wrk']:,.0f} | {p['baseline wrk']:,.0f} "
-                    f"| {p['timeline wrk'] / p['baseline wrk']:.2f} "
-                    f"| {p['timeline'] / p['timeline wrk']:.2f} "
-                    f"| {p['timeline wrk close']:,.0f} | {p['baseline wrk close']:,.0f} |"
-                )
-    else:
-        lines += ["", "(wrk is not installed here: no C load generator figures in this run.)"]
+    lines += ["", "![latency of the send scenario](benchmarks-send.png)", ""]
     lines += [
-        "",
-        "What timeline does per request that the baseline does not: strict validation, the",
-        "request id, one JSON access line, four metric updates, the idempotency and repair",
-        "plumbing around the same EVALSHA and transaction, and for sync the floor, lowest",
-        "entry and hole checks (one statement with the page) and entry timestamps. A miss",
-        "below 0.8 is that cost; the spread between rounds is this machine's noise.",
-    ]
-    lines += [
-        "",
         "## Reproduce",
         "",
         "```sh",
-        "make bench        # about two and a half minutes; rewrites this page and its plot",
+        "make bench        # everything on this page, and its plot",
         "```",
         "",
-        "Or drive any running service: `timeline-bench --url http://127.0.0.1:8000 "
-        "--scenario sendGroup --group-size 50 --duration 3 --verify --json out.json`.",
+        "Or one figure at a time, against any running service (URL, e.g. "
+        "`http://127.0.0.1:8000` from `make run`; the least app: `TIMELINE_REDIS_URL=... "
+        "gunicorn -w 2 -k timeline.worker.TimelineWorker --threads 4 "
+        "timeline.bench.baseline:app`):",
+        "",
+        "| figure | command |",
+        "| --- | --- |",
+        f"| requests/s, wrk | `{wrk}` (SCENARIO: send, sendGroup, sync) |",
+        "| one connection per request | the same, with `-H 'Connection: close'` |",
+        f"| requests/s, timeline-bench | `{bench} --scenario send` (sendGroup: "
+        f"`--group-size {GROUP_SIZE}`) |",
+        f"| scenarios with verify | `timeline-bench --url URL --scenario sendGroup "
+        f"--group-size 50 --concurrency {concurrency} --duration {seconds:.0f} --verify "
+        "--json out.json` |",
+        "| fan-out, wrk | `wrk -t1 -c1 -d5s --latency -s timeline/bench/wrk/fanout.lua URL` |",
+        "| fan-out against the floor | `make bench` (the floor runs in process) |",
         "",
     ]
     return "\n".join(lines)
@@ -360,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="timeline.bench.suite")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--ab-seconds", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fan-out-samples", type=int, default=25)
     args = parser.parse_args(argv)
 
@@ -416,15 +494,21 @@ def main(argv: list[str] | None = None) -> int:
         floor = Floor(redis_url, work / "floor.sqlite3", FAN_OUT)
         fan = fan_out(ours.url, floor, args.fan_out_samples)
         floor.close()
-        say(f"  timeline {fan['ours']:.1f} ms, floor {fan['floor']:.1f} ms")
+        if shutil.which("wrk"):
+            fan["wrk"] = wrk_latency_ms(ours.url, "fanout", min(args.seconds, 5))
+        say(
+            f"  timeline {fan['ours']:.1f} ms, floor {fan['floor']:.1f} ms"
+            + (f", wrk median {fan['wrk']:.1f} ms" if "wrk" in fan else "")
+        )
 
         say("throughput against the least Flask app (A B A B)")
         ab = {
-            name: throughput(ours, baseline, name, args.seconds, 2, args.concurrency)
-            for name in ("send", "sync")
+            name: throughput(ours, baseline, name, args.ab_seconds, args.rounds, args.concurrency)
+            for name in ("send", "sendGroup", "sync")
         }
         text = keep_sections(
-            report(machine(), scenarios, fan, ab, args.seconds, args.concurrency), args.out
+            report(machine(), scenarios, fan, ab, args, shutil.which("wrk") is not None),
+            args.out,
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
