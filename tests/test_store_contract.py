@@ -727,3 +727,27 @@ def test_a_file_without_the_idempotency_table_gets_it(tmp_path: Path) -> None:
     assert store.claim(first, NOW) == first
     assert held(store, first) == first
     assert [e.seq for e in store.read(Kind.SYNC, "a", 0, 10)] == [1]
+
+
+def test_sqlite_reads_wait_out_a_moment_of_sqlite_busy(sqlite_store: SQLiteStore) -> None:
+    """Writers wait for the lock in _begin; reads, which SQLite lets through in WAL mode,
+    see SQLITE_BUSY only when another connection holds the file exclusively (recovering
+    the WAL, closing the last connection), mostly as a connection is made: they wait it
+    out, up to the busy timeout, though connections have no busy handler once made."""
+    sqlite_store.write(None, copies("a", 1))
+    sqlite_store.close()  # its connection is made again by the read below
+    other = sqlite3.connect(sqlite_store.path, isolation_level=None, check_same_thread=False)
+    other.execute("PRAGMA locking_mode = EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")
+    other.execute("SELECT COUNT(*) FROM chat_sync").fetchall()  # the exclusive lock, taken
+    # Another connection of this process (the store's is per thread) is refused meanwhile.
+    probe = sqlite3.connect(sqlite_store.path, timeout=0)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        probe.execute("SELECT COUNT(*) FROM chat_sync").fetchall()
+    probe.close()
+    release = threading.Timer(0.2, other.close)
+    release.start()
+    started = time.monotonic()
+    assert [e.seq for e in sqlite_store.read(Kind.SYNC, "a", 0, 10)] == [1]
+    assert time.monotonic() - started >= 0.15  # it waited for the lock, then read
+    release.join()

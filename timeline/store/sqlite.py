@@ -8,11 +8,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import repeat
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import orjson
 
@@ -116,6 +116,7 @@ WRITE_CHUNK_BYTES = 1 << 20
 # longer between tries (up to 100 ms), and would keep missing the moments between a big
 # write's transactions; this one tries every half millisecond.
 _LOCK_POLL_S = 0.0005
+_T = TypeVar("_T")
 # Between two transactions of a big write, how long it lets waiting writers go first at
 # most (they announce themselves, see _begin): about one transaction's worth, so that under
 # a steady stream of small writes the big one still gets half of the lock's time.
@@ -207,6 +208,8 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = self._connection()
+            # Several workers open the file at once: here SQLite's own busy handler waits.
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("SELECT json_extract('[1]', '$[0]')")  # the JSON functions exist
             for table in COLLECTIONS.values():
@@ -217,6 +220,7 @@ class SQLiteStore:
             # In a file an earlier version made too: IF NOT EXISTS.
             conn.execute(_IDEMPOTENCY_SCHEMA)
             conn.execute(_IDEMPOTENCY_EXPIRY)
+            conn.execute("PRAGMA busy_timeout = 0")  # from here on, see _begin and _read
         except (sqlite3.Error, OSError) as exc:
             dependency_failed("store")
             raise Unavailable(f"sqlite store at {self.path} cannot be opened") from exc
@@ -249,13 +253,16 @@ class SQLiteStore:
         if conn is None or self._local.pid != os.getpid():
             conn = sqlite3.connect(
                 self.path,
-                timeout=self._busy_timeout,
+                timeout=self._busy_timeout,  # while the connection is set up (below)
                 isolation_level=None,  # explicit BEGIN/COMMIT below
                 check_same_thread=False,
             )
             conn.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: no corruption, ever
             conn.execute("PRAGMA wal_autocheckpoint=10000")  # see _Checkpointer
             conn.execute("PRAGMA cache_size=-32768")  # 32 MiB of pages per connection
+            # Then no busy handler: writers wait in _begin, readers in _read (instead of two
+            # PRAGMAs turning SQLite's handler off and on around every write transaction).
+            conn.execute("PRAGMA busy_timeout = 0")
             self._local.conn = conn
             self._local.pid = os.getpid()
         return conn
@@ -287,27 +294,41 @@ class SQLiteStore:
         which a big write looks at between its transactions (_let_waiting_writers_in) to
         let waiting writers go first. When the lock is free, this costs nothing more.
         """
-        conn.execute("PRAGMA busy_timeout = 0")
+        if _begin_immediate(conn):
+            return
+        deadline = time.monotonic() + self._busy_timeout
+        waiting = self._waiting_file()
+        announced = False
         try:
-            if _begin_immediate(conn):
-                return
-            deadline = time.monotonic() + self._busy_timeout
-            waiting = self._waiting_file()
-            announced = False
-            try:
-                while True:
-                    if not announced and waiting is not None:
-                        # Refused only for the instant a big write looks: next time, then.
-                        announced = _flock(waiting, fcntl.LOCK_SH | fcntl.LOCK_NB) is True
-                    time.sleep(_LOCK_POLL_S)
-                    if _begin_immediate(conn, last_try=time.monotonic() >= deadline):
-                        return
-            finally:
-                if announced and waiting is not None:
-                    _flock(waiting, fcntl.LOCK_UN)
+            while True:
+                if not announced and waiting is not None:
+                    # Refused only for the instant a big write looks: next time, then.
+                    announced = _flock(waiting, fcntl.LOCK_SH | fcntl.LOCK_NB) is True
+                time.sleep(_LOCK_POLL_S)
+                if _begin_immediate(conn, last_try=time.monotonic() >= deadline):
+                    return
         finally:
-            # Reads keep SQLite's own handler (in WAL mode they hardly ever wait at all).
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            if announced and waiting is not None:
+                _flock(waiting, fcntl.LOCK_UN)
+
+    def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """A read outside any transaction. In WAL mode readers do not wait for writers; they
+        see SQLITE_BUSY only in rare moments (another connection recovering the WAL, or
+        closing the last connection): then the read is tried again, every half millisecond,
+        up to the busy timeout."""
+        conn = self._connection()
+        deadline = 0.0
+        while True:
+            try:
+                return work(conn)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + self._busy_timeout
+                if now >= deadline:
+                    raise
+                time.sleep(_LOCK_POLL_S)
 
     def _let_waiting_writers_in(self) -> None:
         """Between two transactions of a big write (or of the purge): while another writer
@@ -346,7 +367,7 @@ class SQLiteStore:
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         try:
-            return self._connection().execute(sql, params).fetchall()
+            return self._read(lambda conn: conn.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
             log.warning("sqlite read failed: %s", exc)
             dependency_failed("store")
@@ -564,7 +585,8 @@ class SQLiteStore:
         if not keys:
             return {}
         try:
-            return self._stored(self._connection(), COLLECTIONS[kind], _ranges(keys))
+            ranges = _ranges(keys)
+            return self._read(lambda conn: self._stored(conn, COLLECTIONS[kind], ranges))
         except sqlite3.Error as exc:
             log.warning("sqlite read failed: %s", exc)
             dependency_failed("store")
