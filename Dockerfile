@@ -1,4 +1,5 @@
-# timeline: the service under gunicorn, as a non-root user.
+# timeline: the service under gunicorn, as a non-root user: HTTP on 8000 and, beside the
+# workers, the gRPC API (timeline-grpc) on 9000, as go-timeline serves them.
 #   docker build -t timeline .      (or: make docker)
 FROM python:3.11-slim
 
@@ -8,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOST=0.0.0.0 \
     PORT=8000 \
-    WEB_CONCURRENCY=2
+    WEB_CONCURRENCY=2 \
+    TIMELINE_GRPC_BIND=0.0.0.0:9000
 
 WORKDIR /app
 
@@ -23,6 +25,14 @@ COPY app.py gunicorn.conf.py ./
 COPY configs/ configs/
 COPY lua/ lua/
 COPY timeline/ timeline/
+# The gRPC code, generated from timeline/rpc/v1/timeline.proto (never copied in: see
+# .dockerignore) by the grpcio-tools pyproject.toml's build requires, which leaves the image
+# in the same step.
+RUN python -c "import tomllib; print('\n'.join(r for r in tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'] if r.startswith('grpcio-tools')))" > /tmp/codegen.txt \
+    && pip install -r /tmp/codegen.txt \
+    && python -m timeline.rpc.codegen \
+    && pip uninstall -y grpcio-tools \
+    && rm /tmp/codegen.txt
 
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app timeline \
     && mkdir -p /app/var \
@@ -30,7 +40,11 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app timeline \
 USER timeline
 
 EXPOSE 8000
+EXPOSE 9000
+# Liveness of both: gunicorn's /healthz and timeline-grpc's health service (the probe passes
+# at once when TIMELINE_GRPC_BIND is off).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/healthz', timeout=2)"]
+    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/healthz', timeout=2)" \
+        && python -m timeline.rpc.probe --timeout 1
 
 CMD ["gunicorn", "app:app"]

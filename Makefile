@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 # One stamp per install and per pyproject.toml content: `make run` installs the runtime
 # dependencies only, `make test` the dev extra (which holds them too, so it leaves the
 # runtime stamp behind as well). A changed pyproject.toml has new stamps: both reinstall.
-HASH := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+# So has a changed timeline.proto: the install generates the gRPC code from it (setup.py).
+HASH := $(shell cat pyproject.toml timeline/rpc/v1/timeline.proto | cksum | cut -d' ' -f1)
 RUNTIME := $(VENV)/.installed-runtime-$(HASH)
 DEV := $(VENV)/.installed-dev-$(HASH)
 PORT ?= 8000
@@ -36,9 +37,10 @@ $(DEV): | $(BIN)/python
 install: $(DEV)
 
 ## run: serve the API on http://127.0.0.1:$(PORT) with 2 gunicorn workers on the embedded
-## default (a redis-server and SQLite under var/), unless TIMELINE_* variables say otherwise.
+## default (a redis-server and SQLite under var/), unless TIMELINE_* variables say otherwise,
+## and the gRPC API on TIMELINE_GRPC_BIND (127.0.0.1:9000 unless set; off: HTTP alone).
 run: $(RUNTIME)
-	$(BIN)/gunicorn app:app
+	TIMELINE_GRPC_BIND="$${TIMELINE_GRPC_BIND-127.0.0.1:9000}" $(BIN)/gunicorn app:app
 
 ## lint: ruff (lint and format) and mypy.
 lint: $(DEV)
@@ -82,3 +84,4 @@ down:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -f timeline/rpc/v1/timeline_pb2*.py* timeline/rpc/v1/timeline_proto.sha256

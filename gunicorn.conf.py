@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# None of these imports prometheus_client, which reads PROMETHEUS_MULTIPROC_DIR (set below).
+# None of these imports prometheus_client, which reads PROMETHEUS_MULTIPROC_DIR (set below),
+# nor grpc, which does not survive the fork of the workers.
 from timeline import embedded
 from timeline.logs import logging_config
+from timeline.rpc.supervisor import GrpcChild, StartFailed
 from timeline.settings import SettingsError, load_settings
 
 try:
@@ -68,6 +70,25 @@ def on_starting(server: Any) -> None:
         _lease = embedded.Lease(_settings.data_dir)
 
 
+# The gRPC API (timeline-grpc) beside the workers, when TIMELINE_GRPC_BIND is set (make run
+# and the image set it): started once gunicorn listens, before any worker, started again if
+# it dies, stopped on exit before the embedded redis-server it may use.
+_grpc: GrpcChild | None = None
+
+
+def when_ready(server: Any) -> None:
+    global _grpc
+    if _settings.grpc_bind is None or _settings.grpc_listen is None:
+        return
+    child = GrpcChild(grace_s=_settings.gap_grace_ms / 1000)
+    try:
+        child.start()
+    except StartFailed as exc:
+        on_exit(server)
+        sys.exit(f"timeline: {exc}; TIMELINE_GRPC_BIND=off serves HTTP alone")
+    _grpc = child
+
+
 def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
@@ -83,5 +104,7 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
+    if _grpc is not None:
+        _grpc.stop()  # first: its calls in flight may still need the embedded redis-server
     if _lease is not None:
         _lease.release()

@@ -45,7 +45,7 @@ def test_images_meet_the_minimum_versions() -> None:
 def test_timeline_is_built_here_and_waits_for_healthy_dependencies() -> None:
     timeline = SERVICES["timeline"]
     assert timeline["build"] == "."
-    assert "ports" not in timeline  # only the proxy is published
+    assert timeline["ports"] == ["9322:9000"]  # gRPC only: HTTP goes through the proxy
     assert SERVICES["proxy"]["ports"] == ["9321:8000"]  # as the seed maps it
     assert timeline["depends_on"] == {
         "mongo": {"condition": "service_healthy"},

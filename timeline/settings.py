@@ -27,6 +27,31 @@ TTL_BACKSTOP_SECONDS = 86_400
 RETENTION_MAX_SECONDS = 2**31 - 1 - TTL_BACKSTOP_SECONDS
 #: How the service finds its Redis (redis_mode).
 REDIS_MODES = ("standalone", "cluster", "sentinel")
+#: Where timeline-grpc listens when grpc_bind is unset, and the grpc_bind that turns it off.
+GRPC_DEFAULT_BIND = "127.0.0.1:9000"
+GRPC_OFF = "off"
+
+
+def check_grpc_bind(value: str) -> None:
+    """A gRPC listening address: host:port ([::]:9000 for IPv6) or unix:/path; ValueError
+    when malformed. Port 0 lets the system pick one."""
+    if value.startswith("unix:"):
+        if not value.removeprefix("unix:").lstrip("/"):
+            raise ValueError(f"{value!r} names no socket path")
+        return
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if (
+        not sep
+        or not host.strip("[]")
+        or not port.isdigit()
+        or int(port) > 65535
+        or (":" in host and not bracketed)  # an IPv6 address needs its brackets
+    ):
+        raise ValueError(
+            f"must be host:port (127.0.0.1:9000, 0.0.0.0:9000, [::]:9000), unix:/path or "
+            f"{GRPC_OFF}, got {value!r}"
+        )
 
 
 def sentinel_addresses(value: str) -> list[tuple[str, int]]:
@@ -143,6 +168,19 @@ class Settings:
     http_keepalive_ms: int = 5_000
     http_threads: int = 4
 
+    # The gRPC API (timeline-grpc, timeline/rpc/): host:port or unix:/path. Unset,
+    # timeline-grpc listens on GRPC_DEFAULT_BIND and gunicorn serves HTTP alone; set, gunicorn's
+    # master also runs timeline-grpc beside its workers (make run and the image set it). "off":
+    # no gRPC at all.
+    grpc_bind: str | None = None
+
+    @property
+    def grpc_listen(self) -> str | None:
+        """Where timeline-grpc listens; None when grpc_bind is off."""
+        if self.grpc_bind == GRPC_OFF:
+            return None
+        return self.grpc_bind or GRPC_DEFAULT_BIND
+
     @property
     def embedded_redis(self) -> bool:
         return self.redis_mode == "standalone" and not self.redis_url
@@ -221,6 +259,11 @@ class Settings:
                 "redis_url must start with redis://, rediss:// or unix://", names=("redis_url",)
             )
         self._validate_redis_mode()
+        if self.grpc_bind is not None and self.grpc_bind != GRPC_OFF:
+            try:
+                check_grpc_bind(self.grpc_bind)
+            except ValueError as exc:
+                raise SettingsError(f"grpc_bind {exc}", names=("grpc_bind",)) from None
         if self.embedded_redis:
             # The embedded redis-server listens on a unix socket under data_dir, and a socket
             # path longer than the kernel's sun_path is cut short by redis-server (it would
@@ -284,6 +327,11 @@ class Settings:
         return dataclasses.replace(self, **changes).validate()
 
 
+#: How a TIMELINE_* variable spells a boolean setting.
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
 def _coerce(name: str, kind: Any, raw: Any, origin: str) -> Any:
     """Turn a YAML value or an environment string into the field's type."""
     optional = kind == "str | None"
@@ -299,6 +347,16 @@ def _coerce(name: str, kind: Any, raw: Any, origin: str) -> Any:
             return int(str(raw).replace("_", ""))
         except ValueError as exc:
             raise SettingsError(f"{origin}: {name} must be an integer, got {raw!r}") from exc
+    if base == "bool":
+        # YAML gives a boolean; a variable gives text, read in the usual spellings.
+        if isinstance(raw, bool):
+            return raw
+        word = raw.strip().lower() if isinstance(raw, str) else None
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise SettingsError(f"{origin}: {name} must be true or false, got {raw!r}")
     if base == "str":
         if not isinstance(raw, str | int | float) or isinstance(raw, bool):
             raise SettingsError(f"{origin}: {name} must be a string")

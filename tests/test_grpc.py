@@ -1,0 +1,1065 @@
+"""The gRPC API in process: a real grpc server on a free port, a client generated from the
+project's .proto, a real redis-server and both stores; the HTTP API beside it on the same
+Redis and store, for the calls that cross transports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from grpc_status import rpc_status
+from prometheus_client import REGISTRY
+
+from support import put
+from timeline.errors import PartialWrite, Unavailable
+from timeline.factory import create_app
+from timeline.logs import JsonFormatter, RequestIdFilter
+from timeline.model import Kind, Message
+from timeline.rpc.calls import Calls
+from timeline.rpc.server import Runtime, TimelineServer
+from timeline.rpc.status import KRATOS_CODES, grpc_code
+from timeline.rpc.v1 import timeline_pb2 as pb
+from timeline.rpc.v1 import timeline_pb2_grpc
+from timeline.settings import Settings
+from timeline.store import Store, WriteResult
+from timeline.store.sqlite import SQLiteStore
+
+SEED_TEXTS = ["吃了吗？", "吃了", "大家好", "报三围", "初次见面，多多指教"]
+
+
+class Grpc:
+    """A TimelineServer in this process on a free port, and a client of it."""
+
+    def __init__(self, settings: Settings, store: Store | None = None, **options: Any) -> None:
+        self.runtime = Runtime.open(settings, store=store)
+        self.server = TimelineServer(
+            self.runtime, "127.0.0.1:0", **({"health_interval_s": 0.1} | options)
+        )
+        self.server.start()
+        self.address = f"127.0.0.1:{self.server.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = timeline_pb2_grpc.TimelineStub(self.channel)
+
+    def health(self, service: str = "") -> int:
+        check = self.channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        status: int = check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return status
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0)
+        self.runtime.close()
+
+
+@pytest.fixture
+def rpc(settings: Settings, store: Store) -> Iterator[Grpc]:
+    """The gRPC API on both stores, in turn."""
+    served = Grpc(settings, store)
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def http(settings: Settings, store: Store) -> Any:
+    """The HTTP API on the same Redis and store as `rpc`."""
+    return create_app(settings, store=store).test_client()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a failed call carries: go-kratos's code, message and one ErrorInfo."""
+
+    code: grpc.StatusCode
+    reason: str
+    message: str
+    metadata: dict[str, str]
+    retry_after_s: int | None  # google.rpc.RetryInfo, sent beside it on UNAVAILABLE
+    trailing: dict[str, Any]
+
+
+def failure(call: Callable[[], Any]) -> Failure:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    error: Any = raised.value
+    status = rpc_status.from_call(error)  # also checks code and message agree with the call
+    assert status is not None, (error.code(), error.details())
+    infos, retries = [], []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retries.append(retry.retry_delay.seconds)
+    [info] = infos  # exactly one, as go-kratos sends it
+    return Failure(
+        code=error.code(),
+        reason=info.reason,
+        message=error.details(),
+        metadata=dict(info.metadata),
+        retry_after_s=retries[0] if retries else None,
+        trailing=dict(error.trailing_metadata()),
+    )
+
+
+def send(
+    stub: Any,
+    sender: str,
+    receiver: str,
+    message: Any,
+    *,
+    timeout: float | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+    **fields: Any,
+) -> Any:
+    text = message if isinstance(message, str) else json.dumps(message, ensure_ascii=False)
+    request = pb.SendMessageRequest(**{"from": sender, "to": receiver}, message=text, **fields)
+    return stub.Send(request, timeout=timeout, metadata=metadata)
+
+
+def send_group(stub: Any, group: str, members: list[str], message: Any, **fields: Any) -> Any:
+    text = message if isinstance(message, str) else json.dumps(message, ensure_ascii=False)
+    request = pb.SendGroupRequest(group_name=group, group_members=members, message=text, **fields)
+    return stub.SendGroup(request)
+
+
+def single(stub: Any, a: str, b: str, **extra: Any) -> Any:
+    return stub.GetSingleHistoryMessage(
+        pb.GetSingleHistoryMessageRequest(**{"from": a, "to": b}, **extra)
+    )
+
+
+def rfc3339(entry: Any) -> str:
+    """A TimelineEntry's timestamp as the HTTP API writes it ("" when unset)."""
+    if not entry.HasField("timestamp"):
+        return ""
+    ms = entry.timestamp.seconds * 1000 + entry.timestamp.nanos // 1_000_000
+    moment = datetime.fromtimestamp(ms // 1000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+
+
+def as_http(entries: Any) -> list[dict[str, str]]:
+    """Entries of a gRPC reply in the HTTP API's JSON form."""
+    return [
+        {"sequence": str(e.sequence), "message": e.message, "timestamp": rfc3339(e)}
+        for e in entries
+    ]
+
+
+def texts(entries: Any) -> list[tuple[int, str]]:
+    return [(e.sequence, json.loads(e.message)["text"]) for e in entries]
+
+
+# --- go-timeline's seed, and what a go-timeline client leaves unset ------------------------
+
+
+def test_the_seed_scenario_over_grpc(rpc: Grpc) -> None:
+    # Given the seed's conversation, sent over gRPC as a go-timeline client sends it
+    stub = rpc.stub
+    assert send(stub, "a", "b", {"text": SEED_TEXTS[0]}).sequence == 1
+    assert send(stub, "b", "a", {"text": SEED_TEXTS[1]}).sequence == 2
+    for text in SEED_TEXTS[2:]:
+        reply = send_group(stub, "group_a", ["a", "c", "d"], {"text": text})
+        assert list(reply.failed_members) == []
+
+    # Then a's sync timeline holds all five, in order, numbered 1 to 5
+    sync = stub.GetSyncMessage(pb.SyncMessageRequest(member="a", last_read=0, count=10))
+    assert texts(sync.entry_set) == list(enumerate(SEED_TEXTS, start=1))
+    assert (sync.latest_seq, sync.entry_set_last_seq, sync.min_seq) == (5, 5, 1)
+    # And the histories: two private messages, three group messages, each from 1
+    for a, b in (("a", "b"), ("b", "a")):
+        assert texts(single(stub, a, b).entry_set) == [(1, SEED_TEXTS[0]), (2, SEED_TEXTS[1])]
+    group = stub.GetGroupHistoryMessage(pb.GetGroupHistoryMessageRequest(group="group_a"))
+    assert texts(group.entry_set) == list(enumerate(SEED_TEXTS[2:], start=1))
+    # And pulling on from entry_set_last_seq, as a client does, ends with an empty set
+    rest = stub.GetSyncMessage(pb.SyncMessageRequest(member="a", last_read=5))
+    assert (list(rest.entry_set), rest.latest_seq, rest.entry_set_last_seq) == ([], 5, 0)
+    c = stub.GetSyncMessage(pb.SyncMessageRequest(member="c", last_read=1, count=1))
+    assert texts(c.entry_set) == [(2, SEED_TEXTS[3])]
+
+    # A request missing its fields is refused as over HTTP
+    refused = failure(lambda: stub.Send(pb.SendMessageRequest(**{"from": "a"})))
+    assert (refused.code, refused.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TIMELINE_INVALID_PARAM",
+    )
+    assert refused.metadata == {"field": "to"}
+
+
+def test_a_client_that_sets_nothing_of_ours_gets_go_timelines_answers(rpc: Grpc) -> None:
+    stub = rpc.stub
+    # count 0 (proto3's unset) is the default page of 100, forward, from the start
+    stub.Send(
+        pb.SendMessageRequest(
+            **{"from": "x", "to": "y"}, messages=[json.dumps({"i": i}) for i in range(100)]
+        )
+    )
+    send(stub, "x", "y", {"i": 100})
+    page = stub.GetSyncMessage(pb.SyncMessageRequest(member="y"))
+    assert [e.sequence for e in page.entry_set] == list(range(1, 101))
+    assert (page.latest_seq, page.entry_set_last_seq) == (101, 100)
+    history = single(stub, "y", "x")
+    assert [e.sequence for e in history.entry_set] == list(range(1, 101))
+    assert history.next_before == 0
+    # A single message's reply has go-timeline's field only
+    reply = send(stub, "x", "y", {"i": 101})
+    assert (reply.sequence, list(reply.sequences)) == (102, [])
+
+
+# --- the same data through both transports -----------------------------------------------
+
+
+def test_a_message_sent_over_one_transport_is_read_over_the_other(rpc: Grpc, http: Any) -> None:
+    stub = rpc.stub
+    # Sends alternate between gRPC and HTTP: the sequences run on, one counter per timeline
+    assert send(stub, "a", "b", {"text": "1 grpc"}).sequence == 1
+    reply = http.post(
+        "/timeline/send", json={"from": "b", "to": "a", "message": {"text": "2 http"}}
+    )
+    assert reply.get_json() == {"sequence": "2"}
+    batch = stub.Send(
+        pb.SendMessageRequest(
+            **{"from": "a", "to": "b"},
+            messages=[json.dumps({"text": "3 grpc"}), json.dumps({"text": "4 grpc"})],
+        )
+    )
+    assert (batch.sequence, list(batch.sequences)) == (4, [3, 4])
+    group = {"group_name": "g", "group_members": ["a", "b"], "message": {"text": "g1 http"}}
+    assert http.post("/timeline/sendGroup", json=group).get_json() == {"failedMembers": []}
+    assert list(send_group(stub, "g", ["b", "a"], {"text": "g2 grpc"}).failed_members) == []
+
+    # Then both transports read the same entries, timestamps included
+    for member in ("a", "b"):
+        over_http = http.get(f"/timeline/sync?member={member}&last_read=0&count=100").get_json()
+        over_grpc = stub.GetSyncMessage(pb.SyncMessageRequest(member=member, count=100))
+        assert over_http["entrySet"] == as_http(over_grpc.entry_set)
+        assert [e.sequence for e in over_grpc.entry_set] == [1, 2, 3, 4, 5, 6]
+        assert over_http["latestSeq"] == str(over_grpc.latest_seq) == "6"
+        assert over_http["minSeq"] == str(over_grpc.min_seq) == "1"
+        assert all(e.HasField("timestamp") for e in over_grpc.entry_set)
+    over_http = http.get("/timeline/history/single/b/a").get_json()
+    assert over_http["entrySet"] == as_http(single(rpc.stub, "a", "b").entry_set)
+    assert [e["sequence"] for e in over_http["entrySet"]] == ["1", "2", "3", "4"]
+    over_grpc = stub.GetGroupHistoryMessage(pb.GetGroupHistoryMessageRequest(group="g"))
+    assert http.get("/timeline/history/group/g").get_json()["entrySet"] == as_http(
+        over_grpc.entry_set
+    )
+    assert texts(over_grpc.entry_set) == [(1, "g1 http"), (2, "g2 grpc")]
+
+    # An ack over one is seen over the other
+    assert stub.Ack(pb.AckRequest(member="b", seq=2)).min_seq == 3
+    assert http.get("/timeline/sync?member=b").get_json()["minSeq"] == "3"
+    assert http.post("/timeline/ack", json={"member": "b", "seq": "4"}).get_json() == {
+        "minSeq": "5"
+    }
+    assert stub.GetSyncMessage(pb.SyncMessageRequest(member="b")).min_seq == 5
+
+
+def test_a_retry_with_the_same_client_msg_id_is_answered_once_across_transports(
+    rpc: Grpc, http: Any
+) -> None:
+    stub = rpc.stub
+    first = send(stub, "a", "b", {"text": "hi"}, client_msg_id="a-0001")
+    again = send(stub, "a", "b", {"text": "hi"}, client_msg_id="a-0001")
+    over_http = http.post(
+        "/timeline/send",
+        json={"from": "a", "to": "b", "message": {"text": "hi"}, "client_msg_id": "a-0001"},
+    )
+    assert first.sequence == again.sequence == 1
+    assert over_http.get_json() == {"sequence": "1"}
+    # Stored once, everywhere
+    assert [
+        e.sequence for e in stub.GetSyncMessage(pb.SyncMessageRequest(member="b")).entry_set
+    ] == [1]
+    assert len(single(stub, "a", "b").entry_set) == 1
+    # A group retry lists its members in another order: still the first answer, one copy each
+    for members in (["c", "d"], ["d", "c"]):
+        reply = send_group(stub, "g", members, {"text": "yo"}, client_msg_id="g-1")
+        assert list(reply.failed_members) == []
+    group = stub.GetGroupHistoryMessage(pb.GetGroupHistoryMessageRequest(group="g"))
+    assert [e.sequence for e in group.entry_set] == [1]
+    # The same id with another message is go-kratos's 409: ABORTED
+    reused = failure(lambda: send(stub, "a", "b", {"text": "other"}, client_msg_id="a-0001"))
+    assert (reused.code, reused.reason, reused.metadata) == (
+        grpc.StatusCode.ABORTED,
+        "TIMELINE_CLIENT_MSG_ID_REUSED",
+        {},
+    )
+    assert reused.message == (
+        "client_msg_id was already used for another message in this conversation"
+    )
+
+
+def test_extensions_batches_min_seq_backward_history_and_ack(rpc: Grpc) -> None:
+    stub = rpc.stub
+    messages = [json.dumps({"n": n}) for n in range(1, 6)]
+    reply = stub.Send(pb.SendMessageRequest(**{"from": "a", "to": "b"}, messages=messages))
+    assert (reply.sequence, list(reply.sequences)) == (5, [1, 2, 3, 4, 5])
+
+    # Backward from the newest, two at a time, following next_before to the start
+    pages, before = [], 0
+    while True:
+        page = single(
+            stub, "b", "a", direction=pb.HISTORY_DIRECTION_BACKWARD, count=2, before=before
+        )
+        pages.append([e.sequence for e in page.entry_set])
+        before = page.next_before
+        if not before:
+            break
+    assert pages == [[5, 4], [3, 2], [1]]
+    group = stub.GetGroupHistoryMessage(
+        pb.GetGroupHistoryMessageRequest(group="nobody", direction=pb.HISTORY_DIRECTION_BACKWARD)
+    )
+    assert (list(group.entry_set), group.next_before) == ([], 0)
+
+    # Ack: b's entries up to 3 leave its sync timeline; history and latest_seq stay
+    assert stub.Ack(pb.AckRequest(member="b", seq=3)).min_seq == 4
+    assert stub.Ack(pb.AckRequest(member="b", seq=3)).min_seq == 4  # idempotent
+    sync = stub.GetSyncMessage(pb.SyncMessageRequest(member="b"))
+    assert ([e.sequence for e in sync.entry_set], sync.latest_seq, sync.min_seq) == ([4, 5], 5, 4)
+    assert stub.Ack(pb.AckRequest(member="b", seq=0)).min_seq == 4  # 0 is a seq, acking nothing
+    assert len(single(stub, "a", "b").entry_set) == 5
+
+
+# --- errors: go-kratos's code, the HTTP envelope's reason and metadata ---------------------
+
+
+def test_the_code_of_each_http_status_is_go_kratos() -> None:
+    expected = {
+        400: "INVALID_ARGUMENT",
+        401: "UNAUTHENTICATED",
+        403: "PERMISSION_DENIED",
+        404: "NOT_FOUND",
+        409: "ABORTED",
+        429: "RESOURCE_EXHAUSTED",
+        500: "INTERNAL",
+        501: "UNIMPLEMENTED",
+        503: "UNAVAILABLE",
+        504: "DEADLINE_EXCEEDED",
+        413: "UNKNOWN",  # go-kratos maps no other code: UNKNOWN
+        408: "UNKNOWN",
+        418: "UNKNOWN",
+    }
+    assert {code: grpc_code(code).name for code in expected} == expected
+    assert set(expected) - {413, 408, 418} <= set(KRATOS_CODES)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad request, over gRPC and over HTTP."""
+
+    name: str
+    grpc: Callable[[Any], Any]
+    http: Callable[[Any], Any]
+
+
+def _send(**fields: Any) -> Callable[[Any], Any]:
+    return lambda stub: stub.Send(pb.SendMessageRequest(**fields))
+
+
+def _post(path: str, body: dict[str, Any]) -> Callable[[Any], Any]:
+    return lambda client: client.post(path, data=json.dumps(body))
+
+
+OK_MESSAGE = json.dumps({"text": "hi"})
+BAD_REQUESTS = [
+    Case(
+        "from missing",
+        _send(to="b", message=OK_MESSAGE),
+        _post("/timeline/send", {"to": "b", "message": OK_MESSAGE}),
+    ),
+    Case(
+        "':' in from",
+        _send(**{"from": "a:x", "to": "b", "message": OK_MESSAGE}),
+        _post("/timeline/send", {"from": "a:x", "to": "b", "message": OK_MESSAGE}),
+    ),
+    Case(
+        "'/' in to",
+        _send(**{"from": "a", "to": "b/c", "message": OK_MESSAGE}),
+        _post("/timeline/send", {"from": "a", "to": "b/c", "message": OK_MESSAGE}),
+    ),
+    Case(
+        "message missing",
+        _send(**{"from": "a", "to": "b"}),
+        _post("/timeline/send", {"from": "a", "to": "b"}),
+    ),
+    Case(
+        "message not JSON",
+        _send(**{"from": "a", "to": "b", "message": "{oops"}),
+        _post("/timeline/send", {"from": "a", "to": "b", "message": "{oops"}),
+    ),
+    Case(
+        "message not an object",
+        _send(**{"from": "a", "to": "b", "message": "[1]"}),
+        _post("/timeline/send", {"from": "a", "to": "b", "message": "[1]"}),
+    ),
+    Case(
+        "a key repeated in the message",
+        _send(**{"from": "a", "to": "b", "message": '{"k": 1, "k": 2}'}),
+        _post("/timeline/send", {"from": "a", "to": "b", "message": '{"k": 1, "k": 2}'}),
+    ),
+    Case(
+        "a '$' key",
+        _send(**{"from": "a", "to": "b", "message": '{"$ref": "x"}'}),
+        _post("/timeline/send", {"from": "a", "to": "b", "message": '{"$ref": "x"}'}),
+    ),
+    Case(
+        "message and messages",
+        _send(**{"from": "a", "to": "b", "message": OK_MESSAGE, "messages": [OK_MESSAGE]}),
+        _post(
+            "/timeline/send",
+            {"from": "a", "to": "b", "message": OK_MESSAGE, "messages": [OK_MESSAGE]},
+        ),
+    ),
+    Case(
+        "a batch over batch_max_messages",
+        _send(**{"from": "a", "to": "b", "messages": [OK_MESSAGE] * 3}),
+        _post("/timeline/send", {"from": "a", "to": "b", "messages": [OK_MESSAGE] * 3}),
+    ),
+    Case(
+        "a bad message in a batch",
+        _send(**{"from": "a", "to": "b", "messages": [OK_MESSAGE, "7"]}),
+        _post("/timeline/send", {"from": "a", "to": "b", "messages": [OK_MESSAGE, "7"]}),
+    ),
+    Case(
+        "client_msg_id with ':'",
+        _send(**{"from": "a", "to": "b", "message": OK_MESSAGE, "client_msg_id": "x:y"}),
+        _post(
+            "/timeline/send",
+            {"from": "a", "to": "b", "message": OK_MESSAGE, "client_msg_id": "x:y"},
+        ),
+    ),
+    Case(
+        "no members",
+        lambda stub: stub.SendGroup(pb.SendGroupRequest(group_name="g", message=OK_MESSAGE)),
+        _post("/timeline/sendGroup", {"group_name": "g", "message": OK_MESSAGE}),
+    ),
+    Case(
+        "a bad member",
+        lambda stub: stub.SendGroup(
+            pb.SendGroupRequest(group_name="g", group_members=["a", ".."], message=OK_MESSAGE)
+        ),
+        _post(
+            "/timeline/sendGroup",
+            {"group_name": "g", "group_members": ["a", ".."], "message": OK_MESSAGE},
+        ),
+    ),
+    Case(
+        "too many members",
+        lambda stub: stub.SendGroup(
+            pb.SendGroupRequest(group_name="g", group_members=list("abcd"), message=OK_MESSAGE)
+        ),
+        _post(
+            "/timeline/sendGroup",
+            {"group_name": "g", "group_members": list("abcd"), "message": OK_MESSAGE},
+        ),
+    ),
+    Case(
+        "count over count_max",
+        lambda stub: stub.GetSyncMessage(pb.SyncMessageRequest(member="a", count=5000)),
+        lambda client: client.get("/timeline/sync?member=a&count=5000"),
+    ),
+    Case(
+        "a negative last_read",
+        lambda stub: stub.GetSyncMessage(pb.SyncMessageRequest(member="a", last_read=-1)),
+        lambda client: client.get("/timeline/sync?member=a&last_read=-1"),
+    ),
+    Case(
+        "member missing",
+        lambda stub: stub.GetSyncMessage(pb.SyncMessageRequest()),
+        lambda client: client.get("/timeline/sync"),
+    ),
+    Case(
+        "a negative history count",
+        lambda stub: stub.GetGroupHistoryMessage(
+            pb.GetGroupHistoryMessageRequest(group="g", count=-1)
+        ),
+        lambda client: client.get("/timeline/history/group/g?count=-1"),
+    ),
+    Case(
+        "a negative before",
+        lambda stub: single(stub, "a", "b", direction=pb.HISTORY_DIRECTION_BACKWARD, before=-1),
+        lambda client: client.get("/timeline/history/single/a/b?direction=backward&before=-1"),
+    ),
+    Case(
+        "ack without seq",
+        lambda stub: stub.Ack(pb.AckRequest(member="a")),
+        _post("/timeline/ack", {"member": "a"}),
+    ),
+    Case(
+        "ack below 0",
+        lambda stub: stub.Ack(pb.AckRequest(member="a", seq=-5)),
+        _post("/timeline/ack", {"member": "a", "seq": -5}),
+    ),
+    Case(
+        "a message over message_max_bytes",
+        _send(**{"from": "a", "to": "b", "message": json.dumps({"t": "x" * 300})}),
+        _post("/timeline/send", {"from": "a", "to": "b", "message": json.dumps({"t": "x" * 300})}),
+    ),
+    Case(
+        "more sync copies than request_documents_max",
+        lambda stub: stub.SendGroup(
+            pb.SendGroupRequest(
+                group_name="g", group_members=list("abc"), messages=[OK_MESSAGE] * 2
+            )
+        ),
+        _post(
+            "/timeline/sendGroup",
+            {"group_name": "g", "group_members": list("abc"), "messages": [OK_MESSAGE] * 2},
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[case.name for case in BAD_REQUESTS])
+def test_a_bad_request_is_refused_as_over_http(
+    settings: Settings, sqlite_store: SQLiteStore, case: Case
+) -> None:
+    # Limits low enough for each case to break one
+    settings = settings.replace(
+        batch_max_messages=2, group_members_max=3, message_max_bytes=256, request_documents_max=5
+    )
+    served = Grpc(settings, sqlite_store)
+    try:
+        got = failure(lambda: case.grpc(served.stub))
+        reply = case.http(create_app(settings, store=sqlite_store).test_client())
+    finally:
+        served.close()
+    envelope = reply.get_json()
+    assert envelope["code"] == reply.status_code
+    # The HTTP envelope's reason, message and metadata; go-kratos's code for its status
+    assert got.reason == envelope["reason"]
+    assert got.message == envelope["message"]
+    assert got.metadata == envelope["metadata"]
+    assert got.code == grpc_code(reply.status_code)
+    assert got.code in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNKNOWN}  # 400, 413
+    assert got.retry_after_s is None
+    # Nothing was stored: no timeline has a sequence
+    client = create_app(settings, store=sqlite_store).test_client()
+    for member in ("a", "b", "c", "d"):
+        assert client.get(f"/timeline/sync?member={member}").get_json()["latestSeq"] == "0"
+
+
+def test_an_unknown_direction_is_refused(rpc: Grpc) -> None:
+    refused = failure(lambda: single(rpc.stub, "a", "b", direction=7))
+    assert (refused.code, refused.reason, refused.metadata) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TIMELINE_INVALID_PARAM",
+        {"field": "direction"},
+    )
+
+
+def test_a_message_over_the_body_limit_is_refused_by_the_transport(
+    settings: Settings, sqlite_store: SQLiteStore
+) -> None:
+    served = Grpc(settings.replace(body_max_bytes=10_000), sqlite_store)
+    try:
+        with pytest.raises(grpc.RpcError) as raised:
+            send(served.stub, "a", "b", {"t": "x" * 20_000})
+        assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert send(served.stub, "a", "b", {"t": "x" * 5_000}).sequence == 1
+    finally:
+        served.close()
+
+
+def test_the_bearer_token_is_read_from_the_authorization_metadata(
+    settings: Settings, sqlite_store: SQLiteStore
+) -> None:
+    served = Grpc(settings.replace(api_token="s3cret"), sqlite_store)
+    try:
+        request = pb.SyncMessageRequest(member="a")
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
+            refused = failure(lambda m=metadata: served.stub.GetSyncMessage(request, metadata=m))
+            assert (refused.code, refused.reason) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "TIMELINE_UNAUTHORIZED",
+            )
+        good = (("authorization", "Bearer s3cret"),)
+        assert served.stub.GetSyncMessage(request, metadata=good).latest_seq == 0
+        sent = served.stub.Send(
+            pb.SendMessageRequest(**{"from": "a", "to": "b"}, message=OK_MESSAGE), metadata=good
+        )
+        assert sent.sequence == 1
+        # Health and reflection need no token, as /healthz and /readyz
+        assert served.health() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        served.close()
+
+
+class SyncCopiesRefused:
+    """A store that takes history copies and refuses every sync copy, failing halfway as
+    MongoDB can (PartialWrite: the history copy is stored)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    def write(self, history: Any, sync: Any, *more: Any) -> Any:
+        if sync is None:
+            return self.inner.write(history, None, *more)
+        if history is not None:
+            if self.inner.write(history, None, *more).history_taken:
+                return WriteResult(history_taken=True)
+            raise PartialWrite("injected: stored the history copy, not the sync copies")
+        raise Unavailable("injected: sync copies not stored")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_copies_not_stored_are_reported(settings: Settings, sqlite_store: SQLiteStore) -> None:
+    settings = settings.replace(store_retry_backoff_ms=1, store_write_attempts=2)
+    served = Grpc(settings, SyncCopiesRefused(sqlite_store))  # type: ignore[arg-type]
+    try:
+        # A send: go-kratos's 503, the members in metadata (a JSON list: map<string, string>)
+        failed = failure(lambda: send(served.stub, "a", "b", {"text": "x"}))
+        assert (failed.code, failed.reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "TIMELINE_WRITE_FAILED",
+        )
+        assert json.loads(failed.metadata["failedMembers"]) == ["a", "b"]
+        assert failed.retry_after_s == 1
+        # A group: its reply names them, as go-timeline's failed_members
+        reply = send_group(served.stub, "g", ["c", "d"], {"text": "y"})
+        assert list(reply.failed_members) == ["c", "d"]
+    finally:
+        served.close()
+
+
+class BrokenReads:
+    """A store whose reads fail with an error the service does not expect."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    def page(self, *args: Any) -> Any:
+        raise RuntimeError("injected: a bug")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_an_unexpected_error_is_internal_and_logged(
+    settings: Settings, sqlite_store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    served = Grpc(settings, BrokenReads(sqlite_store))  # type: ignore[arg-type]
+    try:
+        caplog.set_level(logging.ERROR, logger="timeline.rpc.calls")
+        broken = failure(lambda: served.stub.GetSyncMessage(pb.SyncMessageRequest(member="a")))
+        assert (broken.code, broken.reason, broken.message) == (
+            grpc.StatusCode.INTERNAL,
+            "TIMELINE_INTERNAL",
+            "internal error",
+        )
+        [logged] = [r for r in caplog.records if r.name == "timeline.rpc.calls"]
+        assert logged.exc_info is not None
+        assert "injected: a bug" in str(logged.exc_info[1])
+        # The server goes on serving
+        assert send(served.stub, "a", "b", {"text": "still here"}).sequence == 1
+    finally:
+        served.close()
+
+
+# --- dependencies down, deadlines -----------------------------------------------------------
+
+
+def test_redis_down_is_a_fast_unavailable_and_recovers(
+    tmp_path: Path, redis_factory: Any, key_prefix: str
+) -> None:
+    server = redis_factory()
+    settings = Settings(
+        redis_url=server.url, redis_key_prefix=key_prefix, sqlite_path=str(tmp_path / "t.db")
+    )
+    served = Grpc(settings)
+    try:
+        assert send(served.stub, "a", "b", {"text": "1"}).sequence == 1
+        assert served.health("timeline.v1.Timeline") == health_pb2.HealthCheckResponse.SERVING
+
+        server.stop()
+        calls = (
+            lambda: send(served.stub, "a", "b", {"text": "2"}),
+            lambda: served.stub.GetSyncMessage(pb.SyncMessageRequest(member="a")),
+        )
+        for call in calls:
+            started = time.monotonic()
+            down = failure(call)
+            # The bound is the behaviour: a refused connection answers at once.
+            assert time.monotonic() - started < 1.0
+            assert (down.code, down.reason) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "TIMELINE_UNAVAILABLE",
+            )
+            assert down.retry_after_s == 1  # HTTP's Retry-After: 1
+        # Readiness follows; liveness does not
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        wait_for(lambda: served.health("timeline.v1.Timeline") == not_serving, "NOT_SERVING")
+        assert served.health("") == health_pb2.HealthCheckResponse.SERVING
+
+        server.start()  # same port, and empty: the counters are gone
+        assert send(served.stub, "a", "b", {"text": "3"}).sequence == 2  # from the store
+        serving = health_pb2.HealthCheckResponse.SERVING
+        wait_for(lambda: served.health("timeline.v1.Timeline") == serving, "SERVING again")
+    finally:
+        served.close()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.02)
+
+
+def duration_count(method: str, status: int) -> float:
+    labels = {
+        "route": f"grpc:/timeline.v1.Timeline/{method}",
+        "method": "GRPC",
+        "status": str(status),
+    }
+    value = REGISTRY.get_sample_value("timeline_http_request_duration_seconds_count", labels)
+    return value or 0.0
+
+
+def duration_sum(method: str, status: int) -> float:
+    labels = {
+        "route": f"grpc:/timeline.v1.Timeline/{method}",
+        "method": "GRPC",
+        "status": str(status),
+    }
+    return REGISTRY.get_sample_value("timeline_http_request_duration_seconds_sum", labels) or 0.0
+
+
+def slow_writes(settings: Settings, tmp_path: Path) -> Settings:
+    """Settings under which a write waiting on SQLite's lock would go on trying for 10 s:
+    only the call's own deadline stops it sooner."""
+    return settings.replace(
+        sqlite_path=str(tmp_path / "locked.sqlite3"),
+        sqlite_busy_timeout_ms=100,
+        request_deadline_ms=10_000,
+        gap_grace_ms=13_000,
+        store_write_attempts=1000,
+        store_retry_backoff_ms=20,
+        store_retry_budget_ms=10_000,
+    )
+
+
+def test_a_write_stops_at_the_calls_deadline(settings: Settings, tmp_path: Path) -> None:
+    settings = slow_writes(settings, tmp_path)
+    served = Grpc(settings)
+    blocker = sqlite3.connect(settings.sqlite_path, isolation_level=None)
+    try:
+        before = duration_count("Send", 503)
+        # Given every store write waits on a lock another process holds
+        blocker.execute("BEGIN IMMEDIATE")
+        # When a send has half a second
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as raised:
+            served.stub.Send(
+                pb.SendMessageRequest(**{"from": "a", "to": "b"}, message=OK_MESSAGE), timeout=0.5
+            )
+        assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        # Then the server gives up on it soon after, while the lock is still held (without the
+        # deadline it would try for 10 s, and store the message once the lock is gone)
+        wait_for(lambda: duration_count("Send", 503) == before + 1, "the send to end", 3.0)
+        assert time.monotonic() - started < 2.0
+        blocker.execute("ROLLBACK")
+        time.sleep(0.5)
+        assert list(single(served.stub, "a", "b").entry_set) == []
+        # And the service writes again once the lock is free
+        assert send(served.stub, "a", "b", {"text": "later"}).sequence == 2
+    finally:
+        blocker.close()
+        served.close()
+
+
+def test_a_call_whose_deadline_passes_while_queued_never_starts(
+    settings: Settings, tmp_path: Path, redis_client: Any, key_prefix: str
+) -> None:
+    settings = slow_writes(settings, tmp_path)
+    served = Grpc(settings, threads=1)  # one call at a time
+    blocker = sqlite3.connect(settings.sqlite_path, isolation_level=None)
+    try:
+        # Given the only thread is busy with a write waiting on the lock
+        blocker.execute("BEGIN IMMEDIATE")
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(send, served.stub, "a", "b", {"text": "first"})
+            time.sleep(0.3)
+            # When another call's deadline passes while it waits for the thread
+            with pytest.raises(grpc.RpcError) as raised:
+                send(served.stub, "x", "y", {"text": "late"}, timeout=0.3)
+            assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+            blocker.execute("ROLLBACK")
+            assert busy.result(timeout=15).sequence == 1
+        time.sleep(0.3)
+        # Then it never ran (grpc drops it, or calls.py does when it is picked up before grpc
+        # noticed: test_a_call_picked_up_too_late_is_not_started): not even a sequence was
+        # allocated for it
+        assert not redis_client.exists(f"{key_prefix}seq:history:x:y")
+        assert redis_client.exists(f"{key_prefix}seq:history:a:b")
+        assert list(served.stub.GetSyncMessage(pb.SyncMessageRequest(member="y")).entry_set) == []
+    finally:
+        blocker.close()
+        served.close()
+
+
+class PickedUpLate:
+    """What a handler thread sees when it picks up a call whose deadline passed (or whose
+    client left) after grpc queued it, before grpc noticed: a context still open."""
+
+    def __init__(self, remaining: float, active: bool = True) -> None:
+        self.remaining, self.active = remaining, active
+        self.status: Any = None
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv6:%5B::1%5D:4321"
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    def abort_with_status(self, status: Any) -> None:
+        self.status = status
+        raise RuntimeError("aborted")  # what grpc's abort does: the handler stops here
+
+
+@pytest.mark.parametrize(
+    ("context", "code", "reason"),
+    [
+        (PickedUpLate(0.0), grpc.StatusCode.DEADLINE_EXCEEDED, "TIMELINE_DEADLINE_EXCEEDED"),
+        (PickedUpLate(5.0, active=False), grpc.StatusCode.CANCELLED, "TIMELINE_CANCELLED"),
+    ],
+)
+def test_a_call_picked_up_too_late_is_not_started(
+    rpc: Grpc, context: PickedUpLate, code: grpc.StatusCode, reason: str
+) -> None:
+    started: list[Any] = []
+    calls = Calls(rpc.runtime.service, None)
+    method = calls.method("Send", lambda *args: started.append(args), writes=True)
+    with pytest.raises(RuntimeError, match="aborted"):
+        method(pb.SendMessageRequest(), context)  # type: ignore[arg-type]
+    assert started == []
+    assert context.status.code is code
+    details = dict(context.status.trailing_metadata)["grpc-status-details-bin"]
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(details).details[0].Unpack(info)
+    assert info.reason == reason
+
+
+def test_a_write_gets_the_sooner_of_the_two_deadlines(rpc: Grpc) -> None:
+    calls = Calls(rpc.runtime.service, None)
+    seen: list[int] = []
+    method = calls.method(
+        "Send", lambda r, c, service: seen.append(service.policy.request_deadline_ms), writes=True
+    )
+    for remaining in (0.25, 1e9):
+        method(pb.SendMessageRequest(), PickedUpLate(remaining))  # type: ignore[arg-type]
+    assert seen == [250, rpc.runtime.service.policy.request_deadline_ms]
+    assert rpc.runtime.service.policy.request_deadline_ms == 3000  # the shared one untouched
+
+
+def test_a_second_server_on_the_same_address_is_refused(rpc: Grpc) -> None:
+    # grpc's default (SO_REUSEPORT) would let it bind and take half the calls, in silence
+    with pytest.raises(RuntimeError):
+        TimelineServer(rpc.runtime, rpc.address)
+
+
+# --- health, reflection, access lines, metrics ---------------------------------------------
+
+
+def test_health_and_reflection_answer(rpc: Grpc) -> None:
+    assert rpc.health("") == health_pb2.HealthCheckResponse.SERVING
+    assert rpc.health("timeline.v1.Timeline") == health_pb2.HealthCheckResponse.SERVING
+
+    # Reflection: the services, and the API's whole description, without any .proto
+    reflection = reflection_pb2_grpc.ServerReflectionStub(rpc.channel)
+    [listed] = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {service.name for service in listed.list_services_response.service}
+    assert names == {
+        "timeline.v1.Timeline",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(rpc.channel))
+    service = pool.FindServiceByName("timeline.v1.Timeline")
+    assert [m.name for m in service.methods] == [
+        "Send",
+        "SendGroup",
+        "GetSyncMessage",
+        "GetSingleHistoryMessage",
+        "GetGroupHistoryMessage",
+        "Ack",
+    ]
+    entry = pool.FindMessageTypeByName("timeline.v1.TimelineEntry")
+    assert [(f.name, f.number) for f in entry.fields] == [
+        ("sequence", 1),
+        ("message", 2),
+        ("timestamp", 3),
+    ]
+
+
+def test_health_says_not_serving_while_it_stops(settings: Settings, store: Store) -> None:
+    served = Grpc(settings, store)
+    health = served.health
+    try:
+        assert health("") == health_pb2.HealthCheckResponse.SERVING
+        served.server.health.enter_graceful_shutdown()  # what stop() does first
+        assert health("") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health("timeline.v1.Timeline") == health_pb2.HealthCheckResponse.NOT_SERVING
+        time.sleep(0.3)  # the readiness checks go on: they must not say SERVING again
+        assert health("timeline.v1.Timeline") == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        served.close()
+
+
+def test_one_access_line_per_call_with_the_request_id(
+    rpc: Grpc, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="timeline.access")
+    ok_before, bad_before = duration_count("Send", 200), duration_count("Send", 400)
+    reply, call = rpc.stub.Send.with_call(
+        pb.SendMessageRequest(**{"from": "a", "to": "b"}, message=OK_MESSAGE),
+        metadata=(("x-request-id", "req-1"),),
+    )
+    assert reply.sequence == 1
+    assert dict(call.trailing_metadata())["x-request-id"] == "req-1"
+    refused = failure(
+        lambda: rpc.stub.Send(
+            pb.SendMessageRequest(**{"from": "a"}), metadata=(("x-request-id", 'x" "evil'),)
+        )
+    )
+    made = refused.trailing["x-request-id"]
+    assert made != 'x" "evil'
+    assert len(made) == 32
+
+    lines = [
+        json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "timeline.access"
+    ]
+    assert [(line["msg"], line["request_id"]) for line in lines] == [
+        ("GRPC /timeline.v1.Timeline/Send 200", "req-1"),
+        ("GRPC /timeline.v1.Timeline/Send 400", made),
+    ]
+    first = lines[0]
+    assert {key: first[key] for key in ("method", "path", "route", "status", "grpc_code")} == {
+        "method": "GRPC",
+        "path": "/timeline.v1.Timeline/Send",
+        "route": "grpc:/timeline.v1.Timeline/Send",
+        "status": 200,
+        "grpc_code": "OK",
+    }
+    assert lines[1]["grpc_code"] == "INVALID_ARGUMENT"
+    assert first["duration_ms"] > 0
+    assert first["remote"] == "127.0.0.1"
+    # The request metrics count them, as HTTP's
+    assert duration_count("Send", 200) == ok_before + 1
+    assert duration_count("Send", 400) == bad_before + 1
+    assert duration_sum("Send", 200) > 0
+
+
+def test_a_call_logs_with_its_request_id(
+    settings: Settings, sqlite_store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What the service logs while serving a call carries the call's id
+    settings = settings.replace(store_retry_backoff_ms=1, store_write_attempts=2)
+    served = Grpc(settings, SyncCopiesRefused(sqlite_store))  # type: ignore[arg-type]
+    try:
+        caplog.set_level(logging.WARNING)
+        caplog.handler.addFilter(RequestIdFilter())  # as logging_config installs it
+        reply = served.stub.SendGroup(
+            pb.SendGroupRequest(group_name="g", group_members=["c"], message=OK_MESSAGE),
+            metadata=(("x-request-id", "req-log"),),
+        )
+        assert list(reply.failed_members) == ["c"]
+        warned = [r for r in caplog.records if r.name == "timeline.service"]
+        assert warned
+        for record in warned:
+            line = json.loads(JsonFormatter().format(record))
+            assert line["request_id"] == "req-log"
+    finally:
+        served.close()
+
+
+def test_entries_without_a_creation_time_have_no_timestamp(
+    rpc: Grpc, http: Any, store: Store
+) -> None:
+    # A document go-timeline wrote (no creation time), in a history kept forever
+    text = '{"text":"from go-timeline"}'
+    put(store, Kind.HISTORY, "old", 1, Message({"text": "from go-timeline"}, text), 0, "m")
+    reply = rpc.stub.GetGroupHistoryMessage(pb.GetGroupHistoryMessageRequest(group="old"))
+    [entry] = reply.entry_set
+    assert (entry.sequence, entry.message, entry.HasField("timestamp")) == (1, text, False)
+    over_http = http.get("/timeline/history/group/old").get_json()["entrySet"]
+    assert over_http == as_http([entry]) == [{"sequence": "1", "message": text, "timestamp": ""}]
+
+
+def test_calls_run_at_once_on_the_thread_pool(rpc: Grpc) -> None:
+    # Many clients at once: every timeline stays 1..N, each message once
+    members = [f"u{i}" for i in range(10)]
+
+    def one(i: int) -> list[str]:
+        return list(send_group(rpc.stub, "room", members, {"i": i}).failed_members)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(failed == [] for failed in pool.map(one, range(40)))
+    for member in members:
+        sync = rpc.stub.GetSyncMessage(pb.SyncMessageRequest(member=member, count=1000))
+        assert [e.sequence for e in sync.entry_set] == list(range(1, 41))
+        assert sorted(json.loads(e.message)["i"] for e in sync.entry_set) == list(range(40))
+
+
+def test_graceful_stop_lets_a_call_in_flight_finish(settings: Settings, tmp_path: Path) -> None:
+    settings = slow_writes(settings, tmp_path)
+    served = Grpc(settings)
+    blocker = sqlite3.connect(settings.sqlite_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with ThreadPoolExecutor(2) as pool:
+            # Given a send in flight, waiting on the store
+            in_flight = pool.submit(send, served.stub, "a", "b", {"text": "in flight"})
+            time.sleep(0.3)
+            # When the server stops with a grace period, and the store frees up meanwhile
+            stopped = pool.submit(served.server.stop, 5.0)
+            time.sleep(0.3)
+            # Then new calls are refused at once
+            with pytest.raises(grpc.RpcError) as refused:
+                send(served.stub, "c", "d", {"text": "too late"})
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            blocker.execute("ROLLBACK")
+            # And the call in flight completes
+            assert in_flight.result(timeout=10).sequence == 1
+            stopped.result(timeout=10)
+    finally:
+        blocker.close()
+        served.channel.close()
+        served.runtime.close()

@@ -1,0 +1,231 @@
+"""The gRPC server: the service built as create_app builds it, timeline.v1.Timeline, health
+(grpc.health.v1), server reflection, and a graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from timeline.allocator import open_allocator
+from timeline.embedded import Lease
+from timeline.errors import TimelineError
+from timeline.rpc.calls import SERVICE_NAME, Calls
+from timeline.rpc.servicer import TimelineServicer
+from timeline.service import Policy, TimelineService, _now_ms
+from timeline.settings import Settings
+from timeline.store import Preparer, Purger, Store, open_store, retention_ms
+from timeline.validation import Limits
+
+log = logging.getLogger(__name__)
+
+#: Calls run at once (the service's clients are thread-safe, as under gunicorn's threads).
+THREADS = 16
+#: Calls accepted at once, running or queued for a thread; beyond, grpc answers
+#: RESOURCE_EXHAUSTED at once rather than let a queue grow without bound. A queued call
+#: whose deadline passes meanwhile is refused when its turn comes (calls.Calls).
+MAX_CALLS = 256
+#: How often readiness (Redis, the store, its indexes) is checked for the health service.
+HEALTH_INTERVAL_S = 2.0
+
+
+def policy_of(settings: Settings) -> Policy:
+    """The service's policy, as create_app builds it."""
+    return Policy(
+        gap_grace_ms=settings.gap_grace_ms,
+        request_deadline_ms=settings.request_deadline_ms,
+        record_ttl_ms=settings.idempotency_ttl_seconds * 1000,
+        write_attempts=settings.store_write_attempts,
+        retry_backoff_ms=settings.store_retry_backoff_ms,
+        retry_budget_ms=settings.store_retry_budget_ms,
+        sync_retention_ms=settings.sync_retention_seconds * 1000,
+        history_retention_ms=settings.history_retention_seconds * 1000,
+    )
+
+
+@dataclass
+class Runtime:
+    """What one process serves with: the service and its background work, as create_app
+    wires them for a gunicorn worker (the embedded redis-server is held by a lease)."""
+
+    settings: Settings
+    service: TimelineService
+    purger: Purger
+    preparer: Preparer
+    lease: Lease | None = None
+    owns_store: bool = True  # False when the store was given: its owner closes it
+    _closed: bool = field(default=False, repr=False)
+
+    @classmethod
+    def open(cls, settings: Settings, *, store: Store | None = None) -> Runtime:
+        """`store` replaces the one the settings name (tests use it for mongomock)."""
+        lease = Lease(settings.data_dir) if settings.embedded_redis else None
+        owns_store = store is None
+        try:
+            allocator = open_allocator(settings, lease.url if lease else settings.redis_url)
+            store = store or open_store(settings)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        service = TimelineService(allocator, store, policy_of(settings))
+        purger = Purger(store, retention_ms(settings), settings.purge_interval_seconds, _now_ms)
+        purger.start()
+        preparer = Preparer(store)
+        preparer.start()
+        log.info(
+            "timeline-grpc ready: store=%s redis=%s",
+            store.backend,
+            "embedded" if settings.embedded_redis else allocator.describe(),
+        )
+        return cls(settings, service, purger, preparer, lease, owns_store)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.purger.stop()
+        self.preparer.stop()
+        self.service.allocator.close()
+        if self.owns_store:
+            self.service.store.close()
+        if self.lease is not None:
+            self.lease.release()
+
+
+class TimelineServer:
+    """timeline.v1.Timeline, grpc.health.v1.Health and reflection on one grpc.Server.
+
+    Health: the service "" is liveness (SERVING while the process serves, like /healthz);
+    "timeline.v1.Timeline" is readiness (SERVING while Redis and the store answer and the
+    store's indexes are built, like /readyz), checked every `health_interval_s`.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        bind: str,
+        *,
+        threads: int = THREADS,
+        health_interval_s: float = HEALTH_INTERVAL_S,
+    ) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.bind = bind
+        self._health_interval_s = health_interval_s
+        self._stopping = threading.Event()
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="timeline-grpc")
+        self._server = grpc.server(
+            self._executor,
+            maximum_concurrent_rpcs=MAX_CALLS,
+            options=[
+                # grpc sets SO_REUSEPORT by default: a second server on the same port would
+                # share its traffic in silence. One server per address, or a bind error.
+                ("grpc.so_reuseport", 0),
+                # The HTTP API's body limit; a larger request is RESOURCE_EXHAUSTED.
+                ("grpc.max_receive_message_length", settings.body_max_bytes),
+            ],
+        )
+        calls = Calls(runtime.service, settings.api_token)
+        TimelineServicer(Limits.from_settings(settings), calls).add_to_server(self._server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        try:
+            self.port = self._server.add_insecure_port(bind)
+        except RuntimeError:  # it cannot bind there
+            self._executor.shutdown(wait=False)
+            raise
+
+    def start(self) -> None:
+        self._check_readiness()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._server.start()
+        threading.Thread(target=self._watch, name="timeline-grpc-health", daemon=True).start()
+
+    def stop(self, grace_s: float) -> None:
+        """Stop gracefully: health says NOT_SERVING, new calls are refused, calls in flight
+        get `grace_s` to finish (then they are cancelled)."""
+        self._stopping.set()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+        self._executor.shutdown(wait=False)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self._health_interval_s):
+            self._check_readiness()
+
+    def _check_readiness(self) -> None:
+        service = self.runtime.service
+        ready = True
+        for ping in (service.allocator.ping, service.store.ping):
+            try:
+                ping()
+            except TimelineError:
+                ready = False
+        ready = ready and service.store.readiness() == "ready"
+        if self._stopping.is_set():
+            return  # enter_graceful_shutdown has said NOT_SERVING for good
+        self.health.set(
+            SERVICE_NAME,
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+
+def grace_s(settings: Settings) -> float:
+    """How long calls in flight may take to finish at shutdown: the gap grace, which
+    bounds any write (request_deadline_ms + the longest store operation + 1 s, at least)."""
+    return settings.gap_grace_ms / 1000
+
+
+def serve(settings: Settings, bind: str, *, ready_fd: int | None = None, parent: int = 0) -> int:
+    """Serve until SIGTERM or SIGINT (or until `parent`, when given, is no longer this
+    process's parent), then stop gracefully. Returns the exit status."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("timeline-grpc: %s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    # Before anything starts: a stop asked for during start-up is honoured once serving.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    runtime = Runtime.open(settings)
+    try:
+        try:
+            server = TimelineServer(runtime, bind)
+        except RuntimeError as exc:
+            log.error("timeline-grpc cannot listen on %s: %s", bind, exc)
+            print(
+                f"timeline: TIMELINE_GRPC_BIND: cannot listen on {bind} (in use, or not an "
+                "address of this machine)",
+                file=sys.stderr,
+            )
+            return 1
+        server.start()
+        log.info("timeline-grpc serving %s on %s (port %d)", SERVICE_NAME, bind, server.port)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+        while not stop.wait(1.0):
+            if parent and os.getppid() != parent:
+                log.warning("timeline-grpc: its parent process %d is gone, stopping", parent)
+                break
+        server.stop(grace_s(settings))
+        log.info("timeline-grpc stopped")
+        return 0
+    finally:
+        runtime.close()
