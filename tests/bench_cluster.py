@@ -34,6 +34,7 @@ from support import RedisServer
 from timeline.allocator import Allocator, Record
 from timeline.allocator.cluster import ClusterRedis
 from timeline.allocator.standalone import StandaloneRedis, connect_redis
+from timeline.bench.suite import write_section
 from timeline.model import Kind, Message, Timeline
 from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
@@ -167,17 +168,7 @@ def main() -> None:
 
 
 def write(section: str) -> None:
-    """Put the section in docs/benchmarks.md: in place of the last one, or before
-    `## Reproduce`."""
-    page = PAGE.read_text()
-    if START in page:
-        before, _, rest = page.partition(START)
-        _, _, after = rest.partition(END)
-        page = before + section + after
-    else:
-        before, marker, after = page.partition("## Reproduce")
-        page = before + section + "\n\n" + marker + after
-    PAGE.write_text(page)
+    write_section(PAGE, START, END, section)
 
 
 if __name__ == "__main__":

@@ -417,8 +417,26 @@ def report(
     return "\n".join(lines)
 
 
-#: Sections other scripts write into the page (tests/bench_cluster.py): kept as they are.
-KEPT = (("<!-- cluster:start -->", "<!-- cluster:end -->"),)
+#: Sections other scripts write into the page (tests/bench_profile.py, tests/bench_cluster.py):
+#: kept as they are.
+KEPT = (
+    ("<!-- profile:start -->", "<!-- profile:end -->"),
+    ("<!-- cluster:start -->", "<!-- cluster:end -->"),
+)
+
+
+def write_section(page: Path, start: str, end: str, section: str) -> None:
+    """Put a section (from `start` to `end`, both included) in the page: in place of the last
+    one, or before `## Reproduce`. What tests/bench_*.py write; keep_sections keeps it."""
+    text = page.read_text()
+    if start in text:
+        before, _, rest = text.partition(start)
+        _, _, after = rest.partition(end)
+        text = before + section + after
+    else:
+        before, marker, after = text.partition("## Reproduce")
+        text = before + section + "\n\n" + marker + after
+    page.write_text(text)
 
 
 def keep_sections(text: str, page: Path) -> str:
