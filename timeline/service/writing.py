@@ -116,8 +116,9 @@ class Writing(Repairing):
             # holes that readers wait on.
             raise Unavailable(f"store is not ready: indexes {state} (see /readyz)", indexes=state)
         record = None
-        mid = uuid.uuid4().hex
-        if client_msg_id is not None:
+        if client_msg_id is None:
+            mid = uuid.uuid4().hex
+        else:
             # A retry may list the members, or the messages' keys, in another order.
             recipients = sorted(recipients)
             canonical = [
