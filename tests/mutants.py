@@ -74,6 +74,13 @@ PAGING = "count or page or paging or pages"
 
 MUTATIONS: list[Mutation] = [
     Mutation(
+        "SQLite writes at or below a timeline's floor (its floors not read)",
+        SQLITE,
+        "    return any(firsts[id_] <= floor for id_, floor in floors)\n",
+        "    return False\n",
+        (T_STORE, "-k", "floor"),
+    ),
+    Mutation(
         "sync ignores count (always 100)",
         API,
         "result = ctx.service.sync(member, last_read, count)",

@@ -212,6 +212,17 @@ def test_copies_at_or_below_a_floor_count_as_taken(store: Store) -> None:
     assert store.read(Kind.SYNC, "a", 0, 10) == []
 
 
+def test_copies_at_or_below_a_floor_count_as_taken_when_no_key_is(store: Store) -> None:
+    store.write(None, copies("a", 1))
+    store.write(None, copies("a", 2))
+    store.ack("a", 2, 2)  # a's 1 and 2 removed; its floor: 2
+    # Nothing stored at (a, 2) any more: the floor alone refuses it; c's copy goes in.
+    result = store.write(None, copies(["a", "c"], 2, mid="late"))
+    assert result == WriteResult(sync_taken=[0])
+    assert store.read(Kind.SYNC, "a", 0, 10) == []
+    assert store.owners(Kind.SYNC, [("a", 2), ("c", 2)]) == {("c", 2): "late"}
+
+
 def test_history_at_or_below_its_floor_counts_as_taken(store: Store) -> None:
     for seq in (1, 2, 3):
         store.write(copies("g", seq, created_at_ms=100), None)
@@ -751,3 +762,18 @@ def test_sqlite_reads_wait_out_a_moment_of_sqlite_busy(sqlite_store: SQLiteStore
     assert [e.seq for e in sqlite_store.read(Kind.SYNC, "a", 0, 10)] == [1]
     assert time.monotonic() - started >= 0.15  # it waited for the lock, then read
     release.join()
+
+
+def test_sqlite_drops_the_per_row_floor_trigger_of_earlier_versions(tmp_path: Path) -> None:
+    path = tmp_path / "timeline.sqlite3"
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as db:  # what an earlier version left in the file
+        db.execute(
+            "CREATE TRIGGER chat_sync_floor_guard BEFORE INSERT ON chat_sync "
+            "BEGIN SELECT RAISE(ABORT, 'at or below the floor'); END"
+        )
+    store = SQLiteStore(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == []
+    assert store.write(None, copies("a", 1)) == WriteResult()  # the trigger would refuse it
+    store.close()
