@@ -180,6 +180,9 @@ def wrk_latency_ms(url: str, name: str, seconds: float) -> float:
     command = [exe, "-t1", "-c1", f"-d{max(1, int(seconds))}s", "--latency"]
     command += ["-s", str(WRK_SCRIPTS / f"{name}.lua"), url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    completed = re.search(r"(\d+) requests in", done.stdout)
+    if completed is None or int(completed.group(1)) == 0:
+        raise RuntimeError(f"wrk {name} at {url}: no request completed\n{done.stdout}")
     found = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", done.stdout, re.M)
     if found is None:
         raise RuntimeError(f"wrk {name} at {url} printed no median:\n{done.stdout}{done.stderr}")
