@@ -450,9 +450,15 @@ def test_errors_name_the_field(client: Any) -> None:
     assert "from" in body["message"]
 
 
-def test_unknown_route_and_wrong_method_use_the_envelope(client: Any) -> None:
+def test_unknown_route_and_wrong_method_use_the_envelope(
+    client: Any, settings: Any, store: Store
+) -> None:
+    from timeline.factory import create_app
+
     assert assert_envelope(client.get("/timeline/nope"), 404)["reason"] == "TIMELINE_NOT_FOUND"
-    assert assert_envelope(client.get("/"), 404)["reason"] == "TIMELINE_NOT_FOUND"
+    # / is the console's page (tests/test_console.py) unless the console is off: then no route.
+    api_only = create_app(settings.replace(console=False), store=store).test_client()
+    assert assert_envelope(api_only.get("/"), 404)["reason"] == "TIMELINE_NOT_FOUND"
     reply = client.get("/timeline/send")
     assert assert_envelope(reply, 405)["reason"] == "TIMELINE_METHOD_NOT_ALLOWED"
     assert "POST" in reply.headers["Allow"]

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from timeline import api, ops
+from timeline import api, console, ops
 from timeline.allocator import open_allocator
 from timeline.embedded import ensure_redis
 from timeline.service import Policy, TimelineService, _now_ms
@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     }
     ops.register(app)  # first: the request id exists before anything can log
     api.register(app)
+    if settings.console:
+        console.register(app)  # GET / and its assets; off, / is a 404 like any other
     log.info(
         "timeline ready: store=%s redis=%s",
         store.backend,

@@ -138,6 +138,9 @@ class Settings:
 
     # CORS headers on every reply to a browser, as go-timeline sends them; empty: none.
     cors_allow_origin: str = "*"
+    # The console page (GET / and its assets under /console/, timeline/console/); false:
+    # the API alone, and / is a 404 as any unknown route.
+    console: bool = True
 
     # Idempotent sends: how long a client_msg_id's record (its sequences) is kept.
     idempotency_ttl_seconds: int = 86_400

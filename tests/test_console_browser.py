@@ -1,0 +1,373 @@
+"""The console in a real browser: the system's Chromium, headless, driven by Playwright,
+against the service on a free port (tests/support.py's `serving`).
+
+Skipped, with the reason, when Playwright (the dev extra) or a `chromium` binary (Debian's
+package: `apt-get install -y chromium`; .ci/run installs it) is missing. Playwright's own
+browser download is never used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import sample, serving
+from timeline.settings import Settings
+
+
+def chromium_binary() -> str | None:
+    """The system's Chromium: on PATH as chromium or chromium-browser, or Debian's path."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
+
+
+CHROMIUM = chromium_binary()
+if CHROMIUM is None:
+    pytest.skip(
+        "console browser tests: no Chromium (chromium, chromium-browser or /usr/bin/chromium); "
+        "install it with `apt-get install -y chromium`",
+        allow_module_level=True,
+    )
+playwright_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="console browser tests: Playwright is not installed (pip install -e '.[dev]')",
+)
+expect = playwright_api.expect
+
+#: Where the screenshot is copied too when set (`CONSOLE_SCREENSHOT=docs/console.png`), to
+#: refresh the README's picture. Not a TIMELINE_* name: those are the service's settings.
+SCREENSHOT_COPY = os.environ.get("CONSOLE_SCREENSHOT")
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}")
+
+# Run in the page before its own script: every Content-Security-Policy violation is kept, so
+# that a test fails if the page tries anything inline.
+WATCH_POLICY = """
+window.__violations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__violations.push(event.violatedDirective + " " + (event.blockedURI || "inline"));
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield launched
+        launched.close()
+
+
+@dataclass
+class Console:
+    """A tab on the console, and what went wrong in it: script errors, policy violations and
+    requests that left the service's origin."""
+
+    url: str
+    page: Any
+    errors: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
+
+    def check_clean(self) -> None:
+        violations = self.page.evaluate("window.__violations")
+        assert violations == []
+        assert self.errors == []
+        assert self.elsewhere == []
+
+
+def open_console(context: Any, url: str) -> Console:
+    page = context.new_page()
+    console = Console(url, page)
+    page.on("pageerror", lambda error: console.errors.append(str(error)))
+
+    def on_message(message: Any) -> None:
+        # A 4xx reply is logged by Chromium as a failed resource: the tests ask for some.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            console.errors.append(message.text)
+
+    page.on("console", on_message)
+
+    def on_request(request: Any) -> None:
+        if not request.url.startswith((url + "/", "data:")):
+            console.elsewhere.append(request.url)
+
+    page.on("request", on_request)
+    page.add_init_script(WATCH_POLICY)
+    page.goto(url + "/")
+    expect(page.locator("#health")).to_have_text("ready")
+    return console
+
+
+@pytest.fixture
+def service(settings: Settings) -> Iterator[str]:
+    with serving(settings) as url:
+        yield url
+
+
+@pytest.fixture
+def context(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    yield context
+    context.close()
+
+
+def send(page: Any, sender: str, receiver: str, message: str, **options: Any) -> None:
+    form = page.locator("#send-form")
+    form.locator("[name=from]").fill(sender)
+    form.locator("[name=to]").fill(receiver)
+    form.locator("[name=message]").fill(message)
+    form.locator("[name=client_msg_id]").fill(options.get("client_msg_id", ""))
+    form.locator("[name=batch]").set_checked(options.get("batch", False))
+    form.get_by_role("button", name="Send", exact=True).click()
+
+
+def sync(page: Any, member: str, last_read: str, count: str) -> None:
+    form = page.locator("#sync-form")
+    form.locator("[name=member]").fill(member)
+    form.locator("[name=last_read]").fill(last_read)
+    form.locator("[name=count]").fill(count)
+    form.get_by_role("button", name="Sync").click()
+
+
+def seqs(where: Any) -> list[str]:
+    texts: list[str] = where.locator("td.seq").all_inner_texts()
+    return texts
+
+
+def figure(page: Any, key: str) -> Any:
+    """The value shown for one of the service panel's figures."""
+    return page.locator(f'[data-figure="{key}"] td').nth(1)
+
+
+def test_send_sync_ack_and_history(
+    service: str, context: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    console = open_console(context, service)
+    page = console.page
+    result = page.locator("#send-result .summary")
+
+    # Given a message from a to b: b's sync sequence 1.
+    send(page, "a", "b", '{"text":"hi b"}')
+    expect(result).to_have_text("stored: sequence 1 of b's sync timeline")
+    # A client_msg_id sent twice: the same answer, stored once.
+    send(page, "a", "b", '{"text":"once"}', client_msg_id="m-1")
+    expect(result).to_have_text("stored: sequence 2 of b's sync timeline")
+    page.locator("#send-result").evaluate("node => node.replaceChildren()")
+    send(page, "a", "b", '{"text":"once"}', client_msg_id="m-1")
+    expect(result).to_have_text("stored: sequence 2 of b's sync timeline")
+    # A batch, one message per line.
+    send(page, "a", "b", '{"text":"one"}\n{"text":"two"}', batch=True)
+    expect(result).to_have_text("stored: sequence 4 of b's sync timeline (the batch: 3, 4)")
+    # And a group message to a, c and d.
+    group = page.locator("#group-form")
+    group.locator("[name=group_name]").fill("group_a")
+    group.locator("[name=group_members]").fill("a, c d")
+    group.locator("[name=message]").fill('{"text":"hello, all"}')
+    group.get_by_role("button", name="Send to group").click()
+    expect(page.locator("#group-result .summary")).to_have_text(
+        "stored for 3 member(s); failedMembers is empty"
+    )
+
+    # When a syncs from 0, two entries a page, as a device does:
+    sync(page, "a", "0", "2")
+    out = page.locator("#sync-result")
+    expect(out.locator(".done")).to_have_text("Up to date at 5.")
+    # then three pages arrive, in order, each with latestSeq and minSeq, and stamped.
+    pages = out.locator(".page")
+    expect(pages).to_have_count(3)
+    assert [seqs(pages.nth(i)) for i in range(3)] == [["1", "2"], ["3", "4"], ["5"]]
+    assert pages.locator(".latest-seq code").all_inner_texts() == ["5", "5", "5"]
+    assert pages.locator(".entry-set-last-seq code").all_inner_texts() == ["2", "4", "5"]
+    assert pages.locator(".last-read code").all_inner_texts() == ["0", "2", "4"]
+    assert pages.locator(".min-seq code").all_inner_texts() == ["1", "1", "1"]
+    assert out.locator("td.message").all_inner_texts() == [
+        '{"text":"hi b"}',
+        '{"text":"once"}',
+        '{"text":"one"}',
+        '{"text":"two"}',
+        '{"text":"hello, all"}',
+    ]
+    assert all(TIMESTAMP.fullmatch(t) for t in out.locator("td.time").all_inner_texts())
+    assert out.locator(".gap").count() == 0
+    # The device's position follows: the next sync and the ack start from it.
+    expect(page.locator("#sync-form [name=last_read]")).to_have_value("5")
+    expect(page.locator("#ack-form [name=seq]")).to_have_value("5")
+
+    # The service panel, read again, shows what was sent.
+    page.locator("#service-refresh").click()
+    expect(figure(page, "messages")).not_to_have_text("0")
+
+    shot = tmp_path / "console.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    with capsys.disabled():
+        print(f"\nconsole screenshot after a sync: {shot}")
+    if SCREENSHOT_COPY:
+        shutil.copyfile(shot, SCREENSHOT_COPY)
+
+    # c, another member (another device): one page, its own sequence 1.
+    sync(page, "c", "0", "2")
+    expect(out.locator(".done")).to_have_text("Up to date at 1.")
+    expect(out.locator(".page")).to_have_count(1)
+    assert seqs(out) == ["1"]
+    assert out.locator("td.message").all_inner_texts() == ['{"text":"hello, all"}']
+
+    # Back on a, whose position the page remembers: ack up to 3, and see minSeq move.
+    page.locator("#sync-form [name=member]").fill("a")
+    expect(page.locator("#sync-form [name=last_read]")).to_have_value("5")
+    page.locator("#ack-form [name=seq]").fill("3")
+    page.locator("#ack-form").get_by_role("button", name="Ack").click()
+    expect(page.locator("#ack-result .min-seq code")).to_have_text("4")
+
+    # A device of a's still at 0 now missed 1 to 3: the page says so.
+    sync(page, "a", "0", "10")
+    expect(out.locator(".done")).to_have_text("Up to date at 5.")
+    first = out.locator(".page").first
+    expect(first.locator(".min-seq code")).to_have_text("4")
+    expect(first.locator(".gap")).to_contain_text("entries 1 to 3 are no longer in this timeline")
+    assert seqs(first) == ["4", "5"]
+
+    # History of a and b, backward two at a time, older page after older page.
+    history = page.locator("#history-form")
+    history.locator("[name=kind]").select_option("single")
+    history.locator("[name=from]").fill("b")
+    history.locator("[name=to]").fill("a")
+    history.locator("[name=direction]").select_option("backward")
+    history.locator("[name=count]").fill("2")
+    history.get_by_role("button", name="Read").click()
+    shown = page.locator("#history-result")
+    expect(shown.locator(".next-before code")).to_have_text("3")
+    assert seqs(shown) == ["4", "3"]
+    assert all(TIMESTAMP.fullmatch(t) for t in shown.locator("td.time").all_inner_texts())
+    older = page.locator("#history-next")
+    expect(older).to_have_text("Older page")
+    read = seqs(shown)
+    for _ in range(3):
+        if older.is_disabled():
+            break
+        before = shown.locator(".next-before code").inner_text()
+        older.click()
+        expect(shown.locator(".position code")).to_have_text(before)
+        read += seqs(shown)
+    assert read == ["4", "3", "2", "1"]
+    expect(older).to_be_disabled()
+    expect(shown.locator(".done")).to_have_text("Nothing older.")
+
+    # And the group's history forward, from the start.
+    history.locator("[name=kind]").select_option("group")
+    history.locator("[name=group]").fill("group_a")
+    history.locator("[name=direction]").select_option("forward")
+    history.get_by_role("button", name="Read").click()
+    expect(shown.locator("td.message")).to_have_text(['{"text":"hello, all"}'])
+
+    # The service panel: the figures are /metrics' own.
+    text = urllib.request.urlopen(service + "/metrics", timeout=10).read().decode()
+    page.locator("#service-refresh").click()
+    messages = int(sample(text, "timeline_fan_out_recipients_count"))
+    assert messages >= 5
+    # (Retried until a refresh made after the last write is shown; none happened since.)
+    expect(figure(page, "messages")).to_have_text(f"{messages:,}")
+    acks = int(sample(text, "timeline_acks_total"))
+    assert acks >= 1
+    expect(figure(page, "acks")).to_have_text(f"{acks:,}")
+    repairs = [
+        f"{int(sample(text, 'timeline_sequence_repairs_total', repair=repair)):,}"
+        for repair in ("seeded", "moved", "restored")
+    ]
+    assert int(repairs[0].replace(",", "")) >= 5  # a, b, c, d and the conversations: new
+    expect(figure(page, "repairs")).to_have_text(" / ".join(repairs))
+    written = [
+        f"{int(sample(text, 'timeline_messages_written_total', kind=kind)):,}"
+        for kind in ("history", "sync")
+    ]
+    expect(figure(page, "written")).to_have_text(" / ".join(written))
+    assert "POST /timeline/send" in page.locator("#routes td.mono").all_inner_texts()
+    expect(page.locator("#service-checks")).to_contain_text("redis: ok")
+    # Every call the page made is listed, newest first.
+    expect(page.locator("#activity summary").first).to_contain_text(
+        "GET /timeline/history/group/group_a?"
+    )
+    console.check_clean()
+
+
+def test_an_error_is_shown_with_its_envelope(service: str, context: Any) -> None:
+    console = open_console(context, service)
+    page = console.page
+    # A bad id: the envelope's code, reason, message and metadata.
+    send(page, "a:x", "b", '{"text":"hi"}')
+    error = page.locator("#send-result .error")
+    expect(error.locator(".reason")).to_have_text("400 TIMELINE_INVALID_PARAM")
+    expect(error.locator(".message")).to_have_text("from must not contain ':'")
+    assert error.locator("dt").all_inner_texts() == ["field"]
+    assert error.locator("dd").all_inner_texts() == ["from"]
+    expect(error).to_contain_text("X-Request-ID")
+    # A limit: its metadata says which.
+    sync(page, "a", "0", "5000")
+    error = page.locator("#sync-result .error")
+    expect(error.locator(".message")).to_have_text("count must be at most 1000")
+    assert error.locator("dt").all_inner_texts() == ["field", "limit"]
+    assert error.locator("dd").all_inner_texts() == ["count", "1000"]
+    # A message that is no JSON object.
+    send(page, "a", "b", "not json")
+    expect(page.locator("#send-result .error .reason")).to_have_text("400 TIMELINE_INVALID_PARAM")
+    console.check_clean()
+
+
+def test_the_token_is_asked_for_and_kept_for_the_tab_only(settings: Settings, context: Any) -> None:
+    with serving(settings.replace(api_token="s3cret")) as url:
+        # The page and /readyz need no token.
+        console = open_console(context, url)
+        page = console.page
+        dialog = page.locator("#token-dialog")
+        expect(dialog).to_be_hidden()
+        # The first API call is refused: the page asks.
+        sync(page, "a", "0", "10")
+        expect(dialog).to_be_visible()
+        expect(page.locator("#token-reason")).to_contain_text("needs a bearer token")
+        # A wrong token is refused, and the page asks again.
+        page.locator("#token-input").fill("wrong")
+        dialog.get_by_role("button", name="Use it").click()
+        expect(page.locator("#token-reason")).to_contain_text("refused this token")
+        expect(dialog).to_be_visible()
+        page.locator("#token-input").fill("s3cret")
+        dialog.get_by_role("button", name="Use it").click()
+        # Then the sync goes through.
+        expect(dialog).to_be_hidden()
+        expect(page.locator("#sync-result .done")).to_have_text("Up to date at 0.")
+        expect(page.locator("#token-button")).to_have_text("Token: set")
+        stored = page.evaluate("[sessionStorage.length, localStorage.length]")
+        assert stored == [1, 0]
+        send(page, "a", "b", '{"text":"with a token"}')
+        expect(page.locator("#send-result .summary")).to_have_text(
+            "stored: sequence 1 of b's sync timeline"
+        )
+        console.check_clean()
+
+        # Another tab has its own session: it asks again; cancelled, the 401 is shown.
+        other = open_console(context, url)
+        sync(other.page, "a", "0", "10")
+        expect(other.page.locator("#token-dialog")).to_be_visible()
+        other.page.locator("#token-cancel").click()
+        expect(other.page.locator("#sync-result .error .reason")).to_have_text(
+            "401 TIMELINE_UNAUTHORIZED"
+        )
+        other.check_clean()
+
+
+def test_a_policy_violation_would_be_caught(service: str, context: Any) -> None:
+    # The check the other tests end with can fail: an inline style is refused and recorded.
+    console = open_console(context, service)
+    console.page.evaluate("document.body.setAttribute('style', 'color: red')")
+    console.page.wait_for_function("window.__violations.length > 0")
+    with pytest.raises(AssertionError):
+        console.check_clean()
