@@ -15,7 +15,7 @@ from timeline.model import Copies, Kind
 from timeline.service import Policy, TimelineService
 from timeline.service import writing as service_module
 from timeline.settings import Settings, SettingsError
-from timeline.store import Claim, Store, WriteResult
+from timeline.store import Store, WriteResult
 
 
 class SlowWrites:
@@ -25,16 +25,10 @@ class SlowWrites:
         self.inner, self.backend, self.clock, self.ms = inner, inner.backend, clock, ms
         self.writes: list[int] = []  # sync copies each write carried
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         self.clock.ms += self.ms
         self.writes.append(len(sync) if sync is not None else 0)
-        return self.inner.write(history, sync, claim, now_ms)
+        return self.inner.write(history, sync, *claim)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -93,15 +87,9 @@ class FailingSync:
     def __init__(self, inner: Store) -> None:
         self.inner, self.backend = inner, inner.backend
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         if history is not None:
-            self.inner.write(history, None, claim, now_ms)
+            self.inner.write(history, None, *claim)
         raise PartialWrite("injected: the sync copies failed")
 
     def __getattr__(self, name: str) -> Any:

@@ -28,7 +28,7 @@ from timeline.factory import create_app
 from timeline.model import Copies, Entry, Kind, Message, Timeline
 from timeline.service import Policy, TimelineService
 from timeline.settings import Settings
-from timeline.store import Claim, Store, WriteResult
+from timeline.store import Store, WriteResult
 
 USERS = ["u0", "u1", "u2", "u3", "u4"]
 GROUPS = {"g1": USERS, "g2": USERS[:3]}
@@ -393,13 +393,7 @@ class Gate:
         self.lock = threading.Lock()
         self.turns = threading.Lock()
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         with self.lock:
             self.arrived += 1
             held = self.arrived <= self.parties
@@ -408,7 +402,7 @@ class Gate:
         if held:
             self.all_in.wait(10)  # the test asserts all_in: it fails, rather than hang, if not
         with self.turns:
-            return self.inner.write(history, sync, claim, now_ms)
+            return self.inner.write(history, sync, *claim)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.inner, name)
@@ -495,16 +489,10 @@ class FlakyStore:
         self.writes = 0
         self.injected = 0  # writes failed on purpose: the proof that the fault hit
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         self.writes += 1
         if self.sync_only and sync is not None:
-            if history is not None and self.inner.write(history, None, claim, now_ms).history_taken:
+            if history is not None and self.inner.write(history, None, *claim).history_taken:
                 return WriteResult(history_taken=True)  # as MongoDB's insert_one reports it
             self.injected += 1
             raise Unavailable("injected: sync copies not stored")
@@ -516,11 +504,11 @@ class FlakyStore:
                 if sync is not None:
                     keep = len(sync.ids) // 2
                     half = dataclasses.replace(sync, ids=sync.ids[:keep], firsts=sync.firsts[:keep])
-                result = self.inner.write(history, half, claim, now_ms)
+                result = self.inner.write(history, half, *claim)
                 if history is not None and not result.history_taken:
                     raise PartialWrite("injected: failed after the history copy")
             raise Unavailable("injected: store write failed")
-        return self.inner.write(history, sync, claim, now_ms)
+        return self.inner.write(history, sync, *claim)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -37,7 +37,7 @@ from timeline.logs import JsonFormatter
 from timeline.model import Copies
 from timeline.openapi import openapi_document
 from timeline.settings import Settings
-from timeline.store import Claim, Preparer, Purger, Store, WriteResult
+from timeline.store import Preparer, Purger, Store, WriteResult
 from timeline.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,17 +215,11 @@ class SyncCopiesRefused:
         self.inner = inner
         self.backend = inner.backend
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         if sync is None:
-            return self.inner.write(history, None, claim, now_ms)
+            return self.inner.write(history, None, *claim)
         if history is not None:
-            if self.inner.write(history, None, claim, now_ms).history_taken:
+            if self.inner.write(history, None, *claim).history_taken:
                 return WriteResult(history_taken=True)
             raise PartialWrite("injected: stored the history copy, not the sync copies")
         raise Unavailable("injected: sync copies not stored")

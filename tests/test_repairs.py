@@ -26,7 +26,7 @@ from timeline.model import Copies, Kind, Timeline
 from timeline.service import TimelineService
 from timeline.service import writing as service_module
 from timeline.settings import Settings
-from timeline.store import Claim, Store, WriteResult
+from timeline.store import Store, WriteResult
 from timeline.store.mongo import MongoStore
 
 GRACE_PASSED_MS = 31_000  # a little more than the default gap_grace_ms
@@ -91,17 +91,11 @@ class PartialSync(Wrapper):
         super().__init__(inner)
         self.broken, self.injected = True, 0
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         if not self.broken or sync is None:
-            return self.inner.write(history, sync, claim, now_ms)
+            return self.inner.write(history, sync, *claim)
         if history is not None:
-            self.inner.write(history, None, claim, now_ms)
+            self.inner.write(history, None, *claim)
         first = Copies(sync.ids, sync.firsts, sync.messages[:1], sync.created_at_ms, sync.mid)
         self.inner.write(None, first)
         self.injected += 1
@@ -116,19 +110,13 @@ class PartialHistory(Wrapper):
         super().__init__(inner)
         self.broken, self.injected = True, 0
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         if not self.broken or history is None:
-            return self.inner.write(history, sync, claim, now_ms)
+            return self.inner.write(history, sync, *claim)
         first = Copies(
             history.ids, history.firsts, history.messages[:1], history.created_at_ms, history.mid
         )
-        self.inner.write(first, None, claim, now_ms)
+        self.inner.write(first, None, *claim)
         self.injected += 1
         raise Unavailable("injected: failed after the first history copy")
 
@@ -158,20 +146,14 @@ class TakenEveryTime(Wrapper):
         super().__init__(inner)
         self.kind, self.id, self.took = kind, id_, 0
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         copies = history if self.kind is Kind.HISTORY else sync
         if copies is not None and self.id in copies.ids:
             self.took += 1
             assert self.took <= 50, "moves without a limit"  # fails the test, never hangs it
             first = copies.firsts[list(copies.ids).index(self.id)]
             put(self.inner, self.kind, self.id, first, msg("intruder"), 0, f"i{self.took}")
-        return self.inner.write(history, sync, claim, now_ms)
+        return self.inner.write(history, sync, *claim)
 
 
 class SealFails(Wrapper):
@@ -195,20 +177,14 @@ class WriteLog(Wrapper):
         super().__init__(inner)
         self.writes: list[list[tuple[Kind, str, int]]] = []
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         attempt = []
         for kind, copies in ((Kind.HISTORY, history), (Kind.SYNC, sync)):
             if copies is not None:
                 firsts = zip(copies.ids, copies.firsts, strict=True)
                 attempt += [(kind, id_, first) for id_, first in firsts]
         self.writes.append(attempt)
-        return self.inner.write(history, sync, claim, now_ms)
+        return self.inner.write(history, sync, *claim)
 
 
 class LostReplies:
@@ -270,18 +246,12 @@ class ReadThenTakenBeforeRetry(Wrapper):
         super().__init__(inner)
         self.reader, self.writes, self.device = reader, 0, []
 
-    def write(
-        self,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
-    ) -> WriteResult:
+    def write(self, history: Copies | None, sync: Copies | None, *claim: Any) -> WriteResult:
         self.writes += 1
         if self.writes == 2:
             self.device += self.reader[0].sync("b", 0, 10).entries
             put(self.inner, Kind.SYNC, "b", 2, msg("other"), 0, "other")
-        return self.inner.write(history, sync, claim, now_ms)
+        return self.inner.write(history, sync, *claim)
 
 
 def test_a_client_retry_never_moves_the_part_an_earlier_attempt_stored(

@@ -47,16 +47,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
 
     allocator = open_allocator(settings, redis_url(settings))
     store = store or open_store(settings)
-    policy = Policy(
-        gap_grace_ms=settings.gap_grace_ms,
-        request_deadline_ms=settings.request_deadline_ms,
-        record_ttl_ms=settings.idempotency_ttl_seconds * 1000,
-        write_attempts=settings.store_write_attempts,
-        retry_backoff_ms=settings.store_retry_backoff_ms,
-        retry_budget_ms=settings.store_retry_budget_ms,
-        sync_retention_ms=settings.sync_retention_seconds * 1000,
-        history_retention_ms=settings.history_retention_seconds * 1000,
-    )
+    policy = Policy.from_settings(settings)
     service = TimelineService(allocator, store, policy)
     purger = Purger(store, retention_ms(settings), settings.purge_interval_seconds, _now_ms)
     purger.start()  # expired entries leave in the background

@@ -38,20 +38,6 @@ MAX_CALLS = 256
 HEALTH_INTERVAL_S = 2.0
 
 
-def policy_of(settings: Settings) -> Policy:
-    """The service's policy, as create_app builds it."""
-    return Policy(
-        gap_grace_ms=settings.gap_grace_ms,
-        request_deadline_ms=settings.request_deadline_ms,
-        record_ttl_ms=settings.idempotency_ttl_seconds * 1000,
-        write_attempts=settings.store_write_attempts,
-        retry_backoff_ms=settings.store_retry_backoff_ms,
-        retry_budget_ms=settings.store_retry_budget_ms,
-        sync_retention_ms=settings.sync_retention_seconds * 1000,
-        history_retention_ms=settings.history_retention_seconds * 1000,
-    )
-
-
 @dataclass
 class Runtime:
     """What one process serves with: the service and its background work, as create_app
@@ -77,7 +63,7 @@ class Runtime:
             if lease is not None:
                 lease.release()
             raise
-        service = TimelineService(allocator, store, policy_of(settings))
+        service = TimelineService(allocator, store, Policy.from_settings(settings))
         purger = Purger(store, retention_ms(settings), settings.purge_interval_seconds, _now_ms)
         purger.start()
         preparer = Preparer(store)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from timeline.allocator import Allocator, Record
 from timeline.model import Copies, Kind, Message, Timeline
+from timeline.settings import Settings
 from timeline.store import Claim, Store
 
 
@@ -28,6 +29,20 @@ class Policy:
     retry_budget_ms: int = 1000
     sync_retention_ms: int = 0
     history_retention_ms: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        """The knobs as the settings set them (HTTP and gRPC serve with the same)."""
+        return cls(
+            gap_grace_ms=settings.gap_grace_ms,
+            request_deadline_ms=settings.request_deadline_ms,
+            record_ttl_ms=settings.idempotency_ttl_seconds * 1000,
+            write_attempts=settings.store_write_attempts,
+            retry_backoff_ms=settings.store_retry_backoff_ms,
+            retry_budget_ms=settings.store_retry_budget_ms,
+            sync_retention_ms=settings.sync_retention_seconds * 1000,
+            history_retention_ms=settings.history_retention_seconds * 1000,
+        )
 
     def retention_ms(self, kind: Kind) -> int:
         return self.sync_retention_ms if kind is Kind.SYNC else self.history_retention_ms
