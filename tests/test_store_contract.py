@@ -223,6 +223,16 @@ def test_copies_at_or_below_a_floor_count_as_taken_when_no_key_is(store: Store) 
     assert store.owners(Kind.SYNC, [("a", 2), ("c", 2)]) == {("c", 2): "late"}
 
 
+def test_a_floor_refuses_its_timeline_in_a_big_write_too(store: Store) -> None:
+    store.write(None, copies("m", 1))
+    store.ack("m", 1, 1)  # m's 1 removed; its floor: 1
+    others = [f"x{i}" for i in range(30)]  # more timelines than SQLite binds one by one
+    result = store.write(None, copies([*others, "m"], 1, mid="late"))
+    assert result == WriteResult(sync_taken=[30])  # m's, by its floor alone
+    assert store.read(Kind.SYNC, "m", 0, 10) == []
+    assert store.owners(Kind.SYNC, [("x29", 1)]) == {("x29", 1): "late"}
+
+
 def test_history_at_or_below_its_floor_counts_as_taken(store: Store) -> None:
     for seq in (1, 2, 3):
         store.write(copies("g", seq, created_at_ms=100), None)
