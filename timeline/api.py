@@ -73,15 +73,14 @@ class Context:
 
 
 class Call:
-    """One API request as the handlers see it, built from the WSGI environ alone (no
-    framework): the method, the decoded path, the query's parameters and the body's bytes."""
+    """One API request as the handlers see it, read from the WSGI environ alone (no
+    framework): the query's parameters and the body's bytes. The path's ids are the
+    handlers' arguments."""
 
-    __slots__ = ("_args", "_body_max", "environ", "method", "path")
+    __slots__ = ("_args", "_body_max", "environ")
 
     def __init__(self, environ: dict[str, Any], body_max: int | None) -> None:
         self.environ = environ
-        self.method: str = environ["REQUEST_METHOD"]
-        self.path = _wsgi_text(environ.get("PATH_INFO", ""))
         self._args: dict[str, list[str]] | None = None
         self._body_max = body_max
 
