@@ -290,22 +290,12 @@ def message(text: str) -> str:
 
 
 @pytest.fixture
-def service_settings(tmp_path: Path, redis_url: str, key_prefix: str) -> Settings:
-    return Settings(
-        redis_url=redis_url,
-        redis_key_prefix=key_prefix,
-        sqlite_path=str(tmp_path / "timeline.sqlite3"),
-        data_dir=str(tmp_path / "var"),
-    ).validate()
-
-
-@pytest.fixture
-def grpc_process(tmp_path: Path, service_settings: Settings) -> Iterator[GrpcProcess]:
+def grpc_process(tmp_path: Path, settings: Settings) -> Iterator[GrpcProcess]:
     env = clean_env(
-        TIMELINE_REDIS_URL=str(service_settings.redis_url),
-        TIMELINE_REDIS_KEY_PREFIX=service_settings.redis_key_prefix,
-        TIMELINE_SQLITE_PATH=service_settings.sqlite_path,
-        TIMELINE_DATA_DIR=service_settings.data_dir,
+        TIMELINE_REDIS_URL=str(settings.redis_url),
+        TIMELINE_REDIS_KEY_PREFIX=settings.redis_key_prefix,
+        TIMELINE_SQLITE_PATH=settings.sqlite_path,
+        TIMELINE_DATA_DIR=settings.data_dir,
     )
     running = GrpcProcess(env, tmp_path / "timeline-grpc.log").start()
     yield running
@@ -313,7 +303,7 @@ def grpc_process(tmp_path: Path, service_settings: Settings) -> Iterator[GrpcPro
 
 
 def test_a_go_timeline_client_runs_the_seed_against_timeline_grpc(
-    grpc_process: GrpcProcess, go_timeline_stubs: Path, service_settings: Settings
+    grpc_process: GrpcProcess, go_timeline_stubs: Path, settings: Settings
 ) -> None:
     # Given the seed's conversation, sent by a client that knows only go-timeline's proto
     seed = [
@@ -365,7 +355,7 @@ def test_a_go_timeline_client_runs_the_seed_against_timeline_grpc(
     ]
 
     # And the HTTP API, on the same Redis and store, serves the same data
-    http = create_app(service_settings).test_client()
+    http = create_app(settings).test_client()
     over_http = http.get("/timeline/sync?member=a&last_read=0&count=10").get_json()
     assert [
         {"sequence": e["sequence"], "message": e["message"]} for e in over_http["entrySet"]
@@ -406,7 +396,7 @@ def test_a_go_timeline_client_runs_the_seed_against_timeline_grpc(
 
     # Its metrics are where a gunicorn on the same data directory reads its workers' from
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(Path(service_settings.data_dir) / "metrics"))
+    MultiProcessCollector(registry, path=str(Path(settings.data_dir) / "metrics"))
     text = generate_latest(registry).decode()
     send = {"route": "grpc:/timeline.v1.Timeline/Send", "method": "GRPC"}
     assert sample(text, "timeline_http_request_duration_seconds_count", **send, status="200") == 3
@@ -442,13 +432,11 @@ def test_the_probe_answers_for_the_running_server(grpc_process: GrpcProcess) -> 
     assert done.returncode == 0  # nothing served, nothing to check
 
 
-def test_sigterm_stops_it_gracefully_and_frees_the_port(
-    tmp_path: Path, service_settings: Settings
-) -> None:
+def test_sigterm_stops_it_gracefully_and_frees_the_port(tmp_path: Path, settings: Settings) -> None:
     env = clean_env(
-        TIMELINE_REDIS_URL=str(service_settings.redis_url),
-        TIMELINE_SQLITE_PATH=service_settings.sqlite_path,
-        TIMELINE_DATA_DIR=service_settings.data_dir,
+        TIMELINE_REDIS_URL=str(settings.redis_url),
+        TIMELINE_SQLITE_PATH=settings.sqlite_path,
+        TIMELINE_DATA_DIR=settings.data_dir,
     )
     running = GrpcProcess(env, tmp_path / "log").start()
     assert running.stop() == 0
@@ -461,12 +449,12 @@ def test_sigterm_stops_it_gracefully_and_frees_the_port(
         sock.bind(("127.0.0.1", running.port))  # free again
 
 
-def test_it_stops_when_its_parent_is_gone(tmp_path: Path, service_settings: Settings) -> None:
+def test_it_stops_when_its_parent_is_gone(tmp_path: Path, settings: Settings) -> None:
     # What gunicorn's master passes: its pid. A process that is not the parent is "gone".
     env = clean_env(
-        TIMELINE_REDIS_URL=str(service_settings.redis_url),
-        TIMELINE_SQLITE_PATH=service_settings.sqlite_path,
-        TIMELINE_DATA_DIR=service_settings.data_dir,
+        TIMELINE_REDIS_URL=str(settings.redis_url),
+        TIMELINE_SQLITE_PATH=settings.sqlite_path,
+        TIMELINE_DATA_DIR=settings.data_dir,
     )
     running = GrpcProcess(env, tmp_path / "log", "--parent-pid", "1").start()
     assert running.process is not None
@@ -508,17 +496,15 @@ def test_a_bad_setting_stops_it_with_one_line(
     assert (done.returncode, done.stderr.decode()) == (1, line + "\n")
 
 
-def test_an_address_in_use_stops_it_with_one_line(
-    tmp_path: Path, service_settings: Settings
-) -> None:
+def test_an_address_in_use_stops_it_with_one_line(tmp_path: Path, settings: Settings) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         env = clean_env(
-            TIMELINE_REDIS_URL=str(service_settings.redis_url),
-            TIMELINE_SQLITE_PATH=service_settings.sqlite_path,
-            TIMELINE_DATA_DIR=service_settings.data_dir,
+            TIMELINE_REDIS_URL=str(settings.redis_url),
+            TIMELINE_SQLITE_PATH=settings.sqlite_path,
+            TIMELINE_DATA_DIR=settings.data_dir,
             TIMELINE_GRPC_BIND=f"127.0.0.1:{port}",
         )
         done = subprocess.run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -24,12 +23,12 @@ from timeline.errors import (
     NotFound,
     PayloadTooLarge,
     TimelineError,
-    Unauthorized,
 )
 from timeline.model import Entry, Message, conversation_id
 from timeline.service import TimelineService
 from timeline.validation import (
     Limits,
+    check_bearer,
     check_documents,
     check_fan_out,
     decode_body,
@@ -400,26 +399,15 @@ def _on_unexpected(error: Exception) -> Response:
     return envelope(TimelineError.code, TimelineError.reason, "internal error")
 
 
-def authorized(token: str, header: str) -> bool:
-    """Whether an Authorization header carries the bearer token."""
-    scheme, _, given = header.partition(" ")
-    # compare_digest takes as long whatever the first wrong byte: no timing oracle.
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    )
-
-
 def _before() -> Response | None:
     """A browser's preflight (OPTIONS on a known route) gets an empty 204; with an api_token
     set, everything else under /timeline needs `Authorization: Bearer <token>`."""
     req = request._get_current_object()  # type: ignore[attr-defined]
     if req.method == "OPTIONS" and req.routing_exception is None:
         return current_app.response_class(status=204)
-    token = current_app.extensions[EXTENSION]["settings"].api_token
-    if not token or not req.path.startswith(PREFIX):
-        return None
-    if not authorized(token, req.headers.get("Authorization", "")):
-        raise Unauthorized("a valid bearer token is required")
+    if req.path.startswith(PREFIX):
+        token = current_app.extensions[EXTENSION]["settings"].api_token
+        check_bearer(token, req.headers.get("Authorization", ""))
     return None
 
 
@@ -499,8 +487,7 @@ class Direct:
         started = ops.begin(environ)
         headers: list[tuple[str, str]] = [_JSON]
         try:
-            if self.token and not authorized(self.token, environ.get("HTTP_AUTHORIZATION", "")):
-                raise Unauthorized("a valid bearer token is required")
+            check_bearer(self.token, environ.get("HTTP_AUTHORIZATION", ""))
             call = Call(environ, self.app.config["MAX_CONTENT_LENGTH"])
             body = orjson.dumps(handler(self.context, call, *params))
             code = 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -10,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from timeline.errors import InvalidParam, PayloadTooLarge
+from timeline.errors import InvalidParam, PayloadTooLarge, Unauthorized
 from timeline.model import Message
 from timeline.settings import Settings
 
@@ -46,6 +47,19 @@ class Limits:
             batch_max_messages=settings.batch_max_messages,
             request_documents_max=settings.request_documents_max,
         )
+
+
+def check_bearer(token: str | None, authorization: str) -> None:
+    """With an api_token set, `authorization` (the HTTP header, or gRPC's metadata of that
+    name) must be `Bearer <token>`."""
+    if not token:
+        return
+    scheme, _, given = authorization.partition(" ")
+    # compare_digest takes as long whatever the first wrong byte: no timing oracle.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthorized("a valid bearer token is required")
 
 
 def field(data: Mapping[str, Any], proto_name: str, json_name: str | None = None) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hmac
 import logging
 import os
 import time
@@ -17,10 +16,11 @@ from urllib.parse import unquote
 import grpc
 
 from timeline import logs, metrics
-from timeline.errors import TimelineError, Unauthorized
+from timeline.errors import TimelineError
 from timeline.logs import REQUEST_ID_PATTERN
 from timeline.rpc.status import Cancelled, DeadlineExceeded, error_status, grpc_code
 from timeline.service import TimelineService
+from timeline.validation import check_bearer
 
 SERVICE_NAME = "timeline.v1.Timeline"
 #: The request id's metadata key, both ways (gRPC metadata keys are lower case).
@@ -53,7 +53,7 @@ class Calls:
 
     def __init__(self, service: TimelineService, api_token: str | None) -> None:
         self.service = service
-        self._token = api_token.encode() if api_token else None
+        self._token = api_token
 
     def method(
         self, name: str, handler: Handler[Request, Reply], *, writes: bool = False
@@ -98,17 +98,10 @@ class Calls:
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
         """With an api_token set, the `authorization` metadata must be `Bearer <token>`."""
-        if self._token is None:
-            return
         given = next(
             (v for k, v in context.invocation_metadata() or () if k == "authorization"), ""
         )
-        scheme, _, credentials = str(given).partition(" ")
-        # compare_digest takes as long whatever the first wrong byte: no timing oracle.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            credentials.strip().encode(), self._token
-        ):
-            raise Unauthorized("a valid bearer token is required")
+        check_bearer(self._token, str(given))
 
     @staticmethod
     def _remaining(context: grpc.ServicerContext) -> float | None:
