@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 FAN_OUT = 10_000
 BUDGET_MS = 100.0
 FLOOR_RATIO = 1.3
-THROUGHPUT_RATIO = 0.8
 
 
 def say(text: str) -> None:
