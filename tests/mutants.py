@@ -74,10 +74,17 @@ PAGING = "count or page or paging or pages"
 
 MUTATIONS: list[Mutation] = [
     Mutation(
-        "SQLite writes at or below a timeline's floor (its floors not read)",
+        "SQLite writes a small write at or below a timeline's floor (its floors not read)",
         SQLITE,
-        "    return any(firsts[id_] <= floor for id_, floor in floors)\n",
-        "    return False\n",
+        '"ON f.id = v.column1 WHERE f.seq >= v.column2)"',
+        '"ON f.id = v.column1 WHERE 0)"',
+        (T_STORE, "-k", "floor"),
+    ),
+    Mutation(
+        "SQLite writes a big write at or below a timeline's floor (its floors not read)",
+        SQLITE,
+        "    if any(firsts[id_] <= floor for id_, floor in floors):\n",
+        "    if False:\n",
         (T_STORE, "-k", "floor"),
     ),
     Mutation(

@@ -226,11 +226,23 @@ def test_copies_at_or_below_a_floor_count_as_taken_when_no_key_is(store: Store) 
 def test_a_floor_refuses_its_timeline_in_a_big_write_too(store: Store) -> None:
     store.write(None, copies("m", 1))
     store.ack("m", 1, 1)  # m's 1 removed; its floor: 1
-    others = [f"x{i}" for i in range(30)]  # more timelines than SQLite binds one by one
+    # More timelines than SQLite writes in one statement (it looks the floors up first).
+    others = [f"x{i}" for i in range(100)]
     result = store.write(None, copies([*others, "m"], 1, mid="late"))
-    assert result == WriteResult(sync_taken=[30])  # m's, by its floor alone
+    assert result == WriteResult(sync_taken=[100])  # m's, by its floor alone
     assert store.read(Kind.SYNC, "m", 0, 10) == []
-    assert store.owners(Kind.SYNC, [("x29", 1)]) == {("x29", 1): "late"}
+    assert store.owners(Kind.SYNC, [("x99", 1)]) == {("x99", 1): "late"}
+
+
+def test_a_floor_refuses_a_big_batch_of_history_too(store: Store) -> None:
+    store.write(copies("g", 1, created_at_ms=100), None)
+    assert store.purge(Kind.HISTORY, 500) == 1  # history floor: 1
+    batch = [message(n=n) for n in range(100)]  # more rows than one SQLite statement takes
+    assert store.write(copies("g", 1, *batch, mid="late"), copies("a", 1, *batch)) == (
+        WriteResult(history_taken=True)
+    )
+    assert store.read(Kind.HISTORY, "g", 0, 200) == []
+    assert store.read(Kind.SYNC, "a", 0, 200) == []
 
 
 def test_history_at_or_below_its_floor_counts_as_taken(store: Store) -> None:
@@ -787,3 +799,168 @@ def test_sqlite_drops_the_per_row_floor_trigger_of_earlier_versions(tmp_path: Pa
         assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == []
     assert store.write(None, copies("a", 1)) == WriteResult()  # the trigger would refuse it
     store.close()
+
+
+# --- SQLite group commit: small writes of several threads in one transaction -----------------
+
+
+def write_grouped(
+    store: SQLiteStore,
+    monkeypatch: pytest.MonkeyPatch,
+    writes: list[tuple[Copies | None, Copies | None, Claim | None]],
+) -> tuple[list[Any], list[int]]:
+    """Force a group: while the test holds the process's writer lock, a first write leads
+    a transaction of its own and waits for the lock; the `writes`, made meanwhile by other
+    threads, queue behind it. Then the lock is let go. Returns each queued write's result
+    (or the exception it raised), and the size of each group stored."""
+    groups: list[int] = []
+    write_batch = store._write_batch
+    monkeypatch.setattr(
+        store, "_write_batch", lambda batch: groups.append(len(batch)) or write_batch(batch)
+    )
+    results: list[Any] = [None] * len(writes)
+
+    def write(i: int, history: Copies | None, sync: Copies | None, claim: Claim | None) -> None:
+        try:
+            results[i] = store.write(history, sync, claim, NOW)
+        except Exception as exc:  # the test looks at it
+            results[i] = exc
+
+    def wait_for(condition: Any) -> None:
+        deadline = time.monotonic() + 5
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    store._writer.acquire()
+    leader = threading.Thread(target=store.write, args=(None, copies("lead", 1, mid="lead")))
+    leader.start()
+    wait_for(lambda: store._leading and not store._jobs)  # it leads, waiting for the lock
+    threads = [threading.Thread(target=write, args=(i, *w)) for i, w in enumerate(writes)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(store._jobs) == len(writes))  # all queued behind it
+    store._writer.release()
+    for thread in [leader, *threads]:
+        thread.join(10)
+    return results, groups
+
+
+def test_sqlite_commits_the_writes_queued_meanwhile_in_one_transaction(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes = [
+        (copies(f"g{i}", 1, mid=f"m{i}"), copies(["a", "b"], [i, 10 + i], mid=f"m{i}"), claim_of(i))
+        for i in (1, 2, 3)
+    ]
+    results, groups = write_grouped(sqlite_store, monkeypatch, writes)
+    assert results == [WriteResult()] * 3
+    assert groups == [1, 3]  # the leader alone, then the three together
+    assert [(e.seq, e.mid) for e in sqlite_store.read(Kind.SYNC, "a", 0, 9)] == [
+        (1, "m1"),
+        (2, "m2"),
+        (3, "m3"),
+    ]
+    assert [e.seq for e in sqlite_store.read(Kind.SYNC, "b", 0, 99)] == [11, 12, 13]
+    assert [e.mid for i in (1, 2, 3) for e in sqlite_store.read(Kind.HISTORY, f"g{i}", 0, 9)] == [
+        "m1",
+        "m2",
+        "m3",
+    ]
+    for i in (1, 2, 3):
+        assert held(sqlite_store, claim_of(i)) == claim_of(i)
+
+
+def test_a_write_of_a_group_that_cannot_store_all_it_holds_is_written_alone(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sqlite_store.write(None, copies("a", 2, mid="earlier"))  # a's 2 is taken
+    other = claim_of(3, fingerprint="e" * 16)
+    sqlite_store.claim(other, NOW)  # message 3's record: another attempt's
+    sqlite_store.write(None, copies("c", 5, mid="old"))
+    sqlite_store.ack("c", 5, 5)  # c's floor: 5
+    writes = [
+        (copies("g1", 1, mid="m1"), copies(["a", "b"], 1, mid="m1"), claim_of(1)),  # stored
+        (copies("g2", 1, mid="m2"), copies(["a", "b"], 2, mid="m2"), claim_of(2)),  # a's taken
+        (copies("g3", 1, mid="m3"), copies(["d"], 1, mid="m3"), claim_of(3)),  # claimed
+        (None, copies(["e", "c"], 5, mid="m4"), None),  # c's at its floor
+    ]
+    results, groups = write_grouped(sqlite_store, monkeypatch, writes)
+    assert groups == [1, 4]
+    assert results == [
+        WriteResult(),
+        WriteResult(sync_taken=[0]),  # written alone: b's copy stored, a's reported
+        WriteResult(claimed=other),  # nothing of it stored
+        WriteResult(sync_taken=[1]),
+    ]
+    assert [(e.seq, e.mid) for e in sqlite_store.read(Kind.SYNC, "a", 0, 9)] == [
+        (1, "m1"),
+        (2, "earlier"),
+    ]
+    assert [(e.seq, e.mid) for e in sqlite_store.read(Kind.SYNC, "b", 0, 9)] == [
+        (1, "m1"),
+        (2, "m2"),
+    ]
+    assert [e.mid for e in sqlite_store.read(Kind.HISTORY, "g2", 0, 9)] == ["m2"]
+    assert sqlite_store.read(Kind.HISTORY, "g3", 0, 9) == []
+    assert sqlite_store.read(Kind.SYNC, "d", 0, 9) == []
+    assert held(sqlite_store, claim_of(3)) == other
+    assert [e.mid for e in sqlite_store.read(Kind.SYNC, "e", 0, 9)] == ["m4"]
+    assert sqlite_store.read(Kind.SYNC, "c", 0, 9) == []
+
+
+def test_an_error_in_a_group_fails_each_of_its_writes_and_stores_none(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    insert = sqlite_module._insert
+
+    def failing(conn: sqlite3.Connection, table: str, copies: Copies, rows: Any) -> bool:
+        if copies.mid == "m2":
+            raise sqlite3.OperationalError("disk I/O error")
+        return insert(conn, table, copies, rows)
+
+    monkeypatch.setattr(sqlite_module, "_insert", failing)
+    writes = [
+        (copies(f"g{i}", 1, mid=f"m{i}"), copies([f"u{i}"], 1, mid=f"m{i}"), claim_of(i))
+        for i in (1, 2, 3)
+    ]
+    results, groups = write_grouped(sqlite_store, monkeypatch, writes)
+    assert groups == [1, 3]
+    assert all(isinstance(result, Unavailable) for result in results), results
+    for i in (1, 2, 3):
+        assert sqlite_store.read(Kind.HISTORY, f"g{i}", 0, 9) == []
+        assert sqlite_store.read(Kind.SYNC, f"u{i}", 0, 9) == []
+        assert held(sqlite_store, claim_of(i)).fingerprint == "0" * 16  # no record: the probe's
+    # The store goes on: the next writes are stored.
+    monkeypatch.setattr(sqlite_module, "_insert", insert)
+    assert sqlite_store.write(copies("g1", 1, mid="m1"), copies(["u1"], 1, mid="m1")) == (
+        WriteResult()
+    )
+
+
+def test_writes_queued_behind_a_stuck_writer_fail_fast(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_busy_timeout", 0.2)
+    sqlite_store._writer.acquire()  # a writer of this process that does not let go
+    results: list[Any] = []
+
+    def write(i: int) -> None:
+        try:
+            results.append(sqlite_store.write(None, copies([f"u{i}"], 1, mid=f"m{i}")))
+        except Exception as exc:  # the test looks at it
+            results.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    elapsed = time.monotonic() - started
+    sqlite_store._writer.release()
+    assert len(results) == 4
+    assert all(isinstance(result, Unavailable) for result in results), results
+    assert elapsed < 1.5  # the busy timeout (0.2 s) for each, not a wait for ever
+    assert all(sqlite_store.read(Kind.SYNC, f"u{i}", 0, 9) == [] for i in range(4))
+    assert sqlite_store.write(None, copies(["u0"], 1, mid="m0")) == WriteResult()

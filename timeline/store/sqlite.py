@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -48,7 +52,7 @@ CREATE TABLE IF NOT EXISTS {table}_floor (
 # Nothing is written at or below a timeline's floor (what ack and purge removed): a counter
 # that lags behind (a Redis replica promoted before it caught up) would otherwise put a
 # message where no reader looks any more. The write sees a taken key and moves above. The
-# floors of a write's timelines are read in its own transaction (_below_floor): floors rise
+# floors of a write's timelines are read in its own transaction (_insert): floors rise
 # only in write transactions, so none rises between that read and the insert. (Earlier
 # versions checked each row in a trigger: 25 ms of a 10,000-row write; dropped at open.)
 _FLOOR_GUARD_DROP = "DROP TRIGGER IF EXISTS {table}_floor_guard"
@@ -98,16 +102,25 @@ _INSERT = {
     for table in COLLECTIONS.values()
 }
 _FLOORS = {table: _FLOORS_OF.format(table=table) for table in COLLECTIONS.values()}
-# Up to this many timelines (a send's, a small group's) their ids are bound one by one: no
-# JSON to write and parse for the usual write.
-_FEW = 16
-_FLOORS_FEW = {
-    table: [
-        f"SELECT id, seq FROM {table}_floor WHERE id IN ({', '.join('?' * n)})"
-        for n in range(_FEW + 1)
-    ]
-    for table in COLLECTIONS.values()
-}
+# A small write (a send's copies, a small group's) is one statement per table: its rows,
+# inserted only if no timeline's range starts at or below its floor (0 rows inserted then).
+# One statement instead of a floor lookup and a step per row: each is a moment without the
+# GIL, and getting it back (other request threads want it too) keeps the write lock held
+# longer. Up to this many rows, and timelines, are bound one by one.
+_FEW_ROWS = 64
+_FEW = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _guarded_insert(table: str, rows: int, timelines: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    firsts = ", ".join(["(?, ?)"] * timelines)
+    return (
+        f"INSERT INTO {table} {_COLUMNS} SELECT * FROM (VALUES {values}) WHERE NOT EXISTS "
+        f"(SELECT 1 FROM (VALUES {firsts}) AS v JOIN {table}_floor AS f "
+        "ON f.id = v.column1 WHERE f.seq >= v.column2)"
+    )
+
 
 _HISTORY = COLLECTIONS[Kind.HISTORY]
 _SYNC = COLLECTIONS[Kind.SYNC]
@@ -193,6 +206,27 @@ class _Checkpointer:
             conn.close()
 
 
+@dataclass(slots=True, eq=False)
+class _Job:
+    """A write of one transaction's worth, with what its statements bind built before the
+    lock is taken; for group commit, where it stands (see SQLiteStore._write_grouped)."""
+
+    history: Copies | None
+    sync: Copies | None
+    claim: Claim | None
+    now_ms: int
+    rows: list[tuple[str, int, str, int, str]] = dataclasses.field(init=False)
+    record: tuple[str, str, str, int, int] | None = dataclasses.field(init=False)
+    taken: bool = False  # a leader has it in its group
+    done: bool = False
+    result: WriteResult | None = None
+    error: sqlite3.Error | None = None
+
+    def __post_init__(self) -> None:
+        self.rows = list(self.sync.rows()) if self.sync is not None else []
+        self.record = _claim_row(self.claim) if self.claim is not None else None
+
+
 class SQLiteStore:
     """One connection per thread and process; WAL so readers never wait for the writer."""
 
@@ -214,6 +248,10 @@ class SQLiteStore:
         # Writers waiting for the lock hold a shared lock on this file (see _begin).
         self._waiting_path = self.path.with_name(self.path.name + "-wait")
         self._local = threading.local()
+        self._new_locks()
+        # After a fork (a child of a process that wrote) the locks start free: a thread that
+        # held one did not cross the fork.
+        os.register_at_fork(after_in_child=functools.partial(_renew_locks, weakref.ref(self)))
         self._retention = {kind: (retention_ms or {}).get(kind, 0) for kind in Kind}
         self._checkpoints = _Checkpointer(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,6 +332,26 @@ class SQLiteStore:
         self._local.waiting = (os.getpid(), waiting)
         return waiting
 
+    def _new_locks(self) -> None:
+        # One writer at a time in this process (see _writing); the small writes queued for
+        # the next transaction, and whether a thread is leading one (see _write_grouped).
+        self._writer = threading.Lock()
+        self._jobs: list[_Job] = []
+        self._jobs_changed = threading.Condition(threading.Lock())
+        self._leading = False
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold this process's writer lock, waiting up to the busy timeout: its threads
+        queue here, woken in turn, instead of polling SQLite's lock in _begin (which they
+        still do for another process's writers)."""
+        if not self._writer.acquire(timeout=self._busy_timeout):
+            raise sqlite3.OperationalError("database is locked (by this process)")
+        try:
+            yield
+        finally:
+            self._writer.release()
+
     def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE: take the write lock up front (two writers never deadlock on
         upgrade), waiting for it up to the busy timeout.
@@ -362,9 +420,14 @@ class SQLiteStore:
         conn: sqlite3.Connection | None = None
         try:
             conn = self._connection()
-            self._begin(conn)
-            yield conn
-            conn.execute("COMMIT")
+            with self._writing():
+                self._begin(conn)
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             if conn is not None and conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -404,6 +467,15 @@ class SQLiteStore:
         parts: list[tuple[int, Copies | None]] = [(0, None)]
         if sync is not None:
             parts = list(split(sync, self.write_chunk_rows, self.write_chunk_bytes))
+        if len(parts) == 1:
+            try:
+                result = self._write_grouped(history, sync, claim, now_ms)
+            except sqlite3.Error as exc:
+                log.warning("sqlite write failed: %s", exc)
+                dependency_failed("store")
+                raise Unavailable("store (sqlite) is unavailable") from exc
+            self._checkpoints.start()
+            return result
         taken: list[int] = []
         committed = 0
         conn: sqlite3.Connection | None = None
@@ -413,9 +485,9 @@ class SQLiteStore:
                 if committed:
                     self._let_waiting_writers_in()
                 first = history if not committed else None
-                result = self._write_part(
-                    conn, first, part, claim if not committed else None, now_ms
-                )
+                job = _Job(first, part, claim if not committed else None, now_ms)
+                with self._writing():
+                    result = self._write_part(conn, job)
                 if result.history_taken or result.claimed is not None:
                     return result  # the first part: nothing stored, all or none
                 taken.extend(offset + position for position in result.sync_taken)
@@ -437,18 +509,114 @@ class SQLiteStore:
         self._checkpoints.start()
         return WriteResult(sync_taken=taken)
 
-    def _write_part(
-        self,
-        conn: sqlite3.Connection,
-        history: Copies | None,
-        sync: Copies | None,
-        claim: Claim | None = None,
-        now_ms: int = 0,
+    def _write_grouped(
+        self, history: Copies | None, sync: Copies | None, claim: Claim | None, now_ms: int
     ) -> WriteResult:
+        """A small write (one transaction's worth), committed with those other threads of
+        this process queued meanwhile: group commit.
+
+        A thread that finds no transaction under way leads the next one: it takes every
+        write queued by then (its own among them) and stores them in one transaction, each
+        in a savepoint of its own (_write_batch). While it works, writes of other threads
+        queue for the next. One commit, instead of one per write, is what the grouping
+        saves: the pages every write touches (the tables' last pages, the records' index)
+        are written to the WAL once, and the write lock changes hands once. Alone (the
+        usual case when the service is not busy) a write is its own transaction, as before.
+        """
+        job = _Job(history, sync, claim, now_ms)
+        deadline = time.monotonic() + self._busy_timeout
+        with self._jobs_changed:
+            self._jobs.append(job)
+            while self._leading and not job.done:
+                left = deadline - time.monotonic()
+                if left <= 0 and not job.taken:
+                    self._jobs.remove(job)
+                    raise sqlite3.OperationalError("database is locked (writes queued)")
+                # Once taken, the leader finishes it (its own waits are bounded).
+                self._jobs_changed.wait(left if not job.taken else None)
+            if not job.done:
+                self._leading = True
+                batch, self._jobs = self._jobs, []
+                for queued in batch:
+                    queued.taken = True
+        if not job.done:
+            try:
+                self._write_batch(batch)
+            finally:
+                with self._jobs_changed:
+                    self._leading = False
+                    for queued in batch:
+                        if not queued.done:  # only if _write_batch itself failed
+                            queued.error = queued.error or sqlite3.OperationalError(
+                                "the write of its group failed"
+                            )
+                            queued.done = True
+                    self._jobs_changed.notify_all()
+        if job.error is not None:
+            # Each thread raises an exception of its own (tracebacks are per raise).
+            raise type(job.error)(*job.error.args) from job.error
+        assert job.result is not None
+        return job.result
+
+    def _write_batch(self, batch: list[_Job]) -> None:
+        """Store the writes of a group (see _write_grouped), setting each one's result or
+        error. Each goes in a savepoint of its own and keeps it only when it stores all it
+        holds; any other outcome (its claim held by another record, a key taken, a floor in
+        the way) rolls its savepoint back, and after the commit it is written alone, as
+        _write_part writes any write. An error fails every write not yet committed."""
+        conn = self._connection()
+        try:
+            with self._writing():
+                if len(batch) == 1:
+                    batch[0].result = self._write_part(conn, batch[0])
+                    batch[0].done = True
+                    return
+                alone: list[_Job] = []
+                self._begin(conn)
+                for job in batch:
+                    conn.execute("SAVEPOINT job")
+                    if not self._write_all(conn, job):
+                        conn.execute("ROLLBACK TO job")
+                        alone.append(job)
+                    conn.execute("RELEASE job")
+                conn.execute("COMMIT")
+                for job in batch:
+                    if job not in alone:
+                        job.result, job.done = WriteResult(), True
+                for job in alone:
+                    job.result = self._write_part(conn, job)
+                    job.done = True
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for job in batch:
+                if not job.done:
+                    job.error, job.done = exc, True
+
+    def _write_all(self, conn: sqlite3.Connection, job: _Job) -> bool:
+        """In the group's transaction: whether the job stored everything it holds (else
+        the caller rolls back what it did)."""
+        if job.record is not None and _record_claim(conn, job.record, job.now_ms) is not None:
+            return False
+        if job.history is not None and not self._insert_history(conn, job.history):
+            return False
+        if job.sync is not None:
+            try:
+                return _insert(conn, _SYNC, job.sync, job.rows)
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    def _write_part(self, conn: sqlite3.Connection, job: _Job) -> WriteResult:
         """One transaction: the claim, the history copies (all or none), then the sync
         copies."""
-        rows = list(sync.rows()) if sync is not None else []  # built before taking the lock
-        record = _claim_row(claim) if claim is not None else None
+        history, sync, rows, record, now_ms = (
+            job.history,
+            job.sync,
+            job.rows,
+            job.record,
+            job.now_ms,
+        )
         self._begin(conn)
         if record is not None and (claimed := _record_claim(conn, record, now_ms)) is not None:
             conn.execute("ROLLBACK")
@@ -459,9 +627,8 @@ class SQLiteStore:
         taken: list[int] = []
         if sync is not None:
             try:
-                if _below_floor(conn, _SYNC, sync):
+                if not _insert(conn, _SYNC, sync, rows):
                     raise sqlite3.IntegrityError("at or below the floor")  # the slow path
-                conn.executemany(_INSERT[_SYNC], rows)
             except sqlite3.IntegrityError:
                 try:
                     taken = self._write_sync_slowly(conn, history, sync, rows, record, now_ms)
@@ -477,13 +644,10 @@ class SQLiteStore:
     @staticmethod
     def _insert_history(conn: sqlite3.Connection, history: Copies) -> bool:
         """Whether the history copies went in: none is taken, none at or below its floor."""
-        if _below_floor(conn, _HISTORY, history):
-            return False
         try:
-            conn.executemany(_INSERT[_HISTORY], history.rows())
+            return _insert(conn, _HISTORY, history, list(history.rows()))
         except sqlite3.IntegrityError:
             return False
-        return True
 
     def _write_sync_slowly(
         self,
@@ -812,6 +976,12 @@ class SQLiteStore:
             self._local.waiting = None
 
 
+def _renew_locks(store: weakref.ReferenceType[SQLiteStore]) -> None:
+    found = store()
+    if found is not None:
+        found._new_locks()
+
+
 def _begin_immediate(conn: sqlite3.Connection, last_try: bool = False) -> bool:
     """BEGIN IMMEDIATE: whether it took the write lock; False while another writer holds
     it (SQLITE_BUSY raised instead on the last try); any other error raised."""
@@ -837,15 +1007,29 @@ def _flock(file: IO[bytes], operation: int) -> bool | None:
     return True
 
 
-def _below_floor(conn: sqlite3.Connection, table: str, copies: Copies) -> bool:
-    """In the write's transaction: whether a timeline's range starts at or below its floor
-    (one lookup of the few timelines that have a floor, not one per row)."""
+def _insert(
+    conn: sqlite3.Connection,
+    table: str,
+    copies: Copies,
+    rows: Sequence[tuple[str, int, str, int, str]],
+) -> bool:
+    """In the write's transaction: insert the copies' rows (`rows`), unless a timeline's
+    range starts at or below its floor (False: nothing inserted). A taken key raises
+    IntegrityError: the small write's one statement inserted nothing then; a big write's
+    rows may be partly in (the caller rolls back)."""
+    if len(rows) <= _FEW_ROWS and len(copies.ids) <= _FEW:
+        params = [value for row in rows for value in row]
+        for pair in zip(copies.ids, copies.firsts, strict=True):
+            params.extend(pair)
+        statement = _guarded_insert(table, len(rows), len(copies.ids))
+        return bool(conn.execute(statement, params).rowcount)
+    # A big write: one lookup of the few timelines that have a floor, not one per row.
     firsts = dict(zip(copies.ids, copies.firsts, strict=True))
-    if len(firsts) <= _FEW:
-        floors = conn.execute(_FLOORS_FEW[table][len(firsts)], tuple(firsts))
-    else:
-        floors = conn.execute(_FLOORS[table], (orjson.dumps(list(firsts)).decode(),))
-    return any(firsts[id_] <= floor for id_, floor in floors)
+    floors = conn.execute(_FLOORS[table], (orjson.dumps(list(firsts)).decode(),))
+    if any(firsts[id_] <= floor for id_, floor in floors):
+        return False
+    conn.executemany(_INSERT[table], rows)
+    return True
 
 
 class _Claimed(Exception):
