@@ -81,6 +81,13 @@ MUTATIONS: list[Mutation] = [
         (T_STORE, "-k", "floor"),
     ),
     Mutation(
+        "SQLite group commit keeps what a write of the group stored, whatever it was refused",
+        SQLITE,
+        "                    if not self._write_all(conn, job):\n",
+        "                    if not (self._write_all(conn, job) or True):\n",
+        (T_STORE, "-k", "group"),
+    ),
+    Mutation(
         "SQLite writes a big write at or below a timeline's floor (its floors not read)",
         SQLITE,
         "    if any(firsts[id_] <= floor for id_, floor in floors):\n",
