@@ -106,8 +106,7 @@ _FLOORS = {table: _FLOORS_OF.format(table=table) for table in COLLECTIONS.values
 # inserted only if no timeline's range starts at or below its floor (0 rows inserted then).
 # One statement instead of a floor lookup and a step per row: each is a moment without the
 # GIL, and getting it back (other request threads want it too) keeps the write lock held
-# longer. Up to this many rows, and timelines, are bound one by one.
-_FEW_ROWS = 64
+# longer. Up to this many rows (so as many timelines at most) are bound one by one.
 _FEW = 64
 
 
@@ -1017,7 +1016,7 @@ def _insert(
     range starts at or below its floor (False: nothing inserted). A taken key raises
     IntegrityError: the small write's one statement inserted nothing then; a big write's
     rows may be partly in (the caller rolls back)."""
-    if len(rows) <= _FEW_ROWS and len(copies.ids) <= _FEW:
+    if len(rows) <= _FEW:  # a timeline has a row at least
         params = [value for row in rows for value in row]
         for pair in zip(copies.ids, copies.firsts, strict=True):
             params.extend(pair)
