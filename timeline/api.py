@@ -28,6 +28,7 @@ from timeline.model import Entry, Message, conversation_id
 from timeline.service import TimelineService
 from timeline.validation import (
     Limits,
+    check_batch,
     check_bearer,
     check_documents,
     check_fan_out,
@@ -176,12 +177,7 @@ def _messages(body: dict[str, Any], data: bytes, limits: Limits) -> tuple[list[M
     batch = body["messages"]
     if not isinstance(batch, list) or not batch:
         raise InvalidParam("messages must be a non-empty list", field="messages")
-    if len(batch) > limits.batch_max_messages:
-        raise InvalidParam(
-            f"messages holds {len(batch)}; at most {limits.batch_max_messages} are allowed",
-            field="messages",
-            limit=limits.batch_max_messages,
-        )
+    check_batch(len(batch), limits)
     return [
         parse_message(
             value,

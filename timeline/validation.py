@@ -273,6 +273,16 @@ def parse_message(
     return Message(document=document, json=compact)
 
 
+def check_batch(messages: int, limits: Limits) -> None:
+    """A batch (`messages`) holds at most batch_max_messages."""
+    if messages > limits.batch_max_messages:
+        raise InvalidParam(
+            f"messages holds {messages}; at most {limits.batch_max_messages} are allowed",
+            field="messages",
+            limit=limits.batch_max_messages,
+        )
+
+
 def check_documents(recipients: int, messages: int, limits: Limits) -> None:
     """Rows, not only bytes: the sync copies one request may write, recipients x messages.
 

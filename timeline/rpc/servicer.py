@@ -18,6 +18,7 @@ from timeline.rpc.v1 import timeline_pb2_grpc
 from timeline.service import TimelineService
 from timeline.validation import (
     Limits,
+    check_batch,
     check_documents,
     check_fan_out,
     parse_count,
@@ -74,12 +75,7 @@ class TimelineServicer:
             return [parse_message(message, limits)], False
         if message:
             raise InvalidParam("send either message or messages, not both")
-        if len(batch) > limits.batch_max_messages:
-            raise InvalidParam(
-                f"messages holds {len(batch)}; at most {limits.batch_max_messages} are allowed",
-                field="messages",
-                limit=limits.batch_max_messages,
-            )
+        check_batch(len(batch), limits)
         return [
             parse_message(value, limits, name=f"messages[{i}]") for i, value in enumerate(batch)
         ], True
