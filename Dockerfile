@@ -14,25 +14,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+# Dependencies first, from the lock alone (requirements/runtime.txt: exact versions with their
+# hashes, what CI tested): this layer is rebuilt only when the lock changes.
+COPY requirements/runtime.txt requirements/
+RUN pip install --require-hashes --only-binary=:all: -r requirements/runtime.txt
 
-# The service itself: run from /app (app.py, gunicorn.conf.py, lua/, configs/, timeline/).
+# The service itself: run from /app (app.py, gunicorn.conf.py, lua/, configs/, timeline/;
+# timeline/lua is a link to lua/).
 COPY app.py gunicorn.conf.py ./
 COPY configs/ configs/
 COPY lua/ lua/
 COPY timeline/ timeline/
 # The gRPC code, generated from timeline/rpc/v1/timeline.proto (never copied in: see
-# .dockerignore) by the grpcio-tools pyproject.toml's build requires, which leaves the image
-# in the same step.
-RUN python -c "import tomllib; print('\n'.join(r for r in tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'] if r.startswith('grpcio-tools')))" > /tmp/codegen.txt \
-    && pip install -r /tmp/codegen.txt \
-    && python -m timeline.rpc.codegen \
-    && pip uninstall -y grpcio-tools \
-    && rm /tmp/codegen.txt
+# .dockerignore) by the lock's grpcio-tools, pyproject.toml's build requirement.
+RUN python -m timeline.rpc.codegen
 
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app timeline \
     && mkdir -p /app/var \

@@ -6,31 +6,48 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# One stamp per install and per pyproject.toml content: `make run` installs the runtime
-# dependencies only, `make test` the dev extra (which holds them too, so it leaves the
-# runtime stamp behind as well). A changed pyproject.toml has new stamps: both reinstall.
-# So has a changed timeline.proto: the install generates the gRPC code from it (setup.py).
+# What every install takes: exact versions, each with its hashes, from the lock files of
+# requirements/ (made by `make lock`; see "Dependencies" in the README). pip refuses anything
+# the lock does not name or whose hash differs. The project itself is installed from the
+# checkout, built without isolation by the locked setuptools and grpcio-tools.
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+INSTALL := $(PIP) install --quiet --require-hashes --only-binary=:all:
+PROJECT := $(PIP) install --quiet --no-deps --no-build-isolation -e .
+# A changed lock makes a new environment: what a fresh machine would get, nothing left
+# over from the old lock. A changed pyproject.toml or timeline.proto (whose gRPC code the
+# project's install generates: setup.py) only installs the project again.
+LOCKED := $(VENV)/.lock-$(shell cat requirements/*.txt | cksum | cut -d' ' -f1)
 HASH := $(shell cat pyproject.toml timeline/rpc/v1/timeline.proto | cksum | cut -d' ' -f1)
+# One stamp per install: `make run` installs the runtime lock, `make test` the dev lock
+# (which holds the runtime's, at the same versions, so it leaves the runtime stamp too).
 RUNTIME := $(VENV)/.installed-runtime-$(HASH)
 DEV := $(VENV)/.installed-dev-$(HASH)
 PORT ?= 8000
 export PORT
+# make lock: one lock for every platform and Python 3.11+ (markers where they differ).
+UV_COMPILE := --quiet --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock"
+# make smoke: its environment, and the lock it installs.
+SMOKE_VENV ?= .venv-smoke
+SMOKE_LOCK ?= requirements/lowest.txt
 
-.PHONY: install run test lint mutants proxy bench clean docker up down
+.PHONY: install run test lint mutants proxy bench smoke lock clean docker up down
 
-$(BIN)/python:
+$(LOCKED):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 		echo "timeline needs Python 3.11 or newer: '$(PYTHON)' is missing or older (try PYTHON=python3.11 make ...)" >&2; \
 		exit 1; }
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	touch $@
 
-$(RUNTIME): | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+$(RUNTIME): | $(LOCKED)
+	$(INSTALL) -r requirements/runtime.txt
+	$(PROJECT)
 	rm -f $(VENV)/.installed-* && touch $@
 
-$(DEV): | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(DEV): | $(LOCKED)
+	$(INSTALL) -r requirements/dev.txt
+	$(PROJECT)
 	rm -f $(VENV)/.installed-* && touch $@ $(RUNTIME)
 
 ## install: the virtual environment with the dev extra (tests, linters, benchmarks).
@@ -51,6 +68,28 @@ lint: $(DEV)
 ## test: lint, then the whole test suite against real redis-server processes.
 test: lint
 	$(BIN)/pytest
+
+## lock: compile requirements/*.txt anew from pyproject.toml with uv (the newest releases
+## its ranges allow; lowest.txt: the lowest), then list what changed. Run it after changing
+## a dependency in pyproject.toml, and to take upstream releases; commit it with the rest.
+lock: $(DEV)
+	$(BIN)/python -c 'import tomllib; print("\n".join(["# pyproject.toml [build-system] requires, and the installer (make lock writes this file)", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], "pip>=24.0"]))' > requirements/build.in
+	$(BIN)/uv pip compile $(UV_COMPILE) --extra dev pyproject.toml requirements/build.in -o requirements/dev.txt
+	$(BIN)/uv pip compile $(UV_COMPILE) pyproject.toml requirements/build.in -c requirements/dev.txt -o requirements/runtime.txt
+	$(BIN)/uv pip compile $(UV_COMPILE) --resolution lowest-direct --no-emit-package pip pyproject.toml requirements/build.in -o requirements/lowest.txt
+	@git diff --no-color -U0 -- requirements/*.txt | grep -E '^[-+][A-Za-z0-9_.-]+==' || echo "make lock: no version changed"
+
+## smoke: a wheel built from the checkout, installed alone (no editable install, no
+## checkout on the path) in $(SMOKE_VENV) with the lowest versions pyproject.toml allows
+## (requirements/lowest.txt; SMOKE_LOCK=requirements/runtime.txt for the lock's), serves
+## the seed scenario over HTTP and gRPC from another directory (tests/smoke.py).
+smoke: $(DEV)
+	rm -rf build $(SMOKE_VENV) && mkdir -p build
+	$(PIP) wheel --quiet --no-deps --no-build-isolation -w build/wheel .
+	$(PYTHON) -m venv $(SMOKE_VENV)
+	$(SMOKE_VENV)/bin/python -m pip --disable-pip-version-check install --quiet --require-hashes --only-binary=:all: -r $(SMOKE_LOCK)
+	$(SMOKE_VENV)/bin/python -m pip --disable-pip-version-check install --quiet --no-deps build/wheel/timeline-*.whl
+	cd build && ../$(SMOKE_VENV)/bin/python $(CURDIR)/tests/smoke.py
 
 ## mutants: the named mutations of tests/mutants.py, each applied to a copy of the tree (the
 ## working tree and git are never touched); fails if a test lets one survive or one no longer
@@ -83,5 +122,5 @@ down:
 	@echo "Make .env first: cp .env.example .env, then set its passwords." && exit 1
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(SMOKE_VENV) build .pytest_cache .mypy_cache .ruff_cache *.egg-info
 	rm -f timeline/rpc/v1/timeline_pb2*.py* timeline/rpc/v1/timeline_proto.sha256

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,9 @@ def test_the_image_holds_everything_the_service_reads_at_run_time() -> None:
 
 
 def load_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Any:
-    """gunicorn.conf.py as `gunicorn app:app` reads it, with the default environment and
-    these variables."""
+    """The gunicorn settings (timeline/gunicorn_conf.py, which gunicorn.conf.py re-exports) as
+    gunicorn reads them at start, with the default environment and these variables: loaded
+    afresh each time, as a new gunicorn master does."""
     for name in ("PORT", "HOST", "WEB_CONCURRENCY", "GUNICORN_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TIMELINE_DATA_DIR", str(tmp_path / "var"))
@@ -147,7 +149,9 @@ def load_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: s
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "gunicorn.conf.py")
+    spec = importlib.util.spec_from_file_location(
+        "gunicorn_conf", ROOT / "timeline" / "gunicorn_conf.py"
+    )
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -252,3 +256,44 @@ def test_gunicorn_refuses_a_data_dir_too_deep_for_the_redis_socket(tmp_path: Pat
     [line] = done.stderr.splitlines()
     assert line.startswith("timeline: TIMELINE_DATA_DIR: data_dir is too deep")
     assert str(deep / "redis.sock") in line
+
+
+@pytest.mark.parametrize("version", ["24.1.1", "25.2.0", "28.0.0", "30.1"])
+def test_gunicorn_outside_the_tested_range_stops_the_master_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, version: str
+) -> None:
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(
+        metadata, "version", lambda name: version if name == "gunicorn" else real(name)
+    )
+    with pytest.raises(SystemExit) as stopped:
+        load_gunicorn_conf(monkeypatch, tmp_path)
+    assert str(stopped.value) == (
+        f"timeline: timeline's HTTP worker needs gunicorn >=25.3,<28 (it builds on "
+        f"gthread's internals), but gunicorn {version} is installed"
+    )
+
+
+@pytest.mark.parametrize("version", ["25.3.0", "25.3", "26.1.0", "27.0.1", "27.9.9rc1"])
+def test_gunicorn_within_the_range_is_served(version: str) -> None:
+    from timeline.compat import check_gunicorn
+
+    check_gunicorn(version)  # raises otherwise
+
+
+def test_the_worker_s_gunicorn_range_is_pyproject_s() -> None:
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from timeline.compat import GUNICORN_BELOW, GUNICORN_LOWEST, GUNICORN_RANGE
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (gunicorn,) = [Requirement(d) for d in declared if Requirement(d).name == "gunicorn"]
+    assert gunicorn.specifier == Requirement(f"gunicorn{GUNICORN_RANGE}").specifier
+    lowest = ".".join(map(str, GUNICORN_LOWEST))
+    below = ".".join(map(str, GUNICORN_BELOW))
+    assert Version(lowest) in gunicorn.specifier
+    assert Version(below) not in gunicorn.specifier
+    assert Version(f"{below}.0.0.dev0") not in gunicorn.specifier

@@ -25,7 +25,7 @@ class SentinelRedis(StandaloneRedis):
         self.sentinel = sentinel
         self.master = master
         super().__init__(
-            sentinel.master_for(master, **client_options(settings)),  # type: ignore[no-untyped-call]
+            sentinel.master_for(master, **client_options(settings)),
             mode="sentinel",
         )
 
@@ -50,7 +50,7 @@ def connect_sentinel(settings: Settings) -> SentinelRedis:
         "socket_connect_timeout": settings.redis_connect_timeout_ms / 1000,
         "socket_timeout": settings.redis_socket_timeout_ms / 1000,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         sentinel_addresses(settings.redis_sentinels),
         sentinel_kwargs={**timeouts, "retry": Retry(NoBackoff(), 0)},
     )

@@ -1,0 +1,52 @@
+"""What the service needs of a dependency beyond its public interface, checked at boot.
+
+timeline/worker.py builds on gunicorn's gthread worker and its HTTP parser: the selector
+loop's `wait_for_and_dispatch_events`, `method_queue`, `tpool` and `_accepting`, the
+parser's `_expected_100_continue`, and error classes such as `InvalidChunkExtension`. None
+of them is public, so the worker runs only on the gunicorn releases it was tested with:
+from 25.3 (the first that has every one of them; `make smoke` serves on it) up to the last
+major release tested (CI serves on the lock's). The same range is pyproject.toml's, and a
+test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+#: The gunicorn releases the worker supports: lowest included, highest excluded.
+GUNICORN_LOWEST = (25, 3)
+GUNICORN_BELOW = (28,)
+GUNICORN_RANGE = ">=25.3,<28"
+
+
+class Unsupported(RuntimeError):
+    """A dependency's installed release is outside what the service was tested with."""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version ("25.3.0" -> (25, 3, 0); "26.0.0rc1" -> (26, 0))."""
+    numbers: list[int] = []
+    for part in version.split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) != len(part):
+            break
+    return tuple(numbers)
+
+
+def check_gunicorn(version: str | None = None) -> None:
+    """Raise Unsupported, with one line naming the supported range, unless the installed
+    gunicorn (or `version`) is in it."""
+    found = metadata.version("gunicorn") if version is None else version
+    release = _release(found)
+    if not GUNICORN_LOWEST <= release < GUNICORN_BELOW:
+        raise Unsupported(
+            f"timeline's HTTP worker needs gunicorn {GUNICORN_RANGE} (it builds on gthread's "
+            f"internals), but gunicorn {found} is installed"
+        )
