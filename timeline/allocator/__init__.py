@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import zlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
 from typing import Any, Protocol
 
 import redis
@@ -34,14 +35,17 @@ from timeline.errors import Unavailable
 from timeline.metrics import dependency_failed
 from timeline.model import Kind, Timeline
 
-LUA_DIR = Path(__file__).resolve().parent.parent.parent / "lua"
+#: The scripts: lua/ of the repository, which the build maps into the package as
+#: timeline.lua (pyproject.toml), so that a wheel holds them and an editable install reads
+#: the checkout's.
+LUA_DIR = resources.files("timeline.lua")
 
 log = logging.getLogger(__name__)
 
 
 def load_script(name: str) -> str:
     """The source of lua/<name>.lua."""
-    return (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
+    return LUA_DIR.joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,86 @@ class NotRun(Exception):
     """A call that certainly did not run: the node refused it (an error reply, a connection
     that could not be opened) or kept redirecting it. Any other exception a `Redis.run`
     returns means the outcome is unknown: the call may have run."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        #: Redis's error code when the node refused it (OOM, READONLY, ...), else None.
+        self.code = code
+
+    @classmethod
+    def of(cls, exc: BaseException, context: str = "") -> NotRun:
+        """The call `exc` stopped: its text and Redis's error code (see `error_code`)."""
+        return cls(f"{context}{error_text(exc)}", error_code(exc))
+
+
+# --- Redis's error codes ---------------------------------------------------------------------
+
+#: The code of each error reply that redis-py raises as a class of its own, removing the code
+#: from the message: its parser's table (`EXCEPTION_CLASSES`, private) inverted by hand,
+#: subclasses first.
+_CODE_OF_CLASS: tuple[tuple[type[Exception], str], ...] = (
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.NoScriptError, "NOSCRIPT"),
+    (redis.exceptions.BusyLoadingError, "LOADING"),
+    (redis.exceptions.ExecAbortError, "EXECABORT"),
+    (redis.exceptions.NoPermissionError, "NOPERM"),
+    (redis.exceptions.AuthenticationError, "NOAUTH"),  # WRONGPASS too: one class for both
+    (redis.exceptions.MovedError, "MOVED"),  # an AskError
+    (redis.exceptions.AskError, "ASK"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"),
+    (redis.exceptions.MasterDownError, "MASTERDOWN"),  # a ClusterDownError
+    (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
+    (redis.exceptions.ClusterCrossSlotError, "CROSSSLOT"),
+)
+#: Where Redis before 7.0 puts the code of a script's failed command: after the script's
+#: line, `...: @user_script:1: @user_script: 1: -OOM command not allowed ...` (redis.call)
+#: or `@user_script: 1: -READONLY You can't write ...` (an error redis.pcall returned).
+_SCRIPT_CODE = re.compile(r"(?P<where>.*@user_script:\s?\d+): -?(?P<code>[A-Z][A-Z0-9_]+)(?= |$)")
+#: A code that leads the message (one redis-py has no class for: MISCONF, BUSY, ...).
+_LEADING_CODE = re.compile(r"[A-Z][A-Z0-9_]+(?= |$)")
+
+
+def _parse_error(exc: BaseException) -> tuple[str | None, str]:
+    if isinstance(exc, NotRun):
+        return exc.code, str(exc)
+    text = str(exc)
+    status = getattr(exc, "status_code", None)  # the code redis-py parsed (recent ones)
+    if not isinstance(status, str):
+        status = next((code for kind, code in _CODE_OF_CLASS if isinstance(exc, kind)), None)
+    if status is None and not isinstance(exc, redis.ResponseError):
+        return None, text  # no reply of Redis: a timeout, a refused connection
+    if status in (None, "ERR"):
+        # A script's error on Redis 6.2: the reply is ERR, the command's own code inside.
+        inside = _SCRIPT_CODE.search(text)
+        if inside:
+            return inside["code"], f"{text[inside.start('code') :]} ({inside['where']})"
+    if status is None:
+        leading = _LEADING_CODE.match(text)
+        status = leading[0] if leading else "ERR"
+    if text == status or text.startswith(f"{status} "):
+        return status, text
+    return status, f"{status} {text}"
+
+
+def error_code(exc: BaseException) -> str | None:
+    """Redis's code of an error reply (OOM, READONLY, LOADING, MISCONF, ERR, ...), the same
+    whatever the server's version and however redis-py presents it: the exception's class,
+    the code inside a script's error (Redis 6.2), or the code leading the message. None for
+    an error that is no reply of Redis (a timeout, a dropped connection)."""
+    return _parse_error(exc)[0]
+
+
+def error_text(exc: BaseException) -> str:
+    """The error for the log: Redis's code first (`OOM command not allowed when ...`), as
+    `error_code` reads it; the exception's text as it is when it has none."""
+    return _parse_error(exc)[1]
+
+
+def _code_field(exc: BaseException) -> dict[str, Any]:
+    """The log record's structured field of an error's Redis code (see timeline.logs)."""
+    code = error_code(exc)
+    return {"fields": {"redis_error": code}} if code else {}
 
 
 class Redis(Protocol):
@@ -404,7 +488,7 @@ class Allocator:
             replies = self._redis.run(calls)
         except redis.RedisError as exc:  # the topology itself is unreachable
             dependency_failed("redis")
-            log.warning("redis %s failed: %s", what, exc)
+            log.warning("redis %s failed: %s", what, error_text(exc), extra=_code_field(exc))
             raise Unavailable("sequence allocator (redis) is unavailable") from exc
         failures = [reply for reply in replies if isinstance(reply, BaseException)]
         if failures:
@@ -415,7 +499,8 @@ class Allocator:
                 len(failures),
                 len(calls),
                 "refused" if isinstance(failures[0], NotRun) else "outcome unknown",
-                failures[0],
+                error_text(failures[0]),
+                extra=_code_field(failures[0]),
             )
         return replies
 
@@ -423,15 +508,15 @@ class Allocator:
     def _command(what: str, command: Any) -> Any:
         try:
             return command()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # LOADING too, to redis-py
             dependency_failed("redis")
-            log.warning("redis %s failed: %s", what, exc)
+            log.warning("redis %s failed: %s", what, error_text(exc), extra=_code_field(exc))
             raise Unavailable("sequence allocator (redis) is unavailable") from exc
         except redis.RedisError as exc:
-            # READONLY after a failover, OOM, MISCONF, LOADING, CLUSTERDOWN: Redis refuses,
-            # the caller retries.
+            # READONLY after a failover, OOM, MISCONF, CLUSTERDOWN: Redis refuses, the caller
+            # retries.
             dependency_failed("redis")
-            log.error("redis %s refused: %s", what, exc)
+            log.error("redis %s refused: %s", what, error_text(exc), extra=_code_field(exc))
             raise Unavailable("sequence allocator (redis) refused the request") from exc
 
 

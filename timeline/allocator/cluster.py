@@ -40,7 +40,7 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisClusterException
 from redis.retry import Retry
 
-from timeline.allocator import Call, NotRun, wire
+from timeline.allocator import Call, NotRun, error_text, wire
 from timeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class ClusterRedis:
                     elif isinstance(reply, AskError):
                         node = self._node(reply.host, reply.port)
                         if node is None:
-                            replies[i] = NotRun(f"ASK names an unknown node: {reply}")
+                            replies[i] = NotRun.of(reply, "ASK names an unknown node: ")
                         else:
                             asked[i] = node
                             todo.append(i)
@@ -145,7 +145,7 @@ class ClusterRedis:
             if refresh:
                 self._refresh()
         return [
-            NotRun(f"redirected or unreachable: {reply}")
+            NotRun.of(reply, "redirected or unreachable: ")
             if isinstance(reply, wire.REDIRECTS)
             else reply
             for reply in replies
@@ -169,7 +169,7 @@ class ClusterRedis:
         try:
             self.client.nodes_manager.initialize()
         except (RedisClusterException, redis.RedisError) as exc:
-            log.warning("redis cluster: the slot map could not be read again: %s", exc)
+            log.warning("redis cluster: the slot map could not be read again: %s", error_text(exc))
 
     def get(self, key: str) -> bytes | None:
         value: bytes | None = self._safe(lambda: self.client.get(key))

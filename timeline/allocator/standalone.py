@@ -50,7 +50,7 @@ class StandaloneRedis:
         replies = wire.run(self.client.connection_pool, calls)
         # No cluster here: a redirection is a refusal like any other error reply.
         return [
-            wire.NotRun(str(reply)) if isinstance(reply, wire.REDIRECTS) else reply
+            wire.NotRun.of(reply) if isinstance(reply, wire.REDIRECTS) else reply
             for reply in replies
         ]
 

@@ -52,7 +52,7 @@ class Batch:
         try:
             self._connection = self._pool.get_connection()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            self._failed = NotRun(f"no connection: {exc}")
+            self._failed = NotRun.of(exc, "no connection: ")
             return self
         self._send(self._calls)
         return self
@@ -130,7 +130,7 @@ class Batch:
             except redis.ResponseError as exc:
                 # The server refused it (OOM, READONLY, MISCONF, a script's own error): the
                 # script changed nothing (lua/allocate.lua undoes a partial run itself).
-                replies.append(NotRun(str(exc)))
+                replies.append(NotRun.of(exc))
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self._failed = exc
                 replies.append(exc)
