@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from support import free_port, serving
-from timeline.bench.cli import main
-from timeline.bench.harness import Client
+from timeline.bench import cli
+from timeline.bench.cli import EXIT_NO_MATPLOTLIB, latency_figure, main, plot
+from timeline.bench.harness import Client, Result, Sample
 from timeline.settings import Settings
 
 
@@ -55,6 +59,74 @@ def test_a_url_without_a_scheme_is_a_usage_error(capsys: pytest.CaptureFixture[s
         main(args("localhost:8000", "--requests", "5"))
     assert stopped.value.code == 2
     assert "--url must be http://host[:port]" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_stops_before_the_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given a Python where matplotlib cannot be imported (None in sys.modules: an ImportError)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    started: list[str] = []
+    monkeypatch.setattr(cli, "run", lambda *a, **k: started.append("run"))
+    # When a run asks for a plot (of a service that is not even there)
+    url = f"http://127.0.0.1:{free_port()}"
+    status = main(args(url, "--requests", "5", "--plot", str(tmp_path / "out.png")))
+    # Then it stops at once with its own status, says how to install it, and ran nothing
+    assert status == EXIT_NO_MATPLOTLIB == 3
+    assert started == []
+    assert not (tmp_path / "out.png").exists()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("timeline-bench: --plot needs matplotlib")
+    assert "nothing was run" in err
+    assert "make install" in err  # a checkout
+    assert ".venv/bin/pip install -e '.[bench]'" in err  # a checkout, the extra alone
+    assert "pip install 'timeline[bench]'" in err  # an installed package
+
+
+def test_help_lists_every_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help"])
+    assert stopped.value.code == 0
+    epilog = capsys.readouterr().out.split("exit status:", 1)[1]
+    assert [line.split()[0] for line in epilog.splitlines() if line[2:3].isdigit()] == [
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
+    assert "matplotlib" in epilog
+
+
+def slow_tail_result(fast: int = 9_990, slow: int = 10) -> Result:
+    """A run whose latencies are 1-10 ms but for a few outliers up to 163 ms."""
+    rng = random.Random(7)
+    latencies = [rng.uniform(1.0, 10.0) for _ in range(fast)]
+    latencies += [rng.uniform(100.0, 163.0) for _ in range(slow - 1)] + [163.0]
+    samples = [Sample(i / 1000, latency, 200) for i, latency in enumerate(latencies)]
+    return Result("send", 8, 10.0, samples, Counter(), 0.1)
+
+
+def test_the_histogram_stops_at_p999_and_counts_what_lies_beyond(tmp_path: Path) -> None:
+    # Given a run where 0.1% of the requests took 10-16 times longer than the rest
+    result = slow_tail_result()
+    p999 = result.percentile(0.999)
+    assert p999 < 10.0 < 163.0 == max(s.latency_ms for s in result.samples)
+    # When it is plotted
+    figure = latency_figure(result)
+    histogram = figure.axes[1]
+    # Then the histogram's axis ends at p99.9, not at the maximum, and the plot says so
+    assert histogram.get_xlim()[1] == pytest.approx(p999)
+    assert "p99.9" in histogram.get_title()
+    assert histogram.get_xlabel().splitlines() == [
+        "latency (ms)",
+        "10 of 10,000 requests beyond p99.9, not shown (max 163.00 ms)",
+    ]
+    # And its bars hold every request up to p99.9
+    assert sum(bar.get_height() for bar in histogram.patches) == 9_990
+    plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_quiet_hides_the_progress_bar_and_keeps_the_table(

@@ -60,6 +60,7 @@ def test_every_request_of_every_run_is_a_new_message(
     assert records == len(messages)
 
 
+@pytest.mark.slow
 def test_the_fan_out_script_reports_a_median(settings: Settings) -> None:
     with serving(settings) as url:
         # Its 10,000 members' first message seeds their counters: done before wrk times it.

@@ -149,6 +149,7 @@ def figure(page: Any, key: str) -> Any:
     return page.locator(f'[data-figure="{key}"] td').nth(1)
 
 
+@pytest.mark.slow
 def test_send_sync_ack_and_history(
     service: str, context: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -167,6 +167,7 @@ def cluster(redis_cluster_factory: Callable[..., ClusterServers]) -> ClusterServ
     return redis_cluster_factory()
 
 
+@pytest.mark.slow
 def test_killing_a_cluster_master_mid_load_loses_and_duplicates_nothing(
     cluster: ClusterServers, sqlite_app_settings: Settings, tmp_path: Path
 ) -> None:
@@ -180,6 +181,7 @@ def test_killing_a_cluster_master_mid_load_loses_and_duplicates_nothing(
     run_failover(settings, tmp_path, kill, "cluster")
 
 
+@pytest.mark.slow
 def test_killing_the_sentinel_primary_mid_load_loses_and_duplicates_nothing(
     redis_sentinel_factory: Callable[..., SentinelServers],
     sqlite_app_settings: Settings,
@@ -240,6 +242,7 @@ def test_redis_forgetting_everything_mid_load_loses_and_duplicates_nothing(
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["cluster", "sentinel"])
 def test_over_http_a_killed_primary_leaves_every_timeline_whole(
     mode: str,

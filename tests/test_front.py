@@ -207,6 +207,7 @@ def store_a_large_timeline(service: Service) -> None:
         assert status == 200
 
 
+@pytest.mark.slow
 def test_slow_and_silent_clients_neither_delay_others_nor_outstay_their_timeouts(
     front: Service,
 ) -> None:

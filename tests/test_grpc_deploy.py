@@ -43,6 +43,7 @@ def stub(port: int) -> tuple[grpc.Channel, timeline_pb2_grpc.TimelineStub]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_gunicorn_serves_grpc_beside_http_on_the_embedded_default(tmp_path: Path) -> None:
     # Given make run's configuration: nothing but where gRPC listens
     data = tmp_path / "var"
@@ -103,6 +104,7 @@ def test_gunicorn_serves_grpc_beside_http_on_the_embedded_default(tmp_path: Path
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_gunicorn_serves_http_alone_without_grpc_bind(tmp_path: Path) -> None:
     data = tmp_path / "var"
     for bind in ({}, {"TIMELINE_GRPC_BIND": "off"}):

@@ -616,6 +616,7 @@ def gunicorn_connections(port: int) -> set[tuple[str, int]]:
 
 @needs_nginx
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_slow_clients_are_cut_off_and_never_reach_gunicorn(
     service: Service, nginx: Nginx, nginx_factory: Callable[..., Nginx]
 ) -> None:
@@ -705,6 +706,7 @@ def unavailable(reply: tuple[int, http.client.HTTPMessage, bytes], code: int) ->
 
 @needs_nginx
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_gunicorn_hung_or_down_is_unavailable_with_retry_after(
     tmp_path: Path, redis_factory: Any, key_prefix: str, nginx_factory: Callable[..., Nginx]
 ) -> None:

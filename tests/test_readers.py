@@ -19,6 +19,7 @@ from timeline.model import Kind, Timeline
 from timeline.store import Store
 
 
+@pytest.mark.slow
 def test_a_long_sealed_run_does_not_end_history_early(
     redis_url: str, key_prefix: str, store: Store
 ) -> None:

@@ -67,6 +67,7 @@ def test_cluster_client_reaches_every_master(
         client.close()
 
 
+@pytest.mark.slow
 def test_cluster_failover_and_rejoin(
     redis_cluster_factory: Callable[..., ClusterServers], key_prefix: str
 ) -> None:
@@ -136,6 +137,7 @@ def test_sentinel_sees_primary_replica_and_each_other(
         master.close()
 
 
+@pytest.mark.slow
 def test_sentinel_failover_and_rejoin(
     redis_sentinel_factory: Callable[..., SentinelServers], key_prefix: str
 ) -> None:

@@ -217,6 +217,7 @@ def test_redis_out_of_memory_is_a_503_and_reads_go_on(
     assert_resumed(client)
 
 
+@pytest.mark.slow
 def test_a_demoted_redis_is_a_503_until_promoted_again(
     refusing: tuple[Any, Any, Any], redis_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -4,29 +4,50 @@
                              --duration 3 --verify --json var/bench.json
 
 Exit status: 0 after a run, 1 when --verify finds a broken timeline, 2 when the run could not
-be made (a bad argument, a service that does not answer or refuses to be prepared).
+be made (a bad argument, a service that does not answer or refuses to be prepared), 3 when
+--plot is asked for and matplotlib cannot be imported (checked before the run: nothing runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import http.client
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from timeline.bench.harness import SCENARIOS, BenchError, Result, Scenario, run, verify
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 SATURATED = 0.9  # of one core: a Python load generator is bound by its GIL beyond this
+
+#: Exit statuses, as --help's epilog and the README list them.
+EXIT_VERIFY_FAILED = 1
+EXIT_CANNOT_RUN = 2
+EXIT_NO_MATPLOTLIB = 3
+EXIT_STATUSES = """\
+exit status:
+  0  the run was made (and --verify, when given, found every timeline whole)
+  1  --verify found a broken timeline
+  2  the run could not be made: a bad argument, a service that does not answer at --url
+     or refuses the run's first requests
+  3  --plot was given and matplotlib cannot be imported: checked first, nothing was run
+"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="timeline-bench", description="Drive a timeline service over HTTP and measure it."
+        prog="timeline-bench",
+        description="Drive a timeline service over HTTP and measure it.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
     parser.add_argument("--scenario", required=True, choices=SCENARIOS)
@@ -51,7 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(6 s by default)",
     )
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
-    parser.add_argument("--plot", type=Path, help="write latency plots as PNG here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="write latency plots as PNG here (needs matplotlib: the bench extra)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the table stays)")
     parser.add_argument(
         "--token", default=os.environ.get("TIMELINE_API_TOKEN"), help="bearer token, if any"
@@ -113,15 +138,25 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def plot(result: Result, path: Path) -> None:
-    """Latency percentiles per second of the run, and the latency histogram."""
-    try:
-        import matplotlib
+def figure_class() -> type[Figure]:
+    """matplotlib's Figure (no pyplot: no global backend); ImportError without matplotlib."""
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'timeline[bench]'") from exc
+    return Figure
+
+
+def no_matplotlib(exc: ImportError) -> str:
+    """Why --plot cannot be made, and how to install what it needs, wherever the CLI runs."""
+    return (
+        f"timeline-bench: --plot needs matplotlib, which {sys.executable} cannot import "
+        f"({exc}); nothing was run. Install the bench extra: in a checkout of timeline, "
+        "`make install` (or `.venv/bin/pip install -e '.[bench]'`); installed as a package, "
+        "`pip install 'timeline[bench]'`."
+    )
+
+
+def latency_figure(result: Result) -> Figure:
+    """Latency percentiles per second of the run, and the latency histogram up to p99.9."""
     buckets: dict[int, list[float]] = {}
     for sample in result.samples:
         buckets.setdefault(int(sample.started), []).append(sample.latency_ms)
@@ -131,7 +166,8 @@ def plot(result: Result, path: Path) -> None:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    figure, (over_time, histogram) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure = figure_class()(figsize=(12, 4.5))
+    over_time, histogram = figure.subplots(1, 2)
     for q, label in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
         over_time.plot(seconds, [pct(buckets[s], q) for s in seconds], marker=".", label=label)
     over_time.set_xlabel("second of the run")
@@ -139,26 +175,58 @@ def plot(result: Result, path: Path) -> None:
     over_time.set_title("latency percentiles over time")
     over_time.legend()
     over_time.grid(alpha=0.3)
-    histogram.hist([s.latency_ms for s in result.samples], bins=60)
-    histogram.set_xlabel("latency (ms)")
+    # Up to p99.9, not the maximum: one slow outlier (a disk stall, a GC) would otherwise
+    # stretch the axis until 99% of the requests share one bar. What lies beyond is counted.
+    latencies = sorted(s.latency_ms for s in result.samples)
+    title, xlabel = "latency histogram", "latency (ms)"
+    if latencies:
+        low, cut = latencies[0], result.percentile(0.999)
+        if cut > low:
+            histogram.hist([v for v in latencies if v <= cut], bins=60, range=(low, cut))
+            histogram.set_xlim(low, cut)
+            beyond = len(latencies) - bisect.bisect_right(latencies, cut)
+            title = f"latency histogram, up to p99.9 ({cut:.2f} ms)"
+            # Below the axis, where no bar can hide it.
+            xlabel += (
+                f"\n{beyond:,} of {len(latencies):,} requests beyond p99.9, not shown "
+                f"(max {latencies[-1]:.2f} ms)"
+            )
+        else:
+            histogram.hist(latencies, bins=60)
+    histogram.set_xlabel(xlabel)
     histogram.set_ylabel("requests")
-    histogram.set_title("latency histogram")
+    histogram.set_title(title)
     histogram.grid(alpha=0.3)
     figure.suptitle(f"timeline-bench: {result.scenario}, concurrency {result.concurrency}")
     figure.tight_layout()
+    return figure
+
+
+def plot(result: Result, path: Path) -> None:
+    """Write the latency figure as PNG (needs matplotlib: the bench extra)."""
+    try:
+        figure = latency_figure(result)
+    except ImportError as exc:
+        raise SystemExit(no_matplotlib(exc)) from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        # Before the run, not after it: a run of minutes is not thrown away for want of a plot.
+        try:
+            figure_class()
+        except ImportError as exc:
+            print(no_matplotlib(exc), file=sys.stderr)
+            return EXIT_NO_MATPLOTLIB
     try:
         return bench(args)
     except BenchError as exc:
         # One line, not a traceback: most often nothing listens at --url, and that is all to say.
         print(f"timeline-bench: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_RUN
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -209,4 +277,4 @@ def bench(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         plot(result, args.plot)
-    return 0 if result.verify is None or result.verify["ok"] else 1
+    return 0 if result.verify is None or result.verify["ok"] else EXIT_VERIFY_FAILED

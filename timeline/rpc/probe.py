@@ -1,6 +1,8 @@
 """`python -m timeline.rpc.probe`: ask timeline-grpc's health service, for container health
-checks. Exit status 0 when it answers SERVING (or when gRPC is not served: TIMELINE_GRPC_BIND
-unset or off), 1 otherwise, with one line saying why.
+checks. It asks at TIMELINE_GRPC_BIND, and when that is unset at the default, 127.0.0.1:9000,
+where `make run` serves gRPC. Exit status 0 when it answers SERVING, 1 otherwise; one line
+says what was checked and, on a failure, why. TIMELINE_GRPC_BIND=off (no gRPC served) checks
+nothing, says so, and exits 0: the image's health check then stands on HTTP alone.
 
     python -m timeline.rpc.probe                          # liveness: the service ""
     python -m timeline.rpc.probe --service timeline.v1.Timeline   # readiness
@@ -51,16 +53,23 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings()
     except SettingsError as exc:
         sys.exit(f"timeline: {exc}")
-    if settings.grpc_bind is None or settings.grpc_listen is None:
-        return  # no gRPC to check
+    if settings.grpc_listen is None:
+        print("timeline-grpc: not checked: gRPC is off (grpc_bind is off)")
+        return
     address = target(settings.grpc_listen)
+    # Unset, grpc_bind is the default, where `make run` serves: checked all the same (a probe
+    # that passes having asked nothing hides a gRPC server that is not there), and said so.
+    unset = "" if settings.grpc_bind else " (grpc_bind unset: its default, as make run serves)"
+    what = args.service or "(liveness)"
     try:
         status = check(address, args.service, args.timeout)
     except grpc.RpcError as exc:
         why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.Call) else repr(exc)
-        sys.exit(f"timeline-grpc at {address}: {why}")
+        hint = "; TIMELINE_GRPC_BIND says where it serves, off when nothing does" if unset else ""
+        sys.exit(f"timeline-grpc at {address}{unset}: {why}{hint}")
     if status != "SERVING":
-        sys.exit(f"timeline-grpc at {address}: {args.service or '(liveness)'} is {status}")
+        sys.exit(f"timeline-grpc at {address}{unset}: {what} is {status}")
+    print(f"timeline-grpc at {address}{unset}: {what} is SERVING")
 
 
 if __name__ == "__main__":
