@@ -72,7 +72,23 @@ T_STORE, T_READERS = "tests/test_store_contract.py", "tests/test_readers.py"
 T_MODES, T_CLUSTER = "tests/test_modes.py", "tests/test_cluster.py"
 PAGING = "count or page or paging or pages"
 
+T_ONCE = "tests/test_one_authority.py"
+
 MUTATIONS: list[Mutation] = [
+    Mutation(
+        "the store's record of a message changed by a blind write (no compare-and-set)",
+        SQLITE,
+        'SET lasts = ? WHERE mid = ? AND fingerprint = ? AND lasts = ?"',
+        'SET lasts = ? WHERE mid = ? AND fingerprint = ? AND ? IS NOT NULL"',
+        (T_STORE, T_ONCE, "-k", "reclaim or stale"),
+    ),
+    Mutation(
+        "a request that gives up leaves what it allocated (neither given back nor sealed)",
+        WRITING,
+        "        mine = (unwritten - set(replayed) - failed) | (unwritten & plan.moved)\n",
+        "        mine: set[int] = set()\n",
+        (T_ONCE, "-k", "out_of_time"),
+    ),
     Mutation(
         "SQLite writes a small write at or below a timeline's floor (its floors not read)",
         SQLITE,

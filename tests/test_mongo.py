@@ -88,7 +88,14 @@ class Recorder:
     mongomock's collections serve."""
 
     READS = ("find", "find_one", "count_documents", "aggregate")
-    WRITES = ("insert_one", "insert_many", "update_one", "replace_one", "delete_many")
+    WRITES = (
+        "insert_one",
+        "insert_many",
+        "update_one",
+        "replace_one",
+        "delete_many",
+        "find_one_and_update",
+    )
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reads: list[tuple[str, str, Any]] = []
@@ -141,12 +148,12 @@ def test_every_read_and_write_of_the_store_is_pinned(monkeypatch: pytest.MonkeyP
     store.claim(claim_of(), NOW)  # stored
     store.claim(claim_of("e" * 16), NOW)  # taken: the earlier record, read
     store.claim(claim_of("d" * 16), NOW + 1_000)  # expired: replaced
-    store.reclaim(claim_of("d" * 16))
+    store.reclaim(claim_of("d" * 16), (8, 8))
     # then each read went to the primary and each write waited for a journaled majority.
     touched = {name for name, _, _ in recorder.reads + recorder.writes}
     assert touched >= {"chat_sync", "chat_history", "chat_sync_floor", "timeline_claims", CLAIMS}
     idempotency = {op for name, op, _ in recorder.reads + recorder.writes if name == CLAIMS}
-    assert idempotency >= {"insert_one", "find_one", "replace_one", "update_one"}
+    assert idempotency >= {"insert_one", "find_one", "replace_one", "find_one_and_update"}
     assert {op for _, op, _ in recorder.reads} == set(Recorder.READS)
     assert all(setting == ReadPreference.PRIMARY for _, _, setting in recorder.reads)
     assert {op for _, op, _ in recorder.writes} == set(Recorder.WRITES)
@@ -401,7 +408,10 @@ def test_claims_on_an_unreachable_server_are_a_fast_unavailable() -> None:
     store = MongoStore.connect(settings, {})
     store._state = "ready"  # as if prepare() had succeeded before the server went away
     try:
-        for action in (lambda: store.claim(claim_of(), NOW), lambda: store.reclaim(claim_of())):
+        for action in (
+            lambda: store.claim(claim_of(), NOW),
+            lambda: store.reclaim(claim_of(), (8, 8)),
+        ):
             started = time.monotonic()
             with pytest.raises(Unavailable) as raised:
                 action()
@@ -413,7 +423,9 @@ def test_claims_on_an_unreachable_server_are_a_fast_unavailable() -> None:
         store.close()
 
 
-@pytest.mark.parametrize("failing", ["insert_one", "find_one", "replace_one", "update_one"])
+@pytest.mark.parametrize(
+    "failing", ["insert_one", "find_one", "replace_one", "find_one_and_update"]
+)
 def test_a_claim_failing_at_any_step_is_unavailable(mongo_store: MongoStore, failing: str) -> None:
     mongo_store.claim(claim_of(expires_ms=NOW), NOW - 1)  # expired at NOW: every step runs
 
@@ -421,8 +433,8 @@ def test_a_claim_failing_at_any_step_is_unavailable(mongo_store: MongoStore, fai
         raise AutoReconnect(f"injected: connection reset at {failing}")
 
     mongo_store._idempotency = Intercepted(mongo_store, **{failing: fail})  # type: ignore[assignment]
-    if failing == "update_one":
-        action = lambda: mongo_store.reclaim(claim_of())  # noqa: E731
+    if failing == "find_one_and_update":
+        action = lambda: mongo_store.reclaim(claim_of(), (8, 8))  # noqa: E731
     else:
         action = lambda: mongo_store.claim(claim_of("b" * 16), NOW)  # noqa: E731
     with pytest.raises(Unavailable) as raised:
@@ -435,7 +447,7 @@ def test_claims_wait_for_the_indexes_as_writes_do(database: Any) -> None:
     with pytest.raises(Unavailable, match="indexes building"):
         store.claim(claim_of(), NOW)
     with pytest.raises(Unavailable, match="indexes building"):
-        store.reclaim(claim_of())
+        store.reclaim(claim_of(), (8, 8))
     assert database[CLAIMS].count_documents({}) == 0
     store.prepare()
     assert store.claim(claim_of(), NOW) == claim_of()

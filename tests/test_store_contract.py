@@ -627,23 +627,38 @@ def test_an_expired_record_is_replaced(store: Store) -> None:
     assert store.claim(third, NOW + 2_000) == second
 
 
-def test_reclaim_replaces_the_lasts_of_the_record_with_that_fingerprint_only(
-    store: Store,
-) -> None:
+def test_reclaim_is_a_compare_and_set_on_the_lasts_the_caller_read(store: Store) -> None:
     first = claim_of(1, lasts=(7, 12, 3), allocated_ms=NOW - 5, expires_ms=NOW + DAY)
     store.claim(first, NOW)
-    # The lasts change, and nothing else: not the fingerprint, not the times.
-    store.reclaim(replace(first, lasts=(7, 15, 3), allocated_ms=NOW + 7, expires_ms=NOW + 9))
+    # The lasts change from what was read to the new ones, and nothing else changes: not
+    # the fingerprint, not the times; the record stored afterwards is returned.
     moved = replace(first, lasts=(7, 15, 3))
+    assert (
+        store.reclaim(replace(first, allocated_ms=NOW + 7, expires_ms=NOW + 9), moved.lasts)
+        == moved
+    )
     assert held(store, first) == moved
-    # Another fingerprint (another message's claim on the mid) changes nothing,
-    store.reclaim(replace(first, fingerprint="e" * 16, lasts=(99, 99, 99)))
+    # An attempt that read the record before that change loses: nothing changes, and it
+    # learns the record that won (as redis-py's lock checks its token before it acts).
+    assert store.reclaim(first, (7, 20, 3)) == moved
+    assert held(store, first) == moved
+    # Another fingerprint (another message's claim on the mid) changes nothing either,
+    other = replace(moved, fingerprint="e" * 16)
+    assert store.reclaim(other, (99, 99, 99)) == moved
     assert held(store, first) == moved
     # and a reclaim of a mid nobody claimed stores nothing.
     unclaimed = claim_of(2)
-    store.reclaim(unclaimed)
+    assert store.reclaim(unclaimed, (5,)) is None
     probe = held(store, unclaimed)
     assert probe.fingerprint == "0" * 16  # the probe itself: nothing was there
+
+
+def test_of_two_reclaims_from_the_same_record_one_wins(store: Store) -> None:
+    first = claim_of(1, lasts=(4, 4, 4))
+    store.claim(first, NOW)
+    won = store.reclaim(first, (9, 9, 9))
+    lost = store.reclaim(first, (11, 11, 11))
+    assert won == lost == replace(first, lasts=(9, 9, 9))
 
 
 def test_ten_thousand_and_one_lasts_round_trip_exactly(store: Store) -> None:
@@ -660,7 +675,7 @@ def test_ten_thousand_and_one_lasts_round_trip_exactly(store: Store) -> None:
     assert found.lasts == lasts
     assert all(type(last) is int for last in found.lasts)
     moved = (*(last + 1 if i % 2 else last for i, last in enumerate(lasts[:-1])), 5)
-    store.reclaim(replace(big, lasts=moved))
+    assert store.reclaim(big, moved) == replace(big, lasts=moved)
     assert held(store, big).lasts == moved
 
 

@@ -180,10 +180,6 @@ class Redis(Protocol):
         """GET (safe to repeat); raises redis errors."""
         ...
 
-    def set_many(self, items: Sequence[tuple[str, str, int]]) -> None:
-        """SET key value PX ttl for each item (safe to repeat); raises redis errors."""
-        ...
-
     def delete(self, keys: Sequence[str]) -> None:
         """DEL each key (safe to repeat); raises redis errors."""
         ...
@@ -441,24 +437,6 @@ class Allocator:
             if not isinstance(reply, BaseException):
                 released.update(p for p, done in zip(positions, reply, strict=True) if done)
         return released
-
-    def rerecord(
-        self,
-        timelines: Sequence[Timeline],
-        lasts: Sequence[int],
-        record: Record,
-        fingerprint: str,
-        allocated_ms: int,
-        positions: Collection[int] | None = None,
-    ) -> None:
-        """Overwrite the message's records (of the buckets of `positions`; None: all) with
-        these sequences (the store's record of it, which wins over what Redis said): the
-        next retry replays them."""
-        items = []
-        for bucket, members in self.groups(timelines, positions):
-            value = ",".join([fingerprint, str(allocated_ms), *(str(lasts[p]) for p in members)])
-            items.append((self.record_key(record, bucket), value, record.ttl_ms))
-        self._command("rerecord", lambda: self._redis.set_many(items))
 
     def forget(
         self, timelines: Sequence[Timeline], record: Record, positions: Collection[int]

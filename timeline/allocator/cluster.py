@@ -175,15 +175,6 @@ class ClusterRedis:
         value: bytes | None = self._safe(lambda: self.client.get(key))
         return value
 
-    def set_many(self, items: Sequence[tuple[str, str, int]]) -> None:
-        def set_all() -> None:
-            pipe = self.client.pipeline()  # type: ignore[no-untyped-call]
-            for key, value, ttl_ms in items:
-                pipe.set(key, value, px=ttl_ms)
-            pipe.execute()
-
-        self._safe(set_all)
-
     def delete(self, keys: Sequence[str]) -> None:
         def delete_all() -> None:
             for key in keys:  # one slot each: no cross-slot DEL

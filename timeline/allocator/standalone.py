@@ -60,12 +60,6 @@ class StandaloneRedis:
         value = wire.command(self.client.connection_pool, "GET", key)
         return value.encode() if isinstance(value, str) else value
 
-    def set_many(self, items: Sequence[tuple[str, str, int]]) -> None:
-        with self.client.pipeline(transaction=False) as pipe:
-            for key, value, ttl_ms in items:
-                pipe.set(key, value, px=ttl_ms)
-            pipe.execute()
-
     def delete(self, keys: Sequence[str]) -> None:
         if keys:
             self.client.delete(*keys)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from timeline.allocator import Allocator, Record
 from timeline.model import Copies, Kind, Message, Timeline
@@ -74,6 +74,10 @@ class _Plan:
     record: Record | None
     claim: Claim | None  # the store's record of an idempotent message
     deadline_ms: int  # no store write starts after this (the request's deadline)
+    # Positions a write was sent for at their current range, and positions this request
+    # moved to a range it allocated itself (see Writing._give_up).
+    tried: set[int] = field(default_factory=set)
+    moved: set[int] = field(default_factory=set)
 
     @property
     def count(self) -> int:

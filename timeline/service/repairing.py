@@ -31,6 +31,36 @@ class Repairing(Parts):
         self.allocator.seed(floors)
         metrics.SEQUENCE_REPAIRS.labels("seeded").inc(len(floors))
 
+    def _abandon(
+        self,
+        timelines: Sequence[Timeline],
+        count: int,
+        lasts: dict[int, int],
+        unwritten: bool = True,
+    ) -> None:
+        """Seal ranges this request allocated but will never write, so that readers step
+        over them at once. Where nothing was allocated after a range and the request never
+        tried to write there (`unwritten`), it is given back instead, and the timeline keeps
+        no hole; a range a failed write may have stored a part of is only ever sealed around
+        that part. Best effort: otherwise readers seal them after the grace period."""
+        if not lasts:
+            return
+        if unwritten:
+            with contextlib.suppress(Unavailable):
+                released = self.allocator.release(timelines, count, lasts)
+                lasts = {p: last for p, last in lasts.items() if p not in released}
+        now = self._clock_ms()
+        for kind in Kind:
+            keys = [
+                (timelines[p].id, seq)
+                for p, last in lasts.items()
+                if timelines[p].kind is kind and last
+                for seq in range(last - count + 1, last + 1)
+            ]
+            if keys:
+                with contextlib.suppress(Unavailable):
+                    self.store.seal(kind, keys, now)
+
     def _settle(
         self,
         plan: _Plan,
@@ -82,7 +112,25 @@ class Repairing(Parts):
         own = [key for p in to_move for key in plan.keys(p) if owners.get(key) == mid]
         if own:
             self.store.unwrite(kind, own, mid)
+        # The sequences left behind will never hold these messages: sealed before the move,
+        # so that no other attempt of the message (one that read the store's record before
+        # this move changes it) can write there after it: its write finds them taken and
+        # moves too, which the record's compare-and-set settles. Readers step over them at
+        # once. Should this fail, readers seal them themselves after the grace period.
         left = [key for p in to_move for key in plan.keys(p)]
+        with contextlib.suppress(Unavailable):
+            self.store.seal(kind, left, self._clock_ms())  # skips those another message holds
+        if plan.record is not None:
+            # Another attempt may have written some of them between the look above and the
+            # seal: those timelines stay where they are (pinned), never move.
+            again = self.store.owners(kind, left)
+            late = {p for p in to_move if any(again.get(key) == mid for key in plan.keys(p))}
+            if late:
+                pinned.update(late)
+                todo.update(late)
+                to_move = [p for p in to_move if p not in late]
+                if not to_move:
+                    return False
         try:
             self._move(plan, to_move)
         except Unavailable as exc:
@@ -91,11 +139,6 @@ class Repairing(Parts):
                 raise _MoveLost from exc
             raise
         todo.update(to_move)
-        # The sequences left behind will never hold these messages: seal them at once, so
-        # that readers step over them without waiting out the grace period. Should this
-        # fail, readers seal them themselves after the grace period.
-        with contextlib.suppress(Unavailable):
-            self.store.seal(kind, left, self._clock_ms())  # skips those another message holds
         return True
 
     def _fill(self, plan: _Plan, position: int, stored: list[bool]) -> bool:
@@ -137,15 +180,30 @@ class Repairing(Parts):
         for p, last in zip(positions, lasts, strict=True):
             firsts[p] = last - count + 1
         if plan.claim is not None:
-            # The store's record first: a copy is only ever written where it says, so that a
-            # retry after Redis forgot finds it (a failure here is a failed write: retried,
-            # and the retried move gets the same sequences back from Redis's record).
-            claim = dataclasses.replace(
-                plan.claim, lasts=tuple(first + count - 1 if first else 0 for first in firsts)
-            )
-            self.store.reclaim(claim)
-            plan.claim = claim
+            # The store's record first, by compare-and-set on what this attempt holds: a
+            # copy is only ever written where it says, so that a retry after Redis forgot
+            # finds it (a failure here is a failed write: retried, and the retried move gets
+            # the same sequences back from Redis's record).
+            wanted = tuple(first + count - 1 if first else 0 for first in firsts)
+            stored = self.store.reclaim(plan.claim, wanted)
+            if stored is None:  # expired and purged meanwhile: this attempt claims anew
+                stored = self.store.claim(
+                    dataclasses.replace(plan.claim, lasts=wanted), self._clock_ms()
+                )
+            if stored.lasts != wanted:
+                # Another attempt changed the record first: its sequences stand, and what
+                # this move allocated is given back (nothing was written there).
+                mine = {p: wanted[p] for p in positions if wanted[p] != stored.lasts[p]}
+                self._abandon(plan.timelines, count, mine)
+                if stored.fingerprint != plan.claim.fingerprint:
+                    raise Unavailable("the message's record was replaced by another's")
+                metrics.SEQUENCE_REPAIRS.labels("adopted").inc(len(mine))
+                firsts = [last - count + 1 if last else 0 for last in stored.lasts]
+                positions = [p for p in positions if p not in mine]
+            plan.claim = stored
         plan.firsts = firsts
+        plan.moved.update(positions)  # at ranges of this request's own
+        plan.tried.difference_update(positions)
 
 
 class _MoveLost(Exception):

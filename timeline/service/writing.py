@@ -270,41 +270,26 @@ class Writing(Repairing):
         stored: Claim,
     ) -> tuple[_Allocated, Claim]:
         """The sequences to write at, once the store answered this attempt's claim `mine`
-        with the record it holds, `stored` (see _claim)."""
+        with the record it holds, `stored`.
+
+        The store's record is the one authority on where an idempotent message's copies go:
+        every write of them goes where it says (a first attempt stores it with its first
+        write; a move changes it by compare-and-set first: Repairing._move). Whatever Redis
+        replayed or allocated is a hint. So every attempt that reads the record adopts it,
+        whatever it did before (concurrent retries all end at the same sequences), and gives
+        back or seals what it allocated itself and the record does not hold: nothing is
+        written there. A range it only replayed belongs to the attempt that allocated it,
+        which gives it back itself (or, if that attempt died, readers seal it after the
+        grace period)."""
         if stored == mine:
             return allocated, stored  # the usual case: the first attempt, now on record
         if stored.fingerprint != mine.fingerprint or len(stored.lasts) != len(mine.lasts):
             self._refuse_reused(timelines, count, record, self._fresh(allocated))
-        # They disagree where Redis forgot the message (and allocated anew), where Redis came
-        # back with an older record (a snapshot, a replica that lagged), or where a move of
-        # an earlier attempt reached Redis but not the store. Copies are only ever written
-        # where the store's record says (a move records itself there first), so where the
-        # copies are decides; where neither range holds any, a range Redis replayed is this
-        # message's own reservation and stands, and a range it allocated just now gives way.
-        differ = [p for p in range(len(timelines)) if mine.lasts[p] != stored.lasts[p]]
-        held = self._holding(timelines, count, mid, differ, mine.lasts, stored.lasts)
-        lasts = list(stored.lasts)
-        for p in differ:
-            if held.get(p) == "redis" or (held.get(p) is None and p in allocated.replayed):
-                lasts[p] = mine.lasts[p]
-        final = dataclasses.replace(stored, lasts=tuple(lasts))
-        if final.lasts != stored.lasts:
-            self.store.reclaim(final)  # before any copy goes where the store does not say
-        forgotten = {p: mine.lasts[p] for p in differ if lasts[p] != mine.lasts[p]}
+        forgotten = {
+            p: last for p, last in self._fresh(allocated).items() if last != stored.lasts[p]
+        }
         if forgotten:
-            # Only what this attempt allocated itself is given back (or sealed): a range it
-            # replayed belongs to the attempt that allocated it.
-            fresh = self._fresh(allocated)
-            self._abandon(timelines, count, {p: v for p, v in forgotten.items() if p in fresh})
-            with contextlib.suppress(Unavailable):
-                self.allocator.rerecord(
-                    timelines,
-                    final.lasts,
-                    record,
-                    final.fingerprint,
-                    final.allocated_ms,
-                    set(forgotten),
-                )
+            self._abandon(timelines, count, forgotten)
             metrics.SEQUENCE_REPAIRS.labels("restored").inc(len(forgotten))
             log.warning(
                 "message %s: %d of its timelines keep the sequences the store recorded "
@@ -313,42 +298,12 @@ class Writing(Repairing):
                 len(forgotten),
             )
         restored = _Allocated(
-            lasts=lasts,
+            lasts=list(stored.lasts),
             replayed=dict.fromkeys(range(len(timelines)), stored.allocated_ms),
             failed=set(),
             allocated_ms=stored.allocated_ms,
         )
-        return restored, final
-
-    def _holding(
-        self,
-        timelines: list[Timeline],
-        count: int,
-        mid: str,
-        positions: list[int],
-        redis_lasts: tuple[int, ...],
-        store_lasts: tuple[int, ...],
-    ) -> dict[int, str]:
-        """Which of two ranges holds copies of message `mid`, for each position: `store`,
-        `redis`, or absent when neither does (the store's wins when both do)."""
-        held: dict[int, str] = {}
-        for kind in Kind:
-            mine = [p for p in positions if timelines[p].kind is kind]
-            if not mine:
-                continue
-            keys = {
-                (timelines[p].id, seq): (p, side)
-                for side, lasts in (("redis", redis_lasts), ("store", store_lasts))
-                for p in mine
-                if lasts[p]
-                for seq in range(lasts[p] - count + 1, lasts[p] + 1)
-            }
-            for key, owner in self.store.owners(kind, list(keys)).items():
-                if owner == mid:
-                    p, side = keys[key]
-                    if held.get(p) != "store":
-                        held[p] = side
-        return held
+        return restored, stored
 
     def _refuse_reused(
         self, timelines: list[Timeline], count: int, record: Record, fresh: dict[int, int]
@@ -373,28 +328,6 @@ class Writing(Repairing):
             if p not in allocated.replayed and p not in allocated.failed
         }
 
-    def _abandon(self, timelines: list[Timeline], count: int, lasts: dict[int, int]) -> None:
-        """Seal sequences this request allocated but will never write, so that readers step
-        over them at once; where nothing was allocated after a range, it is given back
-        instead, and the timeline keeps no hole. Best effort: otherwise readers seal them
-        after the grace period."""
-        if not lasts:
-            return
-        with contextlib.suppress(Unavailable):
-            released = self.allocator.release(timelines, count, lasts)
-            lasts = {p: last for p, last in lasts.items() if p not in released}
-        now = self._clock_ms()
-        for kind in Kind:
-            keys = [
-                (timelines[p].id, seq)
-                for p, last in lasts.items()
-                if timelines[p].kind is kind and last
-                for seq in range(last - count + 1, last + 1)
-            ]
-            if keys:
-                with contextlib.suppress(Unavailable):
-                    self.store.seal(kind, keys, now)
-
     def _ages(self, allocated: _Allocated) -> dict[int, int]:
         """The positions an earlier attempt allocated, with how long ago (ms)."""
         now = self._clock_ms()
@@ -406,6 +339,59 @@ class Writing(Repairing):
         replayed: dict[int, int],
         failed: set[int],
         claim: Claim | None = None,
+    ) -> list[int]:
+        """_write_all, and whatever ends it (its deadline, the store failing, a lost race),
+        every range this attempt allocated itself and did not write is given back or sealed
+        before the request answers: readers wait out the gap grace only for a writer that
+        died, never for one that gave up. A range it never tried to write is given back
+        where nothing was allocated after it; one a failed write may have stored a part of
+        is sealed around that part. Ranges it replayed are another attempt's."""
+        todo = set(range(len(plan.ids))) - failed
+        # Partly stored by an attempt a device may have read (an earlier one, or a write of
+        # this one that failed): the rest may only go where it belongs, never move whole.
+        pinned: set[int] = set(replayed) & todo
+        try:
+            left = self._write_all(plan, replayed, failed, claim, todo, pinned)
+        except _Claimed:
+            raise  # nothing written: the caller settles on the store's record
+        except BaseException:
+            self._give_up(plan, todo, replayed, failed)
+            raise
+        self._give_up(plan, set(left) - failed, replayed, failed)
+        return left
+
+    def _give_up(
+        self,
+        plan: _Plan,
+        unwritten: set[int],
+        replayed: dict[int, int],
+        failed: set[int],
+    ) -> None:
+        """Give back or seal the ranges of `unwritten` that this attempt allocated itself:
+        fresh ones, and those it moved to."""
+        mine = (unwritten - set(replayed) - failed) | (unwritten & plan.moved)
+        own = {p: plan.firsts[p] + plan.count - 1 for p in mine if plan.firsts[p]}
+        tried = plan.tried
+        if not own:
+            return
+        never = {p: last for p, last in own.items() if p not in tried}
+        # A range a write was sent to may hold a part (a failed write on MongoDB). Without a
+        # record nobody writes there again: sealed around that part. With one, the client's
+        # retry fills it in place (the store's record points there): left as it is.
+        sealed = {} if plan.record is not None else {p: own[p] for p in own if p in tried}
+        if never or sealed:
+            metrics.SEQUENCE_REPAIRS.labels("abandoned").inc(len(never) + len(sealed))
+        self._abandon(plan.timelines, plan.count, never)
+        self._abandon(plan.timelines, plan.count, sealed, unwritten=False)
+
+    def _write_all(
+        self,
+        plan: _Plan,
+        replayed: dict[int, int],
+        failed: set[int],
+        claim: Claim | None,
+        todo: set[int],
+        pinned: set[int],
     ) -> list[int]:
         """Write until every timeline's copies are stored, retrying what may succeed.
         `replayed`: the positions an earlier attempt allocated, with how long ago (ms);
@@ -421,12 +407,8 @@ class Writing(Repairing):
         the message's record; before, it gives up once retry_budget_ms is spent.
         """
         total = len(plan.ids)
-        # Positions whose copies are not all stored yet; those whose allocation failed are
-        # reported, never written.
-        todo = set(range(total)) - failed
-        # Partly stored by an attempt a device may have read (an earlier one, or a write of
-        # this one that failed): the rest may only go where it belongs, never move whole.
-        pinned: set[int] = set(replayed) & todo
+        # `todo`: positions whose copies are not all stored yet (those whose allocation
+        # failed are reported, never written); `pinned`: see _store.
         given_up: set[int] = set(failed)  # pinned and refused there, or never allocated
         stale = sorted(p for p in pinned if replayed[p] >= self.policy.gap_grace_ms)
         if stale:
@@ -449,6 +431,9 @@ class Writing(Repairing):
             everyone = pending == total - 1 and pending <= per_write
             positions = range(1, total) if everyone else sorted(todo - {0})[:per_write]
             sync = plan.copies(None if everyone else positions) if positions else None
+            plan.tried.update(positions)
+            if history is not None:
+                plan.tried.add(0)
             try:
                 result = self.store.write(history, sync, claim, self._clock_ms())
                 if claim is not None:

@@ -211,11 +211,12 @@ class Store(Protocol):
         on MongoDB, until prepare() has succeeded, as writes do)."""
         ...
 
-    def reclaim(self, claim: Claim) -> None:
-        """Replace the lasts, and only them, of the stored record of `claim.mid` whose
-        fingerprint equals `claim.fingerprint` (after some of the message's timelines moved
-        to new sequences); its times stay. Nothing happens when no such record is stored
-        (none of that mid, or one of another fingerprint: another message's). Expiry is not
+    def reclaim(self, expected: Claim, lasts: tuple[int, ...]) -> Claim | None:
+        """Compare-and-set on the record of `expected.mid`: its lasts become `lasts` only
+        while it still holds `expected.fingerprint` and `expected.lasts` (what the caller
+        read); its times stay. Returns the record stored afterwards: the changed one when
+        the swap happened, otherwise the one that won (another attempt changed it first, or
+        it is another message's), None when no record of the mid is stored. Expiry is not
         looked at. Raises Unavailable."""
         ...
 

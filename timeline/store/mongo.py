@@ -528,16 +528,30 @@ class MongoStore:
 
         return self._call("claim", run)
 
-    def reclaim(self, claim: Claim) -> None:
+    def reclaim(self, expected: Claim, lasts: tuple[int, ...]) -> Claim | None:
+        """find_one_and_update matching the record's fingerprint and its whole `lasts` array
+        (an equality match on an array matches that exact array, in order: MongoDB manual,
+        "Query an Array", "Match an Array"); the update of one document is atomic, so of
+        two attempts swapping from the same lasts one matches. When none matched, the
+        record as it is."""
         self._writable()
-        lasts = [Int64(last) for last in claim.lasts]
         records = self._idempotency
-        self._call(
-            "reclaim",
-            lambda: records.update_one(
-                {"_id": claim.mid, "fingerprint": claim.fingerprint}, {"$set": {"lasts": lasts}}
-            ),
-        )
+        match = {
+            "_id": expected.mid,
+            "fingerprint": expected.fingerprint,
+            "lasts": [Int64(last) for last in expected.lasts],
+        }
+        change = {"$set": {"lasts": [Int64(last) for last in lasts]}}
+
+        def run() -> Claim | None:
+            found = records.find_one_and_update(
+                match, change, return_document=pymongo.ReturnDocument.AFTER
+            )
+            if found is None:
+                found = records.find_one({"_id": expected.mid})
+            return None if found is None else _claim_of(found)
+
+        return self._call("reclaim", run)
 
     def forget_expired_claims(self, now_ms: int) -> int:
         """Nothing: the TTL index on expires_at removes expired records (within a minute

@@ -89,7 +89,7 @@ ON CONFLICT (mid) DO UPDATE SET fingerprint = excluded.fingerprint, lasts = excl
 WHERE {IDEMPOTENCY}.expires_ms <= ?
 """
 _CLAIMED = f"SELECT fingerprint, lasts, allocated_ms, expires_ms FROM {IDEMPOTENCY} WHERE mid = ?"
-_RECLAIM = f"UPDATE {IDEMPOTENCY} SET lasts = ? WHERE mid = ? AND fingerprint = ?"
+_RECLAIM = f"UPDATE {IDEMPOTENCY} SET lasts = ? WHERE mid = ? AND fingerprint = ? AND lasts = ?"
 _FORGET_EXPIRED = (
     f"DELETE FROM {IDEMPOTENCY} WHERE rowid IN "
     f"(SELECT rowid FROM {IDEMPOTENCY} WHERE expires_ms <= ? LIMIT ?)"
@@ -949,10 +949,16 @@ class SQLiteStore:
         with self._transaction() as conn:
             return _record_claim(conn, record, now_ms) or claim
 
-    def reclaim(self, claim: Claim) -> None:
-        lasts = _lasts_text(claim.lasts)
+    def reclaim(self, expected: Claim, lasts: tuple[int, ...]) -> Claim | None:
+        """One write transaction: the conditional UPDATE, then the record read back."""
+        new, old = _lasts_text(lasts), _lasts_text(expected.lasts)
         with self._transaction() as conn:
-            conn.execute(_RECLAIM, (lasts, claim.mid, claim.fingerprint))
+            conn.execute(_RECLAIM, (new, expected.mid, expected.fingerprint, old))
+            found = conn.execute(_CLAIMED, (expected.mid,)).fetchone()
+        if found is None:
+            return None
+        fingerprint, text, allocated_ms, expires_ms = found
+        return Claim(expected.mid, fingerprint, _lasts_of(text), allocated_ms, expires_ms)
 
     def prepare(self) -> None:
         """Nothing to wait for: the schema is made when the store opens."""
