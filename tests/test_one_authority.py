@@ -25,7 +25,7 @@ import redis
 from test_exactly_once import restore, snapshot
 from test_faults import Clock, msg, read_all, service, texts
 from timeline.errors import PartialWrite, Unavailable, WriteFailed
-from timeline.model import Copies, Kind
+from timeline.model import Copies, Kind, Timeline
 from timeline.service import TimelineService
 from timeline.store import Claim, Store, WriteResult
 
@@ -279,3 +279,32 @@ def test_a_request_out_of_time_before_its_history_copy_gives_its_sequences_back(
         assert texts(page.entries) == ["first", "next"], member
         assert [e.seq for e in page.entries] == [1, 2]
     assert texts(svc.history("g", 0, 10)) == ["first", "next"]
+
+
+def test_redis_keeps_a_message_s_record_briefly_and_the_store_answers_after(
+    redis_url: str, key_prefix: str, store: Store
+) -> None:
+    """Redis's record of an idempotent message lives for idempotency_redis_seconds (here
+    0.3 s), the store's for the whole idempotency_ttl_seconds: once Redis has let its
+    records go, nothing of those messages is left there, and a retry is answered from the
+    store's record, with the first answer, stored once."""
+    clock = now()
+    svc = service(redis_url, key_prefix, store, clock, record_redis_ttl_ms=300)
+    client = redis.Redis.from_url(redis_url)
+    first = svc.send("u0", "u1", [msg("m0")], "c0")
+    for i in range(1, 200):
+        svc.send("u0", "u1", [msg(f"m{i}")], f"c{i}")
+    counters = {
+        svc.allocator.key(Timeline(kind, id_)) for kind, id_ in TIMELINES
+    }  # what stays: one counter per timeline
+    deadline = time.monotonic() + 10  # a state to wait for (Redis's expiry), not a delay
+    while {k.decode() for k in client.scan_iter(match=key_prefix + "*")} != counters:
+        assert time.monotonic() < deadline, "Redis kept records past their time"
+        time.sleep(0.05)
+    clock.ms += 1_000
+    assert svc.send("u0", "u1", [msg("m0")], "c0") == first
+    assert svc.send("u0", "u1", [msg("m7")], "c7") == [first[0] + 7]
+    for kind, id_ in TIMELINES:
+        stored = texts(read_all(store, kind, id_))
+        assert stored == [f"m{i}" for i in range(200)], (kind, id_)
+    assert svc.send("u0", "u1", [msg("next")]) == [201]

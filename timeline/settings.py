@@ -142,8 +142,11 @@ class Settings:
     # the API alone, and / is a 404 as any unknown route.
     console: bool = True
 
-    # Idempotent sends: how long a client_msg_id's record (its sequences) is kept.
+    # Idempotent sends: how long a client_msg_id's record (its sequences) is kept in the
+    # store, the authority; and in Redis, a hint that makes a prompt retry a replay (at most
+    # idempotency_ttl_seconds). A retry after Redis forgot is answered from the store.
     idempotency_ttl_seconds: int = 86_400
+    idempotency_redis_seconds: int = 300
     # A store write that fails is tried again, this many times in all, backing off from
     # store_retry_backoff_ms (doubling), before the copies are reported as not stored.
     store_write_attempts: int = 4
@@ -211,6 +214,7 @@ class Settings:
             "body_max_bytes",
             "fanout_max_bytes",
             "idempotency_ttl_seconds",
+            "idempotency_redis_seconds",
             "store_write_attempts",
             "purge_interval_seconds",
             "batch_max_messages",
@@ -246,6 +250,12 @@ class Settings:
                 "request_deadline_ms + the longest store operation + 1 s, or a reader could "
                 "step over a write still in flight",
                 names=("gap_grace_ms", "request_deadline_ms"),
+            )
+        if self.idempotency_redis_seconds > self.idempotency_ttl_seconds:
+            raise SettingsError(
+                "idempotency_redis_seconds must not exceed idempotency_ttl_seconds: Redis's "
+                "record of a message is a hint of the store's",
+                names=("idempotency_redis_seconds", "idempotency_ttl_seconds"),
             )
         if self.count_default > self.count_max:
             raise SettingsError(

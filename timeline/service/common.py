@@ -23,7 +23,8 @@ class Policy:
 
     gap_grace_ms: int = 6_000
     request_deadline_ms: int = 3_000
-    record_ttl_ms: int = 86_400_000
+    record_ttl_ms: int = 86_400_000  # the store's record of an idempotent message
+    record_redis_ttl_ms: int = 300_000  # Redis's (a hint: see Writing._settled)
     write_attempts: int = 4
     retry_backoff_ms: int = 100
     retry_budget_ms: int = 1000
@@ -37,6 +38,7 @@ class Policy:
             gap_grace_ms=settings.gap_grace_ms,
             request_deadline_ms=settings.request_deadline_ms,
             record_ttl_ms=settings.idempotency_ttl_seconds * 1000,
+            record_redis_ttl_ms=settings.idempotency_redis_seconds * 1000,
             write_attempts=settings.store_write_attempts,
             retry_backoff_ms=settings.store_retry_backoff_ms,
             retry_budget_ms=settings.store_retry_budget_ms,

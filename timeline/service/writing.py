@@ -128,7 +128,7 @@ class Writing(Repairing):
                 conversation=history_id,
                 client_msg_id=client_msg_id,
                 fingerprint=_digest(history_id, *recipients, "\x01", *canonical)[:16],
-                ttl_ms=self.policy.record_ttl_ms,
+                ttl_ms=min(self.policy.record_redis_ttl_ms, self.policy.record_ttl_ms),
             )
             # The same for every attempt, so each can tell the copies of another apart.
             mid = _digest(history_id, client_msg_id)[:32]
@@ -256,7 +256,7 @@ class Writing(Repairing):
             fingerprint=record.fingerprint,
             lasts=tuple(allocated.lasts),
             allocated_ms=allocated.allocated_ms,
-            expires_ms=self._clock_ms() + record.ttl_ms,
+            expires_ms=self._clock_ms() + self.policy.record_ttl_ms,
         )
 
     def _settled(
