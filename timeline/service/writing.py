@@ -354,7 +354,7 @@ class Writing(Repairing):
             left = self._write_all(plan, replayed, failed, claim, todo, pinned)
         except _Claimed:
             raise  # nothing written: the caller settles on the store's record
-        except BaseException:
+        except Exception:
             self._give_up(plan, todo, replayed, failed)
             raise
         self._give_up(plan, set(left) - failed, replayed, failed)
