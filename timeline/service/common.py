@@ -80,6 +80,7 @@ class _Plan:
     # moved to a range it allocated itself (see Writing._give_up).
     tried: set[int] = field(default_factory=set)
     moved: set[int] = field(default_factory=set)
+    store_failed: bool = False  # a store write of this request failed
 
     @property
     def count(self) -> int:

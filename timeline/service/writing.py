@@ -377,8 +377,14 @@ class Writing(Repairing):
         never = {p: last for p, last in own.items() if p not in tried}
         # A range a write was sent to may hold a part (a failed write on MongoDB). Without a
         # record nobody writes there again: sealed around that part. With one, the client's
-        # retry fills it in place (the store's record points there): left as it is.
-        sealed = {} if plan.record is not None else {p: own[p] for p in own if p in tried}
+        # retry fills it in place (the store's record points there): left as it is. Nor is
+        # anything sealed after the store failed: the 503 stays fast, and readers seal such
+        # a range after the grace period, as for a writer that died.
+        sealed = (
+            {}
+            if plan.record is not None or plan.store_failed
+            else {p: own[p] for p in own if p in tried}
+        )
         if never or sealed:
             metrics.SEQUENCE_REPAIRS.labels("abandoned").inc(len(never) + len(sealed))
         self._abandon(plan.timelines, plan.count, never)
@@ -472,6 +478,7 @@ class Writing(Repairing):
                     raise Unavailable("history sequence could not be moved") from lost
                 return sorted(todo | given_up)
             except Unavailable as exc:
+                plan.store_failed = True
                 if getattr(exc, "history_stored", False) and 0 in todo:
                     todo.discard(0)  # the store got the history copy before failing
                     metrics.HISTORY_WRITTEN.inc(plan.count)
