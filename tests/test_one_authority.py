@@ -15,6 +15,9 @@ or sleeps, on every store backend
 
 from __future__ import annotations
 
+import itertools
+import json
+import random
 import threading
 import time
 from typing import Any
@@ -308,3 +311,114 @@ def test_redis_keeps_a_message_s_record_briefly_and_the_store_answers_after(
         stored = texts(read_all(store, kind, id_))
         assert stored == [f"m{i}" for i in range(200)], (kind, id_)
     assert svc.send("u0", "u1", [msg("next")]) == [201]
+
+
+class RandomFaults:
+    """A real store whose writes and claims fail at random (a fixed seed): a write fails
+    whole, or after storing its record (as MongoStore.write can), a claim fails."""
+
+    def __init__(self, inner: Store, seed: int) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.on = True
+        self.injected = 0
+
+    def _roll(self, p: float) -> bool:
+        with self.lock:
+            hit = self.on and self.random.random() < p
+            self.injected += hit
+            return hit
+
+    def write(
+        self, history: Copies | None, sync: Copies | None, claim: Claim | None = None, *rest: Any
+    ) -> WriteResult:
+        if self._roll(0.1):
+            raise Unavailable("injected: store write failed")
+        if claim is not None and self._roll(0.1):
+            self.inner.claim(claim, *rest)
+            raise Unavailable("injected: the record stored, its copies not")
+        return self.inner.write(history, sync, claim, *rest)
+
+    def claim(self, claim: Claim, *rest: Any) -> Claim:
+        if self._roll(0.1):
+            raise Unavailable("injected: claim failed")
+        return self.inner.claim(claim, *rest)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_random_faults_and_redis_flushes_under_concurrent_retries(
+    redis_url: str, key_prefix: str, sqlite_store: Store
+) -> None:
+    """Threads send idempotent messages in a few conversations and retry each until it is
+    answered, while the store fails at random and Redis forgets everything now and then.
+    Afterwards every message is in each of its timelines exactly once, and every attempt
+    that was answered got the same answer. (SQLite: mongomock is not thread-safe.)"""
+    seed = 20261207
+    faults = RandomFaults(sqlite_store, seed)
+    clock = now()
+    svc = service(redis_url, key_prefix, faults, clock, retry_backoff_ms=0, write_attempts=2)
+    users = ["u0", "u1", "u2", "u3"]
+    answers: dict[str, list[Any]] = {}
+    sent: dict[str, tuple[str, str]] = {}
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        # Two clients send each stream of messages (a client and its proxy both retrying,
+        # two gateway instances): concurrent attempts of the same message.
+        stream = worker % 3
+        plan = random.Random(seed + stream)  # the same messages for both clients
+        rng = random.Random(seed + 10 + worker)  # their own lost replies
+        for i in range(12):
+            sender, receiver = plan.sample(users, 2)
+            cid = f"s{stream}-{i}"
+            with lock:
+                sent[cid] = (sender, receiver)
+            for _ in range(30):  # a careful client: the same request until it is answered
+                try:
+                    reply = svc.send(sender, receiver, [msg(cid)], cid)
+                except (Unavailable, WriteFailed):
+                    continue
+                with lock:
+                    answers.setdefault(cid, []).append(reply)
+                if rng.random() < 0.3:
+                    continue  # its reply was lost, as far as it knows: it sends again
+                break
+            time.sleep(0.002)
+
+    def flusher() -> None:
+        rng = random.Random(seed)
+        for _ in range(20):
+            time.sleep(rng.uniform(0.005, 0.02))
+            forget_redis(redis_url, key_prefix)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(6)]
+    threads.append(threading.Thread(target=flusher))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads)
+    faults.on = False
+    assert faults.injected > 0
+    assert set(answers) == set(sent), "a message was never answered in 30 tries"
+    for cid, replies in answers.items():
+        assert all(reply == replies[0] for reply in replies), (cid, replies)
+    for user in users:
+        stored = texts(read_all(sqlite_store, Kind.SYNC, user))
+        mine = sorted(c for c, pair in sent.items() if user in pair)
+        assert sorted(stored) == mine, user
+    for a, b in itertools.combinations(users, 2):
+        conversation = ":".join(sorted((a, b)))
+        stored = texts(read_all(sqlite_store, Kind.HISTORY, conversation))
+        assert sorted(stored) == sorted(c for c, pair in sent.items() if set(pair) == {a, b})
+    # And each answer is where the message is: the receiver's sequence of it.
+    for cid, (_, receiver) in sent.items():
+        at = {
+            e.seq: json.loads(e.message)["text"]
+            for e in read_all(sqlite_store, Kind.SYNC, receiver)
+        }
+        assert at[answers[cid][0][0]] == cid, cid
