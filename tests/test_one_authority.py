@@ -176,6 +176,15 @@ def assert_once(store: Store, svc: TimelineService, replies: list[Any]) -> None:
     assert page.entries[-1].seq == page.latest_seq
 
 
+def interleaved(
+    redis_url: str, key_prefix: str, store: Store
+) -> tuple[Interleaving, Clock, TimelineService]:
+    """The service over the store behind an Interleaving, one write attempt per request."""
+    gate, clock = Interleaving(store), now()
+    svc = service(redis_url, key_prefix, gate, clock, retry_backoff_ms=0, write_attempts=1)
+    return gate, clock, svc
+
+
 def lost_first_attempt(svc: TimelineService, gate: Interleaving, *, partly: bool = False) -> None:
     """A1 of m stores its record (sequence 1 everywhere), then its copies fail (or only a
     part of them is stored): 503. Then the conversation goes on at sequence 2."""
@@ -190,8 +199,7 @@ def lost_first_attempt(svc: TimelineService, gate: Interleaving, *, partly: bool
 def test_concurrent_retries_after_redis_lost_everything_store_the_message_once(
     redis_url: str, key_prefix: str, store: Store, retries: int
 ) -> None:
-    gate, clock = Interleaving(store), now()
-    svc = service(redis_url, key_prefix, gate, clock, retry_backoff_ms=0, write_attempts=1)
+    gate, clock, svc = interleaved(redis_url, key_prefix, store)
     lost_first_attempt(svc, gate)
     forget_redis(redis_url, key_prefix)  # FLUSHALL, or a failover to a replica that lagged
     clock.ms += 100
@@ -204,8 +212,7 @@ def test_concurrent_retries_after_redis_lost_everything_store_the_message_once(
 def test_concurrent_retries_after_redis_came_back_from_an_older_snapshot(
     redis_url: str, key_prefix: str, store: Store, retries: int
 ) -> None:
-    gate, clock = Interleaving(store), now()
-    svc = service(redis_url, key_prefix, gate, clock, retry_backoff_ms=0, write_attempts=1)
+    gate, clock, svc = interleaved(redis_url, key_prefix, store)
     client = redis.Redis.from_url(redis_url)
     saved = snapshot(client, key_prefix)  # taken before m: no record, counters at 0
     lost_first_attempt(svc, gate)
@@ -218,8 +225,7 @@ def test_concurrent_retries_after_redis_came_back_from_an_older_snapshot(
 def test_concurrent_retries_after_the_record_and_part_of_the_copies_were_stored(
     redis_url: str, key_prefix: str, store: Store, retries: int
 ) -> None:
-    gate, clock = Interleaving(store), now()
-    svc = service(redis_url, key_prefix, gate, clock, retry_backoff_ms=0, write_attempts=1)
+    gate, clock, svc = interleaved(redis_url, key_prefix, store)
     lost_first_attempt(svc, gate, partly=True)
     forget_redis(redis_url, key_prefix)
     clock.ms += 100
@@ -229,8 +235,7 @@ def test_concurrent_retries_after_the_record_and_part_of_the_copies_were_stored(
 def test_a_retry_racing_its_first_attempt_still_in_flight(
     redis_url: str, key_prefix: str, store: Store
 ) -> None:
-    gate, clock = Interleaving(store), now()
-    svc = service(redis_url, key_prefix, gate, clock, retry_backoff_ms=0, write_attempts=1)
+    gate, _clock, svc = interleaved(redis_url, key_prefix, store)
     assert svc.send("u0", "u1", [msg("other")]) == [1]
     # A2 (the first attempt) allocates and records in Redis; A3, its retry, replays that;
     # both reach the store before either has stored anything.
@@ -246,8 +251,7 @@ def test_concurrent_stale_retries_after_redis_loss_move_the_message_once(
     """The retries come after the gap grace: readers may have passed m's holes, so m moves
     above them, by compare-and-set on the record: one attempt's move wins, the others adopt
     it and give back or seal what they allocated for theirs."""
-    gate, clock = Interleaving(store), now()
-    svc = service(redis_url, key_prefix, gate, clock, retry_backoff_ms=0, write_attempts=1)
+    gate, clock, svc = interleaved(redis_url, key_prefix, store)
     lost_first_attempt(svc, gate)
     forget_redis(redis_url, key_prefix)
     clock.ms += 60_000
