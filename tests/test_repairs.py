@@ -353,8 +353,12 @@ def test_a_history_copy_that_cannot_be_moved_fails_the_request_storing_nothing(
     # The lost move did take 4: the next message continues above it, never below.
     assert counter(redis_url, svc.allocator, Kind.HISTORY, "u0:u1") == 4
     lost.losing = False
-    assert svc.send("u0", "u1", [msg("y")]) == [5]
+    # The sync sequences x was given (4) were never written to (its history copy came
+    # first): given back before it answered, so y takes them, and no sync timeline keeps a
+    # hole.
+    assert svc.send("u0", "u1", [msg("y")]) == [4]
     assert held(store, Kind.HISTORY, "u0:u1") == [*before, (5, "y")]
+    assert held(store, Kind.SYNC, "u1") == [*before, (4, "y")]
 
 
 def test_sync_copies_that_cannot_be_moved_are_reported(

@@ -357,7 +357,8 @@ class Writing(Repairing):
         except Exception:
             self._give_up(plan, todo, replayed, failed)
             raise
-        self._give_up(plan, set(left) - failed, replayed, failed)
+        if left:
+            self._give_up(plan, set(left) - failed, replayed, failed)
         return left
 
     def _give_up(
@@ -437,9 +438,6 @@ class Writing(Repairing):
             everyone = pending == total - 1 and pending <= per_write
             positions = range(1, total) if everyone else sorted(todo - {0})[:per_write]
             sync = plan.copies(None if everyone else positions) if positions else None
-            plan.tried.update(positions)
-            if history is not None:
-                plan.tried.add(0)
             try:
                 result = self.store.write(history, sync, claim, self._clock_ms())
                 if claim is not None:
@@ -455,6 +453,7 @@ class Writing(Repairing):
                 self._count_written(history, sync, result)
                 if result.history_taken:
                     taken = [0]
+                    plan.tried.add(0)
                 elif not result.sync_taken:
                     taken = []
                     if everyone:
@@ -465,6 +464,7 @@ class Writing(Repairing):
                 else:
                     assert sync is not None
                     taken = sorted({positions[sync.timeline_of(i)] for i in result.sync_taken})
+                    plan.tried.update(taken)
                     todo.difference_update(set(positions) - set(taken))
                     todo.discard(0)
                 if not taken:
@@ -479,6 +479,9 @@ class Writing(Repairing):
                 return sorted(todo | given_up)
             except Unavailable as exc:
                 plan.store_failed = True
+                plan.tried.update(positions)  # the failed write may have stored a part
+                if history is not None:
+                    plan.tried.add(0)
                 if getattr(exc, "history_stored", False) and 0 in todo:
                     todo.discard(0)  # the store got the history copy before failing
                     metrics.HISTORY_WRITTEN.inc(plan.count)
