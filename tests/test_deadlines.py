@@ -74,7 +74,7 @@ def test_a_request_out_of_time_before_its_history_copy_is_a_503(
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
 
-    svc.allocator = LateAllocation(svc.allocator)  # type: ignore[assignment]
+    svc = TimelineService(LateAllocation(svc.allocator), store, svc.policy, clock)  # type: ignore[arg-type]
     with pytest.raises(Unavailable, match="ran out of time"):
         svc.send("a", "b", [msg("late")])
     assert read_all(store, Kind.HISTORY, "a:b") == []

@@ -161,7 +161,8 @@ def retained(settings: Settings, store: Store) -> Any:
         store.prepare()  # no write waits for the start-up thread
     app = create_app(settings, store=store)
     clock = Clock()
-    app.extensions["timeline"]["service"]._clock_ms = clock
+    service = app.extensions["timeline"]["service"]  # made anew on the test's clock, in place:
+    service.__init__(service.allocator, service.store, service.policy, clock)  # the app holds it
     app.extensions["timeline"]["purger"]._clock_ms = clock
     return app, store, clock
 

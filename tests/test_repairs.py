@@ -457,7 +457,7 @@ def test_a_fill_whose_sequence_another_message_took_is_given_up_and_reported(
     partial.broken = False
     clock.ms += GRACE_PASSED_MS  # a late retry: what is stored stays, the rest goes after it
     racing = TakenAfterLookup(partial, Kind.SYNC, ("b", 2))
-    svc.store = racing  # type: ignore[assignment]
+    svc = service(redis_url, key_prefix, racing, clock, retry_backoff_ms=0)
     counted = Counted()
     assert svc.send_group("g", ["b"], batch, "batch-1") == ["b"]
     assert racing.took == 1  # b's 2 was taken between the lookup and the fill
@@ -479,7 +479,7 @@ def test_a_history_fill_another_message_took_is_a_503_and_delivers_nothing_twice
     partial.broken = False
     clock.ms += GRACE_PASSED_MS
     racing = TakenAfterLookup(partial, Kind.HISTORY, ("g", 2))
-    svc.store = racing  # type: ignore[assignment]
+    svc = service(redis_url, key_prefix, racing, clock, retry_backoff_ms=0)
     with pytest.raises(Unavailable, match="history copies could not all be stored"):
         svc.send_group("g", ["b"], batch, "batch-1")
     assert racing.took == 1

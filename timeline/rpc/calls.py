@@ -4,7 +4,6 @@ line and the request metrics."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -117,16 +116,14 @@ class Calls:
     def _within(self, remaining: float | None) -> TimelineService:
         """The service, its request deadline brought forward to the call's when that is
         sooner: no store write starts after it (a fan-out then reports who it did not write;
-        a send whose history copy was not stored answers UNAVAILABLE). Nothing of the
-        service is copied but the reference to its policy."""
+        a send whose history copy was not stored answers UNAVAILABLE). The same allocator,
+        store and clock; only the policy differs."""
         policy = self.service.policy
         if remaining is None or remaining * 1000 >= policy.request_deadline_ms:
             return self.service
-        narrowed = copy.copy(self.service)
-        narrowed.policy = dataclasses.replace(
-            policy, request_deadline_ms=max(1, int(remaining * 1000))
+        return self.service.with_policy(
+            dataclasses.replace(policy, request_deadline_ms=max(1, int(remaining * 1000)))
         )
-        return narrowed
 
     @staticmethod
     def _request_id(context: grpc.ServicerContext) -> str:

@@ -1,31 +1,38 @@
 """The service layer: send, send_group, ack, sync and history. It knows nothing of HTTP, nor
 of how Redis is deployed (the allocator does).
 
-Three parts, one module each: writing.py (allocate, record, store), repairing.py (what a
-write does off the steady state) and reading.py (pages that never skip a hole, ack).
+Three parts, one module each, each an object made with what it needs (common.Parts):
+writing.py's Writer (allocate, record, store), repairing.py's Repairer (what a write does off
+the steady state, and giving back what it will not write) and reading.py's Reader (pages that
+never skip a hole, ack). TimelineService holds them and is what the API layers call.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from timeline.allocator import Allocator
-from timeline.service.common import Policy, _now_ms
-from timeline.service.reading import HistoryPage, Reading, SyncResult
-from timeline.service.writing import Delivery, Writing
+from timeline.model import Entry, Message
+from timeline.service.common import Parts, Policy, _now_ms
+from timeline.service.reading import HistoryPage, Reader, SyncResult
+from timeline.service.repairing import Repairer
+from timeline.service.writing import Delivery, Writer
 from timeline.store import Store
 
 __all__ = ["Delivery", "HistoryPage", "Policy", "SyncResult", "TimelineService", "_now_ms"]
 
 
-class TimelineService(Writing, Reading):
+class TimelineService:
     """Allocates sequences in one Redis round trip and stores a request in one bulk write.
 
     Off the steady state it repairs what it finds: counters Redis lost are seeded from the
     store; sequences found taken by another message move to new ones; failed writes are
     retried; an idempotent message's retries reuse its recorded sequences, and the store's
-    record of it stands when Redis forgot.
+    record of it decides when Redis forgot.
+
+    Made of three parts, each an object that holds what it needs: a Writer (with its
+    Repairer) and a Reader, over the same Parts.
     """
 
     def __init__(
@@ -36,8 +43,60 @@ class TimelineService(Writing, Reading):
         clock_ms: Callable[[], int] = _now_ms,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.allocator = allocator
-        self.store = store
-        self.policy = policy or Policy()
-        self._clock_ms = clock_ms
-        self._sleep = sleep
+        self.parts = Parts(allocator, store, policy or Policy(), clock_ms, sleep)
+        self.writer = Writer(self.parts, Repairer(self.parts))
+        self.reader = Reader(self.parts)
+
+    @property
+    def allocator(self) -> Allocator:
+        return self.parts.allocator
+
+    @property
+    def store(self) -> Store:
+        return self.parts.store
+
+    @property
+    def policy(self) -> Policy:
+        return self.parts.policy
+
+    def with_policy(self, policy: Policy) -> TimelineService:
+        """The same service (allocator, store, clock) under another policy: a gRPC call's
+        sooner deadline, say."""
+        parts = self.parts
+        return TimelineService(parts.allocator, parts.store, policy, parts.clock_ms, parts.sleep)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def send(
+        self,
+        sender: str,
+        receiver: str,
+        messages: Sequence[Message],
+        client_msg_id: str | None = None,
+    ) -> list[int]:
+        """One-to-one messages, in order; returns the receiver's sync sequences for them."""
+        return self.writer.send(sender, receiver, messages, client_msg_id)
+
+    def send_group(
+        self,
+        group: str,
+        members: Sequence[str],
+        messages: Sequence[Message],
+        client_msg_id: str | None = None,
+    ) -> list[str]:
+        """Group messages to the listed (distinct) members; returns those not written."""
+        return self.writer.send_group(group, members, messages, client_msg_id)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def sync(self, member: str, last_read: int, count: int) -> SyncResult:
+        return self.reader.sync(member, last_read, count)
+
+    def history(self, conversation: str, last_read: int, count: int) -> list[Entry]:
+        return self.reader.history(conversation, last_read, count)
+
+    def history_backward(self, conversation: str, before: int, count: int) -> HistoryPage:
+        return self.reader.history_backward(conversation, before, count)
+
+    def ack(self, member: str, seq: int) -> int:
+        return self.reader.ack(member, seq)

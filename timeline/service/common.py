@@ -1,5 +1,5 @@
-"""What the service's parts share: its policy, the plan of a request being stored, and the
-state each part reads (the allocator, the store, the clock)."""
+"""What the service's parts share: its policy, the plan of a request being stored, and what
+each part is made with (Parts: the allocator, the store, the policy, the clock)."""
 
 from __future__ import annotations
 
@@ -107,11 +107,13 @@ class _Plan:
         return [(self.ids[position], first + j) for j in range(self.count)]
 
 
+@dataclass(frozen=True, slots=True)
 class Parts:
-    """The state every part of the service works with (see TimelineService)."""
+    """What the parts of the service work with: the allocator, the store, the policy and the
+    clock. Each part (Reader, Repairer, Writer) takes what it needs from it when made."""
 
     allocator: Allocator
     store: Store
     policy: Policy
-    _clock_ms: Callable[[], int]
-    _sleep: Callable[[float], None]
+    clock_ms: Callable[[], int] = _now_ms
+    sleep: Callable[[float], None] = time.sleep

@@ -40,8 +40,12 @@ class HistoryPage:
     next_before: int  # the lowest sequence returned; 0 when nothing older exists
 
 
-class Reading(Parts):
+class Reader:
     """Pages of sync and history timelines, and the ack that releases what a device pulled."""
+
+    def __init__(self, parts: Parts) -> None:
+        self.allocator, self.store, self.policy = parts.allocator, parts.store, parts.policy
+        self._clock_ms = parts.clock_ms
 
     def ack(self, member: str, seq: int) -> int:
         """Remove the member's sync entries up to `seq`; returns the new minSeq."""

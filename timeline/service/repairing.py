@@ -16,11 +16,16 @@ from timeline.service.common import Parts, _Plan
 log = logging.getLogger("timeline.service")
 
 
-class Repairing(Parts):
+class Repairer:
     """Seeds missing counters from the store; settles a write that found its sequences
-    taken: stored by this message already, moved to new sequences, or filled in place."""
+    taken: stored by this message already, moved to new sequences, or filled in place; gives
+    back or seals what a request will not write."""
 
-    def _seed(self, timelines: Sequence[Timeline]) -> None:
+    def __init__(self, parts: Parts) -> None:
+        self.allocator, self.store, self.policy = parts.allocator, parts.store, parts.policy
+        self._clock_ms = parts.clock_ms
+
+    def seed(self, timelines: Sequence[Timeline]) -> None:
         """Raise counters to the store's highest sequence: continue at max + 1, never reuse."""
         floors: dict[Timeline, int] = {}
         for kind in Kind:
@@ -31,7 +36,7 @@ class Repairing(Parts):
         self.allocator.seed(floors)
         metrics.SEQUENCE_REPAIRS.labels("seeded").inc(len(floors))
 
-    def _abandon(
+    def abandon(
         self,
         timelines: Sequence[Timeline],
         count: int,
@@ -61,7 +66,7 @@ class Repairing(Parts):
                 with contextlib.suppress(Unavailable):
                     self.store.seal(kind, keys, now)
 
-    def _settle(
+    def settle(
         self,
         plan: _Plan,
         positions: list[int],
@@ -194,7 +199,7 @@ class Repairing(Parts):
                 # Another attempt changed the record first: its sequences stand, and what
                 # this move allocated is given back (nothing was written there).
                 mine = {p: wanted[p] for p in positions if wanted[p] != stored.lasts[p]}
-                self._abandon(plan.timelines, count, mine)
+                self.abandon(plan.timelines, count, mine)
                 if stored.fingerprint != plan.claim.fingerprint:
                     raise Unavailable("the message's record was replaced by another's")
                 metrics.SEQUENCE_REPAIRS.labels("adopted").inc(len(mine))

@@ -19,8 +19,8 @@ from timeline import metrics
 from timeline.allocator import Record
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
 from timeline.model import Copies, Kind, Message, Timeline, conversation_id
-from timeline.service.common import _Allocated, _Plan
-from timeline.service.repairing import Repairing, _MoveLost
+from timeline.service.common import Parts, _Allocated, _Plan
+from timeline.service.repairing import Repairer, _MoveLost
 from timeline.store import Claim, WriteResult
 
 log = logging.getLogger("timeline.service")
@@ -69,8 +69,14 @@ class Delivery:
         return list(range(first, first + self.plan.count))
 
 
-class Writing(Repairing):
-    """Stores a request's copies: allocate, record, write; repairs what it finds on the way."""
+class Writer:
+    """Stores a request's copies: allocate, record, write; the Repairer repairs what it
+    finds on the way."""
+
+    def __init__(self, parts: Parts, repairs: Repairer) -> None:
+        self.allocator, self.store, self.policy = parts.allocator, parts.store, parts.policy
+        self._clock_ms, self._sleep = parts.clock_ms, parts.sleep
+        self.repairs = repairs
 
     def send(
         self,
@@ -213,17 +219,17 @@ class Writing(Repairing):
                 replayed.update(dict.fromkeys(replay.positions, replay.allocated_ms))
             if not allocation.pending:
                 break
-            self._seed([timelines[p] for p in allocation.missing])
+            self.repairs.seed([timelines[p] for p in allocation.missing])
             positions = allocation.pending
         else:
             if record is None:
-                self._abandon(timelines, count, lasts)
+                self.repairs.abandon(timelines, count, lasts)
             raise Unavailable("sequence counters keep disappearing from redis")
         if failed and (record is not None or 0 in failed):
             if record is None:
                 # Nothing will be written: what was allocated is sealed at once, so that
                 # readers need not wait for it (with a record the retry writes it).
-                self._abandon(timelines, count, lasts)
+                self.repairs.abandon(timelines, count, lasts)
             raise Unavailable("sequence allocator (redis) could not allocate every timeline")
         return _Allocated(
             lasts=[lasts.get(p, 0) for p in range(len(timelines))],
@@ -289,7 +295,7 @@ class Writing(Repairing):
             p: last for p, last in self._fresh(allocated).items() if last != stored.lasts[p]
         }
         if forgotten:
-            self._abandon(timelines, count, forgotten)
+            self.repairs.abandon(timelines, count, forgotten)
             metrics.SEQUENCE_REPAIRS.labels("restored").inc(len(forgotten))
             log.warning(
                 "message %s: %d of its timelines keep the sequences the store recorded "
@@ -311,7 +317,7 @@ class Writing(Repairing):
         """409: the client_msg_id names another message. What this attempt allocated is
         given back (or sealed), and the records it wrote beside it deleted: they would make
         the first message's own retry look like another message."""
-        self._abandon(timelines, count, fresh)
+        self.repairs.abandon(timelines, count, fresh)
         if fresh:
             with contextlib.suppress(Unavailable):
                 self.allocator.forget(timelines, record, set(fresh))
@@ -388,8 +394,8 @@ class Writing(Repairing):
         )
         if never or sealed:
             metrics.SEQUENCE_REPAIRS.labels("abandoned").inc(len(never) + len(sealed))
-        self._abandon(plan.timelines, plan.count, never)
-        self._abandon(plan.timelines, plan.count, sealed, unwritten=False)
+        self.repairs.abandon(plan.timelines, plan.count, never)
+        self.repairs.abandon(plan.timelines, plan.count, sealed, unwritten=False)
 
     def _write_all(
         self,
@@ -421,8 +427,8 @@ class Writing(Repairing):
         if stale:
             # A replay older than the grace period must not fill the holes its first attempt
             # left: readers may have passed them. What is stored stays; the rest moves.
-            self._settle(plan, [p for p in stale if p == 0], todo, True, pinned, given_up)
-            self._settle(plan, [p for p in stale if p != 0], todo, True, pinned, given_up)
+            self.repairs.settle(plan, [p for p in stale if p == 0], todo, True, pinned, given_up)
+            self.repairs.settle(plan, [p for p in stale if p != 0], todo, True, pinned, given_up)
         failures = moves = 0
         budget_end = self._clock_ms() + self.policy.retry_budget_ms
         per_write = max(1, _WRITE_ROWS // plan.count)  # timelines whose copies one write takes
@@ -469,7 +475,7 @@ class Writing(Repairing):
                     todo.discard(0)
                 if not taken:
                     continue
-                if self._settle(plan, taken, todo, False, pinned, given_up):
+                if self.repairs.settle(plan, taken, todo, False, pinned, given_up):
                     moves += 1
             except _MoveLost as lost:
                 # Without a record a second move could skip the sequences a lost reply
