@@ -55,6 +55,28 @@ class _Claimed(Exception):
         self.claim = claim
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """One attempt at storing an idempotent message: its timelines (history first), how many
+    messages, its record (what Redis and the store know it by), its mid, and the sequences it
+    holds (`allocated`: what Redis gave it, until the store's record decides otherwise)."""
+
+    timelines: list[Timeline]
+    count: int
+    record: Record
+    mid: str
+    allocated: _Allocated
+
+    def fresh(self) -> dict[int, int]:
+        """The positions this attempt allocated itself (not replayed), with their lasts."""
+        allocated = self.allocated
+        return {
+            p: last
+            for p, last in enumerate(allocated.lasts)
+            if p not in allocated.replayed and p not in allocated.failed
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """Messages stored: who has no copy, and where each timeline's range starts."""
@@ -145,16 +167,18 @@ class Writer:
         ]
         count = len(messages)
         allocated = self._allocate(timelines, count, record)
-        claim = first = None
+        claim = first = attempt = None
         if record is not None:
+            attempt = _Attempt(timelines, count, record, mid, allocated)
             if allocated.replayed or allocated.failed:
                 # A retry (or a bucket that failed): the store's record decides before
                 # anything is written.
-                allocated, claim = self._claim(timelines, count, record, mid, allocated)
+                claim = self._claim(attempt)
+                allocated = attempt.allocated
             else:
                 # A first attempt, as far as Redis knows: the claim is stored by the first
                 # write, ahead of the copies (on SQLite in the same transaction).
-                claim = first = self._claim_of(record, mid, allocated)
+                claim = first = self._claim_of(attempt)
         plan = _Plan(
             ids=ids,
             timelines=timelines,
@@ -171,11 +195,10 @@ class Writer:
         except _Claimed as claimed:
             # The store holds another record of this message (Redis forgot it, or came back
             # without it): nothing was written. Settled on the store's record, then written.
-            assert record is not None
+            assert attempt is not None
             assert first is not None
-            allocated, claim = self._settled(
-                timelines, count, record, mid, allocated, first, claimed.claim
-            )
+            claim = self._settled(attempt, first, claimed.claim)
+            allocated = attempt.allocated
             plan = dataclasses.replace(plan, firsts=_firsts(allocated.lasts, count), claim=claim)
             positions = self._store(plan, self._ages(allocated), allocated.failed)
         failed = [ids[p] for p in positions]
@@ -238,78 +261,59 @@ class Writer:
             allocated_ms=allocated_ms,
         )
 
-    def _claim(
-        self,
-        timelines: list[Timeline],
-        count: int,
-        record: Record,
-        mid: str,
-        allocated: _Allocated,
-    ) -> tuple[_Allocated, Claim]:
+    def _claim(self, attempt: _Attempt) -> Claim:
         """Make the store's record of an idempotent message the last word on its sequences,
         before any copy is written: the first attempt's record stands, whatever Redis
         forgot since (a failover to a replica that lagged, a restart without persistence,
-        FLUSHALL) and so allocated again. Those new sequences are given back or sealed, and
-        Redis's records are set to the store's, so that later retries replay them."""
-        mine = self._claim_of(record, mid, allocated)
-        stored = self.store.claim(mine, self._clock_ms())
-        return self._settled(timelines, count, record, mid, allocated, mine, stored)
+        FLUSHALL) and so allocated again (see _settled)."""
+        mine = self._claim_of(attempt)
+        return self._settled(attempt, mine, self.store.claim(mine, self._clock_ms()))
 
-    def _claim_of(self, record: Record, mid: str, allocated: _Allocated) -> Claim:
-        """This attempt's claim: what it allocated, for the record's time to live."""
+    def _claim_of(self, attempt: _Attempt) -> Claim:
+        """This attempt's claim: what it holds, for the store's time to live."""
         return Claim(
-            mid=mid,
-            fingerprint=record.fingerprint,
-            lasts=tuple(allocated.lasts),
-            allocated_ms=allocated.allocated_ms,
+            mid=attempt.mid,
+            fingerprint=attempt.record.fingerprint,
+            lasts=tuple(attempt.allocated.lasts),
+            allocated_ms=attempt.allocated.allocated_ms,
             expires_ms=self._clock_ms() + self.policy.record_ttl_ms,
         )
 
-    def _settled(
-        self,
-        timelines: list[Timeline],
-        count: int,
-        record: Record,
-        mid: str,
-        allocated: _Allocated,
-        mine: Claim,
-        stored: Claim,
-    ) -> tuple[_Allocated, Claim]:
+    def _settled(self, attempt: _Attempt, mine: Claim, stored: Claim) -> Claim:
         """The sequences to write at, once the store answered this attempt's claim `mine`
         with the record it holds, `stored`.
 
         The store's record is the one authority on where an idempotent message's copies go:
         every write of them goes where it says (a first attempt stores it with its first
-        write; a move changes it by compare-and-set first: Repairing._move). Whatever Redis
+        write; a move changes it by compare-and-set first: Repairer._move). Whatever Redis
         replayed or allocated is a hint. So every attempt that reads the record adopts it,
         whatever it did before (concurrent retries all end at the same sequences), and gives
         back or seals what it allocated itself and the record does not hold: nothing is
         written there. A range it only replayed belongs to the attempt that allocated it,
         which gives it back itself (or, if that attempt died, readers seal it after the
-        grace period)."""
+        grace period). The attempt holds the record's sequences afterwards."""
         if stored == mine:
-            return allocated, stored  # the usual case: the first attempt, now on record
+            return stored  # the usual case: the first attempt, now on record
+        timelines, count = attempt.timelines, attempt.count
         if stored.fingerprint != mine.fingerprint or len(stored.lasts) != len(mine.lasts):
-            self._refuse_reused(timelines, count, record, self._fresh(allocated))
-        forgotten = {
-            p: last for p, last in self._fresh(allocated).items() if last != stored.lasts[p]
-        }
+            self._refuse_reused(timelines, count, attempt.record, attempt.fresh())
+        forgotten = {p: last for p, last in attempt.fresh().items() if last != stored.lasts[p]}
         if forgotten:
             self.repairs.abandon(timelines, count, forgotten)
             metrics.SEQUENCE_REPAIRS.labels("restored").inc(len(forgotten))
             log.warning(
                 "message %s: %d of its timelines keep the sequences the store recorded "
                 "(redis forgot them, or came back with an older record)",
-                mid,
+                attempt.mid,
                 len(forgotten),
             )
-        restored = _Allocated(
+        attempt.allocated = _Allocated(
             lasts=list(stored.lasts),
             replayed=dict.fromkeys(range(len(timelines)), stored.allocated_ms),
             failed=set(),
             allocated_ms=stored.allocated_ms,
         )
-        return restored, stored
+        return stored
 
     def _refuse_reused(
         self, timelines: list[Timeline], count: int, record: Record, fresh: dict[int, int]
@@ -324,15 +328,6 @@ class Writer:
         raise ClientMsgIdReused(
             "client_msg_id was already used for another message in this conversation"
         )
-
-    @staticmethod
-    def _fresh(allocated: _Allocated) -> dict[int, int]:
-        """The positions this attempt allocated itself (not replayed), with their lasts."""
-        return {
-            p: last
-            for p, last in enumerate(allocated.lasts)
-            if p not in allocated.replayed and p not in allocated.failed
-        }
 
     def _ages(self, allocated: _Allocated) -> dict[int, int]:
         """The positions an earlier attempt allocated, with how long ago (ms)."""
