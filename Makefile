@@ -16,10 +16,12 @@ PROJECT := $(PIP) install --quiet --no-deps --no-build-isolation -e .
 # A changed lock makes a new environment: what a fresh machine would get, nothing left
 # over from the old lock. A changed pyproject.toml or timeline.proto (whose gRPC code the
 # project's install generates: setup.py) only installs the project again.
-LOCKED := $(VENV)/.lock-$(shell cat requirements/*.txt | cksum | cut -d' ' -f1)
-HASH := $(shell cat pyproject.toml timeline/rpc/v1/timeline.proto | cksum | cut -d' ' -f1)
+LOCK_HASH := $(shell cat requirements/*.txt | cksum | cut -d' ' -f1)
+LOCKED := $(VENV)/.lock-$(LOCK_HASH)
+HASH := $(shell cat pyproject.toml timeline/rpc/v1/timeline.proto | cksum | cut -d' ' -f1)-$(LOCK_HASH)
 # One stamp per install: `make run` installs the runtime lock, `make test` the dev lock
 # (which holds the runtime's, at the same versions, so it leaves the runtime stamp too).
+# Their names hold the lock's hash too: a new environment never looks installed.
 RUNTIME := $(VENV)/.installed-runtime-$(HASH)
 DEV := $(VENV)/.installed-dev-$(HASH)
 PORT ?= 8000
@@ -69,14 +71,16 @@ lint: $(DEV)
 test: lint
 	$(BIN)/pytest
 
-## lock: compile requirements/*.txt anew from pyproject.toml with uv (the newest releases
-## its ranges allow; lowest.txt: the lowest), then list what changed. Run it after changing
-## a dependency in pyproject.toml, and to take upstream releases; commit it with the rest.
+## lock: compile requirements/*.txt from pyproject.toml with uv, then list what changed.
+## dev.txt and runtime.txt keep the versions they pin where pyproject.toml still allows them
+## (uv prefers an output file's pins); UPGRADE=1 takes the newest releases instead.
+## lowest.txt is always computed afresh: the lowest release each range allows. Run it after
+## changing a dependency in pyproject.toml, and (UPGRADE=1) to take upstream releases.
 lock: $(DEV)
 	$(BIN)/python -c 'import tomllib; print("\n".join(["# pyproject.toml [build-system] requires, and the installer (make lock writes this file)", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], "pip>=24.0"]))' > requirements/build.in
-	$(BIN)/uv pip compile $(UV_COMPILE) --extra dev pyproject.toml requirements/build.in -o requirements/dev.txt
+	$(BIN)/uv pip compile $(UV_COMPILE) $(if $(UPGRADE),--upgrade) --extra dev pyproject.toml requirements/build.in -o requirements/dev.txt
 	$(BIN)/uv pip compile $(UV_COMPILE) pyproject.toml requirements/build.in -c requirements/dev.txt -o requirements/runtime.txt
-	$(BIN)/uv pip compile $(UV_COMPILE) --resolution lowest-direct --no-emit-package pip pyproject.toml requirements/build.in -o requirements/lowest.txt
+	$(BIN)/uv pip compile $(UV_COMPILE) --upgrade --resolution lowest-direct --no-emit-package pip pyproject.toml requirements/build.in -o requirements/lowest.txt
 	@git diff --no-color -U0 -- requirements/*.txt | grep -E '^[-+][A-Za-z0-9_.-]+==' || echo "make lock: no version changed"
 
 ## smoke: a wheel built from the checkout, installed alone (no editable install, no

@@ -13,39 +13,27 @@ from __future__ import annotations
 
 from importlib import metadata
 
-#: The gunicorn releases the worker supports: lowest included, highest excluded.
-GUNICORN_LOWEST = (25, 3)
-GUNICORN_BELOW = (28,)
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+#: The gunicorn releases the worker supports (pre-releases within it included).
 GUNICORN_RANGE = ">=25.3,<28"
+_SUPPORTED = SpecifierSet(GUNICORN_RANGE, prereleases=True)
 
 
 class Unsupported(RuntimeError):
     """A dependency's installed release is outside what the service was tested with."""
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """The leading numbers of a version ("25.3.0" -> (25, 3, 0); "26.0.0rc1" -> (26, 0))."""
-    numbers: list[int] = []
-    for part in version.split("."):
-        digits = ""
-        for char in part:
-            if not char.isdigit():
-                break
-            digits += char
-        if not digits:
-            break
-        numbers.append(int(digits))
-        if len(digits) != len(part):
-            break
-    return tuple(numbers)
-
-
 def check_gunicorn(version: str | None = None) -> None:
     """Raise Unsupported, with one line naming the supported range, unless the installed
     gunicorn (or `version`) is in it."""
     found = metadata.version("gunicorn") if version is None else version
-    release = _release(found)
-    if not GUNICORN_LOWEST <= release < GUNICORN_BELOW:
+    try:
+        supported = Version(found) in _SUPPORTED
+    except InvalidVersion:
+        supported = False
+    if not supported:
         raise Unsupported(
             f"timeline's HTTP worker needs gunicorn {GUNICORN_RANGE} (it builds on gthread's "
             f"internals), but gunicorn {found} is installed"

@@ -10,10 +10,9 @@ never skip a hole, ack). TimelineService holds them and is what the API layers c
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from timeline.allocator import Allocator
-from timeline.model import Entry, Message
 from timeline.service.common import Parts, Policy, _now_ms
 from timeline.service.reading import HistoryPage, Reader, SyncResult
 from timeline.service.repairing import Repairer
@@ -46,6 +45,13 @@ class TimelineService:
         self.parts = Parts(allocator, store, policy or Policy(), clock_ms, sleep)
         self.writer = Writer(self.parts, Repairer(self.parts))
         self.reader = Reader(self.parts)
+        # What the API layers call, each answered by the part that does it.
+        self.send = self.writer.send
+        self.send_group = self.writer.send_group
+        self.sync = self.reader.sync
+        self.history = self.reader.history
+        self.history_backward = self.reader.history_backward
+        self.ack = self.reader.ack
 
     @property
     def allocator(self) -> Allocator:
@@ -64,39 +70,3 @@ class TimelineService:
         sooner deadline, say."""
         parts = self.parts
         return TimelineService(parts.allocator, parts.store, policy, parts.clock_ms, parts.sleep)
-
-    # --- writing ----------------------------------------------------------------------------
-
-    def send(
-        self,
-        sender: str,
-        receiver: str,
-        messages: Sequence[Message],
-        client_msg_id: str | None = None,
-    ) -> list[int]:
-        """One-to-one messages, in order; returns the receiver's sync sequences for them."""
-        return self.writer.send(sender, receiver, messages, client_msg_id)
-
-    def send_group(
-        self,
-        group: str,
-        members: Sequence[str],
-        messages: Sequence[Message],
-        client_msg_id: str | None = None,
-    ) -> list[str]:
-        """Group messages to the listed (distinct) members; returns those not written."""
-        return self.writer.send_group(group, members, messages, client_msg_id)
-
-    # --- reading ----------------------------------------------------------------------------
-
-    def sync(self, member: str, last_read: int, count: int) -> SyncResult:
-        return self.reader.sync(member, last_read, count)
-
-    def history(self, conversation: str, last_read: int, count: int) -> list[Entry]:
-        return self.reader.history(conversation, last_read, count)
-
-    def history_backward(self, conversation: str, before: int, count: int) -> HistoryPage:
-        return self.reader.history_backward(conversation, before, count)
-
-    def ack(self, member: str, seq: int) -> int:
-        return self.reader.ack(member, seq)

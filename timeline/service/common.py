@@ -24,7 +24,7 @@ class Policy:
     gap_grace_ms: int = 6_000
     request_deadline_ms: int = 3_000
     record_ttl_ms: int = 86_400_000  # the store's record of an idempotent message
-    record_redis_ttl_ms: int = 300_000  # Redis's (a hint: see Writing._settled)
+    record_redis_ttl_ms: int = 300_000  # Redis's (a hint: see Writer._settled)
     write_attempts: int = 4
     retry_backoff_ms: int = 100
     retry_budget_ms: int = 1000
@@ -77,7 +77,7 @@ class _Plan:
     claim: Claim | None  # the store's record of an idempotent message
     deadline_ms: int  # no store write starts after this (the request's deadline)
     # Positions a write was sent for at their current range, and positions this request
-    # moved to a range it allocated itself (see Writing._give_up).
+    # moved to a range it allocated itself (see Writer._give_up).
     tried: set[int] = field(default_factory=set)
     moved: set[int] = field(default_factory=set)
     store_failed: bool = False  # a store write of this request failed

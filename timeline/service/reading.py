@@ -1,5 +1,5 @@
-"""Reading: sync, history and ack. A read never hands out a sequence past a hole a write may
-still fill (see Reading._readable)."""
+"""The Reader: sync, history and ack. A read never hands out a sequence past a hole a write
+may still fill (see Reader._readable)."""
 
 from __future__ import annotations
 

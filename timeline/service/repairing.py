@@ -1,5 +1,6 @@
-"""Repairing: what the service does off the steady state, when a write finds its sequences
-taken (a counter behind the store) or counters missing (Redis lost them)."""
+"""The Repairer: what the service does off the steady state, when a write finds its
+sequences taken (a counter behind the store) or counters missing (Redis lost them), and what
+it gives back or seals when a request will not write what it allocated."""
 
 from __future__ import annotations
 
@@ -41,16 +42,16 @@ class Repairer:
         timelines: Sequence[Timeline],
         count: int,
         lasts: dict[int, int],
-        unwritten: bool = True,
+        release: bool = True,
     ) -> None:
         """Seal ranges this request allocated but will never write, so that readers step
-        over them at once. Where nothing was allocated after a range and the request never
-        tried to write there (`unwritten`), it is given back instead, and the timeline keeps
-        no hole; a range a failed write may have stored a part of is only ever sealed around
-        that part. Best effort: otherwise readers seal them after the grace period."""
+        over them at once. With `release` (the request never sent a write there), a range
+        nothing was allocated after is given back instead, and the timeline keeps no hole;
+        without (a failed write may have stored a part), it is only sealed around that part.
+        Best effort: otherwise readers seal them after the grace period."""
         if not lasts:
             return
-        if unwritten:
+        if release:
             with contextlib.suppress(Unavailable):
                 released = self.allocator.release(timelines, count, lasts)
                 lasts = {p: last for p, last in lasts.items() if p not in released}

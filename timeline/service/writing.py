@@ -1,5 +1,6 @@
-"""Writing: send and send_group. One allocation (one script call per bucket of counters),
-the store's record of an idempotent message, then as few bulk writes as the copies need."""
+"""The Writer: send and send_group. One allocation (one script call per bucket of
+counters), the store's record of an idempotent message, then as few bulk writes as the copies
+need."""
 
 from __future__ import annotations
 
@@ -341,12 +342,10 @@ class Writer:
         failed: set[int],
         claim: Claim | None = None,
     ) -> list[int]:
-        """_write_all, and whatever ends it (its deadline, the store failing, a lost race),
-        every range this attempt allocated itself and did not write is given back or sealed
-        before the request answers: readers wait out the gap grace only for a writer that
-        died, never for one that gave up. A range it never tried to write is given back
-        where nothing was allocated after it; one a failed write may have stored a part of
-        is sealed around that part. Ranges it replayed are another attempt's."""
+        """_write_all; and whatever ends it (its deadline, the store failing, a lost race),
+        what this attempt allocated itself and did not write is given back or sealed before
+        the request answers (_give_up): readers wait out the gap grace only for a writer that
+        died, never for one that gave up."""
         todo = set(range(len(plan.ids))) - failed
         # Partly stored by an attempt a device may have read (an earlier one, or a write of
         # this one that failed): the rest may only go where it belongs, never move whole.
@@ -373,9 +372,9 @@ class Writer:
         fresh ones, and those it moved to."""
         mine = (unwritten - set(replayed) - failed) | (unwritten & plan.moved)
         own = {p: plan.firsts[p] + plan.count - 1 for p in mine if plan.firsts[p]}
-        tried = plan.tried
         if not own:
             return
+        tried = plan.tried
         never = {p: last for p, last in own.items() if p not in tried}
         # A range a write was sent to may hold a part (a failed write on MongoDB). Without a
         # record nobody writes there again: sealed around that part. With one, the client's
@@ -390,7 +389,7 @@ class Writer:
         if never or sealed:
             metrics.SEQUENCE_REPAIRS.labels("abandoned").inc(len(never) + len(sealed))
         self.repairs.abandon(plan.timelines, plan.count, never)
-        self.repairs.abandon(plan.timelines, plan.count, sealed, unwritten=False)
+        self.repairs.abandon(plan.timelines, plan.count, sealed, release=False)
 
     def _write_all(
         self,
