@@ -31,7 +31,8 @@ def canonical(name: str) -> str:
 def pins(lock: str) -> dict[str, Version]:
     """The lock's name == version lines that apply to this interpreter and platform."""
     found: dict[str, Version] = {}
-    for line in (LOCKS / lock).read_text().splitlines():
+    lines = (LOCKS / lock).read_text().splitlines()
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
         if not line[:1].isalnum():
             continue  # a hash, a comment
         requirement = Requirement(line.rstrip(" \\"))
@@ -39,7 +40,7 @@ def pins(lock: str) -> dict[str, Version]:
             continue
         (spec,) = requirement.specifier
         assert spec.operator == "==", line
-        assert "--hash=" in (LOCKS / lock).read_text().split(line, 1)[1].split("\n", 2)[1]
+        assert following.strip().startswith("--hash=sha256:"), line
         found[canonical(requirement.name)] = Version(spec.version)
     return found
 

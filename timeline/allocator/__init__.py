@@ -88,7 +88,8 @@ class NotRun(Exception):
     @classmethod
     def of(cls, exc: BaseException, context: str = "") -> NotRun:
         """The call `exc` stopped: its text and Redis's error code (see `error_code`)."""
-        return cls(f"{context}{error_text(exc)}", error_code(exc))
+        code, text = _parse_error(exc)
+        return cls(f"{context}{text}", code)
 
 
 # --- Redis's error codes ---------------------------------------------------------------------
@@ -155,10 +156,11 @@ def error_text(exc: BaseException) -> str:
     return _parse_error(exc)[1]
 
 
-def _code_field(exc: BaseException) -> dict[str, Any]:
-    """The log record's structured field of an error's Redis code (see timeline.logs)."""
-    code = error_code(exc)
-    return {"fields": {"redis_error": code}} if code else {}
+def _logged(exc: BaseException) -> tuple[str, dict[str, Any]]:
+    """An error as a log line gives it: `error_text`, and the record's structured field of
+    its Redis code (see timeline.logs), read once."""
+    code, text = _parse_error(exc)
+    return text, {"fields": {"redis_error": code}} if code else {}
 
 
 class Redis(Protocol):
@@ -466,19 +468,21 @@ class Allocator:
             replies = self._redis.run(calls)
         except redis.RedisError as exc:  # the topology itself is unreachable
             dependency_failed("redis")
-            log.warning("redis %s failed: %s", what, error_text(exc), extra=_code_field(exc))
+            text, extra = _logged(exc)
+            log.warning("redis %s failed: %s", what, text, extra=extra)
             raise Unavailable("sequence allocator (redis) is unavailable") from exc
         failures = [reply for reply in replies if isinstance(reply, BaseException)]
         if failures:
             dependency_failed("redis")
+            text, extra = _logged(failures[0])
             log.warning(
                 "redis %s: %d of %d bucket call(s) failed (%s: %s)",
                 what,
                 len(failures),
                 len(calls),
                 "refused" if isinstance(failures[0], NotRun) else "outcome unknown",
-                error_text(failures[0]),
-                extra=_code_field(failures[0]),
+                text,
+                extra=extra,
             )
         return replies
 
@@ -488,13 +492,15 @@ class Allocator:
             return command()
         except (redis.ConnectionError, redis.TimeoutError) as exc:  # LOADING too, to redis-py
             dependency_failed("redis")
-            log.warning("redis %s failed: %s", what, error_text(exc), extra=_code_field(exc))
+            text, extra = _logged(exc)
+            log.warning("redis %s failed: %s", what, text, extra=extra)
             raise Unavailable("sequence allocator (redis) is unavailable") from exc
         except redis.RedisError as exc:
             # READONLY after a failover, OOM, MISCONF, CLUSTERDOWN: Redis refuses, the caller
             # retries.
             dependency_failed("redis")
-            log.error("redis %s refused: %s", what, error_text(exc), extra=_code_field(exc))
+            text, extra = _logged(exc)
+            log.error("redis %s refused: %s", what, text, extra=extra)
             raise Unavailable("sequence allocator (redis) refused the request") from exc
 
 
