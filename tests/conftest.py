@@ -65,6 +65,28 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 _mongo: dict[str, Any] = {}
 
 
+def _mongomock_takes_pymongo_s_bulk_updates() -> None:
+    """pymongo 4.11 added `sort` to UpdateOne, and passes it to the bulk builder of the
+    collection it runs on; mongomock 4.3's builder predates it (TypeError). The store's
+    purge raises floors with one bulk_write of UpdateOne: on mongomock, without a sort (the
+    store never gives one), the builder is called as it expects."""
+    import mongomock.collection
+
+    builder = mongomock.collection.BulkOperationBuilder
+    add_update = builder.add_update
+    if "sort" in add_update.__code__.co_varnames:
+        return
+
+    def without_sort(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
+        assert sort is None, "mongomock cannot sort a bulk update"
+        return add_update(self, *args, **kwargs)
+
+    builder.add_update = without_sort
+
+
+_mongomock_takes_pymongo_s_bulk_updates()
+
+
 def _docker_answers() -> bool:
     try:
         import docker

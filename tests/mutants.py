@@ -73,6 +73,7 @@ T_MODES, T_CLUSTER = "tests/test_modes.py", "tests/test_cluster.py"
 PAGING = "count or page or paging or pages"
 
 T_ONCE = "tests/test_one_authority.py"
+T_MONGO = "tests/test_mongo.py"
 
 MUTATIONS: list[Mutation] = [
     Mutation(
@@ -253,9 +254,44 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "MongoDB (id, seq) index not unique",
         MONGO,
-        "collection.create_index(INDEX_KEY, unique=True, name=name)",
-        "collection.create_index(INDEX_KEY, unique=False, name=name)",
+        "_create_index(collection, INDEX_KEY, unique=True, name=name)",
+        "_create_index(collection, INDEX_KEY, unique=False, name=name)",
         (T_STORE, "-k", "mongo and (taken or stored_once)"),
+    ),
+    Mutation(
+        "MongoDB shows clients what a failover can roll back (read concern local)",
+        MONGO,
+        'VISIBLE = ReadConcern("majority")',
+        'VISIBLE = ReadConcern("local")',
+        (T_MONGO, "-k", "majority or local"),
+    ),
+    Mutation(
+        "MongoDB keeps a TTL index that deletes below the floors",
+        MONGO,
+        'if "expireAfterSeconds" in spec:',
+        "if False:",
+        (T_LIFE, "-k", "redis_lost or ttl"),
+    ),
+    Mutation(
+        "MongoDB purge deletes without raising the floors",
+        MONGO,
+        "floors.bulk_write(raises, ordered=False)",
+        "del raises",
+        (T_LIFE, "-k", "redis_lost or (mongo and purge)"),
+    ),
+    Mutation(
+        "MongoDB counts a key taken that a majority does not have",
+        MONGO,
+        "        if missing:\n            raise NotCommitted(",
+        "        if False:\n            raise NotCommitted(",
+        (T_MONGO, "-k", "taken_counts"),
+    ),
+    Mutation(
+        "Preparer rebuilds after colliding documents (rescans for ever)",
+        "timeline/store/__init__.py",
+        "                if self._store.problem():\n",
+        "                if False:\n",
+        (T_MONGO, "-k", "colliding"),
     ),
 ]
 

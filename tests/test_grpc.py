@@ -937,6 +937,20 @@ def test_health_and_reflection_answer(rpc: Grpc) -> None:
     ]
 
 
+def test_health_tells_readiness_for_reads_apart_while_writes_wait(
+    settings: Settings, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While what gates writes is built (MongoDB's unique indexes), reads are served:
+    monkeypatch.setattr(store, "readiness", lambda: "building")
+    served = Grpc(settings, store)
+    try:
+        assert served.health("timeline.v1.Timeline") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert served.health("timeline.v1.Timeline.reads") == health_pb2.HealthCheckResponse.SERVING
+        assert list(served.stub.GetSyncMessage(pb.SyncMessageRequest(member="a")).entry_set) == []
+    finally:
+        served.close()
+
+
 def test_health_says_not_serving_while_it_stops(settings: Settings, store: Store) -> None:
     served = Grpc(settings, store)
     health = served.health

@@ -16,7 +16,7 @@ from timeline.factory import create_app
 from timeline.model import Entry, Kind, Message
 from timeline.settings import Settings
 from timeline.store import Purger, Store
-from timeline.store.mongo import TTL_BACKSTOP_S, TTL_INDEX_NAME, MongoStore
+from timeline.store.mongo import PURGE_INDEX_NAME, TTL_INDEX_NAME, MongoStore
 from timeline.store.sqlite import SQLiteStore
 
 
@@ -222,42 +222,71 @@ def texts_of(entries: list[Entry]) -> list[str]:
     return [json.loads(e.message)["t"] for e in entries]
 
 
-def test_mongo_keeps_a_ttl_index_as_a_backstop(
-    mongo_store: MongoStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    database = mongo_store._database
+def test_mongo_removes_by_its_purge_alone_and_drops_a_ttl_index(mongo_store: MongoStore) -> None:
+    # Given collections on which an earlier version made its TTL backstop, and an operator
+    # another TTL index on created_at,
+    database = mongo_store._database  # prepared with no retention: no purge index
+    database["chat_sync"].create_index("created_at", name=TTL_INDEX_NAME, expireAfterSeconds=5)
+    database["chat_history"].create_index("created_at", name="mine", expireAfterSeconds=9)
+    # when the service prepares the store (a retention for sync, none for history),
     MongoStore(database, retention_ms={Kind.SYNC: 5000}).prepare()
-    index = database["chat_sync"].index_information()[TTL_INDEX_NAME]
-    assert index["key"] == [("created_at", 1)]
-    assert index["expireAfterSeconds"] == 5 + TTL_BACKSTOP_S
-    assert TTL_INDEX_NAME not in database["chat_history"].index_information()
-
-    # A changed retention is changed in place with collMod (the manual's way to change
-    # expireAfterSeconds), never dropped and built again. mongomock lacks collMod: the
-    # command is recorded here, and run for real when TIMELINE_TEST_MONGO_URI is set.
-    commands: list[tuple[Any, ...]] = []
-    dropped: list[str] = []
-    if getattr(mongo_store, "simulated", False):
-        collection_type = type(database["chat_sync"])
-        monkeypatch.setattr(
-            type(database), "command", lambda self, *a, **k: commands.append((*a, k))
-        )
-        monkeypatch.setattr(collection_type, "drop_index", lambda self, name: dropped.append(name))
-    MongoStore(database, retention_ms={Kind.SYNC: 9000}).prepare()
-    assert dropped == []
-    if commands:
-        ttl = {"name": TTL_INDEX_NAME, "expireAfterSeconds": 9 + TTL_BACKSTOP_S}
-        assert commands == [("collMod", "chat_sync", {"index": ttl})]
-    else:
-        index = database["chat_sync"].index_information()[TTL_INDEX_NAME]
-        assert index["expireAfterSeconds"] == 9 + TTL_BACKSTOP_S
-    monkeypatch.undo()
-    # No retention any more: the backstop would remove what must now be kept.
+    # then no TTL index removes entries any more: the purge alone does, by a plain index.
+    sync = database["chat_sync"].index_information()
+    history = database["chat_history"].index_information()
+    assert TTL_INDEX_NAME not in sync
+    assert "mine" not in history
+    assert sync[PURGE_INDEX_NAME]["key"] == [("created_at", 1)]
+    assert "expireAfterSeconds" not in sync[PURGE_INDEX_NAME]
+    assert not any(list(i["key"]) == [("created_at", 1)] for i in history.values())
+    # No retention any more: no index for a purge that does not run.
     MongoStore(database, retention_ms={}).prepare()
-    assert TTL_INDEX_NAME not in database["chat_sync"].index_information()
+    assert PURGE_INDEX_NAME not in database["chat_sync"].index_information()
+
+
+def test_entries_past_their_retention_then_redis_lost_continue_above_them(
+    settings: Settings, mongo_store: MongoStore, key_prefix: str
+) -> None:
+    # Given a store an earlier version prepared with its TTL backstop (a day past the
+    # retention), and three messages sent two days ago (mongomock applies a TTL index when
+    # a collection is read: with one, they would be gone at the next read, floors unraised),
+    database = mongo_store._database  # prepared with no retention: no purge index
+    database["chat_sync"].create_index(
+        "created_at", name=TTL_INDEX_NAME, expireAfterSeconds=2 + 86_400
+    )
+    store = MongoStore(database, retention_ms={Kind.SYNC: 2000})
+    store.prepare()
+    app = create_app(settings.replace(sync_retention_seconds=2), store=store)
+    clock = Clock()
+    clock.ms -= 2 * 86_400_000
+    service = app.extensions["timeline"]["service"]
+    service.__init__(service.allocator, service.store, service.policy, clock)
+    purger = app.extensions["timeline"]["purger"]
+    purger._clock_ms = clock
+    client = app.test_client()
+    for i in range(3):
+        send(client, "a", "b", f"old{i}")
+    # when they are read, then purged (the clock back at today),
+    clock.ms += 2 * 86_400_000
+    assert sync(client, "b")["entrySet"] == []
+    assert store.max_seqs(Kind.SYNC, ["b"]) == {"b": 3}
+    assert purger.run_once() == 6  # a's and b's copies
+    assert database["chat_sync"].count_documents({}) == 0
+    # and Redis loses every counter,
+    redis_client = redis.Redis.from_url(settings.redis_url)
+    for key in redis_client.scan_iter(match=key_prefix + "*"):
+        redis_client.delete(key)
+    # then the next message continues each timeline above what was removed, not at 1.
+    send(client, "a", "b", "new")
+    body = sync(client, "b")
+    assert texts(body["entrySet"]) == ["new"]
+    assert seqs(body["entrySet"]) == [4]
+    assert [e.seq for e in store.read(Kind.SYNC, "a", 0, 10)] == [4]
 
 
 def test_the_purge_runs_in_the_background(store: Store) -> None:
+    if isinstance(store, MongoStore):  # told of the retention, it builds the purge's index
+        store = MongoStore(store._database, retention_ms={Kind.SYNC: 1000})
+        store.prepare()
     old = Message({"t": "old"}, '{"t":"old"}')
     put(store, Kind.SYNC, "b", 1, old, int(time.time() * 1000) - 5000, "m")
     purger = Purger(store, {Kind.SYNC: 1000}, 0.2, lambda: int(time.time() * 1000))
@@ -435,3 +464,31 @@ def test_entries_carry_their_creation_time(client: Any) -> None:
     assert abs((stamp - before).total_seconds()) < 5
     [history] = client.get("/timeline/history/single/a/b").get_json()["entrySet"]
     assert history["timestamp"] == entry["timestamp"]
+
+
+def test_timeline_admin_purge_runs_one_pass_raising_floors(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from timeline.admin import main
+
+    # Given a store no service runs on, with entries past the sync retention and one within,
+    path = tmp_path / "t.sqlite3"
+    store = SQLiteStore(path)
+    now = int(time.time() * 1000)
+    old = Message({"t": "old"}, '{"t":"old"}')
+    for seq in (1, 2):
+        put(store, Kind.SYNC, "b", seq, old, now - 3_600_000, f"m{seq}")
+    put(store, Kind.SYNC, "b", 3, old, now, "m3")
+    store.close()
+    monkeypatch.delenv("TIMELINE_MONGO_URI", raising=False)
+    monkeypatch.setenv("TIMELINE_SQLITE_PATH", str(path))
+    monkeypatch.setenv("TIMELINE_SYNC_RETENTION_SECONDS", "60")
+    # when an operator's cron runs the purge, then it removes the expired ones, floors first.
+    assert main(["purge"]) == 0
+    assert "2 expired entries removed" in capsys.readouterr().out
+    store = SQLiteStore(path)
+    try:
+        assert [e.seq for e in store.read(Kind.SYNC, "b", 0, 10)] == [3]
+        assert store.page(Kind.SYNC, "b", 0, 0, 0).floor == 2
+    finally:
+        store.close()

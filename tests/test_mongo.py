@@ -13,12 +13,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import mongomock
 import pymongo
 import pytest
 from pymongo.errors import AutoReconnect, PyMongoError
+from pymongo.read_concern import ReadConcern
 from pymongo.read_preferences import ReadPreference
 from pymongo.write_concern import WriteConcern
 
@@ -27,7 +28,7 @@ from timeline.errors import Unavailable
 from timeline.factory import create_app
 from timeline.model import Copies, Kind, Message
 from timeline.settings import Settings
-from timeline.store import Claim, WriteResult
+from timeline.store import Claim, Preparer, WriteResult
 from timeline.store import mongo as mongo_module
 from timeline.store.mongo import (
     CLAIMS,
@@ -97,7 +98,11 @@ class Recorder:
         "find_one_and_update",
     )
 
+    #: (collection, operation, read concern level) of every read, for the test to clear.
+    levels: ClassVar[list[tuple[str, str, str | None]]] = []
+
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        Recorder.levels = []
         self.reads: list[tuple[str, str, Any]] = []
         self.writes: list[tuple[str, str, Any]] = []
         collection = mongomock.collection.Collection
@@ -113,6 +118,8 @@ class Recorder:
                 concern = collection.write_concern
                 setting = getattr(concern, "document", concern)
             log.append((collection.name, name, setting))
+            if name in Recorder.READS:
+                Recorder.levels.append((collection.name, name, collection.read_concern.level))
             return method(collection, *args, **kwargs)
 
         return recorded
@@ -158,6 +165,114 @@ def test_every_read_and_write_of_the_store_is_pinned(monkeypatch: pytest.MonkeyP
     assert all(setting == ReadPreference.PRIMARY for _, _, setting in recorder.reads)
     assert {op for _, op, _ in recorder.writes} == set(Recorder.WRITES)
     assert all(setting == {"w": "majority", "j": True} for _, _, setting in recorder.writes)
+
+
+def test_a_uri_asking_for_local_reads_is_overridden(caplog: pytest.LogCaptureFixture) -> None:
+    uri = f"mongodb://127.0.0.1:{free_port()}/?readConcernLevel=local"
+    with caplog.at_level(logging.WARNING, logger="timeline.store.mongo"):
+        store = MongoStore.connect(Settings(mongo_uri=uri), {})  # lazy: no server is needed
+    try:
+        assert store._client.read_concern == ReadConcern("majority")
+        assert "readConcernLevel=local" in caplog.text
+        for kind in Kind:  # each collection pinned, whatever the client's default
+            assert store._visible[kind].read_concern == ReadConcern("majority")
+            assert store._collections[kind].read_concern == ReadConcern("local")
+    finally:
+        store.close()
+
+
+def test_every_read_a_client_is_shown_is_at_majority(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the app on a database whose default read concern is "local" (as a URI with
+    # readConcernLevel=local would make it),
+    client = mongomock.MongoClient(tz_aware=True)
+    database = client.get_database("probe", read_concern=ReadConcern("local"))
+    store = MongoStore(database, retention_ms={Kind.SYNC: 60_000})
+    store.prepare()
+    api = create_app(settings, store=store).test_client()
+    recorder = Recorder(monkeypatch)
+    for i in range(3):
+        assert (
+            api.post(
+                "/timeline/send", json={"from": "a", "to": "b", "message": f'{{"i":{i}}}'}
+            ).status_code
+            == 200
+        )
+    members = {"group_members": ["a", "b", "c"], "group_name": "g", "message": '{"g":1}'}
+    assert api.post("/timeline/sendGroup", json=members).status_code == 200
+    # when a client reads every way there is (sync pages, history both ways),
+    Recorder.levels = []
+    for path in (
+        "/timeline/sync?member=b&count=2",
+        "/timeline/sync?member=b&last_read=2&count=2",
+        "/timeline/sync?member=c",
+        "/timeline/history/single/a/b?count=2",
+        "/timeline/history/single/b/a?direction=backward&before=3&count=2",
+        "/timeline/history/group/g",
+    ):
+        reply = api.get(path)
+        assert reply.status_code == 200, (path, reply.get_data(as_text=True))
+        assert reply.get_json()["entrySet"], path
+    # then each of its reads was at majority, the floors' too,
+    shown = Recorder.levels
+    assert {name for name, _, _ in shown} >= {"chat_sync", "chat_history", "chat_sync_floor"}
+    assert {level for _, _, level in shown} == {"majority"}, shown
+    # while what a write reads about itself is read where collisions are decided.
+    Recorder.levels = []
+    store.owners(Kind.SYNC, [("b", 1)])
+    store.max_seqs(Kind.SYNC, ["b"])
+    assert {level for _, _, level in Recorder.levels} == {"local"}
+    del recorder
+
+
+class Uncommitted:
+    """A collection as a majority reader sees it while what the primary holds is not yet
+    acknowledged by a majority (or is about to roll back): none of it."""
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+
+    def find(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return []
+
+    def find_one(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def test_a_key_found_taken_counts_only_once_a_majority_has_it(mongo_store: MongoStore) -> None:
+    # Given copies stored (by another attempt) that a majority does not have yet,
+    store = mongo_store
+    assert store.write(copies(["g"], 1), copies(["a", "b"], 1)) == WriteResult()
+    committed = dict(store._visible)
+    store._visible = {kind: Uncommitted(c) for kind, c in committed.items()}  # type: ignore[misc]
+    # a write that collides with them fails (the write concern error a duplicate key hides
+    # in pymongo would say the same) instead of counting them stored or taken,
+    with pytest.raises(Unavailable):
+        store.write(copies(["g"], 1, mid="n"), None)
+    with pytest.raises(Unavailable):
+        store.write(copies(["g", "h"], 1, mid="n"), None)  # an ordered insert_many
+    with pytest.raises(Unavailable):
+        store.write(None, copies(["a"], 1, mid="n"))
+    # and once a majority has them, the same writes find them taken.
+    store._visible = committed
+    assert store.write(copies(["g"], 1, mid="n"), None) == WriteResult(history_taken=True)
+    assert store.write(None, copies(["a"], 1, mid="n")) == WriteResult(sync_taken=[0])
+
+
+def test_an_idempotency_record_is_adopted_only_once_a_majority_has_it(
+    mongo_store: MongoStore,
+) -> None:
+    store = mongo_store
+    first = claim_of()
+    assert store.claim(first, NOW) == first
+    store._visible_idempotency = Uncommitted(None)  # type: ignore[assignment]
+    with pytest.raises(Unavailable):
+        store.claim(claim_of("e" * 16), NOW)  # the record it collided with may roll back
+    with pytest.raises(Unavailable):
+        store.reclaim(claim_of("e" * 16), (9, 9, 9))  # no swap: the winner, unconfirmed
+    store._visible_idempotency = store._idempotency.with_options()
+    assert store.claim(claim_of("e" * 16), NOW) == first
 
 
 # --- indexes: built beside the requests, never in one -------------------------------------
@@ -242,18 +357,85 @@ def test_a_non_unique_index_on_id_and_seq_is_reported_not_written_past(database:
     store = MongoStore(database)
     with pytest.raises(Unavailable, match="'plain' on \\(id, seq\\) that is not unique"):
         store.prepare()
-    assert store.readiness() == "failed"
-    with pytest.raises(Unavailable, match="failed"):
+    assert store.readiness() == "blocked"
+    assert "db.chat_sync.dropIndex('plain')" in store.problem()
+    with pytest.raises(Unavailable, match="blocked"):
         store.write(None, copies(["a"], 1))
 
 
-def test_duplicates_in_existing_data_are_reported(database: Any) -> None:
-    # go-timeline creates no index: its data may hold a sequence twice.
-    database["chat_sync"].insert_many([{"id": "a", "seq": 1}, {"id": "a", "seq": 1}])
+@pytest.fixture
+def colliding(database: Any) -> tuple[Any, list[Any]]:
+    """go-timeline creates no index: its data may hold a sequence twice."""
+    documents = [
+        {"id": "a", "seq": 1, "v": 1},
+        {"id": "a", "seq": 1, "v": 2},
+        {"id": "b", "seq": 1},
+    ]
+    ids = database["chat_sync"].insert_many(documents).inserted_ids
+    return database, ids[:2]
+
+
+def test_colliding_documents_block_the_build_named_in_one_line_tried_once(
+    colliding: tuple[Any, list[Any]], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database, ids = colliding
+    builds: list[str] = []
+    build = mongo_module._ensure_unique
+
+    def counted(collection: Any) -> None:
+        builds.append(collection.name)
+        build(collection)
+
+    monkeypatch.setattr(mongo_module, "_ensure_unique", counted)
+    # Given a Preparer that would try again every 10 ms,
     store = MongoStore(database)
-    with pytest.raises(Unavailable, match="same \\(id, seq\\)"):
-        store.prepare()
-    assert store.readiness() == "failed"
+    Preparer(store, retry_s=0.01, retry_max_s=0.01).start()
+    deadline = time.monotonic() + 5
+    while store.readiness() != "blocked" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    # then the build was tried once: colliding documents need an operator, not a rescan;
+    assert builds == ["chat_sync"]
+    # the problem is one line naming both documents and how to resolve it,
+    problem = store.problem()
+    assert "\n" not in problem
+    assert "chat_sync" in problem
+    assert "(id 'a', seq 1)" in problem
+    assert all(f"ObjectId('{i}')" in problem for i in ids)
+    assert "deleteOne" in problem
+    assert "timeline-admin migrate" in problem
+    # and /readyz says it, while reads are served and an app made anew does not build again.
+    client = create_app(settings, store=store).test_client()
+    reply = client.get("/readyz")
+    assert reply.status_code == 503
+    assert reply.get_json()["message"] == f"not ready: store indexes blocked: {problem}"
+    assert reply.get_json()["metadata"]["problem"] == problem
+    assert client.get("/readyz?for=reads").status_code == 200
+    assert client.get("/readyz?for=both").status_code == 400
+    assert client.get("/timeline/sync?member=a").status_code == 200
+    assert (
+        client.post("/timeline/send", json={"from": "a", "to": "b", "message": "{}"}).status_code
+        == 503
+    )
+    time.sleep(0.1)
+    assert builds == ["chat_sync"]
+
+
+def test_migrate_names_colliding_documents_in_one_line(
+    colliding: tuple[Any, list[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from timeline import admin
+
+    database, ids = colliding
+    monkeypatch.setattr(admin, "open_store", lambda settings: MongoStore(database))
+    assert admin.main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("timeline-admin: store (mongo) indexes blocked:")
+    assert all(f"ObjectId('{i}')" in err for i in ids)
+    assert "(id 'a', seq 1)" in err
 
 
 def test_no_request_waits_on_an_index_build_and_readyz_says_so(
@@ -398,6 +580,35 @@ def test_a_record_removed_between_insert_and_read_is_claimed_again(
     assert mongo_store.claim(mine, NOW) == mine
     mongo_store._idempotency = records
     assert records.find_one({"_id": "c" * 32})["fingerprint"] == "b" * 16
+
+
+def test_every_operation_waits_for_a_server_no_longer_than_the_selection_timeout() -> None:
+    # pymongo waits for a server for the whole timeoutMS (here 5 s), also for the retry of a
+    # write after a step-down; the store bounds that wait by mongo_timeout_ms (300 ms). No
+    # server answers at this address: every operation has to select one, and fails.
+    settings = Settings(
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true",
+        mongo_timeout_ms=300,
+        mongo_operation_timeout_ms=5000,
+    )
+    store = MongoStore.connect(settings, {})
+    store._state = "ready"  # as if prepare() had succeeded before the server went away
+    try:
+        for action in (
+            lambda: store.write(copies(["g"], 1), copies(["a", "b"], 1)),
+            lambda: store.write(None, copies(["a", "b"], 1)),
+            lambda: store.read(Kind.SYNC, "a", 0, 10),
+            lambda: store.page(Kind.SYNC, "a", 0, 10, 0),
+            lambda: store.owners(Kind.SYNC, [("a", 1)]),
+            lambda: store.ack("a", 1, 1),
+        ):
+            started = time.monotonic()
+            with pytest.raises(Unavailable):
+                action()
+            # The bound is the behaviour: one selection timeout, not the operation's 5 s.
+            assert time.monotonic() - started < 1.5
+    finally:
+        store.close()
 
 
 def test_claims_on_an_unreachable_server_are_a_fast_unavailable() -> None:

@@ -313,10 +313,23 @@ def openapi_document() -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "summary": "Readiness: Redis and the store answer",
+                    "description": (
+                        "for=writes (the default): also what gates writes (MongoDB's unique "
+                        "indexes) is built. for=reads: reads are served, also while indexes "
+                        "build. A problem only an operator can solve is named in `problem`."
+                    ),
                     "security": [],
+                    "parameters": [
+                        {
+                            "name": "for",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["writes", "reads"]},
+                        }
+                    ],
                     "responses": {
                         "200": _json({"type": "object"}, "Ready."),
-                        **_errors(503),
+                        **_errors(400, 503),
                     },
                 }
             },

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, request
 
 from timeline import logs, metrics
-from timeline.errors import TimelineError, Unavailable
+from timeline.errors import InvalidParam, TimelineError, Unavailable
 from timeline.logs import REQUEST_ID, REQUEST_ID_PATTERN
 from timeline.openapi import openapi_document
 from timeline.service import TimelineService
@@ -33,8 +33,14 @@ def healthz() -> dict[str, Any]:
 
 @bp.get("/readyz")
 def readyz() -> dict[str, Any]:
-    """Readiness: 200 only when Redis and the store both answer and the store's indexes are
-    built."""
+    """Readiness for every request (`for=writes`, the default): 200 only when Redis and the
+    store both answer and what gates writes (MongoDB's unique indexes) is built. For reads
+    (`for=reads`): when Redis and the store answer, also while indexes build, since reads
+    never wait for them. A problem only an operator can solve (documents that collide on
+    (id, seq)) is named in one line, in `problem` and in the message."""
+    purpose = request.args.get("for", "writes")
+    if purpose not in ("reads", "writes"):
+        raise InvalidParam("for must be reads or writes", param="for")
     service = _service()
     checks: dict[str, str] = {}
     for name, ping in (("redis", service.allocator.ping), ("store", service.store.ping)):
@@ -46,8 +52,11 @@ def readyz() -> dict[str, Any]:
     down = [f"{name} down" for name, state in checks.items() if state != "ok"]
     # The store's own preparation (MongoDB's indexes): writes wait for it.
     checks["indexes"] = service.store.readiness()
-    if checks["indexes"] != "ready":
-        down.append(f"store indexes {checks['indexes']}")
+    problem = service.store.problem()
+    if problem:
+        checks["problem"] = problem
+    if purpose == "writes" and checks["indexes"] != "ready":
+        down.append(f"store indexes {checks['indexes']}" + (f": {problem}" if problem else ""))
     if down:
         raise Unavailable(f"not ready: {', '.join(down)}", **checks)
     return {"status": "ready", "checks": checks}

@@ -20,11 +20,10 @@ ENV_PREFIX = "TIMELINE_"
 #: typo that would otherwise be ignored in silence, so it stops the service at start-up.
 NOT_SETTINGS = frozenset({"TIMELINE_CONFIG", "TIMELINE_TEST_MONGO_URI", "TIMELINE_TEST_REDIS_URL"})
 DEFAULT_CONFIG_PATH = Path("configs/timeline.yaml")
-#: MongoDB's TTL index removes what the purge missed this long after the retention.
-TTL_BACKSTOP_SECONDS = 86_400
-#: The longest retention: MongoDB keeps a TTL index's expireAfterSeconds in a 32-bit integer
-#: (about 68 years), and the backstop comes on top.
-RETENTION_MAX_SECONDS = 2**31 - 1 - TTL_BACKSTOP_SECONDS
+#: The longest retention, about 68 years: the bound earlier versions had (their TTL index
+#: kept seconds in 32 bits, and a day's backstop came on top), kept so that a configuration
+#: is valid in every version or in none.
+RETENTION_MAX_SECONDS = 2**31 - 1 - 86_400
 #: How the service finds its Redis (redis_mode).
 REDIS_MODES = ("standalone", "cluster", "sentinel")
 #: Where timeline-grpc listens when grpc_bind is unset, and the grpc_bind that turns it off.
@@ -104,9 +103,12 @@ class Settings:
     # Each MongoDB operation in all, server selection to reply (pymongo's timeoutMS, which
     # also sends maxTimeMS so the server stops too); index builds are exempt.
     mongo_operation_timeout_ms: int = 2000
+    # Each index build the service starts (0: none). Past it MongoDB aborts the build, and
+    # the service stops trying until an operator acts (timeline-admin migrate has none).
+    mongo_index_build_timeout_seconds: int = 6 * 3600
     sqlite_path: str = "var/timeline.sqlite3"
     sqlite_busy_timeout_ms: int = 1000
-    # How often expired entries are removed (by one worker; MongoDB's TTL index is a backstop).
+    # How often expired entries are removed (by one worker, raising floors first).
     purge_interval_seconds: int = 60
 
     # Retention: entries older than this are never returned and are removed in the
@@ -231,6 +233,7 @@ class Settings:
         for name in (
             "store_retry_backoff_ms",
             "store_retry_budget_ms",
+            "mongo_index_build_timeout_seconds",
             "sync_retention_seconds",
             "history_retention_seconds",
         ):
@@ -239,8 +242,8 @@ class Settings:
         for name in ("sync_retention_seconds", "history_retention_seconds"):
             if getattr(self, name) > RETENTION_MAX_SECONDS:
                 raise SettingsError(
-                    f"{name} must be at most {RETENTION_MAX_SECONDS} (about 68 years: MongoDB's "
-                    "TTL index counts seconds in 32 bits); 0 keeps entries forever",
+                    f"{name} must be at most {RETENTION_MAX_SECONDS} (about 68 years); 0 keeps "
+                    "entries forever",
                     names=(name,),
                 )
         longest_write = max(self.mongo_operation_timeout_ms, self.sqlite_busy_timeout_ms) + 1000

@@ -34,6 +34,8 @@ THREADS = 16
 #: RESOURCE_EXHAUSTED at once rather than let a queue grow without bound. A queued call
 #: whose deadline passes meanwhile is refused when its turn comes (calls.Calls).
 MAX_CALLS = 256
+#: The health service name of readiness for reads alone (see TimelineServer).
+READS_SERVICE_NAME = f"{SERVICE_NAME}.reads"
 #: How often readiness (Redis, the store, its indexes) is checked for the health service.
 HEALTH_INTERVAL_S = 2.0
 
@@ -92,8 +94,10 @@ class TimelineServer:
     """timeline.v1.Timeline, grpc.health.v1.Health and reflection on one grpc.Server.
 
     Health: the service "" is liveness (SERVING while the process serves, like /healthz);
-    "timeline.v1.Timeline" is readiness (SERVING while Redis and the store answer and the
-    store's indexes are built, like /readyz), checked every `health_interval_s`.
+    "timeline.v1.Timeline" is readiness for every call (SERVING while Redis and the store
+    answer and what gates writes, MongoDB's unique indexes, is built, like /readyz), and
+    "timeline.v1.Timeline.reads" readiness for reads (Redis and the store answer, like
+    /readyz?for=reads); both checked every `health_interval_s`.
     """
 
     def __init__(
@@ -154,21 +158,21 @@ class TimelineServer:
 
     def _check_readiness(self) -> None:
         service = self.runtime.service
-        ready = True
+        readable = True
         for ping in (service.allocator.ping, service.store.ping):
             try:
                 ping()
             except TimelineError:
-                ready = False
-        ready = ready and service.store.readiness() == "ready"
+                readable = False
+        ready = readable and service.store.readiness() == "ready"
         if self._stopping.is_set():
             return  # enter_graceful_shutdown has said NOT_SERVING for good
-        self.health.set(
-            SERVICE_NAME,
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
         )
+        self.health.set(SERVICE_NAME, serving if ready else not_serving)
+        self.health.set(READS_SERVICE_NAME, serving if readable else not_serving)
 
 
 def grace_s(settings: Settings) -> float:

@@ -233,13 +233,21 @@ class Store(Protocol):
 
     def prepare(self) -> None:
         """Create what the store relies on (MongoDB's indexes), however long that takes: an
-        index build on existing data may take hours. Idempotent; until it has succeeded once
-        in this process, writes are refused (fast, Unavailable). Raises Unavailable."""
+        index build on existing data may take hours. Idempotent; until what gates writes
+        (MongoDB's unique indexes) is built, writes are refused (fast, Unavailable); reads
+        never wait for it. Raises Unavailable."""
         ...
 
     def readiness(self) -> str:
-        """`ready` once prepare() succeeded; `building` before that, `failed` after it failed
-        (the log says why; it is tried again)."""
+        """Whether writes are accepted: `ready` once what gates them is built; `building`
+        before that, `failed` after a failure (the log says why; it is tried again),
+        `blocked` when it cannot be built without an operator (see problem())."""
+        ...
+
+    def problem(self) -> str:
+        """Why preparing cannot go on without an operator, in one line that says what to
+        do (documents that collide on (id, seq), a build past its deadline); "" when
+        nothing blocks it. The Preparer stops trying then."""
         ...
 
     def ping(self) -> None:
@@ -277,12 +285,12 @@ class Purger:
     def stop(self) -> None:
         self._stopping.set()
 
-    def run_once(self) -> int:
-        """One period's purge, if this process claims it: how many entries it removed
-        (expired idempotency records are not counted)."""
+    def run_once(self, claimed: bool = True) -> int:
+        """One period's purge, if this process claims it (or, with claimed=False, at once):
+        how many entries it removed (expired idempotency records are not counted)."""
         removed = 0
         now = self._clock_ms()
-        if self._store.claim_purge(now, int(self._period_s * 1000)):
+        if not claimed or self._store.claim_purge(now, int(self._period_s * 1000)):
             for kind, retention in self._retention.items():
                 removed += self._store.purge(kind, now - retention)
             self._store.forget_expired_claims(now)
@@ -307,7 +315,10 @@ class Preparer:
         self._stopping = threading.Event()
 
     def start(self) -> None:
-        if self._store.readiness() != "ready":
+        # Always: prepare() returns at once when all is built. Never while blocked: a build
+        # would scan the collection to fail the same way (an operator resolves it, runs
+        # timeline-admin migrate, and reloads the service).
+        if not self._store.problem():
             threading.Thread(target=self._run, name="timeline-prepare", daemon=True).start()
 
     def stop(self) -> None:
@@ -319,7 +330,10 @@ class Preparer:
             try:
                 self._store.prepare()
                 return
-            except Exception:  # logged by the store; tried again, never given up
+            except Exception:  # logged by the store; tried again unless an operator must act
+                if self._store.problem():
+                    log.error("store preparation stopped until an operator acts (see /readyz)")
+                    return
                 log.warning("store not ready; trying again in %.0f s", pause)
             if self._stopping.wait(pause):
                 return

@@ -5,16 +5,38 @@ What it relies on, from the MongoDB manual:
 - Reads go to the primary, whatever read preference the URI gives: the hole logic and the
   floors compare what one read saw with what the next one sees, which a lagging secondary
   breaks ("Read Preference": secondaries may return stale data).
+- What a client is shown (pages, gaps, backward pages, the floors they honour) is read at
+  read concern "majority": at "local" a reader "can see the result of a write operation
+  before the write operation is acknowledged to the issuing client" and "can read data
+  which may be subsequently rolled back during replica set failovers" ("Read Isolation,
+  Consistency, and Recency"). A device that was given a sequence a failover then rolled
+  back would never be given the message that takes its place. The reads a write makes
+  about itself (which keys it found taken, the floors it must stay above, the highest
+  sequence a counter is seeded from, an idempotency record it collided with) are at
+  "local": the unique index decides a collision against the primary's own data, so the
+  document that collided is looked up there, whether or not a majority has it yet.
 - Writes are acknowledged by a majority, journaled: an acknowledged `w:1` write can be
   rolled back on failover ("Rollbacks During Replica Set Failover"), and the counter would
   have moved on past a message that no longer exists. The server's default is not always
   majority ("Default MongoDB Read Concerns/Write Concerns": arbiters, setDefaultRWConcern).
-- The unique (id, seq) index is built outside any request: a build on existing data takes
-  as long as the data is big, and the uniqueness of documents written during the build is
-  only checked at its end ("Index Builds on Populated Collections"), so no copy is written
-  before it is ready. A createIndexes for an index already being built joins that build.
+  A write error hides a write concern error in pymongo (DuplicateKeyError is raised, the
+  writeConcernError dropped), so what a write found taken is read again at majority
+  before the write counts it as stored (_confirm_taken).
+- Only the unique (id, seq) index gates writes: a build on existing data takes as long as
+  the data is big, and the uniqueness of documents written during the build is only
+  checked at its end ("Index Builds on Populated Collections"), so no copy is written
+  before it is ready. The other indexes (the purge's, the idempotency records' TTL) are
+  built after it, beside the traffic. Every build has a deadline and, on a replica set, a
+  commit quorum of "majority", not the default "votingMembers", which waits for ever
+  while a voting member is down ("createIndexes", commitQuorum). A createIndexes for an
+  index already being built joins that build.
+- Nothing removes a document without raising its timeline's floor first: a counter that
+  Redis lost is seeded from the highest sequence stored or floored, so a deletion below no
+  floor would let sequences devices have read be allocated again. So there is no TTL
+  index on the entries (a TTL index deletes with no hook); the purge removes them.
 - pymongo's client-side operation timeout (timeoutMS) bounds each operation from server
-  selection to reply and sends the rest as maxTimeMS, so the server gives up too.
+  selection to reply and sends the rest as maxTimeMS, so the server gives up too. Server
+  selection alone is bounded by mongo_timeout_ms (see _bound_selection).
 - Idempotency records (chat_idempotency) rely on the unique `_id` index for "one record per
   message", and on a TTL index on `expires_at` to forget them: see CLAIMS and prepare().
 """
@@ -23,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -32,26 +55,39 @@ import orjson
 import pymongo
 from bson.dbref import DBRef
 from bson.int64 import Int64
+from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.read_concern import ReadConcern
 from pymongo.read_preferences import ReadPreference
 from pymongo.write_concern import WriteConcern
 
 from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
 from timeline.model import HOLE_MID, Copies, Entry, Kind
-from timeline.settings import TTL_BACKSTOP_SECONDS, Settings
+from timeline.settings import Settings
 from timeline.store import COLLECTIONS, Claim, Gap, Page, WriteResult, split
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "id_seq_unique"
 INDEX_KEY = [("id", pymongo.ASCENDING), ("seq", pymongo.ASCENDING)]
+#: The index the purge finds expired entries by (a plain one: it removes nothing itself).
+PURGE_INDEX_NAME = "created_at_purge"
+#: The TTL index earlier versions made as a backstop to the purge. It deleted below no floor,
+#: so prepare() drops it.
 TTL_INDEX_NAME = "created_at_ttl"
-TTL_BACKSTOP_S = TTL_BACKSTOP_SECONDS  # the TTL index acts this long after the retention
 #: Every write: acknowledged by a majority of the replica set, and journaled.
 WRITE_CONCERN = WriteConcern(w="majority", j=True)
+#: What a client is shown: only what a failover cannot roll back.
+VISIBLE = ReadConcern("majority")
+#: What a write reads about itself: the primary's own data, where collisions are decided.
+OWN = ReadConcern("local")
+#: Documents removed per purge pass: one find, one bulk write of floors, one delete.
+PURGE_BATCH = 1_000
+#: How many colliding (id, seq) keys a blocked index build names (and counts up to).
+_COLLISIONS_SHOWN = 3
 _DUPLICATE_KEY = 11000
 _PROJECTION = {"_id": 0, "seq": 1, "message": 1, "created_at": 1, "mid": 1}
 #: Branches per `$or` query of keys: a replay to 10,000 members is many small queries, each
@@ -85,6 +121,12 @@ T = TypeVar("T")
 
 class SchemaProblem(Exception):
     """The collections hold something that stops the service's indexes being built."""
+
+
+class NotCommitted(PyMongoError):
+    """What a write found taken is not yet majority-committed (or was rolled back): it
+    cannot count as stored. The write fails (Unavailable); its retry finds it committed,
+    or free."""
 
 
 def _date(ms: int) -> datetime:
@@ -174,24 +216,38 @@ class MongoStore:
         retention_ms: dict[Kind, int] | None = None,
         write_chunk_rows: int = WRITE_CHUNK_ROWS,
         write_chunk_bytes: int = WRITE_CHUNK_BYTES,
+        index_build_timeout_s: float = 0,
     ) -> None:
         self._client = client
         self.write_chunk_rows = write_chunk_rows
         self.write_chunk_bytes = write_chunk_bytes
         self._database = database
+        # Two handles on each collection: what a write does and reads about itself (OWN),
+        # and what a client is shown (VISIBLE). See the module's docstring.
         self._collections: dict[Kind, Collection[Any]] = {
-            kind: _pinned(database[name]) for kind, name in COLLECTIONS.items()
+            kind: _pinned(database[name], OWN) for kind, name in COLLECTIONS.items()
+        }
+        self._visible: dict[Kind, Collection[Any]] = {
+            kind: _pinned(database[name], VISIBLE) for kind, name in COLLECTIONS.items()
         }
         # What ack and the purge removed, per timeline: {_id: timeline id, seq: highest}.
         self._floors: dict[Kind, Collection[Any]] = {
-            kind: _pinned(database[f"{name}_floor"]) for kind, name in COLLECTIONS.items()
+            kind: _pinned(database[f"{name}_floor"], OWN) for kind, name in COLLECTIONS.items()
         }
-        self._claims = _pinned(database["timeline_claims"])
-        self._idempotency = _pinned(database[CLAIMS])
+        self._visible_floors: dict[Kind, Collection[Any]] = {
+            kind: _pinned(database[f"{name}_floor"], VISIBLE) for kind, name in COLLECTIONS.items()
+        }
+        self._claims = _pinned(database["timeline_claims"], OWN)
+        self._idempotency = _pinned(database[CLAIMS], OWN)
+        self._visible_idempotency = _pinned(database[CLAIMS], VISIBLE)
         self._retention = {kind: (retention_ms or {}).get(kind, 0) for kind in Kind}
-        self._state = "building"
+        # 0: no deadline (timeline-admin migrate); the service sets one (see connect()).
+        self._index_build_timeout_s = index_build_timeout_s
+        self._state = "building"  # of the unique indexes, which gate writes
+        self._others = "building"  # of the indexes built beside the traffic
+        self._problem = ""  # why the state is "blocked": one line for an operator
+        self._purge_index: dict[Kind, str | None] = {}  # its name, once built
         self._prepare_lock = threading.Lock()
-        self._selection_s: float | None = None  # see _call; set by connect()
 
     @classmethod
     def connect(cls, settings: Settings, retention_ms: dict[Kind, int]) -> MongoStore:
@@ -203,8 +259,9 @@ class MongoStore:
         assert settings.mongo_uri is not None
         for name, value in _overridden(settings.mongo_uri):
             log.warning(
-                "mongo_uri sets %s=%s; the service overrides it: reads go to the primary and "
-                "writes wait for a journaled majority, or messages could be skipped or lost",
+                "mongo_uri sets %s=%s; the service overrides it: reads go to the primary, "
+                "clients are shown only majority-committed data and writes wait for a "
+                "journaled majority, or messages could be skipped or lost",
                 name,
                 value,
             )
@@ -215,35 +272,28 @@ class MongoStore:
             connectTimeoutMS=timeout,
             timeoutMS=settings.mongo_operation_timeout_ms,
             readPreference="primary",
+            readConcernLevel="majority",
             w="majority",
             journal=True,
             appname="timeline",
             tz_aware=True,
         )
-        store = cls(client[settings.mongo_database], client=client, retention_ms=retention_ms)
-        store._selection_s = settings.mongo_timeout_ms / 1000
-        return store
+        _bound_selection()
+        return cls(
+            client[settings.mongo_database],
+            client=client,
+            retention_ms=retention_ms,
+            index_build_timeout_s=settings.mongo_index_build_timeout_seconds,
+        )
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
-        """Run an operation; a driver error becomes Unavailable (its cause logged).
-
-        With timeoutMS set, pymongo waits for a server for the whole operation timeout, not
-        for min(serverSelectionTimeoutMS, timeoutMS) as the CSOT specification says: with
-        MongoDB down every request would take 2 s to fail. So while the client knows no
-        primary, one ping within the selection timeout goes first: a fast 503.
-        """
+        """Run an operation; a driver error becomes Unavailable (its cause logged)."""
         try:
-            if self._selection_s is not None and not self._primary_known():
-                with pymongo.timeout(self._selection_s):
-                    self._database.command("ping")
             return operation()
         except PyMongoError as exc:
             log.warning("mongo %s failed: %s", what, exc)
             dependency_failed("store")
             raise Unavailable("store (mongo) is unavailable") from exc
-
-    def _primary_known(self) -> bool:
-        return bool(self._client.topology_description.has_writable_server())
 
     def _writable(self) -> None:
         """Refuse a write, at once, until the unique index is built: MongoDB checks the
@@ -257,33 +307,71 @@ class MongoStore:
     # --- indexes --------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """The unique (id, seq) index on both collections, the TTL index a retention asks
-        for, and the TTL index that forgets expired idempotency records. Waits for the
-        builds with no deadline (pymongo's timeout(0), CSOT's "no limit"): run at start-up
-        in a thread of its own (Preparer) or by `timeline-admin migrate`, never in a
-        request."""
+        """First the unique (id, seq) index on both collections, which gates writes; then,
+        beside the traffic, the index the purge finds expired entries by (when a retention
+        asks for one) and the TTL index that forgets expired idempotency records. Each
+        build has the store's deadline (none for timeline-admin migrate) and, on a replica
+        set, a commit quorum of "majority". Run at start-up in a thread of its own
+        (Preparer) or by `timeline-admin migrate`, never in a request.
+
+        Documents that collide on (id, seq) block the unique index until an operator
+        removes them: readiness() says "blocked", problem() names them, and the Preparer
+        stops trying (a build scans and sorts the whole collection)."""
         with self._prepare_lock:
-            if self._state == "ready":
+            if self._state == "ready" and self._others == "ready":
                 return
-            self._state = "building"
+            started = time.monotonic()
             try:
-                with pymongo.timeout(0):
+                with pymongo.timeout(self._index_build_timeout_s):
+                    if self._state != "ready":
+                        self._state = "building"
+                        for collection in self._collections.values():
+                            _ensure_unique(collection)
+                        self._state = "ready"
+                        log.info("mongo unique indexes ready: writes accepted")
+                    self._others = "building"
                     for kind, collection in self._collections.items():
-                        _ensure_unique(collection)
-                        retention_s = self._retention[kind] // 1000
-                        ttl = retention_s + TTL_BACKSTOP_S if retention_s else 0
-                        _ensure_ttl(collection, ttl)
+                        wanted = bool(self._retention[kind])
+                        self._purge_index[kind] = _ensure_purge_index(collection, wanted)
                     _ensure_expiry(self._idempotency)
-            except (PyMongoError, SchemaProblem) as exc:
-                self._state = "failed"
+                    self._others = "ready"
+            except PyMongoError as exc:
+                deadline = self._index_build_timeout_s
+                if deadline and time.monotonic() - started >= deadline:  # MongoDB aborts
+                    late = SchemaProblem(
+                        f"an index build took longer than mongo_index_build_timeout_seconds "
+                        f"({self._index_build_timeout_s:g} s) and was aborted; run timeline-admin "
+                        f"migrate (no deadline) or raise the setting ({exc})"
+                    )
+                    self._block(late)
+                    raise Unavailable(f"store (mongo) indexes blocked: {late}") from exc
+                if self._state != "ready":
+                    self._state = "failed"
+                self._others = "failed"
                 log.error("mongo indexes cannot be made ready: %s", exc)
                 dependency_failed("store")
                 raise Unavailable(f"store (mongo) indexes cannot be made ready: {exc}") from exc
-            self._state = "ready"
+            except SchemaProblem as exc:
+                self._block(exc)
+                raise Unavailable(f"store (mongo) indexes blocked: {exc}") from exc
             log.info("mongo indexes ready")
+
+    def _block(self, problem: Exception) -> None:
+        """Stop building until an operator acts: a retry would scan the collection again
+        and fail the same way."""
+        if self._state != "ready":
+            self._state = "blocked"
+        self._others = "blocked"
+        self._problem = str(problem)
+        log.error("mongo indexes blocked: %s", problem)
+        dependency_failed("store")
 
     def readiness(self) -> str:
         return self._state
+
+    def problem(self) -> str:
+        """Why an index cannot be built without an operator, in one line; "" when none."""
+        return self._problem if "blocked" in (self._state, self._others) else ""
 
     # --- writing --------------------------------------------------------------------------
 
@@ -319,21 +407,28 @@ class MongoStore:
         return WriteResult(sync_taken=taken)
 
     def _write_history(self, history: Copies) -> bool:
-        """Insert the history documents; False when one's (id, seq) is taken."""
+        """Insert the history documents; False when one's (id, seq) is taken (and that
+        document is majority-committed: see _confirm_taken)."""
         collection = self._collections[Kind.HISTORY]
         documents = _bson(history)
+        keys = list(_keys(history))
         try:
             if len(documents) == 1:
                 collection.insert_one(documents[0])
             else:
                 collection.insert_many(documents, ordered=True)
         except DuplicateKeyError:
+            # pymongo raises the write error and drops a write concern error beside it.
+            self._confirm_taken(Kind.HISTORY, keys[:1])
             return False
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            if errors and all(e.get("code") == _DUPLICATE_KEY for e in errors):
+            if exc.details.get("writeConcernErrors") or not errors:
+                raise  # those stored before the error may be rolled back
+            if all(e.get("code") == _DUPLICATE_KEY for e in errors):
                 # ordered: those before the taken one are stored; the caller finds them
                 # taken with its own mid, or removes them when it moves the range.
+                self._confirm_taken(Kind.HISTORY, [keys[int(e["index"])] for e in errors])
                 return False
             raise
         if self._below_floors(Kind.HISTORY, history):
@@ -344,12 +439,36 @@ class MongoStore:
     def _write_sync(self, sync: Copies) -> list[int]:
         """insert_many(ordered=False) of (a part of) the sync copies; the positions taken."""
         taken = self._insert_unordered(Kind.SYNC, _bson(sync))
+        keys = list(_keys(sync))
+        self._confirm_taken(Kind.SYNC, [keys[i] for i in taken])
         below = self._below_floors(Kind.SYNC, sync) - set(taken)
         if not below:
             return taken
-        keys = list(_keys(sync))
         self._delete(Kind.SYNC, [keys[i] for i in sorted(below)], sync.mid)
         return sorted(below.union(taken))
+
+    def _confirm_taken(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> None:
+        """Raise NotCommitted unless every one of these keys, which a write found taken, is
+        stored at read concern majority. A duplicate key is decided against the primary's
+        own data, which may hold a write not yet acknowledged by a majority (another
+        attempt's, still waiting for it, or one a failover will roll back); and pymongo
+        drops the write concern error of a reply that also holds a write error. A key
+        counted taken that then rolls back would be a copy acknowledged and lost."""
+        if not keys:
+            return
+        visible = self._visible[kind]
+        projection = {"_id": 0, "id": 1, "seq": 1}
+        found = {
+            (d["id"], int(d["seq"]))
+            for query in _key_queries(keys)
+            for d in visible.find(query, projection)
+        }
+        missing = [key for key in keys if key not in found]
+        if missing:
+            raise NotCommitted(
+                f"{len(missing)} {COLLECTIONS[kind]} key(s) found taken are not "
+                f"majority-committed, first {missing[0]}"
+            )
 
     def _below_floors(self, kind: Kind, copies: Copies) -> set[int]:
         """Copies at or below their timeline's floor (what ack and the purge removed), by
@@ -434,7 +553,7 @@ class MongoStore:
         )
 
     def gap(self, kind: Kind, timeline_id: str, low: int, high: int, not_before_ms: int) -> Gap:
-        collection = self._collections[kind]
+        collection = self._visible[kind]  # what a reader may step over: see page()
         run: dict[str, Any] = {"id": timeline_id, "seq": {"$gte": low, "$lt": high}}
         hidden: dict[str, Any] = {"mid": HOLE_MID}
         if not_before_ms:  # a document without created_at (go-timeline's) never expires
@@ -451,26 +570,43 @@ class MongoStore:
         return self._call("read", counts)
 
     def purge(self, kind: Kind, before_ms: int) -> int:
+        """Passes of PURGE_BATCH expired documents, each three operations whatever the
+        number of timelines: find them (by the purge index), raise every timeline's floor
+        to its highest one in one unordered bulk write, then delete them. The floors come
+        first: should the delete fail, nothing is lost but space; no document is ever
+        removed below a floor (see the module's docstring). Nothing to do until the purge
+        index is built (a pass would scan the collection)."""
+        index = self._purge_index.get(kind)
+        if index is None and self._retention[kind]:
+            log.info("%s: the purge waits for its index (see /readyz)", COLLECTIONS[kind])
+            return 0
+        # A store told of no retention for this kind has no purge index: a direct call (a
+        # test, a one-off) scans the collection.
         collection = self._collections[kind]
-        expired = {"created_at": {"$lt": _date(before_ms)}}  # served by the TTL index
+        floors = self._floors[kind]
+        expired = {"created_at": {"$lt": _date(before_ms)}}
         removed = 0
 
-        def batch() -> int:
-            found = list(collection.find(expired, {"_id": 1, "id": 1, "seq": 1}).limit(500))
+        def one_pass() -> int:
+            cursor = collection.find(expired, {"_id": 1, "id": 1, "seq": 1})
+            found = list((cursor if index is None else cursor.hint(index)).limit(PURGE_BATCH))
             highest: dict[str, int] = {}
             for document in found:
-                highest[document["id"]] = max(int(document["seq"]), highest.get(document["id"], 0))
+                seq = int(document["seq"])
+                highest[document["id"]] = max(seq, highest.get(document["id"], 0))
             if highest:
-                # Floors first: should the delete then fail, nothing is lost but space.
-                for id_, seq in highest.items():
-                    self._floors[kind].update_one({"_id": id_}, {"$max": {"seq": seq}}, upsert=True)
+                raises = [
+                    UpdateOne({"_id": id_}, {"$max": {"seq": seq}}, upsert=True)
+                    for id_, seq in highest.items()
+                ]
+                floors.bulk_write(raises, ordered=False)
                 collection.delete_many({"_id": {"$in": [d["_id"] for d in found]}})
             return len(found)
 
         while True:
-            count = self._call("purge", batch)
+            count = self._call("purge", one_pass)
             removed += count
-            if count < 500:
+            if count < PURGE_BATCH:
                 break
         if removed:
             EXPIRED_REMOVED.labels(kind.value).inc(removed)
@@ -520,7 +656,7 @@ class MongoStore:
                     if inserted():  # removed since (expired): stored now, or taken again
                         return claim
                 elif _ms(found["expires_at"]) > now_ms:
-                    return _claim_of(found)
+                    return self._committed(found)
                 elif records.replace_one(expired, dict(document)).matched_count:
                     return claim
                 # Another claim got there first (or the TTL index removed it): read again.
@@ -547,11 +683,23 @@ class MongoStore:
             found = records.find_one_and_update(
                 match, change, return_document=pymongo.ReturnDocument.AFTER
             )
-            if found is None:
-                found = records.find_one({"_id": expected.mid})
-            return None if found is None else _claim_of(found)
+            if found is not None:
+                return _claim_of(found)  # its own write: a write concern error is raised
+            found = records.find_one({"_id": expected.mid})
+            return None if found is None else self._committed(found)
 
         return self._call("reclaim", run)
+
+    def _committed(self, found: dict[str, Any]) -> Claim:
+        """The record another attempt stored, once a read at majority shows it as it was
+        read (it collided with this attempt's insert at the primary, where it may not be
+        majority-committed yet: adopting a record a failover rolls back would let two
+        attempts decide differently). Raises NotCommitted otherwise."""
+        record = _claim_of(found)
+        seen = self._visible_idempotency.find_one({"_id": record.mid})
+        if seen is None or _claim_of(seen) != record:
+            raise NotCommitted(f"the record of {record.mid} is not majority-committed")
+        return record
 
     def forget_expired_claims(self, now_ms: int) -> int:
         """Nothing: the TTL index on expires_at removes expired records (within a minute
@@ -562,6 +710,8 @@ class MongoStore:
     # --- reading --------------------------------------------------------------------------
 
     def owners(self, kind: Kind, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        # At "local": a write asks whose are the keys it found taken, and the unique index
+        # decided that on the primary's own data, majority-committed or not.
         projection = {"_id": 0, "id": 1, "seq": 1, "mid": 1}
         collection = self._collections[kind]
 
@@ -585,6 +735,9 @@ class MongoStore:
             {"$group": {"_id": "$id", "seq": {"$first": "$seq"}}},
         ]
         floors_query = {"_id": {"$in": list(ids)}}
+        # At "local": a counter is seeded from this, and must start above every sequence
+        # the primary holds, also one a majority does not have yet (seeding below it would
+        # hand that sequence out again).
 
         def highest() -> dict[str, int]:
             found = {d["_id"]: int(d["seq"]) for d in self._collections[kind].aggregate(pipeline)}
@@ -600,7 +753,7 @@ class MongoStore:
     ) -> list[Entry]:
         query = {"id": timeline_id, "seq": {"$gt": after}, "mid": {"$ne": HOLE_MID}}
         query |= _unexpired(not_before_ms)
-        cursor = self._collections[kind].find(query, _PROJECTION).sort("seq", 1).limit(limit)
+        cursor = self._visible[kind].find(query, _PROJECTION).sort("seq", 1).limit(limit)
         return [_entry(d) for d in self._call("read", lambda: list(cursor))]
 
     def read_backward(
@@ -610,19 +763,23 @@ class MongoStore:
         if before > 0:
             query["seq"] = {"$lt": before}
         query |= _unexpired(not_before_ms)
-        cursor = self._collections[kind].find(query, _PROJECTION).sort("seq", -1).limit(limit)
+        cursor = self._visible[kind].find(query, _PROJECTION).sort("seq", -1).limit(limit)
         return [_entry(d) for d in self._call("read", lambda: list(cursor))]
 
     def page(
         self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int
     ) -> Page:
+        # Everything a client is shown is read at majority (VISIBLE): the entries, the
+        # lowest one, the floor, and gap()'s counts, which decide whether a reader steps
+        # over a hole. A copy the primary holds that a majority does not yet is missing
+        # here; the reader waits for it as for any late write.
         query: dict[str, Any] = {"id": timeline_id, "mid": {"$ne": HOLE_MID}}
         query |= _unexpired(not_before_ms)
-        collection = self._collections[kind]
+        collection = self._visible[kind]
 
         def find() -> tuple[Entry | None, int]:
             lowest = collection.find_one(query, _PROJECTION, sort=[("seq", 1)])
-            floor = self._floors[kind].find_one({"_id": timeline_id})
+            floor = self._visible_floors[kind].find_one({"_id": timeline_id})
             return (
                 _entry(lowest) if lowest is not None else None,
                 int(floor["seq"]) if floor is not None else 0,
@@ -644,17 +801,59 @@ class MongoStore:
             self._client.close()
 
 
-def _pinned(collection: Collection[Any]) -> Collection[Any]:
-    """The collection read on the primary and written with a journaled majority, whatever
-    the URI (or a client made elsewhere) says."""
+def _bound_selection() -> None:
+    """Make pymongo wait for a server at most serverSelectionTimeoutMS (mongo_timeout_ms)
+    also when timeoutMS is set, as the client-side operations timeout specification asks
+    (server selection takes "the minimum of serverSelectionTimeoutMS and the remaining
+    timeoutMS"). pymongo (4.6 to 4.20 at least) waits for the whole remaining timeoutMS
+    instead: after a step-down every operation, and its retry, waited 2 s for a primary.
+
+    The one method pymongo asks for that timeout (Topology.get_server_selection_timeout)
+    is wrapped, once per process; tests/test_mongo.py checks against an address where no
+    server answers that a find then fails within the selection timeout. Should a pymongo
+    release rename it, a warning says so and operations wait as before (slow 503s)."""
+    global _SELECTION_BOUND
+    if _SELECTION_BOUND:
+        return
+    try:
+        from pymongo.synchronous.topology import Topology
+    except ImportError:  # pymongo < 4.9
+        from pymongo.topology import Topology  # type: ignore[no-redef,import-not-found]
+    original = getattr(Topology, "get_server_selection_timeout", None)
+    if original is None:
+        log.warning(
+            "pymongo %s: server selection cannot be bounded inside timeoutMS; after a "
+            "failover requests wait mongo_operation_timeout_ms before their 503",
+            pymongo.version,
+        )
+        return
+
+    def bounded(topology: Any) -> float:
+        return float(min(original(topology), topology._settings.server_selection_timeout))
+
+    Topology.get_server_selection_timeout = bounded  # type: ignore[method-assign,assignment]
+    _SELECTION_BOUND = True
+
+
+_SELECTION_BOUND = False
+
+
+def _pinned(collection: Collection[Any], concern: ReadConcern) -> Collection[Any]:
+    """The collection read on the primary at this read concern and written with a
+    journaled majority, whatever the URI (or a client made elsewhere) says."""
     return collection.with_options(
-        read_preference=ReadPreference.PRIMARY, write_concern=WRITE_CONCERN
+        read_preference=ReadPreference.PRIMARY, write_concern=WRITE_CONCERN, read_concern=concern
     )
 
 
 def _overridden(uri: str) -> list[tuple[str, str]]:
     """The URI's options that connect() overrides with other values."""
-    wanted = {"readpreference": "primary", "w": "majority", "journal": "true"}
+    wanted = {
+        "readpreference": "primary",
+        "readconcernlevel": "majority",
+        "w": "majority",
+        "journal": "true",
+    }
     query = urlsplit(uri).query
     return [
         (name, value)
@@ -701,6 +900,26 @@ def _seq_query(seqs: tuple[int, ...]) -> Any:
     return {"$in": list(seqs)}
 
 
+def _commit_quorum(client: Any) -> str | None:
+    """ "majority" on a replica set or a sharded cluster, where createIndexes would otherwise
+    wait for every voting member ("votingMembers", the default: a member that is down holds
+    the build, and so the writes it gates, for as long as it is down); None on a standalone
+    server, which refuses the option. Looked up after the first operation (the client
+    connects lazily); mongomock has no topology."""
+    description = getattr(client, "topology_description", None)
+    if description is None:
+        return None
+    name = description.topology_type_name
+    return "majority" if name in ("ReplicaSetWithPrimary", "Sharded") else None
+
+
+def _create_index(collection: Collection[Any], key: Any, **options: Any) -> None:
+    quorum = _commit_quorum(collection.database.client)
+    if quorum is not None:
+        options["commitQuorum"] = quorum
+    collection.create_index(key, **options)
+
+
 def _ensure_unique(collection: Collection[Any]) -> None:
     """The unique (id, seq) index: ours by name, or one of another name with the same key
     (a migration's); createIndexes returns at once when it is built, and joins a build in
@@ -712,27 +931,59 @@ def _ensure_unique(collection: Collection[Any]) -> None:
         if not spec.get("unique") or spec.get("partialFilterExpression"):
             raise SchemaProblem(
                 f"{collection.name} has the index {found!r} on (id, seq) that is not unique "
-                "over every document; the service relies on one that is: drop it, and the "
-                "service builds its own"
+                f"over every document; the service relies on one that is: drop it "
+                f"(mongosh: db.{collection.name}.dropIndex({found!r})), and the service "
+                "builds its own"
             )
         if found != INDEX_NAME:
             log.warning("%s: using the unique index %r on (id, seq)", collection.name, found)
         name = found
         break
     try:
-        collection.create_index(INDEX_KEY, unique=True, name=name)
+        _create_index(collection, INDEX_KEY, unique=True, name=name)
     except DuplicateKeyError as exc:
-        raise SchemaProblem(
-            f"{collection.name} holds two documents with the same (id, seq), so the unique "
-            f"index cannot be built; remove the duplicates ({exc})"
-        ) from exc
+        raise SchemaProblem(_collisions(collection, exc)) from exc
+
+
+def _collisions(collection: Collection[Any], error: DuplicateKeyError) -> str:
+    """One line: which documents share an (id, seq), and how to resolve it. The server
+    names one colliding key (keyValue); without it (mongomock), a group finds a few."""
+    name = collection.name
+    key = (error.details or {}).get("keyValue")
+    keys: list[dict[str, Any]] = []
+    if key and set(key) == {"id", "seq"}:
+        keys = [dict(key)]
+    else:
+        pipeline: list[dict[str, Any]] = [
+            {"$group": {"_id": {"id": "$id", "seq": "$seq"}, "n": {"$sum": 1}}},
+            {"$match": {"n": {"$gt": 1}}},
+            {"$limit": _COLLISIONS_SHOWN},
+        ]
+        keys = [dict(found["_id"]) for found in collection.aggregate(pipeline, allowDiskUse=True)]
+    if not keys:
+        return f"{name} holds two documents with the same (id, seq) ({error})"
+    shown = []
+    for key in keys:
+        ids = [d["_id"] for d in collection.find(key, {"_id": 1})]
+        shown.append(f"(id {key['id']!r}, seq {key['seq']}) in documents {_ids(ids)}")
+    return (
+        f"{name} holds documents that share an (id, seq), so its unique index cannot be "
+        f"built: {'; '.join(shown)}; keep one document of each and delete the others "
+        f"(mongosh: db.{name}.deleteOne({{_id: ...}}); all such keys: "
+        f"db.{name}.aggregate([{{$group: {{_id: {{id: '$id', seq: '$seq'}}, n: {{$sum: 1}}}}}}, "
+        "{$match: {n: {$gt: 1}}}])), then run timeline-admin migrate"
+    )
+
+
+def _ids(ids: list[Any]) -> str:
+    return ", ".join(f"ObjectId('{i}')" if type(i).__name__ == "ObjectId" else repr(i) for i in ids)
 
 
 def _ensure_expiry(collection: Collection[Any]) -> None:
     """The TTL index that removes an idempotency record at its expires_at (ours, or one of
-    another name that does the same). As for _ensure_ttl, a mismatch is a warning, never a
-    reason to refuse requests: claim() replaces an expired record it finds, removed or not;
-    only the removal of those nobody claims again waits for the index."""
+    another name that does the same). A mismatch is a warning, never a reason to refuse
+    requests: claim() replaces an expired record it finds, removed or not; only the
+    removal of those nobody claims again waits for the index."""
     key = [("expires_at", 1)]
     for name, spec in collection.index_information().items():
         if list(spec.get("key", [])) != key:
@@ -755,43 +1006,35 @@ def _ensure_expiry(collection: Collection[Any]) -> None:
             index={"name": CLAIMS_TTL_INDEX_NAME, "expireAfterSeconds": 0},
         )
         return
-    collection.create_index(key, name=CLAIMS_TTL_INDEX_NAME, expireAfterSeconds=0)
+    _create_index(collection, key, name=CLAIMS_TTL_INDEX_NAME, expireAfterSeconds=0)
 
 
-def _ensure_ttl(collection: Collection[Any], seconds: int) -> None:
-    """A backstop: the purge removes expired documents (raising floors) first, and this
-    index, a day later, whatever a purge did not (no service running). Placeholders have a
-    created_at too. A mismatch is a warning, never a reason to refuse requests."""
-    indexes = collection.index_information()
-    ours = indexes.get(TTL_INDEX_NAME)
-    if not seconds:
-        if ours is not None:
-            # No retention means never remove: a TTL index left behind would.
-            log.warning("%s: no retention any more; dropping %s", collection.name, TTL_INDEX_NAME)
-            collection.drop_index(TTL_INDEX_NAME)
-        return
-    if ours is None:
-        others = [n for n, spec in indexes.items() if list(spec["key"]) == [("created_at", 1)]]
-        if others:
+def _ensure_purge_index(collection: Collection[Any], wanted: bool) -> str | None:
+    """No TTL index on the entries (it would delete below the floors: see the module's
+    docstring): earlier versions' backstop, or an operator's TTL index on created_at, is
+    dropped. With a retention, a plain index on created_at for the purge to find expired
+    entries by: ours, or one of another name already there. Its name; None without one."""
+    found: str | None = None
+    for name, spec in collection.index_information().items():
+        if list(spec.get("key", [])) != [("created_at", 1)]:
+            continue
+        if "expireAfterSeconds" in spec:
             log.warning(
-                "%s: an index %r on created_at exists; no TTL backstop is made beside it",
+                "%s: dropping the TTL index %r: it removes entries without raising their "
+                "timeline's floor, and a counter Redis lost would then hand their sequences "
+                "out again; the purge removes expired entries instead",
                 collection.name,
-                others[0],
+                name,
             )
-            return
-        collection.create_index("created_at", name=TTL_INDEX_NAME, expireAfterSeconds=seconds)
-    elif ours.get("expireAfterSeconds") != seconds:
-        # collMod changes the expiry in place; dropping and building again would leave no
-        # index meanwhile, and two deployments with two settings would keep rebuilding.
-        log.warning(
-            "%s: TTL of %s changes from %s to %d s",
-            collection.name,
-            TTL_INDEX_NAME,
-            ours.get("expireAfterSeconds"),
-            seconds,
-        )
-        collection.database.command(
-            "collMod",
-            collection.name,
-            index={"name": TTL_INDEX_NAME, "expireAfterSeconds": seconds},
-        )
+            collection.drop_index(name)
+        elif not wanted and name == PURGE_INDEX_NAME:
+            log.info("%s: no retention; dropping %s", collection.name, name)
+            collection.drop_index(name)
+        else:
+            found = name
+    if not wanted:
+        return None
+    if found is None:
+        _create_index(collection, "created_at", name=PURGE_INDEX_NAME)
+        found = PURGE_INDEX_NAME
+    return found

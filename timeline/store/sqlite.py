@@ -966,6 +966,9 @@ class SQLiteStore:
     def readiness(self) -> str:
         return "ready"
 
+    def problem(self) -> str:
+        return ""
+
     def ping(self) -> None:
         self._query("SELECT 1", ())
 
