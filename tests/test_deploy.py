@@ -1,17 +1,22 @@
 """Deployment files, checked as far as a machine without a Docker engine can: they parse,
-name images new enough, and agree with the service's own settings."""
+name images new enough, and agree with the service's own settings. The scripts the compose
+file runs in MongoDB's shell (the replica set's initiation, the members' health check) run
+here under node with mongosh's globals stubbed, when node is installed."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -22,6 +27,12 @@ from timeline.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+#: The replica set's members, and the one-shot steps that prepare it.
+MEMBERS = ["mongo", "mongo2", "mongo3"]
+ONE_SHOTS = {"mongo-keyfile", "mongo-init"}
+RELEASE_CHECKS = ROOT / "scripts" / "mongo-release-checks.sh"
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
 
 def version(image: str) -> tuple[int, ...]:
@@ -31,15 +42,45 @@ def version(image: str) -> tuple[int, ...]:
     return tuple(int(part or 0) for part in match.groups())
 
 
+def option(command: list[str], name: str) -> str:
+    """The value of `--name value` in a command."""
+    assert command.count(name) == 1, (name, command)
+    return command[command.index(name) + 1]
+
+
 def test_compose_has_the_services_with_health_checks() -> None:
-    assert set(SERVICES) == {"proxy", "timeline", "mongo", "redis"}
+    assert set(SERVICES) == {"proxy", "timeline", "redis", *MEMBERS, *ONE_SHOTS}
     for name, service in SERVICES.items():
+        if name in ONE_SHOTS:
+            # Run to the end at each `up`; never restarted, so no health to check.
+            assert service["restart"] == "no", name
+            assert "healthcheck" not in service, name
+            continue
         assert service["healthcheck"]["test"], name
         assert service["restart"] == "unless-stopped", name
 
 
+def test_one_shot_steps_are_waited_for_until_they_complete() -> None:
+    # Whoever needs a one-shot step waits for it to exit 0, and `docker compose up --wait`
+    # (make up) then waits for it to complete instead of failing when it exits.
+    waits = {
+        (name, dependency): spec["condition"]
+        for name, service in SERVICES.items()
+        for dependency, spec in service.get("depends_on", {}).items()
+        if dependency in ONE_SHOTS
+    }
+    assert waits == {
+        **{(member, "mongo-keyfile"): "service_completed_successfully" for member in MEMBERS},
+        ("timeline", "mongo-init"): "service_completed_successfully",
+    }
+
+
 def test_images_meet_the_minimum_versions() -> None:
-    assert version(SERVICES["mongo"]["image"]) >= (5, 0)
+    mongo_images = {SERVICES[name]["image"] for name in [*MEMBERS, *ONE_SHOTS]}
+    assert len(mongo_images) == 1  # every member, and the shell of the steps, one version
+    [image] = mongo_images
+    assert image.startswith("mongo:")
+    assert version(image) >= (5, 0)
     assert version(SERVICES["redis"]["image"]) >= (6, 2)
 
 
@@ -48,8 +89,10 @@ def test_timeline_is_built_here_and_waits_for_healthy_dependencies() -> None:
     assert timeline["build"] == "."
     assert timeline["ports"] == ["9322:9000"]  # gRPC only: HTTP goes through the proxy
     assert SERVICES["proxy"]["ports"] == ["9321:8000"]  # as the seed maps it
+    # The set initiated with a primary, every member in it, and Redis.
     assert timeline["depends_on"] == {
-        "mongo": {"condition": "service_healthy"},
+        "mongo-init": {"condition": "service_completed_successfully"},
+        **{member: {"condition": "service_healthy"} for member in MEMBERS},
         "redis": {"condition": "service_healthy"},
     }
 
@@ -60,10 +103,23 @@ def test_the_service_environment_names_real_settings() -> None:
     names = {name for name in environment if name.startswith("TIMELINE_")}
     assert names <= known
     assert {"TIMELINE_MONGO_URI", "TIMELINE_REDIS_URL"} <= names
-    assert environment["TIMELINE_MONGO_URI"].startswith("mongodb://")
-    assert "@mongo:27017/" in environment["TIMELINE_MONGO_URI"]
     assert environment["TIMELINE_REDIS_URL"].startswith("redis://:")
     assert "@redis:6379/" in environment["TIMELINE_REDIS_URL"]
+
+
+def test_the_mongo_uri_names_every_member_and_the_replica_set() -> None:
+    raw = SERVICES["timeline"]["environment"]["TIMELINE_MONGO_URI"]
+    # compose's ${NAME:?message} by NAME, so that their "?" is not read as the query's.
+    uri = urlsplit(re.sub(r"\$\{(\w+):\?[^}]*\}", r"\1", raw))
+    assert uri.scheme == "mongodb"
+    credentials, _, hosts = uri.netloc.rpartition("@")
+    assert credentials == "MONGO_ROOT_USERNAME:MONGO_ROOT_PASSWORD"
+    assert hosts.split(",") == [f"{member}:27017" for member in MEMBERS]
+    query = parse_qs(uri.query)
+    set_name = option(SERVICES["mongo"]["command"], "--replSet")
+    assert query == {"replicaSet": [set_name], "authSource": ["admin"]}
+    # Nothing the service overrides (it warns): reads on the primary, journaled majority.
+    assert not {"readPreference", "w", "journal"} & set(query)
 
 
 def test_credentials_come_from_env_and_the_example_defines_them_all() -> None:
@@ -81,8 +137,15 @@ def test_credentials_come_from_env_and_the_example_defines_them_all() -> None:
 
 
 def test_data_lives_in_named_volumes() -> None:
-    assert set(COMPOSE["volumes"]) >= {"mongo_data", "redis_data"}
-    assert "mongo_data:/data/db" in SERVICES["mongo"]["volumes"]
+    mounts = {
+        member: dict(v.split(":")[1::-1] for v in SERVICES[member]["volumes"]) for member in MEMBERS
+    }
+    # Each member its own data and config volumes (mongo keeps the standalone's names).
+    data = [mounts[member]["/data/db"] for member in MEMBERS]
+    config = [mounts[member]["/data/configdb"] for member in MEMBERS]
+    assert data == ["mongo_data", "mongo2_data", "mongo3_data"]
+    assert config == ["mongo_config", "mongo2_config", "mongo3_config"]
+    assert set(COMPOSE["volumes"]) >= {*data, *config, "mongo_keyfile", "redis_data"}
     assert "redis_data:/data" in SERVICES["redis"]["volumes"]
 
 
@@ -104,9 +167,263 @@ def test_redis_is_persistent_passworded_and_never_evicts() -> None:
     assert config["dir"] == "/data"
 
 
-def test_mongo_has_root_credentials() -> None:
+def test_mongo_has_root_credentials_on_the_initiating_member_alone() -> None:
     environment = SERVICES["mongo"]["environment"]
     assert {"MONGO_INITDB_ROOT_USERNAME", "MONGO_INITDB_ROOT_PASSWORD"} <= set(environment)
+    # The others start empty: a set is initiated only with members holding no data, and
+    # they receive the user by initial sync.
+    for member in MEMBERS[1:]:
+        assert "environment" not in SERVICES[member], member
+
+
+def test_the_members_form_one_replica_set_authenticated_by_a_key_file() -> None:
+    commands = [SERVICES[member]["command"] for member in MEMBERS]
+    assert commands[0] == commands[1] == commands[2]
+    command = commands[0]
+    assert command[0] == "mongod"
+    assert option(command, "--replSet") == "rs0"
+    assert "--bind_ip_all" in command
+    key = option(command, "--keyFile")
+    key_dir = key.rpartition("/")[0]
+    for member in MEMBERS:
+        # The key comes from the volume mongo-keyfile writes, read-only; nothing from here.
+        assert f"mongo_keyfile:{key_dir}:ro" in SERVICES[member]["volumes"], member
+        assert not [v for v in SERVICES[member]["volumes"] if v.startswith((".", "/"))]
+
+
+def test_the_key_file_is_made_at_run_time_and_never_committed() -> None:
+    keyfile = SERVICES["mongo-keyfile"]
+    [script] = keyfile["command"]
+    [mount] = keyfile["volumes"]
+    volume, directory = mount.split(":")
+    assert volume == "mongo_keyfile"
+    key_name = option(SERVICES["mongo"]["command"], "--keyFile").rpartition("/")[2]
+    assert f"cd {directory}" in script
+    # Made once (the members share it for the life of the volume), from the kernel's
+    # random source, then owned by the image's mongodb user (uid 999), readable by it alone.
+    assert f"if [ ! -s {key_name} ]; then" in script
+    assert "/dev/urandom" in script
+    assert f"chown 999:999 {key_name}" in script
+    assert f"chmod 400 {key_name}" in script
+    assert "$" not in script  # compose would read it as a variable
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert not [
+        path
+        for path in tracked
+        if re.search(r"(^|/)[^/]*key(file)?$|\.key$|\.pem$", path, re.IGNORECASE)
+    ]
+
+
+def test_the_init_step_initiates_the_members_once() -> None:
+    init = SERVICES["mongo-init"]
+    assert init["image"] == SERVICES["mongo"]["image"]
+    assert init["depends_on"] == {m: {"condition": "service_started"} for m in MEMBERS}
+    [script] = init["command"]
+    assert "$" not in script  # compose would read it as a variable
+    # Run on the member holding the root user, with its credentials from the environment.
+    assert "mongodb://mongo:27017/" in script
+    assert set(init["environment"]) == {"MONGO_USER", "MONGO_PASSWORD"}
+    assert "process.env.MONGO_PASSWORD" in script
+    # The guard: replSetGetStatus first, replSetInitiate only on NotYetInitialized (94).
+    assert script.index("replSetGetStatus") < script.index("found.code === 94")
+    assert script.index("found.code === 94") < script.index("replSetInitiate")
+    # The members it initiates are the URI's hosts, in the set the members are started in.
+    hosts = re.findall(r'host: "([\w-]+:\d+)"', script)
+    assert hosts == [f"{member}:27017" for member in MEMBERS]
+    assert f'_id: "{option(SERVICES["mongo"]["command"], "--replSet")}"' in script
+
+
+def run_node(script: str, prelude: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The script under node, after a prelude that stands in for mongosh's globals."""
+    path = tmp_path / "script.js"
+    path.write_text(prelude + "\n" + script)
+    assert NODE is not None
+    return subprocess.run(
+        [NODE, str(path)], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+INIT_PRELUDE = """
+const scenario = JSON.parse(process.env.SCENARIO);
+const calls = [];
+globalThis.print = (...args) => console.log(...args);
+globalThis.sleep = () => {};
+let connects = 0;
+globalThis.connect = (uri) => {
+    calls.push(["connect", uri]);
+    if (connects++ < scenario.unreachable) throw new Error("connection refused");
+    return {
+        auth: (user, password) => calls.push(["auth", user, password]),
+        getSiblingDB: (name) => ({
+            runCommand: (command) => {
+                const verb = Object.keys(command)[0];
+                calls.push([verb, name, command[verb]]);
+                const answer = (scenario[verb] || []).shift() || scenario[verb + "Default"];
+                if (answer.throw) throw Object.assign(new Error(answer.throw.errmsg), answer.throw);
+                return answer;
+            },
+        }),
+    };
+};
+process.on("exit", () => console.log("CALLS " + JSON.stringify(calls)));
+"""
+PRIMARY = {"ok": 1, "members": [{"stateStr": "PRIMARY"}, {"stateStr": "SECONDARY"}]}
+NOT_YET = {"throw": {"code": 94, "errmsg": "no replset config has been received"}}
+
+
+def run_init(tmp_path: Path, **scenario: Any) -> tuple[int, list[list[Any]], str]:
+    [script] = SERVICES["mongo-init"]["command"]
+    scenario = {"unreachable": 0, "replSetGetStatusDefault": PRIMARY} | scenario
+    env = {
+        **os.environ,
+        "SCENARIO": json.dumps(scenario),
+        "MONGO_USER": "root",
+        "MONGO_PASSWORD": "pw",
+    }
+    path = tmp_path / "init.js"
+    path.write_text(INIT_PRELUDE + "\n" + script)
+    assert NODE is not None
+    done = subprocess.run(
+        [NODE, str(path)], capture_output=True, text=True, timeout=30, check=False, env=env
+    )
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("CALLS ")]
+    calls = json.loads(line.removeprefix("CALLS "))
+    return done.returncode, calls, done.stdout + done.stderr
+
+
+@needs_node
+def test_the_init_step_initiates_a_new_set_and_waits_for_a_primary(tmp_path: Path) -> None:
+    code, calls, output = run_init(
+        tmp_path,
+        unreachable=2,  # mongo still creating its root user
+        replSetGetStatus=[NOT_YET, {"ok": 1, "members": [{"stateStr": "STARTUP2"}]}],
+        replSetInitiate=[{"ok": 1}],
+    )
+    assert code == 0, output
+    verbs = [call[0] for call in calls]
+    assert verbs == [
+        *["connect"] * 3,
+        "auth",
+        "replSetGetStatus",
+        "replSetInitiate",
+        "replSetGetStatus",  # no primary yet
+        "replSetGetStatus",
+    ]
+    assert calls[3] == ["auth", "root", "pw"]
+    [initiate] = [call for call in calls if call[0] == "replSetInitiate"]
+    assert initiate[1] == "admin"
+    assert [m["host"] for m in initiate[2]["members"]] == [f"{m}:27017" for m in MEMBERS]
+    assert "rs0 has a primary" in output
+
+
+@needs_node
+def test_the_init_step_changes_nothing_in_a_set_already_initiated(tmp_path: Path) -> None:
+    code, calls, output = run_init(tmp_path)
+    assert code == 0, output
+    assert "replSetInitiate" not in [call[0] for call in calls]
+    assert "already initiated" in output
+
+
+@needs_node
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        # Not initiated, and initiating fails: an error, not a silent exit 0.
+        (
+            {"replSetGetStatus": [NOT_YET], "replSetInitiate": [{"ok": 0, "code": 93}]},
+            "replSetInitiate",
+        ),
+        # Another error than "not yet initiated" (say, bad credentials): stops there.
+        ({"replSetGetStatus": [{"throw": {"code": 13, "errmsg": "unauthorized"}}]}, "code"),
+        # mongo never accepts connections.
+        ({"unreachable": 1000}, "connection refused"),
+    ],
+)
+def test_the_init_step_fails_loudly(
+    tmp_path: Path, scenario: dict[str, Any], expected: str
+) -> None:
+    code, calls, output = run_init(tmp_path, **scenario)
+    assert code != 0
+    assert expected in output
+    if "replSetInitiate" not in scenario:
+        assert "replSetInitiate" not in [call[0] for call in calls]
+
+
+@needs_node
+@pytest.mark.parametrize(
+    ("hello", "healthy"),
+    [
+        ({"isWritablePrimary": True, "secondary": False, "primary": "mongo:27017"}, True),
+        ({"isWritablePrimary": False, "secondary": True, "primary": "mongo:27017"}, True),
+        # In the set, but no primary elected (or known) yet.
+        ({"isWritablePrimary": False, "secondary": True}, False),
+        # Started, the set not initiated.
+        ({"isWritablePrimary": False, "secondary": False, "isreplicaset": True}, False),
+        # Rolling back, recovering, in initial sync: neither primary nor secondary.
+        ({"isWritablePrimary": False, "secondary": False, "primary": "mongo2:27017"}, False),
+    ],
+)
+def test_a_member_is_healthy_in_a_set_with_a_primary(
+    tmp_path: Path, hello: dict[str, Any], healthy: bool
+) -> None:
+    test = SERVICES["mongo"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "mongosh"]
+    script = option(test, "--eval")
+    prelude = (
+        f"globalThis.db = {{ hello: () => ({json.dumps(hello)}) }};\n"
+        "globalThis.quit = (code) => process.exit(code);"
+    )
+    done = run_node(script, prelude, tmp_path)
+    assert done.returncode == (0 if healthy else 1), done.stderr
+
+
+def test_timeline_s_health_is_readiness_for_reads() -> None:
+    from timeline.rpc.server import READS_SERVICE_NAME
+
+    test = SERVICES["timeline"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    [shell] = test[1:]
+    http, _, grpc = shell.partition(" && ")
+    assert "urlopen('http://127.0.0.1:8000/readyz?for=reads', timeout=2)" in http
+    assert grpc == f"python -m timeline.rpc.probe --service {READS_SERVICE_NAME} --timeout 1"
+    assert READS_SERVICE_NAME == "timeline.v1.Timeline.reads"
+
+
+def test_the_release_checks_run_the_compose_file_with_test_commands(tmp_path: Path) -> None:
+    text = RELEASE_CHECKS.read_text()
+    assert os.access(RELEASE_CHECKS, os.X_OK)
+    assert "\nset -euo pipefail\n" in text
+    subprocess.run(["bash", "-n", str(RELEASE_CHECKS)], check=True)
+    # Its own compose project (not the stack of make up), removed at the end.
+    [project] = re.findall(r"^PROJECT=([\w-]+)$", text, re.MULTILINE)
+    assert project != COMPOSE["name"]
+    assert "trap cleanup EXIT" in text
+    assert "down -v --remove-orphans" in text
+    # The members as the compose file runs them, plus the test commands (fail points).
+    [members] = re.findall(r"command: &mongod-test (\[.*\])$", text, re.MULTILINE)
+    assert yaml.safe_load(members) == [
+        *SERVICES["mongo"]["command"],
+        "--setParameter",
+        "enableTestCommands=1",
+    ]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^release-checks:\n\tbash scripts/mongo-release-checks.sh$", makefile, re.M)
+
+
+@needs_node
+def test_the_release_checks_mongosh_scripts_parse(tmp_path: Path) -> None:
+    text = RELEASE_CHECKS.read_text()
+    # Every `msh MEMBER '<JavaScript>'` of the script (none holds a single quote: bash's).
+    scripts = re.findall(r"""\bmsh (?:"[^\n]*?"|\S+) '([^']*)'""", text)
+    assert len(scripts) >= 15
+    for i, script in enumerate(scripts):
+        path = tmp_path / f"snippet{i}.js"
+        path.write_text(script)
+        assert NODE is not None
+        done = subprocess.run([NODE, "--check", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, (script, done.stderr)
 
 
 def dockerfile() -> list[str]:
