@@ -50,6 +50,8 @@ def front(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         TIMELINE_HTTP_READ_TIMEOUT_MS=str(int(READ_TIMEOUT * 1000)),
         TIMELINE_HTTP_WRITE_TIMEOUT_MS=str(int(WRITE_TIMEOUT * 1000)),
         TIMELINE_HTTP_KEEPALIVE_MS=str(int(KEEPALIVE * 1000)),
+        # A 12 MB page (store_a_large_timeline), whole: the slow reader of a big reply.
+        TIMELINE_PAGE_MAX_BYTES=str(16 << 20),
     )
     service = Service(env, tmp / "gunicorn.log").start()
     yield service

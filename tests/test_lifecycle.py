@@ -492,3 +492,48 @@ def test_timeline_admin_purge_runs_one_pass_raising_floors(
         assert store.page(Kind.SYNC, "b", 0, 0, 0).floor == 2
     finally:
         store.close()
+
+
+# --- pages in bytes ----------------------------------------------------------------------------
+
+
+def test_a_page_holds_at_most_page_max_bytes_and_paging_on_gets_everything(
+    settings: Settings, store: Store
+) -> None:
+    # Given pages of at most 2,000 bytes and messages of about 600 as JSON encodes them
+    # (300 quotes, each escaped twice: in the message, then in the reply),
+    client = create_app(settings.replace(page_max_bytes=2_000), store=store).test_client()
+    quotes = '"' * 120
+    for i in range(10):
+        assert send(client, "a", "b", f"{i}{quotes}").status_code == 200
+    # a sync page stops where the next entry would not fit, and entrySetLastSeq says where
+    # to page on from, until everything was read, once, in order,
+    seen: list[int] = []
+    last_read, pages = 0, 0
+    while True:
+        body = sync(client, "b", last_read, count=100)
+        if not body["entrySet"]:
+            break
+        pages += 1
+        assert len(client.get(f"/timeline/sync?member=b&last_read={last_read}").data) < 2_000 + 200
+        seen += seqs(body["entrySet"])
+        last_read = int(body["entrySetLastSeq"])
+        assert body["latestSeq"] == "10"
+    assert seen == list(range(1, 11))
+    assert pages >= 3
+    # and so does history, both ways.
+    forward = client.get("/timeline/history/single/a/b?count=100").get_json()
+    assert 1 < len(forward["entrySet"]) < 10
+    backward = client.get("/timeline/history/single/a/b?direction=backward&count=100").get_json()
+    assert 1 < len(backward["entrySet"]) < 10
+    assert backward["nextBefore"] == backward["entrySet"][-1]["sequence"]
+
+
+def test_an_entry_bigger_than_a_page_is_a_page_alone(settings: Settings, store: Store) -> None:
+    client = create_app(settings.replace(page_max_bytes=100), store=store).test_client()
+    for i in range(3):
+        send(client, "a", "b", f"{i}" + "x" * 500)
+    for last_read in range(3):
+        assert seqs(sync(client, "b", last_read)["entrySet"]) == [last_read + 1]
+    page = client.get("/timeline/history/single/a/b?direction=backward&count=10").get_json()
+    assert (seqs(page["entrySet"]), page["nextBefore"]) == ([3], "3")

@@ -177,6 +177,16 @@ class Settings:
     http_threads: int = 4
 
     # The gRPC API (timeline-grpc, timeline/rpc/): host:port or unix:/path. Unset,
+    # Connections a worker holds at once (gunicorn's worker_connections; kept below the open
+    # files limit). At the cap, connections that have sent nothing are closed, oldest first,
+    # to take new ones.
+    http_max_connections: int = 10_000
+    # Bytes a worker holds for requests and replies in flight. Over it, bodies are not read
+    # on, new requests are answered 503 (Retry-After) and the slowest readers are dropped.
+    http_memory_budget_bytes: int = 256 * 1024 * 1024
+    # A sync or history page holds at most this many bytes of entries (as JSON encodes
+    # them), and at least one entry: clients page on by entrySetLastSeq.
+    page_max_bytes: int = 4 * 1024 * 1024
     # timeline-grpc listens on GRPC_DEFAULT_BIND and gunicorn serves HTTP alone; set, gunicorn's
     # master also runs timeline-grpc beside its workers (make run and the image set it). "off":
     # no gRPC at all.
@@ -231,6 +241,9 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive", names=(name,))
         for name in (
+            "http_max_connections",
+            "http_memory_budget_bytes",
+            "page_max_bytes",
             "store_retry_backoff_ms",
             "store_retry_budget_ms",
             "mongo_index_build_timeout_seconds",

@@ -195,6 +195,29 @@ def http_error(exc: BaseException, cfg: Any) -> TimelineError | None:
     return None
 
 
+def _framing_rules(req: Any) -> None:
+    """What RFC 9112 asks of a request that gunicorn's parser lets through: one Host header
+    in HTTP/1.1 (3.2: "a server MUST respond with a 400 ... to any HTTP/1.1 request message
+    that lacks a Host header field and to any request message that contains more than one"),
+    and chunked as the only transfer coding (the framing reads nothing else)."""
+    hosts = sum(1 for name, _ in req.headers if name == "HOST")
+    if hosts > 1 or (hosts == 0 and req.version >= (1, 1)):
+        raise InvalidParam(
+            "malformed request: an HTTP/1.1 request carries exactly one Host header",
+            header="Host",
+        )
+    codings = [
+        coding.strip(" \t").lower()
+        for name, value in req.headers
+        if name == "TRANSFER-ENCODING"
+        for coding in value.split(",")
+    ]
+    if codings and codings != ["chunked"]:
+        raise NotImplementedCoding(
+            f"unsupported transfer coding: {_quote(', '.join(codings))}; only chunked, once"
+        )
+
+
 # --- Framing: where the request at the head of a buffer ends ---------------------------
 
 INCOMPLETE, READY, TOO_LARGE = 0, 1, 2
@@ -402,6 +425,25 @@ _ACCEPT_GRACE = 0.02
 #: first, as gunicorn's sync workers have it.
 _ACCEPT_DEFER = 0.002
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+#: Connections taken at once when the listen queue is deep (a flood of connections): the
+#: sharing out by load (_ACCEPT_GRACE) gives way to draining the queue, so that a real
+#: client's connection does not wait behind thousands of silent ones.
+_ACCEPT_BATCH = 256
+#: A reply being sent for longer than this is a slow reader's: over the memory budget, the
+#: longest-sending are dropped first.
+_SLOW_READER_S = 1.0
+#: Replies to pipelined requests the worker will not run (it closes the connection).
+_REFUSALS_MAX = 16
+
+
+def _accept_queue(listener: socket.socket) -> int:
+    """Connections waiting in the listen queue (Linux: TCP_INFO of a listening socket gives
+    its accept queue's length as tcpi_unacked); 0 when the platform does not say."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return int(struct.unpack_from("8B5I", info)[12])
+    except (OSError, AttributeError, struct.error):
+        return 0
 
 
 class Conn:
@@ -416,16 +458,20 @@ class Conn:
         "events",
         "framing",
         "fresh",
+        "held",
         "idle",
+        "in_thread",
         "keep",
         "lingered",
         "on_event",
         "out",
         "out_index",
+        "paused",
         "server",
         "sock",
         "state",
         "ticket",
+        "writing_since",
     )
 
     def __init__(
@@ -453,6 +499,10 @@ class Conn:
         self.keep = False
         self.lingered = 0
         self.environ: dict[str, Any] | None = None  # of the request in a thread
+        self.held = 0  # bytes of this connection's requests and reply the worker holds
+        self.in_thread = 0  # of them, the request a thread is running
+        self.writing_since = 0.0
+        self.paused = False  # not read while the worker is over its memory budget
         self.on_event = partial(on_event, self)
 
 
@@ -489,6 +539,12 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self.running = 0  # requests handed to a thread and not yet back
         self.accept_deferred_until = 0.0  # a pending connection left to idle workers until then
         self.arrivals: deque[Conn] = deque()  # connections accepted in the last _ACCEPT_GRACE
+        # Connections with no request under way (never sent a byte, or idle kept-alive),
+        # oldest first: the first to go when the worker is at its connection cap.
+        self.silent: dict[Conn, None] = {}
+        self.held = 0  # bytes of requests and replies in flight (Conn.held, summed)
+        self.budget = 0  # http_memory_budget_bytes
+        self.paused: dict[Conn, None] = {}  # bodies not read on while over the budget
         # gunicorn's own access line (the service writes its own): its fields are only worked
         # out when someone configured a logger that would print them.
         self._gunicorn_access = False
@@ -503,13 +559,21 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self.write_timeout = settings.http_write_timeout_ms / 1000
         self.keepalive_timeout = settings.http_keepalive_ms / 1000
         self.limits = Limits(self.cfg, settings.body_max_bytes)
+        self.budget = settings.http_memory_budget_bytes
+        self.worker_connections = settings.http_max_connections
         self._gunicorn_access = bool(
             getattr(self.log, "access_log_enabled", False)
         ) and logging.getLogger("gunicorn.access").isEnabledFor(logging.INFO)
         # Each connection is a file descriptor: stay below the process's limit (with room for
         # Redis, the store, pipes and logs), so that a flood of connections is refused, not
         # met with EMFILE.
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = self.worker_connections + 200
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
         if soft != resource.RLIM_INFINITY:
             self.worker_connections = max(1, min(self.worker_connections, soft - 200))
         super().init_process()
@@ -530,6 +594,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             if not self.is_parent_alive():
                 break
             self._expire()
+            if self.held > self.budget or self.paused:
+                self._relieve()
         self._stop()
 
     def _stop(self) -> None:
@@ -559,7 +625,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         connections it just accepted). gunicorn's sync workers share connections out the
         same way, by accepting only when free; kept-alive connections stay where they land,
         so a burst must not all land on one worker."""
-        if self.nr_conns >= self.worker_connections:
+        if self.nr_conns >= self.worker_connections and not self.silent:
             return False
         now = time.monotonic()
         if now < self.accept_paused_until or now < self.accept_deferred_until:
@@ -639,6 +705,10 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             return
         self.conns.discard(conn)
         self.nr_conns -= 1
+        self.silent.pop(conn, None)
+        self.paused.pop(conn, None)
+        self.held -= conn.held
+        conn.held = conn.in_thread = 0
         conn.ticket = -1
         conn.fresh = False
         with contextlib.suppress(OSError, KeyError, ValueError):
@@ -654,37 +724,54 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
 
     def accept(self, listener: socket.socket) -> None:
         now = time.monotonic()
+        queued = _accept_queue(listener)
+        # A flood: more connections wait than this worker has threads. Drain the queue (a
+        # real client's connection is somewhere in it), shedding silent ones at the cap.
+        flood = queued > self.cfg.threads
         deferred = self.accept_deferred_until
         # A deferral just ended: the connection is still there, no idle worker took it. Long
         # ended: an idle worker took that one; this is another.
-        if not (deferred and now < deferred + _ACCEPT_GRACE) and self._load(now):
+        if not flood and not (deferred and now < deferred + _ACCEPT_GRACE) and self._load(now):
             # Busy: an idle worker, woken too, takes the connection at once; if none has
             # when the deferral ends, this one does.
             self.accept_deferred_until = now + _ACCEPT_DEFER
             self.set_accept_enabled(False)
             return
         self.accept_deferred_until = 0.0
+        for _ in range(min(queued, _ACCEPT_BATCH) if flood else 1):
+            if self.nr_conns >= self.worker_connections:
+                if not self.silent:
+                    return  # every connection has a request under way: the queue waits
+                self._close(next(iter(self.silent)))  # the oldest that has sent nothing
+            if not self._accept_one(listener, flood):
+                return
+
+    def _accept_one(self, listener: socket.socket, flood: bool) -> bool:
+        """Take one connection; False when none is waiting or none can be taken now."""
         try:
             sock, client = listener.accept()
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                return
+                return False
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 # Out of descriptors or memory: the connections being served go on; new ones
                 # wait in the listen backlog (or go to another worker) for a second.
                 self.log.warning("Cannot accept connections (%s): pausing 1 s", exc.strerror)
                 self.accept_paused_until = time.monotonic() + 1.0
                 self.set_accept_enabled(False)
-                return
+                return False
             raise
         sock.setblocking(False)
         assert self.limits is not None
         conn = Conn(sock, client, listener.getsockname(), self.limits, self._on_event)
         self.conns.add(conn)
-        self.arrivals.append(conn)
+        self.silent[conn] = None
+        if not flood:  # in a flood, sharing by load gives way to draining the queue
+            self.arrivals.append(conn)
         self.nr_conns += 1
         self._schedule(conn, time.monotonic() + self.read_timeout)
         self._read(conn)  # the request often arrived with the connection
+        return True
 
     def _on_event(self, conn: Conn, _fileobj: Any = None) -> None:
         if conn not in self.conns:
@@ -727,8 +814,14 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             # The next request on a kept-alive connection starts: it has the read timeout.
             conn.idle = False
             self._schedule(conn, time.monotonic() + self.read_timeout)
+        self.silent.pop(conn, None)
         conn.buf += data
+        self._hold(conn, len(data))
         self._frame(conn)
+
+    def _hold(self, conn: Conn, size: int) -> None:
+        conn.held += size
+        self.held += size
 
     def _frame(self, conn: Conn) -> None:
         framing = conn.framing
@@ -741,6 +834,12 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             error = PayloadTooLarge(f"request body is larger than {limit} bytes", limit=limit)
             head = bytes(memoryview(conn.buf)[: framing.head_end])
             self._reply_and_close(conn, envelope(error, _request_id(None, head)))
+        elif framing.head_end and self.held > self.budget:
+            # Over the memory budget: this body is not read on (nor continued) until the
+            # worker has drained; the read timeout still runs.
+            conn.paused = True
+            self.paused[conn] = None
+            self._unwatch(conn)
         else:
             if framing.expect_continue and not conn.continued:
                 conn.continued = True
@@ -748,8 +847,49 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
                     conn.sock.send(_CONTINUE)
             self._watch(conn, selectors.EVENT_READ)
 
+    def _relieve(self) -> None:
+        """Over the memory budget: drop the slowest readers (replies being sent for longest,
+        more than _SLOW_READER_S) until under it. Back under three quarters of it: read the
+        bodies that were paused."""
+        if self.held > self.budget:
+            now = time.monotonic()
+            slow = [
+                conn
+                for conn in self.conns
+                if conn.state == WRITING and now - conn.writing_since > _SLOW_READER_S
+            ]
+            slow.sort(key=lambda conn: conn.writing_since)
+            for conn in slow:
+                if self.held <= self.budget:
+                    break
+                self.log.warning(
+                    "Memory budget (%d bytes) exceeded: dropping a slow reader (%s, %d bytes "
+                    "unsent for %.1f s)",
+                    self.budget,
+                    conn.client,
+                    conn.held,
+                    now - conn.writing_since,
+                )
+                self._close(conn, reset=True)
+        elif self.held <= self.budget * 3 // 4:
+            for conn in list(self.paused):
+                conn.paused = False
+                del self.paused[conn]
+                self._watch(conn, selectors.EVENT_READ)
+
     def _dispatch(self, conn: Conn) -> None:
-        """The request is complete: a thread runs it while the connection waits, unwatched."""
+        """The request is complete: a thread runs it while the connection waits, unwatched.
+        Over the memory budget it is not run: 503, Retry-After, and the connection closes."""
+        if self.held > self.budget:
+            error = Unavailable(
+                "the server is over its memory budget for requests in flight; retry shortly",
+                budget_bytes=self.budget,
+            )
+            head = bytes(memoryview(conn.buf)[: conn.framing.head_end])
+            self._hold(conn, -len(conn.buf))
+            conn.buf = bytearray()
+            self._reply_and_close(conn, envelope(error, _request_id(None, head)))
+            return
         framing = conn.framing
         end = framing.end
         if end == len(conn.buf):
@@ -764,6 +904,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         conn.fresh = False
         conn.state = BUSY
         conn.ticket = -1
+        conn.in_thread = len(data)
         self.running += 1
         self._unwatch(conn)
         future = self.tpool.submit(self._serve, conn, data, framing.close)
@@ -775,6 +916,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self.running -= 1
         if conn not in self.conns:
             return  # closed meanwhile (an abort)
+        self._hold(conn, -conn.in_thread)
+        conn.in_thread = 0
         conn.environ = None
         try:
             chunks, keep = done.result()
@@ -792,6 +935,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         conn.keep = keep
         conn.out = [memoryview(chunk) for chunk in chunks if chunk]
         conn.out_index = 0
+        conn.writing_since = time.monotonic()
+        self._hold(conn, sum(len(view) for view in conn.out))
         self._schedule(conn, time.monotonic() + self.write_timeout)
         self._write(conn)
 
@@ -806,6 +951,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             except OSError:
                 self._close(conn)
                 return
+            self._hold(conn, -sent)
             while sent:
                 view = out[conn.out_index]
                 if sent >= len(view):
@@ -819,7 +965,11 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
 
     def _replied(self, conn: Conn) -> None:
         if not conn.keep:
-            self._linger(conn)
+            refusals = self._refusals(conn) if conn.buf else []
+            if refusals:
+                self._send(conn, refusals, keep=False)
+            else:
+                self._linger(conn)
             return
         conn.state = READING
         if conn.buf:
@@ -828,9 +978,27 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             self._frame(conn)
             return
         conn.idle = True
+        self.silent[conn] = None
         wait = self.keepalive_timeout if self.alive else _STOP_LINGER_SECONDS
         self._schedule(conn, time.monotonic() + min(wait, self.keepalive_timeout))
         self._watch(conn, selectors.EVENT_READ)
+
+    def _refusals(self, conn: Conn) -> list[bytes]:
+        """503s, with Retry-After, for the complete requests the client pipelined behind one
+        whose reply closes the connection: none of them was run, and a client cannot tell
+        that of a POST from silence. What is buffered is dropped (the connection closes)."""
+        assert self.limits is not None
+        buf, replies = conn.buf, list[bytes]()
+        error = Unavailable("the connection closed before this pipelined request; it was not run")
+        while buf and len(replies) < _REFUSALS_MAX:
+            framing = Framing(self.limits)
+            if framing.feed(buf) != READY or framing.close:
+                break  # incomplete, or framed by gunicorn's parser alone: not answered
+            replies.append(envelope(error, _request_id(None, bytes(buf[: framing.head_end]))))
+            buf = buf[framing.end :]
+        self._hold(conn, -len(conn.buf))
+        conn.buf = bytearray()
+        return replies
 
     def _linger(self, conn: Conn) -> None:
         """Close after a last reply as RFC 9112 9.6 says: half-close, read what the client
@@ -841,6 +1009,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             self._close(conn)
             return
         conn.state = LINGERING
+        self._hold(conn, -len(conn.buf))
         conn.buf = bytearray()
         self._schedule(conn, time.monotonic() + _LINGER_SECONDS)
         self._drain(conn)
@@ -864,6 +1033,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         req = None
         try:
             req = next(RequestParser(self.cfg, [data], conn.client))
+            _framing_rules(req)
             if isinstance(req.body.reader, ChunkedReader):
                 # All of it is here: reading it now makes a bad chunk gunicorn's 400, before
                 # the app, instead of an error inside the app.
@@ -893,9 +1063,12 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
                     self.log.info("Autorestarting worker after current request.")
                     self.alive = False
                 resp.force_close()
-            if close or not self.alive or self.running > self.cfg.threads:
+            if close or not self.alive:
+                resp.force_close()
+            elif self.running > self.cfg.threads and not conn.buf:
                 # Requests wait for this worker's threads: the client reconnects, to whichever
                 # worker has one free (a busy worker accepts none), instead of waiting here.
+                # Not while it has pipelined requests buffered: those are served here.
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
             try:
@@ -916,7 +1089,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """gunicorn's error replies, as the service's envelope instead of HTML."""
-        error = http_error(exc, self.cfg)
+        error = exc if isinstance(exc, TimelineError) else http_error(exc, self.cfg)
         if error is not None:
             ip = addr[0] if isinstance(addr, tuple) else addr
             self.log.warning("Invalid request from ip=%s: %s", ip, _quote(exc))

@@ -30,6 +30,7 @@ class Policy:
     retry_budget_ms: int = 1000
     sync_retention_ms: int = 0
     history_retention_ms: int = 0
+    page_max_bytes: int = 4 << 20  # of a page's entries, as JSON encodes them
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -44,6 +45,7 @@ class Policy:
             retry_budget_ms=settings.store_retry_budget_ms,
             sync_retention_ms=settings.sync_retention_seconds * 1000,
             history_retention_ms=settings.history_retention_seconds * 1000,
+            page_max_bytes=settings.page_max_bytes,
         )
 
     def retention_ms(self, kind: Kind) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import orjson
+
 from timeline import metrics
 from timeline.errors import Unavailable
 from timeline.model import Entry, Kind, Timeline
@@ -20,6 +22,8 @@ _READ_PAGES = 5
 #: Placeholders a reader stores at once: a bigger gap (data another system thinned out) is
 #: sealed a chunk at a time, never in one insert that a timeout would keep failing.
 _SEAL_CHUNK = 1000
+#: What an entry takes besides its message: `{"sequence":"…","message":…,"timestamp":"…"},`.
+_ENTRY_BYTES = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,25 @@ class HistoryPage:
 
     entries: list[Entry]
     next_before: int  # the lowest sequence returned; 0 when nothing older exists
+
+
+class _PageBytes:
+    """The bytes a page's entries take as JSON encodes them (the message as a JSON string:
+    escaping doubles a quote, and a control character takes six bytes; gRPC's protobuf
+    carries the message as it is, so less), against page_max_bytes."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, entry: Entry) -> bool:
+        """Count the entry in, if it fits; False (counting nothing) when it does not."""
+        size = _ENTRY_BYTES + len(orjson.dumps(entry.message))
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
 
 
 class Reader:
@@ -112,8 +135,8 @@ class Reader:
         """Up to `count` history entries below `before` (0: from the newest), newest first."""
         cutoff = self._cutoff(Kind.HISTORY)
         page = self.store.read_backward(Kind.HISTORY, conversation, before, count + 1, cutoff)
-        entries = page[:count]
-        next_before = entries[-1].seq if len(page) > count else 0
+        entries = self._within_bytes(page[:count])
+        next_before = entries[-1].seq if len(page) > len(entries) else 0
         return HistoryPage(entries=entries, next_before=next_before)
 
     def _readable(
@@ -139,6 +162,7 @@ class Reader:
         moves above, where readers will see it.
         """
         entries: list[Entry] = []
+        budget = _PageBytes(self.policy.page_max_bytes)
         expected = max(after, first.floor) + 1
         now = self._clock_ms()
         page: list[Entry] | None = first.entries if expected == after + 1 else None
@@ -161,6 +185,8 @@ class Reader:
                         expected = closed
                         reread = True  # sealed, unless a late write got there first
                         break
+                if not budget.take(entry) and entries:
+                    return entries  # the page is full: the client pages on from here
                 entries.append(entry)
                 if len(entries) == count:
                     return entries
@@ -169,6 +195,16 @@ class Reader:
                 return entries  # the end of the timeline
             page = None
         return entries
+
+    def _within_bytes(self, entries: list[Entry]) -> list[Entry]:
+        """The first entries that fit in a page (at least one)."""
+        budget = _PageBytes(self.policy.page_max_bytes)
+        kept: list[Entry] = []
+        for entry in entries:
+            if not budget.take(entry) and kept:
+                break
+            kept.append(entry)
+        return kept
 
     def _close(
         self, kind: Kind, timeline_id: str, low: int, entry: Entry, first: Page, cutoff: int
