@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -756,3 +758,81 @@ def test_a_bad_member_is_named_by_its_position(client: Any) -> None:
     body = {"group_name": "g", "group_members": ["a", None], "message": "{}"}
     envelope = assert_envelope(post(client, GROUP, body), 400)
     assert envelope["metadata"] == {"field": "group_members[1]"}
+
+
+# --- one dispatch path ----------------------------------------------------------------------
+
+
+class Middleware:
+    """A WSGI middleware, as OpenTelemetry's or Sentry's: what it sees of every request."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self.wrapped = wrapped
+        self.seen: list[tuple[str, str, str]] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        def recorded(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            self.seen.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], status[:3]))
+            return start_response(status, headers, *args)
+
+        return self.wrapped(environ, recorded)
+
+
+def test_a_wsgi_middleware_around_the_app_sees_every_request_errors_included(app: Any) -> None:
+    middleware = Middleware(app.wsgi_app)
+    app.wsgi_app = middleware
+    flask_hooks: list[str] = []
+    app.before_request(lambda: flask_hooks.append(__import__("flask").request.path) and None)
+    client = app.test_client()
+    body = json.dumps({"from": "a", "to": "b", "message": "{}"})
+    client.post("/timeline/send", data=body)
+    client.get("/timeline/sync?member=b")
+    client.get("/timeline/history/single/a/b")
+    client.head("/timeline/sync?member=b")
+    client.options("/timeline/send")
+    client.get("/timeline/send")  # 405
+    client.get("/timeline/nowhere")  # 404
+    client.post("/timeline/send", data="{")  # 400
+    client.get("/healthz")
+    client.get("/nowhere")
+    assert middleware.seen == [
+        ("POST", "/timeline/send", "200"),
+        ("GET", "/timeline/sync", "200"),
+        ("GET", "/timeline/history/single/a/b", "200"),
+        ("HEAD", "/timeline/sync", "200"),
+        ("OPTIONS", "/timeline/send", "204"),
+        ("GET", "/timeline/send", "405"),
+        ("GET", "/timeline/nowhere", "404"),
+        ("POST", "/timeline/send", "400"),
+        ("GET", "/healthz", "200"),
+        ("GET", "/nowhere", "404"),
+    ]
+    # Flask's hooks see its own pages, and no API request at all (never half of a route's).
+    assert flask_hooks == ["/healthz", "/nowhere"]
+
+
+def test_head_is_get_without_its_body_and_options_is_a_preflight(client: Any) -> None:
+    get = client.get("/timeline/sync?member=b")
+    head = client.head("/timeline/sync?member=b")
+    assert head.status_code == 200
+    assert head.data == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+    preflight = client.options("/timeline/sendGroup")
+    assert (preflight.status_code, preflight.data) == (204, b"")
+    wrong = client.get("/timeline/sendGroup")
+    assert wrong.status_code == 405
+    assert wrong.headers["Allow"] == "OPTIONS, POST"
+    assert wrong.get_json()["reason"] == "TIMELINE_METHOD_NOT_ALLOWED"
+    assert client.delete("/timeline/sync").headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def test_one_place_builds_the_error_envelope() -> None:
+    root = Path(__file__).resolve().parent.parent / "timeline"
+    # A dict literal with a code and a reason that are values, not a schema's {"type": ...}.
+    building = re.compile(r"""["']code["']:\s*[^{\s][^,]*,\s*["']reason["']:""")
+    builders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if building.search(path.read_text())
+    ]
+    assert builders == ["errors.py"]

@@ -35,6 +35,7 @@ from timeline.errors import PartialWrite, Unavailable
 from timeline.factory import close_app, create_app
 from timeline.logs import JsonFormatter
 from timeline.model import Copies
+from timeline.api import PREFIX, ROUTES
 from timeline.openapi import openapi_document
 from timeline.settings import Settings
 from timeline.store import Preparer, Purger, Store, WriteResult
@@ -472,7 +473,7 @@ def test_the_document_describes_exactly_the_routes_served(app: Any) -> None:
         # The console's page and assets (tests/test_console.py) are not the API.
         if rule.endpoint != "static" and not rule.endpoint.startswith("console.")
         for method in rule.methods - {"HEAD", "OPTIONS"}
-    }
+    } | {(normalized(PREFIX + rule), method.lower()) for method, rule, _ in ROUTES}
     documented = {
         (normalized(path), method)
         for path, operations in openapi_document()["paths"].items()

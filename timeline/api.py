@@ -12,7 +12,7 @@ from typing import Any, cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import orjson
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Flask, Response, current_app, request
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 
@@ -23,6 +23,8 @@ from timeline.errors import (
     NotFound,
     PayloadTooLarge,
     TimelineError,
+    envelope_body,
+    error_headers,
 )
 from timeline.model import Entry, Message, conversation_id
 from timeline.service import TimelineService
@@ -43,8 +45,6 @@ from timeline.validation import (
 )
 
 log = logging.getLogger(__name__)
-
-bp = Blueprint("timeline", __name__, url_prefix="/timeline")
 
 EXTENSION = "timeline"
 
@@ -299,7 +299,8 @@ def history_group(ctx: Context, call: Call, group: str) -> dict[str, Any]:
 
 Handler = Callable[..., dict[str, Any]]
 
-#: The routes, as Flask knows them (405s, preflights, HEAD) and as metrics name them.
+PREFIX = "/timeline"
+#: The routes: method, the route as metrics and logs name it, the handler.
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/send", send),
     ("POST", "/sendGroup", send_group),
@@ -308,113 +309,38 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/history/single/<sender>/<receiver>", history_single),
     ("GET", "/history/group/<group>", history_group),
 )
-PREFIX = "/timeline"
 
 
-def _flask_view(handler: Handler) -> Callable[..., dict[str, Any]]:
-    def view(**path: str) -> dict[str, Any]:
-        call = Call(request.environ, current_app.config["MAX_CONTENT_LENGTH"])
-        return handler(current_app.extensions[EXTENSION]["context"], call, **path)
+class Routes:
+    """The route table of the API: a path under /timeline to its route's name, its
+    handlers by method and the ids the path carries. Exact paths are one dict lookup; the
+    two history routes are told apart by their segments (an id never holds '/')."""
 
-    view.__name__ = handler.__name__
-    return view
+    def __init__(self, routes: tuple[tuple[str, str, Handler], ...]) -> None:
+        self._exact: dict[str, tuple[str, dict[str, Handler]]] = {}
+        self._history: dict[tuple[str, int], tuple[str, dict[str, Handler]]] = {}
+        for method, rule, handler in routes:
+            route = PREFIX + rule
+            if "<" not in rule:
+                self._exact.setdefault(route, (route, {}))[1][method] = handler
+            else:
+                parts = route.split("/")  # '', 'timeline', 'history', kind, <id>[, <id>]
+                key = (parts[3], len(parts))
+                self._history.setdefault(key, (route, {}))[1][method] = handler
 
-
-for _method, _rule, _handler in ROUTES:
-    bp.add_url_rule(_rule, view_func=_flask_view(_handler), methods=[_method])
-
-
-def error_body(code: int, reason: str, message: str, metadata: dict[str, Any] | None) -> bytes:
-    """The Kratos error body: {code, reason, message, metadata}."""
-    return orjson.dumps(
-        {
-            "code": code,
-            "reason": reason,
-            "message": message,
-            "metadata": {key: _metadata_value(value) for key, value in (metadata or {}).items()},
-        }
-    )
-
-
-def error_headers(code: int) -> list[tuple[str, str]]:
-    """What an error reply adds to its headers: when to retry, how to authenticate."""
-    if code == 503:
-        return [("Retry-After", "1")]
-    if code == 401:
-        return [("WWW-Authenticate", 'Bearer realm="timeline"')]
-    return []
-
-
-def envelope(
-    code: int, reason: str, message: str, metadata: dict[str, Any] | None = None
-) -> Response:
-    """The Kratos error envelope as a Flask response, with the code as status."""
-    response = current_app.response_class(
-        error_body(code, reason, message, metadata), status=code, mimetype="application/json"
-    )
-    response.headers.extend(error_headers(code))
-    return response
-
-
-def _metadata_value(value: Any) -> Any:
-    # Kratos metadata is map<string, string>; lists (failedMembers) stay lists for callers.
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    return str(value)
-
-
-def _on_timeline_error(error: TimelineError) -> Response:
-    if error.code >= 500:
-        log.warning("%s %s: %s (%s)", request.method, request.path, error.reason, error.message)
-    return envelope(error.code, error.reason, error.message, error.metadata)
-
-
-def _on_http_error(error: HTTPException) -> Response:
-    code = error.code or 500
-    mapped: TimelineError | None = None
-    if code == 404:
-        mapped = NotFound(f"no route {request.method} {request.path}")
-    elif code == 405:
-        mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-    elif code == 413:
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        mapped = PayloadTooLarge(f"request body is larger than {limit} bytes", limit=limit)
-    if mapped is not None:
-        response = envelope(mapped.code, mapped.reason, mapped.message, mapped.metadata)
-    else:
-        reason = InvalidParam.reason if code < 500 else TimelineError.reason
-        response = envelope(code, reason, error.description or error.name)
-    allowed = dict(error.get_headers()).get("Allow")
-    if allowed:
-        response.headers["Allow"] = allowed
-    return response
-
-
-def _on_unexpected(error: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.path)
-    return envelope(TimelineError.code, TimelineError.reason, "internal error")
-
-
-def _before() -> Response | None:
-    """A browser's preflight (OPTIONS on a known route) gets an empty 204; with an api_token
-    set, everything else under /timeline needs `Authorization: Bearer <token>`."""
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    if req.method == "OPTIONS" and req.routing_exception is None:
-        return current_app.response_class(status=204)
-    if req.path.startswith(PREFIX):
-        token = current_app.extensions[EXTENSION]["settings"].api_token
-        check_bearer(token, req.headers.get("Authorization", ""))
-    return None
-
-
-def _cors(response: Response) -> Response:
-    """go-timeline's browser demo calls the API from another origin: answer browsers (they
-    send Origin on every cross-origin request) with the CORS headers."""
-    if "HTTP_ORIGIN" in request.environ:
-        headers = current_app.extensions[EXTENSION]["cors_headers"]
-        if headers:
-            response.headers.extend(headers)
-    return response
+    def match(self, path: str) -> tuple[str, dict[str, Handler], tuple[str, ...]] | None:
+        found = self._exact.get(path)
+        if found is not None:
+            return found[0], found[1], ()
+        if not path.startswith("/timeline/history/"):
+            return None
+        parts = path.split("/")
+        if len(parts) < 5:
+            return None
+        matched = self._history.get((parts[3], len(parts)))
+        if matched is None or "" in parts[4:]:
+            return None
+        return matched[0], matched[1], tuple(_wsgi_text(part) for part in parts[4:])
 
 
 def cors_headers(origin: str) -> list[tuple[str, str]]:
@@ -435,28 +361,23 @@ def cors_headers(origin: str) -> list[tuple[str, str]]:
     ]
 
 
-# --- The direct path -----------------------------------------------------------------------
+# --- The API: one WSGI pipeline for everything under /timeline ----------------------------
 
 _STATUS = {code.value: f"{code.value} {code.phrase.upper()}" for code in HTTPStatus}
 _JSON = ("Content-Type", "application/json")
-_EXACT: dict[tuple[str, str], tuple[Handler, str]] = {
-    (method, PREFIX + rule): (handler, PREFIX + rule)
-    for method, rule, handler in ROUTES
-    if "<" not in rule
-}
-_HISTORY: dict[tuple[str, int], tuple[Handler, str]] = {
-    ("single", 6): (history_single, PREFIX + "/history/single/<sender>/<receiver>"),
-    ("group", 5): (history_group, PREFIX + "/history/group/<group>"),
-}
 
 
-class Direct:
-    """WSGI middleware in front of Flask: a GET or POST on one of the API routes is answered
-    here, by the same handler, error envelope, token check, CORS headers, request id, access
-    line and metrics as through Flask, without Flask's per-request machinery (contexts,
-    request and response objects, URL matching, hooks), which cost as much as the rest of a
-    sync. Anything else (HEAD, OPTIONS, another method, the operator routes, a path that is
-    not exactly a route) goes on to Flask."""
+class Api:
+    """Every request under /timeline, whatever its method or path, goes through here: one
+    route table, one token check, one CORS rule, one error mapping (the envelope of
+    timeline.errors), one request id, one access line, one metric. Flask serves the rest
+    (the console, health, metrics, the OpenAPI document) and never sees an API request, so
+    its hooks and signals fire for none of them; to instrument every request, wrap `app`
+    (or app.wsgi_app) in a WSGI middleware, as OpenTelemetry's and Sentry's are.
+
+    HEAD is GET without the body; OPTIONS on a route is a browser's preflight (204, the
+    CORS headers, no token asked); another method on a route is 405 with Allow; a path
+    that is no route is 404."""
 
     def __init__(self, app: Flask, wsgi_app: Callable[..., Any]) -> None:
         self.app = app
@@ -465,38 +386,45 @@ class Direct:
         self.context: Context = extension["context"]
         self.token: str = extension["settings"].api_token
         self.cors: list[tuple[str, str]] = extension["cors_headers"]
+        self.routes = Routes(ROUTES)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
-        found = _EXACT.get((method, path))
-        params: tuple[str, ...] = ()
-        if found is None:
-            if method != "GET" or not path.startswith("/timeline/history/"):
-                return self.wsgi_app(environ, start_response)
-            parts = path.split("/")  # '', 'timeline', 'history', kind, id[, id]
-            found = _HISTORY.get((parts[3], len(parts)))
-            if found is None or "" in parts[4:]:
-                return self.wsgi_app(environ, start_response)
-            params = tuple(_wsgi_text(part) for part in parts[4:])
-        handler, route = found
+        if not path.startswith(PREFIX) or (len(path) > len(PREFIX) and path[len(PREFIX)] != "/"):
+            return self.wsgi_app(environ, start_response)
+        method = environ["REQUEST_METHOD"]
         started = ops.begin(environ)
         headers: list[tuple[str, str]] = [_JSON]
+        route = "unmatched"
         try:
-            check_bearer(self.token, environ.get("HTTP_AUTHORIZATION", ""))
-            call = Call(environ, self.app.config["MAX_CONTENT_LENGTH"])
-            body = orjson.dumps(handler(self.context, call, *params))
-            code = 200
+            found = self.routes.match(path)
+            if method == "OPTIONS" and found is not None:
+                route = found[0]
+                code, body, headers = 204, b"", []  # a preflight: no token asked
+            else:
+                # The token first: without it, no route is told from another (401 for all).
+                check_bearer(self.token, environ.get("HTTP_AUTHORIZATION", ""))
+                if found is None:
+                    raise NotFound(f"no route {method} {_wsgi_text(path)}")
+                route, handlers, params = found
+                handler = handlers.get("GET" if method == "HEAD" else method)
+                if handler is None:
+                    allowed = {*handlers, "OPTIONS"} | ({"HEAD"} if "GET" in handlers else set())
+                    headers.append(("Allow", ", ".join(sorted(allowed))))
+                    raise MethodNotAllowed(f"{method} is not allowed on {_wsgi_text(path)}")
+                call = Call(environ, self.app.config["MAX_CONTENT_LENGTH"])
+                body = orjson.dumps(handler(self.context, call, *params))
+                code = 200
         except TimelineError as error:
             code = error.code
             if code >= 500:
                 log.warning("%s %s: %s (%s)", method, _wsgi_text(path), error.reason, error.message)
-            body = error_body(code, error.reason, error.message, error.metadata)
-            headers.extend(error_headers(code))
+            body = envelope_body(error)
+            headers.extend(error_headers(error))
         except Exception:
             log.exception("unhandled error on %s %s", method, _wsgi_text(path))
-            code = TimelineError.code
-            body = error_body(code, TimelineError.reason, "internal error", None)
+            internal = TimelineError("internal error")
+            code, body = internal.code, envelope_body(internal)
         finally:
             request_id = ops.end(environ)
         headers.append(("Content-Length", str(len(body))))
@@ -505,18 +433,72 @@ class Direct:
             headers.extend(self.cors)
         start_response(_STATUS[code], headers)
         ops.record(environ, route, method, code, _wsgi_text(path), started, request_id)
-        return [body]
+        return [] if method == "HEAD" else [body]
+
+
+# --- Flask's pages: the same envelope for their errors -------------------------------------
+
+
+def flask_envelope(error: TimelineError) -> Response:
+    """An error of a page Flask serves, as the envelope, with the code as status."""
+    response = current_app.response_class(
+        envelope_body(error), status=error.code, mimetype="application/json"
+    )
+    response.headers.extend(error_headers(error))
+    return response
+
+
+def _on_timeline_error(error: TimelineError) -> Response:
+    if error.code >= 500:
+        log.warning("%s %s: %s (%s)", request.method, request.path, error.reason, error.message)
+    return flask_envelope(error)
+
+
+def _on_http_error(error: HTTPException) -> Response:
+    code = error.code or 500
+    mapped: TimelineError
+    if code == 404:
+        mapped = NotFound(f"no route {request.method} {request.path}")
+    elif code == 405:
+        mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+    elif code == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        mapped = PayloadTooLarge(f"request body is larger than {limit} bytes", limit=limit)
+    elif code < 500:
+        mapped = InvalidParam(error.description or error.name)
+    else:
+        mapped = TimelineError(error.description or error.name)
+    response = flask_envelope(mapped)
+    if code not in (404, 405, 413):
+        response.status_code = code  # the envelope says what Werkzeug said
+    allowed = dict(error.get_headers()).get("Allow")
+    if allowed:
+        response.headers["Allow"] = allowed
+    return response
+
+
+def _on_unexpected(error: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return flask_envelope(TimelineError("internal error"))
+
+
+def _cors(response: Response) -> Response:
+    """The same CORS headers on Flask's pages, for a browser that calls them from another
+    origin."""
+    if "HTTP_ORIGIN" in request.environ:
+        headers = current_app.extensions[EXTENSION]["cors_headers"]
+        if headers:
+            response.headers.extend(headers)
+    return response
 
 
 def register(app: Flask) -> None:
-    """Mount the routes and map every error, expected or not, to the envelope; then put the
-    direct path in front of Flask (it needs the extension's context)."""
+    """Put the API in front of Flask (it needs the extension's context), and map every error
+    of Flask's own pages, expected or not, to the envelope."""
     # '//timeline/sync' would be answered with an HTML redirect; let it be a 404 envelope.
     app.url_map.merge_slashes = False
-    app.register_blueprint(bp)
-    app.before_request(_before)
     app.after_request(_cors)
     app.register_error_handler(TimelineError, _on_timeline_error)
     app.register_error_handler(HTTPException, _on_http_error)
     app.register_error_handler(Exception, _on_unexpected)
-    app.wsgi_app = Direct(app, app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = Api(app, app.wsgi_app)  # type: ignore[method-assign]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import orjson
+
 
 class TimelineError(Exception):
     """Base of every error the service reports to a caller."""
@@ -120,3 +122,29 @@ class WriteFailed(TimelineError):
 
     code = 503
     reason = "TIMELINE_WRITE_FAILED"
+
+
+# --- The error envelope: the one place that builds it -------------------------------------
+
+
+def envelope_body(error: TimelineError) -> bytes:
+    """The Kratos error body, `{code, reason, message, metadata}`, of every error reply the
+    service makes over HTTP: the API's, the operator pages', and the HTTP front's own (a
+    malformed request, a timeout, a worker over its budget). Metadata is Kratos's
+    map<string, string>, except that lists (failedMembers) stay lists of strings."""
+    metadata = {
+        key: [str(item) for item in value] if isinstance(value, list) else str(value)
+        for key, value in error.metadata.items()
+    }
+    return orjson.dumps(
+        {"code": error.code, "reason": error.reason, "message": error.message, "metadata": metadata}
+    )
+
+
+def error_headers(error: TimelineError) -> list[tuple[str, str]]:
+    """What an error reply adds to its headers: when to retry, how to authenticate."""
+    if error.code == 503:
+        return [("Retry-After", "1")]
+    if error.code == 401:
+        return [("WWW-Authenticate", 'Bearer realm="timeline"')]
+    return []

@@ -55,7 +55,6 @@ from functools import partial
 from http import HTTPStatus
 from typing import Any
 
-import orjson
 from gunicorn import util
 from gunicorn.http import RequestParser, wsgi
 from gunicorn.http.body import Body, ChunkedReader, LengthReader
@@ -92,6 +91,8 @@ from timeline.errors import (
     TimelineError,
     Unavailable,
     UriTooLong,
+    envelope_body,
+    error_headers,
 )
 from timeline.logs import REQUEST_ID, REQUEST_ID_PATTERN
 from timeline.settings import load_settings
@@ -122,15 +123,10 @@ def _request_id(req: Any, raw: bytes = b"") -> str:
 
 
 def envelope(error: TimelineError, request_id: str) -> bytes:
-    """A whole HTTP/1.1 reply carrying the error envelope, after which the connection closes."""
-    body = orjson.dumps(
-        {
-            "code": error.code,
-            "reason": error.reason,
-            "message": error.message,
-            "metadata": {key: str(value) for key, value in error.metadata.items()},
-        }
-    )
+    """A whole HTTP/1.1 reply carrying the error envelope (timeline.errors builds its body
+    and headers, for every error reply the service makes), after which the connection
+    closes."""
+    body = envelope_body(error)
     headers = [
         f"HTTP/1.1 {error.code} {HTTPStatus(error.code).phrase}",
         "Server: gunicorn",
@@ -139,9 +135,8 @@ def envelope(error: TimelineError, request_id: str) -> bytes:
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         f"X-Request-ID: {request_id}",
+        *(f"{name}: {value}" for name, value in error_headers(error)),
     ]
-    if error.code == 503:
-        headers.append("Retry-After: 1")
     return ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body
 
 
