@@ -8,6 +8,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
 from support import put
+from timeline.bench.grpc_load import run_sends
+from timeline.bench.harness import SEND_USERS
 from timeline.errors import PartialWrite, Unavailable
 from timeline.factory import create_app
 from timeline.logs import JsonFormatter, RequestIdFilter
@@ -35,6 +38,7 @@ from timeline.model import Kind, Message
 from timeline.rpc.calls import Calls
 from timeline.rpc.server import Runtime, TimelineServer
 from timeline.rpc.status import KRATOS_CODES, grpc_code
+from timeline.rpc.supervisor import PortLease
 from timeline.rpc.v1 import timeline_pb2 as pb
 from timeline.rpc.v1 import timeline_pb2_grpc
 from timeline.settings import Settings
@@ -899,6 +903,44 @@ def test_a_second_server_on_the_same_address_is_refused(rpc: Grpc) -> None:
     # grpc's default (SO_REUSEPORT) would let it bind and take half the calls, in silence
     with pytest.raises(RuntimeError):
         TimelineServer(rpc.runtime, rpc.address)
+
+
+def test_the_servers_of_one_deployment_share_its_port(rpc: Grpc) -> None:
+    # Given the port a supervisor holds for its processes (as gunicorn's master does)
+    lease = PortLease("127.0.0.1:0")
+    servers = [TimelineServer(rpc.runtime, lease.bind, reuse_port=True) for _ in range(2)]
+    try:
+        # A server that is not one of them is refused there, as anywhere taken
+        with pytest.raises(RuntimeError):
+            TimelineServer(rpc.runtime, lease.bind)
+        for server in servers:
+            server.start()
+        # Calls on connections of their own are all answered, whichever server takes each
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        for i in range(8):
+            with grpc.insecure_channel(lease.bind, options=options) as channel:
+                reply = send(timeline_pb2_grpc.TimelineStub(channel), "a", "b", {"i": i})
+                assert reply.sequence == i + 1
+    finally:
+        for server in servers:
+            server.stop(0)
+        lease.release()
+
+
+@pytest.mark.slow
+def test_the_bench_load_sends_each_call_a_new_message(rpc: Grpc) -> None:
+    # make bench's gRPC load (timeline/bench/grpc_load.py): 2 processes x 2 channels x 2 calls
+    result = run_sends(rpc.address, 1.0, processes=2, channels=2, in_flight=2)
+    assert result.errors == {}
+    assert result.requests > 0
+    # Every call it counted (and the first call of each channel) stored a message of its
+    # own: never a retry of another's client_msg_id. Each is in both members' sync.
+    copies: Counter[str] = Counter()
+    for member in range(SEND_USERS):
+        reply = rpc.stub.GetSyncMessage(pb.SyncMessageRequest(member=f"u{member}", count=1000))
+        copies.update(json.loads(entry.message)["id"] for entry in reply.entry_set)
+    assert len(copies) == result.requests + 2 * 2
+    assert set(copies.values()) == {2}
 
 
 # --- health, reflection, access lines, metrics ---------------------------------------------

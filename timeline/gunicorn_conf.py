@@ -20,7 +20,7 @@ from typing import Any
 from timeline import embedded
 from timeline.compat import Unsupported, check_gunicorn
 from timeline.logs import logging_config
-from timeline.rpc.supervisor import GrpcChild, StartFailed
+from timeline.rpc.supervisor import GrpcServers, StartFailed
 from timeline.settings import SettingsError, load_settings
 
 try:
@@ -75,22 +75,28 @@ def on_starting(server: Any) -> None:
 
 
 # The gRPC API (timeline-grpc) beside the workers, when TIMELINE_GRPC_BIND is set (make run
-# and the image set it): started once gunicorn listens, before any worker, started again if
-# it dies, stopped on exit before the embedded redis-server it may use.
-_grpc: GrpcChild | None = None
+# and the image set it): grpc_processes processes on one port (by default one per worker),
+# started once gunicorn listens, before any worker, each started again if it dies, all
+# stopped on exit before the embedded redis-server they may use. A reload (SIGHUP) replaces
+# the workers only: they keep serving.
+_grpc: GrpcServers | None = None
 
 
 def when_ready(server: Any) -> None:
     global _grpc
     if _settings.grpc_bind is None or _settings.grpc_listen is None:
         return
-    child = GrpcChild(grace_s=_settings.gap_grace_ms / 1000)
+    servers = GrpcServers(
+        _settings.grpc_listen,
+        _settings.grpc_process_count(server.cfg.workers),
+        grace_s=_settings.gap_grace_ms / 1000,
+    )
     try:
-        child.start()
+        servers.start()
     except StartFailed as exc:
         on_exit(server)
         sys.exit(f"timeline: {exc}; TIMELINE_GRPC_BIND=off serves HTTP alone")
-    _grpc = child
+    _grpc = servers
 
 
 def child_exit(server: Any, worker: Any) -> None:

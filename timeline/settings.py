@@ -29,6 +29,8 @@ REDIS_MODES = ("standalone", "cluster", "sentinel")
 #: Where timeline-grpc listens when grpc_bind is unset, and the grpc_bind that turns it off.
 GRPC_DEFAULT_BIND = "127.0.0.1:9000"
 GRPC_OFF = "off"
+#: The most timeline-grpc processes gunicorn's master runs (grpc_processes).
+GRPC_PROCESSES_MAX = 64
 
 
 def check_grpc_bind(value: str) -> None:
@@ -175,8 +177,6 @@ class Settings:
     http_write_timeout_ms: int = 10_000
     http_keepalive_ms: int = 5_000
     http_threads: int = 4
-
-    # The gRPC API (timeline-grpc, timeline/rpc/): host:port or unix:/path. Unset,
     # Connections a worker holds at once (gunicorn's worker_connections; kept below the open
     # files limit). At the cap, connections that have sent nothing are closed, oldest first,
     # to take new ones.
@@ -187,10 +187,15 @@ class Settings:
     # A sync or history page holds at most this many bytes of entries (as JSON encodes
     # them), and at least one entry: clients page on by entrySetLastSeq.
     page_max_bytes: int = 4 * 1024 * 1024
+
+    # The gRPC API (timeline-grpc, timeline/rpc/): host:port or unix:/path. Unset,
     # timeline-grpc listens on GRPC_DEFAULT_BIND and gunicorn serves HTTP alone; set, gunicorn's
     # master also runs timeline-grpc beside its workers (make run and the image set it). "off":
     # no gRPC at all.
     grpc_bind: str | None = None
+    # How many timeline-grpc processes gunicorn's master runs, sharing grpc_bind's port
+    # (SO_REUSEPORT): 0, as many as it has HTTP workers. A unix:/path serves one.
+    grpc_processes: int = 0
 
     @property
     def grpc_listen(self) -> str | None:
@@ -236,14 +241,14 @@ class Settings:
             "http_write_timeout_ms",
             "http_keepalive_ms",
             "http_threads",
+            "http_max_connections",
+            "http_memory_budget_bytes",
+            "page_max_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive", names=(name,))
         for name in (
-            "http_max_connections",
-            "http_memory_budget_bytes",
-            "page_max_bytes",
             "store_retry_backoff_ms",
             "store_retry_budget_ms",
             "mongo_index_build_timeout_seconds",
@@ -293,6 +298,7 @@ class Settings:
                 check_grpc_bind(self.grpc_bind)
             except ValueError as exc:
                 raise SettingsError(f"grpc_bind {exc}", names=("grpc_bind",)) from None
+        self._validate_grpc_processes()
         if self.embedded_redis:
             # The embedded redis-server listens on a unix socket under data_dir, and a socket
             # path longer than the kernel's sun_path is cut short by redis-server (it would
@@ -306,6 +312,27 @@ class Settings:
                     names=("data_dir",),
                 )
         return self
+
+    def _validate_grpc_processes(self) -> None:
+        if not 0 <= self.grpc_processes <= GRPC_PROCESSES_MAX:
+            raise SettingsError(
+                f"grpc_processes must be between 0 (as many as the HTTP workers) and "
+                f"{GRPC_PROCESSES_MAX}",
+                names=("grpc_processes",),
+            )
+        unix = (self.grpc_listen or "").startswith("unix:")
+        if unix and self.grpc_processes > 1:
+            raise SettingsError(
+                "grpc_processes must be 0 or 1 with a unix:/path grpc_bind: processes share a "
+                "TCP port, never a unix socket",
+                names=("grpc_processes", "grpc_bind"),
+            )
+
+    def grpc_process_count(self, http_workers: int) -> int:
+        """How many timeline-grpc processes serve beside `http_workers` HTTP workers."""
+        if (self.grpc_listen or "").startswith("unix:"):
+            return 1
+        return self.grpc_processes or max(1, min(http_workers, GRPC_PROCESSES_MAX))
 
     def _validate_redis_mode(self) -> None:
         mode = self.redis_mode

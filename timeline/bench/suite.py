@@ -22,6 +22,8 @@ import tempfile
 import time
 import urllib.request
 from datetime import UTC, datetime
+from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import gunicorn
 from timeline import __version__
 from timeline.bench.cli import plot
 from timeline.bench.floor import Floor
+from timeline.bench.grpc_load import run_sends
 from timeline.bench.harness import Client, Result, Scenario, run, verify
 from timeline.embedded import redis_server_binary
 
@@ -37,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 FAN_OUT = 10_000
 BUDGET_MS = 100.0
 FLOOR_RATIO = 1.3
+#: The gRPC send load: processes x channels (connections) x calls in flight on each.
+GRPC_LOAD = (2, 8, 2)
 
 
 def say(text: str) -> None:
@@ -85,6 +90,28 @@ class Server:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(30)
 
+    def children(self) -> tuple[list[int], list[int]]:
+        """The master's HTTP workers and its timeline-grpc processes (pids)."""
+        workers: list[int] = []
+        grpc: list[int] = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != self.process.pid:
+                    continue
+                command = (stat.parent / "cmdline").read_bytes()
+                (grpc if b"timeline.rpc" in command else workers).append(int(stat.parent.name))
+        return workers, grpc
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) these processes have used so far (Linux's /proc)."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
 
 def machine() -> dict[str, str]:
     cpu = "unknown"
@@ -109,6 +136,7 @@ def machine() -> dict[str, str]:
         "redis": (redis_version[0].removeprefix("v=") if redis_version else "unknown"),
         "sqlite": sqlite3.sqlite_version,
         "gunicorn": f"{gunicorn.__version__}, 2 workers of timeline.worker.TimelineWorker",
+        "grpcio": metadata.version("grpcio"),
         "timeline": __version__,
     }
 
@@ -222,6 +250,60 @@ def throughput(
     return pairs
 
 
+def grpc_beside_http(
+    ours: Server, target: str, seconds: float, rounds: int, concurrency: int
+) -> list[dict[str, float]]:
+    """Send over HTTP and over gRPC on the same deployment, alternating (H G, G H, ...):
+    requests/s, and the CPU the processes serving each transport used per send. HTTP is
+    driven by wrk where it is installed (else timeline-bench), gRPC by run_sends."""
+    processes, channels, in_flight = GRPC_LOAD
+    rounds_out = []
+    for i in range(rounds):
+        pair: dict[str, float] = {}
+        for transport in ("http", "grpc") if i % 2 == 0 else ("grpc", "http"):
+            workers, servers = ours.children()
+            pids = servers if transport == "grpc" else workers
+            if transport == "grpc":
+                result = run_sends(
+                    target,
+                    seconds,
+                    processes=processes,
+                    channels=channels,
+                    in_flight=in_flight,
+                    meter=partial(cpu_seconds, servers),
+                )
+                if result.errors:
+                    raise RuntimeError(f"gRPC send: {dict(result.errors)}")
+                requests, rate, used, wall = (
+                    result.requests,
+                    result.rate,
+                    result.metered,
+                    result.duration,
+                )
+                pair["grpc client cores"] = result.client_cpu_s / result.duration
+            else:
+                cpu, started = cpu_seconds(workers), time.monotonic()
+                if shutil.which("wrk"):
+                    rate = wrk_rate(ours.url, "send", seconds, concurrency)
+                    requests = round(rate * max(1, int(seconds)))
+                else:
+                    http = run(ours.url, Scenario("send", GROUP_SIZE), concurrency, seconds)
+                    if sum(http.errors.values()):
+                        raise RuntimeError(f"HTTP send: {sum(http.errors.values())} errors")
+                    requests, rate = http.requests, http.requests / http.duration
+                used, wall = cpu_seconds(workers) - cpu, time.monotonic() - started
+            pair[transport] = rate
+            pair[f"{transport} cpu ms"] = used * 1000 / requests
+            pair[f"{transport} cores"] = used / wall
+            pair[f"{transport} processes"] = len(pids)
+        rounds_out.append(pair)
+        say(
+            f"  send: HTTP {pair['http']:.0f}/s ({pair['http cpu ms']:.2f} ms CPU each), "
+            f"gRPC {pair['grpc']:.0f}/s ({pair['grpc cpu ms']:.2f} ms CPU each)"
+        )
+    return rounds_out
+
+
 def _spread(values: list[float], fmt: str = ",.0f") -> str:
     """The median, and the range when there are several: `1,234 (1,200-1,300)`."""
     middle = format(statistics.median(values), fmt)
@@ -237,6 +319,7 @@ def report(
     ab: dict[str, list[dict[str, float]]],
     args: argparse.Namespace,
     with_wrk: bool,
+    transports: list[dict[str, float]] | None = None,
 ) -> str:
     seconds, concurrency, ab_seconds = args.seconds, args.concurrency, args.ab_seconds
     rounds = len(next(iter(ab.values()))) if ab else 0
@@ -330,6 +413,8 @@ def report(
             else:
                 row += f" {p['timeline'] / p['baseline']:.2f} |"
             lines.append(row)
+    if transports:
+        lines += ["", *grpc_section(transports, ab_seconds, concurrency, with_wrk)]
     ratio = fan["ours"] / fan["floor"]
     lines += [
         "",
@@ -413,10 +498,51 @@ def report(
         f"--group-size 50 --concurrency {concurrency} --duration {seconds:.0f} --verify "
         "--json out.json` |",
         "| fan-out, wrk | `wrk -t1 -c1 -d5s --latency -s timeline/bench/wrk/fanout.lua URL` |",
+        f"| gRPC send | `python -m timeline.bench.grpc_load --target 127.0.0.1:9000 "
+        f"--seconds {ab_seconds:.0f}` (beside `make run`) |",
         "| fan-out against the floor | `make bench` (the floor runs in process) |",
         "",
     ]
     return "\n".join(lines)
+
+
+def grpc_section(
+    transports: list[dict[str, float]], seconds: float, concurrency: int, with_wrk: bool
+) -> list[str]:
+    """The page's gRPC part: send over gRPC beside send over HTTP, on the same deployment."""
+    processes, channels, in_flight = GRPC_LOAD
+    servers = int(transports[0]["grpc processes"])
+    http = f"`wrk -t2 -c{concurrency}`" if with_wrk else f"timeline-bench, {concurrency} workers"
+    lines = [
+        "## gRPC beside HTTP: send",
+        "",
+        f"The same deployment serves both: {int(transports[0]['http processes'])} HTTP workers "
+        f"and {servers} timeline-grpc processes sharing one port (`TIMELINE_GRPC_PROCESSES` "
+        f"unset: as many as the workers). {len(transports)} rounds, HTTP then gRPC, then the "
+        f"other way round, {seconds:.0f} s each: HTTP driven by {http} (keep-alive "
+        f"connections), gRPC by `timeline/bench/grpc_load.py` ({processes} processes x "
+        f"{channels} channels x {in_flight} calls in flight, unary `Send`), the same messages "
+        "(random pairs among 30 users, a `client_msg_id` each). CPU is what the processes "
+        "serving that transport used (user + system, from /proc), per send; Redis's is apart.",
+        "",
+        "| send | requests/s | CPU per send, ms | serving processes' cores |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, key in ((f"HTTP ({http})", "http"), ("gRPC", "grpc")):
+        lines.append(
+            f"| {name} | {_spread([t[key] for t in transports])} "
+            f"| {_spread([t[key + ' cpu ms'] for t in transports], '.2f')} "
+            f"| {_spread([t[key + ' cores'] for t in transports], '.2f')} |"
+        )
+    lines += [
+        f"| gRPC / HTTP | {_spread([t['grpc'] / t['http'] for t in transports], '.2f')} "
+        f"| **{_spread([t['grpc cpu ms'] / t['http cpu ms'] for t in transports], '.2f')}** | |",
+        "",
+        "The gRPC load generator is Python and costs the machine more than wrk does "
+        f"({_spread([t['grpc client cores'] for t in transports], '.2f')} cores): compare "
+        "CPU per send before requests/s.",
+    ]
+    return lines
 
 
 #: Sections other scripts write into the page (tests/bench_profile.py, tests/bench_cluster.py):
@@ -465,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="timeline-bench-"))
     say(f"benchmarking in {work}")
     servers: list[Server] = []
+    grpc_target = f"127.0.0.1:{free_port()}"
     try:
         ours = Server(
             "timeline",
@@ -474,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                 "TIMELINE_DATA_DIR": str(work / "ours"),
                 "TIMELINE_SQLITE_PATH": str(work / "ours" / "timeline.sqlite3"),
                 "TIMELINE_LOG_LEVEL": os.environ.get("TIMELINE_LOG_LEVEL", "info"),
+                # gRPC beside HTTP, as make run serves it
+                "TIMELINE_GRPC_BIND": grpc_target,
             },
             ROOT,
             work,
@@ -526,9 +655,13 @@ def main(argv: list[str] | None = None) -> int:
             name: throughput(ours, baseline, name, args.ab_seconds, args.rounds, args.concurrency)
             for name in ("send", "sendGroup", "sync")
         }
+        say("send over gRPC beside send over HTTP (H G, G H, ...)")
+        transports = grpc_beside_http(
+            ours, grpc_target, args.ab_seconds, args.rounds, args.concurrency
+        )
+        with_wrk = shutil.which("wrk") is not None
         text = keep_sections(
-            report(machine(), scenarios, fan, ab, args, shutil.which("wrk") is not None),
-            args.out,
+            report(machine(), scenarios, fan, ab, args, with_wrk, transports), args.out
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

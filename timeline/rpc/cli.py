@@ -31,6 +31,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--parent-pid", type=int, default=0, help="stop when this process is no longer the parent"
     )
+    parser.add_argument("--bind", help="listen here instead of TIMELINE_GRPC_BIND")
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the port with the other processes the supervisor runs (SO_REUSEPORT)",
+    )
     return parser.parse_args(argv)
 
 
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings()
     except SettingsError as exc:
         sys.exit(f"timeline: {exc}")
-    bind = settings.grpc_listen
+    bind = args.bind or settings.grpc_listen
     if bind is None:
         sys.exit("timeline: TIMELINE_GRPC_BIND is off: timeline-grpc has nothing to serve")
     # The metrics go where gunicorn's workers put theirs, so that /metrics adds the gRPC
@@ -57,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from timeline.rpc.server import serve
 
-    status = serve(settings, bind, ready_fd=args.ready_fd, parent=args.parent_pid)
+    status = serve(
+        settings, bind, ready_fd=args.ready_fd, parent=args.parent_pid, reuse_port=args.reuse_port
+    )
     _forget_samples()
     sys.exit(status)
 

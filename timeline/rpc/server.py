@@ -107,7 +107,11 @@ class TimelineServer:
         *,
         threads: int = THREADS,
         health_interval_s: float = HEALTH_INTERVAL_S,
+        reuse_port: bool = False,
     ) -> None:
+        """`reuse_port`: share the port with the other serving processes of one deployment
+        (SO_REUSEPORT: the kernel spreads connections over them); its supervisor has checked
+        that nothing else listens there (timeline.rpc.supervisor.PortLease)."""
         settings = runtime.settings
         self.runtime = runtime
         self.bind = bind
@@ -119,8 +123,9 @@ class TimelineServer:
             maximum_concurrent_rpcs=MAX_CALLS,
             options=[
                 # grpc sets SO_REUSEPORT by default: a second server on the same port would
-                # share its traffic in silence. One server per address, or a bind error.
-                ("grpc.so_reuseport", 0),
+                # share its traffic in silence. One server per address, or a bind error,
+                # unless this is one of the processes a supervisor runs there.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # The HTTP API's body limit; a larger request is RESOURCE_EXHAUSTED.
                 ("grpc.max_receive_message_length", settings.body_max_bytes),
             ],
@@ -181,7 +186,14 @@ def grace_s(settings: Settings) -> float:
     return settings.gap_grace_ms / 1000
 
 
-def serve(settings: Settings, bind: str, *, ready_fd: int | None = None, parent: int = 0) -> int:
+def serve(
+    settings: Settings,
+    bind: str,
+    *,
+    ready_fd: int | None = None,
+    parent: int = 0,
+    reuse_port: bool = False,
+) -> int:
     """Serve until SIGTERM or SIGINT (or until `parent`, when given, is no longer this
     process's parent), then stop gracefully. Returns the exit status."""
     stop = threading.Event()
@@ -196,7 +208,7 @@ def serve(settings: Settings, bind: str, *, ready_fd: int | None = None, parent:
     runtime = Runtime.open(settings)
     try:
         try:
-            server = TimelineServer(runtime, bind)
+            server = TimelineServer(runtime, bind, reuse_port=reuse_port)
         except RuntimeError as exc:
             log.error("timeline-grpc cannot listen on %s: %s", bind, exc)
             print(
