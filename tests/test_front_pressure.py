@@ -5,6 +5,7 @@ RFC 9112 requires of a request's Host and Transfer-Encoding is enforced."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -272,4 +273,14 @@ def test_http_1_0_without_host_is_served(served: Service) -> None:
     sock = connect(served)
     sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
     assert parse(read_all(sock)).status == 200
+    sock.close()
+
+
+def test_a_head_over_the_limits_that_never_ends_is_431(served: Service) -> None:
+    # Found by tests/test_front_differential.py: it was a 400 ("it ended before its framing
+    # did"), where gunicorn answers 431.
+    sock = connect(served)
+    with contextlib.suppress(OSError):  # the server may answer and close mid-send
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"v" * 830_000)
+    assert_envelope(read_all(sock), 431, "TIMELINE_HEADERS_TOO_LARGE")
     sock.close()

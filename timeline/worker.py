@@ -213,6 +213,11 @@ def _framing_rules(req: Any) -> None:
         )
 
 
+def _pieces(data: bytes, size: int = 8192) -> list[bytes]:
+    """The bytes as gunicorn's socket reader would get them (8 KiB reads)."""
+    return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+
+
 # --- Framing: where the request at the head of a buffer ends ---------------------------
 
 INCOMPLETE, READY, TOO_LARGE = 0, 1, 2
@@ -1027,7 +1032,12 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         out = _Capture()
         req = None
         try:
-            req = next(RequestParser(self.cfg, [data], conn.client))
+            # A request the framing handed over unframed (malformed, or a head over the
+            # limits) is given in socket-sized pieces, as gunicorn reads a socket: its parser
+            # checks the head's size after each read, so a head over the limits is its 431,
+            # not the 400 of one read that ended before the head did.
+            pieces = _pieces(data) if close else [data]
+            req = next(RequestParser(self.cfg, pieces, conn.client))
             _framing_rules(req)
             if isinstance(req.body.reader, ChunkedReader):
                 # All of it is here: reading it now makes a bad chunk gunicorn's 400, before
