@@ -31,11 +31,11 @@ from schemathesis.checks import (
 )
 
 from support import RedisServer, free_port, sample
+from timeline.api import PREFIX, ROUTES
 from timeline.errors import PartialWrite, Unavailable
 from timeline.factory import close_app, create_app
 from timeline.logs import JsonFormatter
 from timeline.model import Copies
-from timeline.api import PREFIX, ROUTES
 from timeline.openapi import openapi_document
 from timeline.settings import Settings
 from timeline.store import Preparer, Purger, Store, WriteResult
