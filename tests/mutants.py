@@ -287,6 +287,20 @@ MUTATIONS: list[Mutation] = [
         (T_MONGO, "-k", "taken_counts"),
     ),
     Mutation(
+        "A waiter parks after its read without re-checking (a lost wake-up)",
+        "timeline/wakes.py",
+        "if entry is None or token != (self._era, entry[0]):",
+        "if entry is None:",
+        ("tests/test_waiting.py", "-k", "between_the_read"),
+    ),
+    Mutation(
+        "A resubscription wakes no waiter (wake-ups published meanwhile lost)",
+        "timeline/wakes.py",
+        "woken = [(key, wake) for key, wakes in self._parked.items() for wake in wakes]",
+        "woken = []",
+        ("tests/test_waiting.py", "-k", "resubscription"),
+    ),
+    Mutation(
         "Preparer rebuilds after colliding documents (rescans for ever)",
         "timeline/store/__init__.py",
         "                if self._store.problem():\n",

@@ -548,19 +548,23 @@ def test_each_request_costs_one_redis_command(client: Any, redis_url: str) -> No
     send(client, "a", "b", "warm up")
     send_group(client, "a", "g", members, "warm up")
 
+    # (The wake-up of waiting readers is published off the request's path, by a thread.)
+    def names(commands: list[str]) -> list[str]:
+        return [c.split()[0] for c in commands if not c.startswith("PUBLISH")]
+
     sent = commands_during(monitor_client, lambda: send(client, "a", "b", "one"))
-    assert [c.split()[0] for c in sent] == ["EVALSHA"]
+    assert names(sent) == ["EVALSHA"]
 
     grouped = commands_during(
         monitor_client, lambda: send_group(client, "a", "g", members, "five hundred")
     )
-    assert [c.split()[0] for c in grouped] == ["EVALSHA"]
+    assert names(grouped) == ["EVALSHA"]
 
     synced = commands_during(monitor_client, lambda: client.get("/timeline/sync?member=m7"))
-    assert [c.split()[0] for c in synced] == ["GET"]
+    assert names(synced) == ["GET"]
 
     read = commands_during(monitor_client, lambda: client.get("/timeline/history/group/g"))
-    assert read == []
+    assert names(read) == []
     monitor_client.close()
 
 

@@ -63,9 +63,14 @@ def served_by(service: Service, port: int, connections: int = 16) -> set[int]:
             health = health_pb2_grpc.HealthStub(channel)
             for name in ("", "timeline.v1.Timeline"):
                 check = health_pb2.HealthCheckRequest(service=name)
-                assert health.Check(check, timeout=10).status == SERVING, name
+                # wait_for_ready: a connection the kernel gave a process that had just died
+                # is reset, and a client connects again (as a real one does).
+                reply = health.Check(check, timeout=10, wait_for_ready=True)
+                assert reply.status == SERVING, name
             request = pb.SyncMessageRequest(member="nobody")
-            timeline_pb2_grpc.TimelineStub(channel).GetSyncMessage(request, timeout=10)
+            timeline_pb2_grpc.TimelineStub(channel).GetSyncMessage(
+                request, timeout=10, wait_for_ready=True
+            )
         ours = {
             c.laddr.port
             for c in psutil.Process().net_connections("tcp")

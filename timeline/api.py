@@ -16,7 +16,7 @@ from flask import Flask, Response, current_app, request
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 
-from timeline import ops
+from timeline import metrics, ops
 from timeline.errors import (
     InvalidParam,
     MethodNotAllowed,
@@ -26,7 +26,7 @@ from timeline.errors import (
     envelope_body,
     error_headers,
 )
-from timeline.model import Entry, Message, conversation_id
+from timeline.model import Entry, Kind, Message, Timeline, conversation_id
 from timeline.service import TimelineService
 from timeline.validation import (
     Limits,
@@ -43,6 +43,7 @@ from timeline.validation import (
     parse_message,
     reread_message,
 )
+from timeline.wakes import CAN_PARK, PARKED, WAIT_UNTIL, Parked, Wakes, key_of
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class Context:
 
     service: TimelineService
     limits: Limits
+    wakes: Wakes | None = None  # readers waiting for entries (wait_ms)
+    wait_max_ms: int = 30_000
 
 
 class Call:
@@ -265,13 +268,57 @@ def sync(ctx: Context, call: Call) -> dict[str, Any]:
     member = parse_id(call.query("member"), "member", limits)
     last_read = parse_int64(call.query("last_read", "lastRead"), "last_read")
     count = parse_count(call.query("count"), "count", limits)
-    result = ctx.service.sync(member, last_read, count)
-    return {
-        "latestSeq": str(result.latest_seq),
-        "entrySetLastSeq": str(result.entries[-1].seq if result.entries else 0),
-        "entrySet": _entries(result.entries),
-        "minSeq": str(result.min_seq),
-    }
+    wait_ms = _wait_ms(ctx, call)
+
+    def read() -> dict[str, Any]:
+        result = ctx.service.sync(member, last_read, count)
+        return {
+            "latestSeq": str(result.latest_seq),
+            "entrySetLastSeq": str(result.entries[-1].seq if result.entries else 0),
+            "entrySet": _entries(result.entries),
+            "minSeq": str(result.min_seq),
+        }
+
+    return _waiting(ctx, call, Timeline(Kind.SYNC, member), wait_ms, read)
+
+
+def _wait_ms(ctx: Context, call: Call) -> int:
+    """Extension: how long a read may wait for entries, clamped to sync_wait_max_ms."""
+    wait = parse_int64(call.query("wait_ms", "waitMs"), "wait_ms")
+    return min(wait, ctx.wait_max_ms)
+
+
+def _waiting(
+    ctx: Context,
+    call: Call,
+    timeline: Timeline,
+    wait_ms: int,
+    read: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """`read()`, held for up to wait_ms while its entrySet is empty. The token is taken
+    before each read: a wake-up between the read and the park (a message stored after the
+    read looked) makes the park fail, and the read runs again at once."""
+    wakes = ctx.wakes
+    if not wait_ms or wakes is None:
+        return read()
+    deadline = call.environ.get(WAIT_UNTIL) or time.monotonic() + wait_ms / 1000
+    key = key_of(timeline)
+    while True:
+        token = wakes.watch(key)
+        try:
+            page = read()
+        except BaseException:
+            wakes.unwatch(key)
+            raise
+        left = deadline - time.monotonic()
+        if page["entrySet"] or left <= 0:
+            wakes.unwatch(key)
+            if not page["entrySet"]:
+                metrics.WAITS_TIMED_OUT.inc()
+            return page
+        if call.environ.get(CAN_PARK):
+            raise Parked(wakes, key, token, deadline)  # the worker holds it: no thread
+        wakes.wait(key, token, left)  # a thread to spare (another WSGI server, tests)
 
 
 def _history(ctx: Context, call: Call, timeline_id: str) -> dict[str, Any]:
@@ -284,7 +331,12 @@ def _history(ctx: Context, call: Call, timeline_id: str) -> dict[str, Any]:
     if direction != "forward":
         raise InvalidParam("direction must be forward or backward", field="direction")
     last_read = parse_int64(call.query("last_read", "lastRead"), "last_read")
-    return {"entrySet": _entries(ctx.service.history(timeline_id, last_read, count))}
+    wait_ms = _wait_ms(ctx, call)
+
+    def read() -> dict[str, Any]:
+        return {"entrySet": _entries(ctx.service.history(timeline_id, last_read, count))}
+
+    return _waiting(ctx, call, Timeline(Kind.HISTORY, timeline_id), wait_ms, read)
 
 
 def history_single(ctx: Context, call: Call, sender: str, receiver: str) -> dict[str, Any]:
@@ -413,7 +465,12 @@ class Api:
                     headers.append(("Allow", ", ".join(sorted(allowed))))
                     raise MethodNotAllowed(f"{method} is not allowed on {_wsgi_text(path)}")
                 call = Call(environ, self.app.config["MAX_CONTENT_LENGTH"])
-                body = orjson.dumps(handler(self.context, call, *params))
+                try:
+                    body = orjson.dumps(handler(self.context, call, *params))
+                except Parked as parked:
+                    # Held by the worker, which runs the request again: no reply, no line.
+                    environ[PARKED] = parked
+                    return []  # (the finally below unbinds its request id)
                 code = 200
         except TimelineError as error:
             code = error.code

@@ -13,6 +13,7 @@ from timeline.service import Policy, TimelineService, _now_ms
 from timeline.settings import Settings, load_settings
 from timeline.store import Preparer, Purger, Store, open_store, retention_ms
 from timeline.validation import Limits
+from timeline.wakes import CHANNEL, Wakes
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def redis_url(settings: Settings) -> str | None:
 def close_app(app: Flask) -> None:
     """Close the app's Redis and store clients (a worker exiting cleanly)."""
     service: TimelineService = app.extensions[api.EXTENSION]["service"]
+    app.extensions[api.EXTENSION]["wakes"].stop()
     app.extensions[api.EXTENSION]["purger"].stop()
     app.extensions[api.EXTENSION]["preparer"].stop()
     service.allocator.close()
@@ -48,7 +50,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     allocator = open_allocator(settings, redis_url(settings))
     store = store or open_store(settings)
     policy = Policy.from_settings(settings)
-    service = TimelineService(allocator, store, policy)
+    wakes = Wakes(allocator.redis, settings.redis_key_prefix + CHANNEL)
+    wakes.start()  # readers waiting for entries (wait_ms) hear of every process's writes
+    service = TimelineService(allocator, store, policy, notify=wakes.publish)
     purger = Purger(store, retention_ms(settings), settings.purge_interval_seconds, _now_ms)
     purger.start()  # expired entries leave in the background
     preparer = Preparer(store)
@@ -58,7 +62,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         "settings": settings,
         "service": service,
         "limits": limits,
-        "context": api.Context(service, limits),
+        "context": api.Context(service, limits, wakes, settings.sync_wait_max_ms),
+        "wakes": wakes,
         "cors_headers": api.cors_headers(settings.cors_allow_origin),
         "purger": purger,
         "preparer": preparer,

@@ -18,6 +18,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -70,8 +71,26 @@ ACKED = Counter(
 )
 EXPIRED_REMOVED = Counter(
     "timeline_expired_removed_total",
-    "Expired entries the purge removed (not those MongoDB's TTL index removes as a backstop).",
+    "Expired entries the purge removed (nothing else removes entries).",
     ["kind"],
+)
+WAITERS = Gauge(
+    "timeline_waiters",
+    "Reads held until their timeline gets entries (wait_ms), parked now; summed over processes.",
+    multiprocess_mode="livesum",
+)
+WAKE_LATENCY = Histogram(
+    "timeline_wake_latency_seconds",
+    "From a wake-up's arrival in a process to its waiter's reply being ready.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+WAITS_TIMED_OUT = Counter(
+    "timeline_waits_timed_out_total",
+    "Reads held for their whole wait_ms: answered with what was readable then (often nothing).",
+)
+WAKES_LOST = Counter(
+    "timeline_wakes_not_published_total",
+    "Wake-ups a send could not publish (Redis refused): their waiters read at their deadline.",
 )
 FILES_SKIPPED = Counter(
     "timeline_metrics_files_skipped_total",

@@ -187,6 +187,9 @@ class Settings:
     # A sync or history page holds at most this many bytes of entries (as JSON encodes
     # them), and at least one entry: clients page on by entrySetLastSeq.
     page_max_bytes: int = 4 * 1024 * 1024
+    # The longest a sync or forward history read waits for entries (wait_ms); a larger
+    # wait_ms is clamped to it.
+    sync_wait_max_ms: int = 30_000
 
     # The gRPC API (timeline-grpc, timeline/rpc/): host:port or unix:/path. Unset,
     # timeline-grpc listens on GRPC_DEFAULT_BIND and gunicorn serves HTTP alone; set, gunicorn's
@@ -244,6 +247,7 @@ class Settings:
             "http_max_connections",
             "http_memory_budget_bytes",
             "page_max_bytes",
+            "sync_wait_max_ms",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -96,6 +96,7 @@ from timeline.errors import (
 )
 from timeline.logs import REQUEST_ID, REQUEST_ID_PATTERN
 from timeline.settings import load_settings
+from timeline.wakes import CAN_PARK, PARKED, WAIT_UNTIL, Parked
 
 # --- The envelope -----------------------------------------------------------------------
 
@@ -406,6 +407,10 @@ class Framing:
 # --- Connections ------------------------------------------------------------------------
 
 READING, BUSY, WRITING, LINGERING = "reading", "busy", "writing", "lingering"
+#: A read held until its timeline gets entries (wait_ms): no thread, a timer and a callback.
+WAITING = "waiting"
+#: What a waiting connection may buffer of a next (pipelined) request before it is closed.
+_WAITING_BUF_MAX = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: After a last reply the connection is half-closed and read (and dropped) for this long at
 #: most, so that the kernel does not reset it while the client's last bytes are unread.
@@ -466,11 +471,16 @@ class Conn:
         "on_event",
         "out",
         "out_index",
+        "parked",
         "paused",
+        "pending",
         "server",
         "sock",
         "state",
         "ticket",
+        "wait_until",
+        "wake",
+        "woken_at",
         "writing_since",
     )
 
@@ -503,6 +513,11 @@ class Conn:
         self.in_thread = 0  # of them, the request a thread is running
         self.writing_since = 0.0
         self.paused = False  # not read while the worker is over its memory budget
+        self.pending = b""  # the request a thread runs (run again after a wait)
+        self.parked: Parked | None = None  # the wait it is held for
+        self.wait_until = 0.0  # its deadline (time.monotonic), across runs of the request
+        self.wake: Callable[[], None] | None = None  # what wakes it (from any thread)
+        self.woken_at = 0.0
         self.on_event = partial(on_event, self)
 
 
@@ -606,6 +621,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         for conn in list(self.conns):
             if conn.state == READING and not conn.buf:
                 self._schedule(conn, now + min(_STOP_LINGER_SECONDS, self.keepalive_timeout))
+            elif conn.state == WAITING:
+                self._unpark(conn)  # answered now with what is readable
         give_up = now + self.cfg.graceful_timeout
         while self.conns and time.monotonic() < give_up:
             self.notify()
@@ -680,6 +697,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
                 self._reply_and_close(conn, envelope(error, _request_id(None, bytes(conn.buf))))
             else:
                 self._close(conn)  # silent, or idle after its last reply
+        elif conn.state == WAITING:
+            self._unpark(conn)  # its wait is over: the request runs once more, and answers
         elif conn.state == WRITING:
             self.log.info("Reply not taken within its timeout: abandoned (%s)", conn.client)
             self._close(conn, reset=True)
@@ -707,6 +726,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self.nr_conns -= 1
         self.silent.pop(conn, None)
         self.paused.pop(conn, None)
+        if conn.state == WAITING and conn.parked is not None and conn.wake is not None:
+            conn.parked.wakes.cancel(conn.parked.key, conn.wake)
         self.held -= conn.held
         conn.held = conn.in_thread = 0
         conn.ticket = -1
@@ -779,6 +800,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         try:
             if conn.state == READING:
                 self._read(conn)
+            elif conn.state == WAITING:
+                self._read_while_waiting(conn)
             elif conn.state == WRITING:
                 self._write(conn)
             elif conn.state == LINGERING:
@@ -905,6 +928,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         conn.state = BUSY
         conn.ticket = -1
         conn.in_thread = len(data)
+        conn.pending = data
         self.running += 1
         self._unwatch(conn)
         future = self.tpool.submit(self._serve, conn, data, framing.close)
@@ -919,6 +943,16 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self._hold(conn, -conn.in_thread)
         conn.in_thread = 0
         conn.environ = None
+        if conn.woken_at:
+            from timeline.metrics import WAKE_LATENCY  # not at import: see timeline.wakes
+
+            WAKE_LATENCY.observe(time.monotonic() - conn.woken_at)
+            conn.woken_at = 0.0
+        if conn.parked is not None:
+            self._park(conn)
+            return
+        conn.pending = b""
+        conn.wait_until = 0.0
         try:
             chunks, keep = done.result()
         except BaseException:  # _serve answers every error itself: this is a bug of ours
@@ -926,6 +960,58 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             error = Unavailable("the request was interrupted before it completed; retry it")
             chunks, keep = [envelope(error, os.urandom(16).hex())], False
         self._send(conn, chunks, keep)
+
+    def _park(self, conn: Conn) -> None:
+        """Hold a read that has nothing to return yet (wait_ms): no thread, a timer at its
+        deadline, and a wake-up callback that hands it back to this loop. Parking refused
+        (a wake-up came since the read took its token): it runs again at once."""
+        parked = conn.parked
+        assert parked is not None
+        conn.state = WAITING
+        conn.wait_until = parked.deadline
+        conn.wake = partial(self.method_queue.defer, self._woken, conn, parked)
+        if not parked.wakes.park(parked.key, parked.token, conn.wake):
+            self._rerun(conn)
+            return
+        self._schedule(conn, parked.deadline)
+        self._watch(conn, selectors.EVENT_READ)  # to see the client leave
+
+    def _woken(self, conn: Conn, parked: Parked) -> None:
+        if conn in self.conns and conn.state == WAITING and conn.parked is parked:
+            conn.woken_at = time.monotonic()
+            self._rerun(conn)
+
+    def _unpark(self, conn: Conn) -> None:
+        """The wait is over (its deadline, or the worker stops): the request runs once more
+        and answers with what is readable then."""
+        parked, wake = conn.parked, conn.wake
+        if parked is not None and wake is not None:
+            parked.wakes.cancel(parked.key, wake)
+        conn.wait_until = min(conn.wait_until, time.monotonic())
+        self._rerun(conn)
+
+    def _rerun(self, conn: Conn) -> None:
+        """Run the held request again in a thread, with the same deadline."""
+        conn.parked = conn.wake = None
+        conn.state = BUSY
+        conn.ticket = -1
+        self.running += 1
+        self._unwatch(conn)
+        data = conn.pending
+        future = self.tpool.submit(self._serve, conn, data, conn.framing.close)
+        future.add_done_callback(lambda done: self.method_queue.defer(self._served, conn, done))
+
+    def _read_while_waiting(self, conn: Conn) -> None:
+        """A waiting connection is readable: the client left (closed), or pipelines its
+        next request (kept for after the reply, up to _WAITING_BUF_MAX)."""
+        data = self._recv(conn, _RECV_SIZE)
+        if data is None:
+            return
+        if not data or len(conn.buf) + len(data) > _WAITING_BUF_MAX:
+            self._close(conn)
+            return
+        conn.buf += data
+        self._hold(conn, len(data))
 
     def _reply_and_close(self, conn: Conn, reply: bytes) -> None:
         self._send(conn, [reply], keep=False)
@@ -1061,6 +1147,9 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             started = datetime.now()
             resp, environ = wsgi.create(req, out, conn.client, conn.server, self.cfg)
             environ["wsgi.multithread"] = True
+            environ[CAN_PARK] = True
+            if conn.wait_until:
+                environ[WAIT_UNTIL] = conn.wait_until
             conn.environ = environ
             self.nr += 1
             if self.nr >= self.max_requests:
@@ -1076,6 +1165,10 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
                 # Not while it has pipelined requests buffered: those are served here.
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
+            parked = environ.get(PARKED)
+            if parked is not None:
+                conn.parked = parked  # held by the main loop (_park), no reply yet
+                return True
             try:
                 for item in respiter:
                     resp.write(item)
@@ -1116,7 +1209,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         answered 503 before the worker exits; a reply already on its way is cut off."""
         error = Unavailable("the worker serving this request was stopped; retry it")
         for conn in list(self.conns):
-            if conn.state == BUSY or (conn.state == READING and conn.buf):
+            if conn.state in (BUSY, WAITING) or (conn.state == READING and conn.buf):
                 environ = conn.environ
                 request_id = environ.get(REQUEST_ID) if environ else None
                 with contextlib.suppress(OSError):

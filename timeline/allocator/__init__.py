@@ -194,6 +194,14 @@ class Redis(Protocol):
         """A line for the log: the mode and where it points."""
         ...
 
+    def publish(self, channel: str, message: bytes) -> None:
+        """PUBLISH (to every subscriber, on any node of a cluster); raises redis errors."""
+        ...
+
+    def pubsub(self) -> Any:
+        """A new redis-py PubSub (a connection of its own) for subscribing."""
+        ...
+
     def close(self) -> None: ...
 
 

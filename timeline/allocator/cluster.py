@@ -185,6 +185,13 @@ class ClusterRedis:
     def ping(self) -> None:
         self._safe(lambda: self.client.ping(target_nodes=RedisCluster.PRIMARIES))
 
+    def publish(self, channel: str, message: bytes) -> None:
+        # Redis Cluster forwards a PUBLISH to every node: a subscriber on any node hears it.
+        self._safe(lambda: self.client.publish(channel, message))
+
+    def pubsub(self) -> Any:
+        return self.client.pubsub()
+
     def masters(self) -> list[str]:
         return [node.name for node in self.client.get_primaries()]  # type: ignore[no-untyped-call]
 

@@ -67,6 +67,12 @@ class StandaloneRedis:
     def ping(self) -> None:
         self.client.ping()
 
+    def publish(self, channel: str, message: bytes) -> None:
+        self.client.publish(channel, message)
+
+    def pubsub(self) -> Any:
+        return self.client.pubsub(ignore_subscribe_messages=False)
+
     def describe(self) -> str:
         kwargs = self.client.connection_pool.connection_kwargs
         where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"

@@ -25,6 +25,7 @@ from timeline.service import Policy, TimelineService, _now_ms
 from timeline.settings import Settings
 from timeline.store import Preparer, Purger, Store, open_store, retention_ms
 from timeline.validation import Limits
+from timeline.wakes import CHANNEL, Wakes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Runtime:
     service: TimelineService
     purger: Purger
     preparer: Preparer
+    wakes: Wakes
     lease: Lease | None = None
     owns_store: bool = True  # False when the store was given: its owner closes it
     _closed: bool = field(default=False, repr=False)
@@ -65,7 +67,10 @@ class Runtime:
             if lease is not None:
                 lease.release()
             raise
-        service = TimelineService(allocator, store, Policy.from_settings(settings))
+        wakes = Wakes(allocator.redis, settings.redis_key_prefix + CHANNEL)
+        wakes.start()
+        policy = Policy.from_settings(settings)
+        service = TimelineService(allocator, store, policy, notify=wakes.publish)
         purger = Purger(store, retention_ms(settings), settings.purge_interval_seconds, _now_ms)
         purger.start()
         preparer = Preparer(store)
@@ -75,12 +80,13 @@ class Runtime:
             store.backend,
             "embedded" if settings.embedded_redis else allocator.describe(),
         )
-        return cls(settings, service, purger, preparer, lease, owns_store)
+        return cls(settings, service, purger, preparer, wakes, lease, owns_store)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self.wakes.stop()
         self.purger.stop()
         self.preparer.stop()
         self.service.allocator.close()

@@ -9,10 +9,12 @@ never skip a hole, ack). TimelineService holds them and is what the API layers c
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from timeline.allocator import Allocator
+from timeline.model import Timeline
 from timeline.service.common import Parts, Policy, _now_ms
 from timeline.service.reading import HistoryPage, Reader, SyncResult
 from timeline.service.repairing import Repairer
@@ -41,8 +43,10 @@ class TimelineService:
         policy: Policy | None = None,
         clock_ms: Callable[[], int] = _now_ms,
         sleep: Callable[[float], None] = time.sleep,
+        notify: Callable[[Sequence[Timeline]], None] | None = None,
     ) -> None:
-        self.parts = Parts(allocator, store, policy or Policy(), clock_ms, sleep)
+        parts = Parts(allocator, store, policy or Policy(), clock_ms, sleep)
+        self.parts = parts if notify is None else dataclasses.replace(parts, notify=notify)
         self.writer = Writer(self.parts, Repairer(self.parts))
         self.reader = Reader(self.parts)
         # What the API layers call, each answered by the part that does it.
@@ -69,4 +73,6 @@ class TimelineService:
         """The same service (allocator, store, clock) under another policy: a gRPC call's
         sooner deadline, say."""
         parts = self.parts
-        return TimelineService(parts.allocator, parts.store, policy, parts.clock_ms, parts.sleep)
+        return TimelineService(
+            parts.allocator, parts.store, policy, parts.clock_ms, parts.sleep, parts.notify
+        )

@@ -17,6 +17,10 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _nobody(timelines: Sequence[Timeline]) -> None:
+    """No one to tell (a service without waiting readers)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """The service's knobs, from the settings."""
@@ -111,11 +115,13 @@ class _Plan:
 
 @dataclass(frozen=True, slots=True)
 class Parts:
-    """What the parts of the service work with: the allocator, the store, the policy and the
-    clock. Each part (Reader, Repairer, Writer) takes what it needs from it when made."""
+    """What the parts of the service work with: the allocator, the store, the policy, the
+    clock, and who to tell that timelines got entries (timeline.wakes: readers waiting for
+    them). Each part (Reader, Repairer, Writer) takes what it needs from it when made."""
 
     allocator: Allocator
     store: Store
     policy: Policy
     clock_ms: Callable[[], int] = _now_ms
     sleep: Callable[[float], None] = time.sleep
+    notify: Callable[[Sequence[Timeline]], None] = _nobody

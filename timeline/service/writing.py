@@ -99,6 +99,7 @@ class Writer:
     def __init__(self, parts: Parts, repairs: Repairer) -> None:
         self.allocator, self.store, self.policy = parts.allocator, parts.store, parts.policy
         self._clock_ms, self._sleep = parts.clock_ms, parts.sleep
+        self._notify = parts.notify
         self.repairs = repairs
 
     def send(
@@ -203,6 +204,9 @@ class Writer:
             plan = dataclasses.replace(plan, firsts=_firsts(allocated.lasts, count), claim=claim)
             positions = self._store(plan, self._ages(allocated), allocated.failed)
         failed = [ids[p] for p in positions]
+        unwritten = set(positions)
+        # Readers waiting for these timelines read again (after the copies are stored).
+        self._notify([t for p, t in enumerate(timelines) if p not in unwritten])
         metrics.FAN_OUT.observe(len(recipients))
         if failed:
             metrics.FAILED_MEMBERS.inc(len(failed))
