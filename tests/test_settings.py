@@ -196,3 +196,22 @@ def test_a_data_dir_too_deep_for_the_redis_socket_is_refused(tmp_path: Path) -> 
     assert load_settings({"TIMELINE_DATA_DIR": str(fits)}, config_path=none)
     external = {"TIMELINE_DATA_DIR": str(deep), "TIMELINE_REDIS_URL": "redis://r:6379/0"}
     assert load_settings(external, config_path=none).data_dir == str(deep)
+
+
+def test_the_process_s_settings_are_read_once_until_their_sources_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gunicorn worker's front and its app both ask: one read, one object.
+    config = tmp_path / "timeline.yaml"
+    config.write_text("count_default: 7\n")
+    monkeypatch.setenv("TIMELINE_CONFIG", str(config))
+    first = load_settings()
+    assert load_settings() is first
+    assert first.count_default == 7
+    # A changed variable, or a changed file, is read again.
+    monkeypatch.setenv("TIMELINE_COUNT_MAX", "999")
+    second = load_settings()
+    assert second is not first
+    assert second.count_max == 999
+    config.write_text("count_default: 8\n# longer, so that the size changes too\n")
+    assert load_settings().count_default == 8

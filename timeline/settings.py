@@ -432,11 +432,40 @@ def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
     return f"; did you mean {bare[close[0]]}?" if close else ""
 
 
+#: The last settings loaded from this process's environment, with what they were read from:
+#: a gunicorn worker's front and its app ask for them once each, and get one object.
+_loaded: tuple[tuple[Any, ...], Settings] | None = None
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, config_path: str | Path | None = None
 ) -> Settings:
-    """Build Settings from the defaults, the YAML file and the environment, in that order."""
-    env = os.environ if environ is None else environ
+    """Build Settings from the defaults, the YAML file and the environment, in that order.
+    From the process's own environment, read once while neither it nor the file changes."""
+    global _loaded
+    if environ is not None:
+        return _load_settings(environ, config_path)
+    explicit = config_path or os.environ.get(ENV_PREFIX + "CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    try:
+        stat = path.stat()
+        version: Any = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except OSError:
+        version = None
+    key = (
+        str(path.resolve()),
+        version,
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX))),
+    )
+    if _loaded is not None and _loaded[0] == key:
+        return _loaded[1]
+    settings = _load_settings(os.environ, config_path)
+    _loaded = (key, settings)
+    return settings
+
+
+def _load_settings(environ: Mapping[str, str], config_path: str | Path | None) -> Settings:
+    env = environ
     types = {f.name: f.type for f in fields(Settings)}
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}  # where each value that is not a default came from
