@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ from timeline.bench.harness import SEND_USERS
 from timeline.errors import PartialWrite, Unavailable
 from timeline.factory import create_app
 from timeline.logs import JsonFormatter, RequestIdFilter
-from timeline.model import Kind, Message
+from timeline.model import Kind, Message, Timeline
 from timeline.rpc.calls import Calls
 from timeline.rpc.server import Runtime, TimelineServer
 from timeline.rpc.status import KRATOS_CODES, grpc_code
@@ -42,7 +43,7 @@ from timeline.rpc.supervisor import PortLease
 from timeline.rpc.v1 import timeline_pb2 as pb
 from timeline.rpc.v1 import timeline_pb2_grpc
 from timeline.settings import Settings
-from timeline.store import Store, WriteResult
+from timeline.store import Page, Store, WriteResult
 from timeline.store.sqlite import SQLiteStore
 
 SEED_TEXTS = ["吃了吗？", "吃了", "大家好", "报三围", "初次见面，多多指教"]
@@ -105,7 +106,10 @@ class Failure:
 def failure(call: Callable[[], Any]) -> Failure:
     with pytest.raises(grpc.RpcError) as raised:
         call()
-    error: Any = raised.value
+    return failure_of(raised.value)
+
+
+def failure_of(error: Any) -> Failure:
     status = rpc_status.from_call(error)  # also checks code and message agree with the call
     assert status is not None, (error.code(), error.details())
     infos, retries = [], []
@@ -505,6 +509,32 @@ BAD_REQUESTS = [
         lambda client: client.get("/timeline/sync"),
     ),
     Case(
+        "a negative wait_ms",
+        lambda stub: stub.GetSyncMessage(pb.SyncMessageRequest(member="a", wait_ms=-1)),
+        lambda client: client.get("/timeline/sync?member=a&wait_ms=-1"),
+    ),
+    Case(
+        "a negative history wait_ms",
+        lambda stub: single(stub, "a", "b", wait_ms=-5),
+        lambda client: client.get("/timeline/history/single/a/b?wait_ms=-5"),
+    ),
+    # Subscribe checks member and last_read as a sync does
+    Case(
+        "subscribe: ':' in member",
+        lambda stub: next(stub.Subscribe(pb.SubscribeRequest(member="a:x"), timeout=5)),
+        lambda client: client.get("/timeline/sync?member=a:x"),
+    ),
+    Case(
+        "subscribe: member missing",
+        lambda stub: next(stub.Subscribe(pb.SubscribeRequest(last_read=3), timeout=5)),
+        lambda client: client.get("/timeline/sync?last_read=3"),
+    ),
+    Case(
+        "subscribe: a negative last_read",
+        lambda stub: next(stub.Subscribe(pb.SubscribeRequest(member="a", last_read=-1), timeout=5)),
+        lambda client: client.get("/timeline/sync?member=a&last_read=-1"),
+    ),
+    Case(
         "a negative history count",
         lambda stub: stub.GetGroupHistoryMessage(
             pb.GetGroupHistoryMessageRequest(group="g", count=-1)
@@ -810,7 +840,7 @@ def test_a_call_whose_deadline_passes_while_queued_never_starts(
     settings: Settings, tmp_path: Path, redis_client: Any, key_prefix: str
 ) -> None:
     settings = slow_writes(settings, tmp_path)
-    served = Grpc(settings, threads=1)  # one call at a time
+    served = Grpc(settings, threads=1, held=0)  # one call at a time
     blocker = sqlite3.connect(settings.sqlite_path, isolation_level=None)
     try:
         # Given the only thread is busy with a write waiting on the lock
@@ -970,6 +1000,7 @@ def test_health_and_reflection_answer(rpc: Grpc) -> None:
         "GetSingleHistoryMessage",
         "GetGroupHistoryMessage",
         "Ack",
+        "Subscribe",
     ]
     entry = pool.FindMessageTypeByName("timeline.v1.TimelineEntry")
     assert [(f.name, f.number) for f in entry.fields] == [
@@ -1154,5 +1185,367 @@ def test_a_fan_out_cut_short_by_its_deadline_leaves_no_hole(
                 assert time.monotonic() - started < 1.0, (member, got)
                 time.sleep(0.01)
             assert got in (["first", "next"], ["first", "late", "next"]), (member, got)
+    finally:
+        served.close()
+
+
+# --- waiting for the next message: wait_ms and Subscribe -------------------------------------
+
+
+@pytest.fixture
+def waiting(settings: Settings, store: Store) -> Iterator[Grpc]:
+    """The gRPC API with waits of up to 10 s, its wake-up listener subscribed."""
+    served = Grpc(settings.replace(sync_wait_max_ms=10_000), store)
+    wait_for(lambda: served.runtime.wakes.listening, "the wake-up listener to subscribe")
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def sender(settings: Settings, store: Store) -> Iterator[Any]:
+    """Another app (its own wake-ups) on the same Redis prefix and store: an HTTP client."""
+    app = create_app(settings, store=store)
+    yield app.test_client()
+    app.extensions["timeline"]["wakes"].stop()
+
+
+def http_send(client: Any, sender: str, receiver: str, text: str) -> str:
+    body = {"from": sender, "to": receiver, "message": json.dumps({"text": text})}
+    reply = client.post("/timeline/send", data=json.dumps(body))
+    assert reply.status_code == 200, reply.get_data(as_text=True)
+    sequence: str = reply.get_json()["sequence"]
+    return sequence
+
+
+def parked(served: Grpc, member: str) -> int:
+    """How many calls of the server wait for the member's sync timeline."""
+    return len(served.runtime.wakes._parked.get(f"s:{member}", ()))
+
+
+def released(served: Grpc) -> bool:
+    """No call of the server waits: no waiter, no watch, no slot taken."""
+    wakes = served.runtime.wakes
+    return not wakes._parked and not wakes._watched and served.server.holds.held == 0
+
+
+class Follower:
+    """A Subscribe call read by a thread of its own: the pages, in the order received."""
+
+    def __init__(self, stub: Any, member: str, last_read: int = 0, timeout: float = 30) -> None:
+        request = pb.SubscribeRequest(member=member, last_read=last_read)
+        self.call = stub.Subscribe(request, timeout=timeout)
+        self.pages: list[Any] = []
+        self.error: Any = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for page in self.call:
+                self.pages.append(page)
+        except grpc.RpcError as error:
+            self.error = error
+
+    def sequences(self) -> list[int]:
+        return [entry.sequence for page in self.pages for entry in page.entry_set]
+
+    def texts(self) -> list[str]:
+        return [json.loads(e.message)["text"] for page in self.pages for e in page.entry_set]
+
+    def until(self, count: int, timeout_s: float = 5.0) -> list[int]:
+        wait_for(lambda: len(self.sequences()) >= count, f"{count} entries", timeout_s)
+        return self.sequences()
+
+    def ended(self, timeout_s: float = 5.0) -> Any:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "the stream did not end"
+        return self.error
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self.ended()
+
+
+def test_a_waiting_read_is_answered_by_the_next_message_from_another_process(
+    waiting: Grpc, sender: Any
+) -> None:
+    stub = waiting.stub
+    with ThreadPoolExecutor(2) as pool:
+        # Given a sync held with wait_ms, and nothing to read yet
+        held = pool.submit(stub.GetSyncMessage, pb.SyncMessageRequest(member="b", wait_ms=10_000))
+        wait_for(lambda: parked(waiting, "b") == 1, "the read to wait")
+        # When another app sends b a message over HTTP (its wake-up crosses Redis)
+        started = time.monotonic()
+        assert http_send(sender, "a", "b", "hello") == "1"
+        # Then the read answers with it, long before its 10 s
+        reply = held.result(timeout=5)
+        assert time.monotonic() - started < 5.0
+        assert (texts(reply.entry_set), reply.entry_set_last_seq, reply.latest_seq) == (
+            [(1, "hello")],
+            1,
+            1,
+        )
+
+        # A forward history read waits too, and is answered by a message sent over gRPC
+        history = pool.submit(single, stub, "b", "a", last_read=1, wait_ms=10_000)
+        wait_for(lambda: len(waiting.runtime.wakes._parked.get("h:a:b", ())) == 1, "history")
+        send(stub, "b", "a", {"text": "there"})
+        assert texts(history.result(timeout=5).entry_set) == [(2, "there")]
+
+    # What is readable is answered at once, as without wait_ms
+    started = time.monotonic()
+    reply = stub.GetSyncMessage(pb.SyncMessageRequest(member="b", wait_ms=10_000))
+    assert [e.sequence for e in reply.entry_set] == [1, 2]
+    assert time.monotonic() - started < 2.0
+    assert released(waiting)
+
+
+def test_a_wait_that_ends_answers_the_normal_empty_page(waiting: Grpc) -> None:
+    stub = waiting.stub
+    empty = pb.SyncMessageReply(latest_seq=0, entry_set_last_seq=0, min_seq=1)
+    # wait_ms over
+    started = time.monotonic()
+    assert stub.GetSyncMessage(pb.SyncMessageRequest(member="b", wait_ms=300)) == empty
+    assert time.monotonic() - started >= 0.3
+    # The call's deadline comes first: the empty page is answered before it, not an error
+    started = time.monotonic()
+    reply = stub.GetSyncMessage(pb.SyncMessageRequest(member="b", wait_ms=10_000), timeout=1.0)
+    assert reply == empty
+    assert 0.5 <= time.monotonic() - started < 1.0
+    assert list(single(stub, "a", "b", wait_ms=200).entry_set) == []
+    assert released(waiting)
+
+
+def test_wait_ms_is_clamped_to_the_setting(settings: Settings, sqlite_store: SQLiteStore) -> None:
+    served = Grpc(settings.replace(sync_wait_max_ms=200), sqlite_store)
+    try:
+        started = time.monotonic()
+        reply = served.stub.GetSyncMessage(pb.SyncMessageRequest(member="b", wait_ms=600_000))
+        assert list(reply.entry_set) == []
+        assert time.monotonic() - started < 5.0  # clamped to 0.2 s, not refused
+    finally:
+        served.close()
+
+
+def test_subscribe_sends_each_message_once_in_order_as_it_is_stored(
+    waiting: Grpc, sender: Any
+) -> None:
+    # Given a member subscribed with nothing to read yet
+    follower = Follower(waiting.stub, "b")
+    try:
+        wait_for(lambda: parked(waiting, "b") == 1, "the stream to wait")
+        # When three messages are sent one after another (over HTTP, by another app)
+        for i, text in enumerate(["one", "two", "three"], start=1):
+            http_send(sender, "a", "b", text)
+            # Then each is sent as soon as it is stored, in a page of its own
+            assert follower.until(i) == list(range(1, i + 1))
+        time.sleep(0.3)
+        # in order, none twice
+        assert follower.texts() == ["one", "two", "three"]
+        assert [p.entry_set_last_seq for p in follower.pages] == [1, 2, 3]
+        assert [p.latest_seq for p in follower.pages] == [1, 2, 3]
+    finally:
+        follower.cancel()
+
+
+def test_subscribe_resumes_from_the_last_sequence_received(waiting: Grpc, sender: Any) -> None:
+    stub = waiting.stub
+    http_send(sender, "a", "b", "one")
+    # A subscriber gets what is readable at once, then what follows
+    first = Follower(stub, "b")
+    assert first.until(1) == [1]
+    http_send(sender, "a", "b", "two")
+    assert first.until(2) == [1, 2]
+    first.cancel()
+    assert first.error.code() is grpc.StatusCode.CANCELLED
+    # Messages sent while no one is subscribed
+    http_send(sender, "a", "b", "three")
+    http_send(sender, "a", "b", "four")
+    # are received by the next subscription, from the last sequence received, exactly once
+    again = Follower(stub, "b", last_read=first.pages[-1].entry_set_last_seq)
+    try:
+        assert again.until(2) == [3, 4]
+        send(stub, "a", "b", {"text": "five"})
+        assert again.until(3) == [3, 4, 5]
+        time.sleep(0.3)
+        assert again.texts() == ["three", "four", "five"]
+    finally:
+        again.cancel()
+
+
+class CountedReads:
+    """A store that counts the sync pages read of `member`."""
+
+    def __init__(self, store: Store, member: str) -> None:
+        self._store = store
+        self._member = member
+        self.reads = 0
+
+    def page(self, kind: Kind, timeline_id: str, *args: Any) -> Page:
+        if kind is Kind.SYNC and timeline_id == self._member:
+            self.reads += 1
+        return self._store.page(kind, timeline_id, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_hole_holds_the_stream_back_until_it_is_written(settings: Settings, store: Store) -> None:
+    counted = CountedReads(store, "b")
+    served = Grpc(settings.replace(sync_wait_max_ms=10_000), counted)  # type: ignore[arg-type]
+    wait_for(lambda: served.runtime.wakes.listening, "the wake-up listener to subscribe")
+    service, wakes = served.runtime.service, served.runtime.wakes
+    b = Timeline(Kind.SYNC, "b")
+    now = int(time.time() * 1000)
+    # Given b's seq 1 allocated and not yet written (a write in flight)
+    service.allocator.allocate([b], 1, None, now)
+    follower = Follower(served.stub, "b")
+    try:
+        wait_for(lambda: parked(served, "b") == 1, "the stream to wait")
+        # When seq 2 is stored and its wake-up published, the stream reads again, and waits:
+        # sending 2 would move the client past 1 for good
+        reads = counted.reads
+        service.allocator.allocate([b], 1, None, now)
+        put(store, Kind.SYNC, "b", 2, Message({"text": "2"}, '{"text":"2"}'), now, "m2")
+        wakes.publish([b])
+        wait_for(lambda: counted.reads > reads and parked(served, "b") == 1, "a read, a wait")
+        assert follower.pages == []
+        # Once seq 1 lands, both are sent, in order, in one page
+        put(store, Kind.SYNC, "b", 1, Message({"text": "1"}, '{"text":"1"}'), now, "m1")
+        wakes.publish([b])
+        assert follower.until(2) == [1, 2]
+        assert [len(page.entry_set) for page in follower.pages] == [2]
+    finally:
+        follower.cancel()
+        served.close()
+
+
+def test_a_cancel_or_a_deadline_lets_the_waiter_go(waiting: Grpc) -> None:
+    stub = waiting.stub
+    cancelled_before = duration_count("Subscribe", 499)
+    late_before = duration_count("Subscribe", 504)
+    # A stream cancelled by its client while it waits
+    follower = Follower(stub, "b")
+    wait_for(lambda: parked(waiting, "b") == 1 and waiting.server.holds.held == 1, "a waiter")
+    follower.cancel()
+    wait_for(lambda: released(waiting), "the waiter to go")
+    wait_for(lambda: duration_count("Subscribe", 499) == cancelled_before + 1, "its access line")
+    # A held read cancelled by its client
+    future = stub.GetSyncMessage.future(pb.SyncMessageRequest(member="b", wait_ms=10_000))
+    wait_for(lambda: parked(waiting, "b") == 1, "the read to wait")
+    future.cancel()
+    wait_for(lambda: released(waiting), "the read to go")
+    # A stream whose deadline passes
+    started = time.monotonic()
+    late = Follower(stub, "b", timeout=0.5)
+    assert late.ended().code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2.0
+    wait_for(lambda: released(waiting), "the stream to go")
+    wait_for(lambda: duration_count("Subscribe", 504) == late_before + 1, "its access line")
+
+
+def test_waiting_calls_are_capped_and_never_starve_the_others(
+    settings: Settings, sqlite_store: SQLiteStore
+) -> None:
+    # Given a server running 2 calls at once, and 2 more that wait
+    served = Grpc(settings.replace(sync_wait_max_ms=10_000), sqlite_store, threads=2, held=2)
+    wait_for(lambda: served.runtime.wakes.listening, "the wake-up listener to subscribe")
+    stub = served.stub
+    followers = [Follower(stub, "f0"), Follower(stub, "f1")]
+    try:
+        wait_for(lambda: served.server.holds.held == 2, "both streams to wait")
+        # A third stream, and a read that would wait, are refused: try again later
+        for refused in (
+            failure(lambda: next(stub.Subscribe(pb.SubscribeRequest(member="f2"), timeout=5))),
+            failure(lambda: stub.GetSyncMessage(pb.SyncMessageRequest(member="f2", wait_ms=5000))),
+        ):
+            assert (refused.code, refused.reason, refused.retry_after_s) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "TIMELINE_TOO_MANY_WAITING",
+                1,
+            )
+        # Every other call is served, two at a time, on threads the streams do not hold
+        with ThreadPoolExecutor(8) as pool:
+            sent = list(
+                pool.map(lambda i: send(stub, "x", f"f{i % 2}", {"text": str(i)}), range(8))
+            )
+        assert sorted(reply.sequence for reply in sent) == [1, 1, 2, 2, 3, 3, 4, 4]
+        # and a read with wait_ms that has entries to answer takes no slot
+        reply = stub.GetSyncMessage(pb.SyncMessageRequest(member="x", wait_ms=5000), timeout=5)
+        assert len(reply.entry_set) == 8
+        assert [f.until(4) for f in followers] == [[1, 2, 3, 4]] * 2
+        # Once a stream ends, its slot is free for another
+        followers[0].cancel()
+        wait_for(lambda: served.server.holds.held == 1, "the slot to be free")
+        followers[0] = Follower(stub, "f0", last_read=4)
+        wait_for(lambda: served.server.holds.held == 2, "the new stream to wait")
+        assert followers[0].error is None
+    finally:
+        for follower in followers:
+            follower.cancel()
+        served.close()
+
+
+def test_a_stopping_server_ends_its_waiting_calls_at_once(
+    settings: Settings, sqlite_store: SQLiteStore
+) -> None:
+    served = Grpc(settings.replace(sync_wait_max_ms=10_000), sqlite_store)
+    wait_for(lambda: served.runtime.wakes.listening, "the wake-up listener to subscribe")
+    try:
+        follower = Follower(served.stub, "b")
+        held = served.stub.GetSyncMessage.future(pb.SyncMessageRequest(member="c", wait_ms=10_000))
+        wait_for(lambda: served.server.holds.held == 2, "both to wait")
+        # When the server stops, with calls in flight given 5 s
+        started = time.monotonic()
+        stopping = threading.Thread(target=served.server.stop, args=(5.0,))
+        stopping.start()
+        # Then the stream ends at once, UNAVAILABLE: its client subscribes again, elsewhere
+        ended = failure_of(follower.ended())
+        assert (ended.code, ended.reason, ended.retry_after_s) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "TIMELINE_UNAVAILABLE",
+            1,
+        )
+        # and the held read answers its empty page
+        assert list(held.result(timeout=5).entry_set) == []
+        assert time.monotonic() - started < 2.0
+        stopping.join(10)
+    finally:
+        served.channel.close()
+        served.runtime.close()
+
+
+def test_a_client_that_stops_reading_stops_the_stream(
+    settings: Settings, sqlite_store: SQLiteStore
+) -> None:
+    # Given 200 messages of 50 KB for b (10 MB), one to a page (page_max_bytes)
+    counted = CountedReads(sqlite_store, "b")
+    settings = settings.replace(sync_wait_max_ms=10_000, page_max_bytes=60_000)
+    served = Grpc(settings, counted)  # type: ignore[arg-type]
+    try:
+        text = "x" * 50_000
+        for _ in range(200):
+            served.runtime.service.send(
+                "a", "b", [Message({"text": text}, json.dumps({"text": text}))], None
+            )
+        # When a client subscribes and reads nothing
+        call = served.stub.Subscribe(pb.SubscribeRequest(member="b"), timeout=30)
+        # Then the server sends what the client's HTTP/2 window takes (4 MiB by grpc's
+        # defaults: about 85 pages) and stops reading there: its stream waits, with one page
+        # in hand, until the client reads
+        ahead, deadline = -1, time.monotonic() + 10
+        while ahead != counted.reads or ahead < 1:
+            assert time.monotonic() < deadline, "the stream never stopped"
+            ahead = counted.reads
+            time.sleep(0.5)
+        assert ahead <= 120
+        # And once the client reads, it gets every entry, in order, once
+        got: list[int] = []
+        for page in call:
+            got += [entry.sequence for entry in page.entry_set]
+            if len(got) >= 200:
+                break
+        assert got == list(range(1, 201))
+        call.cancel()
     finally:
         served.close()

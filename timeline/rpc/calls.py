@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -35,6 +35,8 @@ Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 #: A method's own work: the request, the call's context, and the service to run it with.
 Handler = Callable[[Request, grpc.ServicerContext, TimelineService], Reply]
+#: A server-streaming method's own work: the replies, one at a time.
+StreamHandler = Callable[[Request, grpc.ServicerContext, TimelineService], Iterator[Reply]]
 
 
 def remote_address(peer: str) -> str:
@@ -94,6 +96,56 @@ class Calls:
                 logs.unbind_request_id(token)
 
         return call
+
+    def stream(
+        self, name: str, handler: StreamHandler[Request, Reply]
+    ) -> Callable[[Request, grpc.ServicerContext], Iterator[Reply]]:
+        """The server-streaming method `name` running `handler`: the same request id, token
+        check, errors and metrics, and one access line when the stream ends (its status:
+        200 ended by the server, 499 the client cancelled, 504 its deadline passed)."""
+        path = f"/{SERVICE_NAME}/{name}"
+        route = f"grpc:{path}"
+
+        def call(request: Request, context: grpc.ServicerContext) -> Iterator[Reply]:
+            started = time.perf_counter()
+            request_id = self._request_id(context)
+            token = logs.bind_request_id(request_id)
+            status: int | None = None
+            try:
+                try:
+                    self._authorize(context)
+                    self._remaining(context)
+                    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+                    yield from handler(request, context, self.service)
+                    return
+                except TimelineError as error:
+                    failure = error
+                    if error.code >= 500:
+                        log.warning("%s: %s (%s)", path, error.reason, error.message)
+                except Exception:
+                    log.exception("unhandled error on %s", path)
+                    failure = TimelineError("internal error")
+                status = failure.code
+                context.abort_with_status(
+                    error_status(failure, trailing=((REQUEST_ID_KEY, request_id),))
+                )
+                raise AssertionError("abort_with_status returned")  # pragma: no cover
+            finally:
+                # Also when grpc drops the stream at a reply its client will never read.
+                if status is None:
+                    status = self._ended(context)
+                self._record(route, path, status, started, request_id, context)
+                logs.unbind_request_id(token)
+
+        return call
+
+    @staticmethod
+    def _ended(context: grpc.ServicerContext) -> int:
+        """How a stream that raised nothing ended, as an HTTP status."""
+        if context.is_active():
+            return 200
+        remaining = context.time_remaining()
+        return 504 if remaining is not None and remaining <= 0 else 499
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
         """With an api_token set, the `authorization` metadata must be `Bearer <token>`."""

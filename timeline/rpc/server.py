@@ -21,6 +21,7 @@ from timeline.embedded import Lease
 from timeline.errors import TimelineError
 from timeline.rpc.calls import SERVICE_NAME, Calls
 from timeline.rpc.servicer import TimelineServicer
+from timeline.rpc.waiting import Holds
 from timeline.service import Policy, TimelineService, _now_ms
 from timeline.settings import Settings
 from timeline.store import Preparer, Purger, Store, open_store, retention_ms
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 
 #: Calls run at once (the service's clients are thread-safe, as under gunicorn's threads).
 THREADS = 16
+#: Calls held open waiting for entries at once (Subscribe streams, and reads with wait_ms
+#: while they wait): grpcio's server holds a thread for each, so the pool has this many
+#: threads beside THREADS, and a call that would wait beyond them is refused with
+#: RESOURCE_EXHAUSTED (timeline.rpc.waiting). The other calls always have THREADS threads
+#: (and the rest of the pool while fewer wait).
+HELD = 16
 #: Calls accepted at once, running or queued for a thread; beyond, grpc answers
 #: RESOURCE_EXHAUSTED at once rather than let a queue grow without bound. A queued call
 #: whose deadline passes meanwhile is refused when its turn comes (calls.Calls).
@@ -112,6 +119,7 @@ class TimelineServer:
         bind: str,
         *,
         threads: int = THREADS,
+        held: int = HELD,
         health_interval_s: float = HEALTH_INTERVAL_S,
         reuse_port: bool = False,
     ) -> None:
@@ -123,7 +131,7 @@ class TimelineServer:
         self.bind = bind
         self._health_interval_s = health_interval_s
         self._stopping = threading.Event()
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="timeline-grpc")
+        self._executor = ThreadPoolExecutor(threads + held, thread_name_prefix="timeline-grpc")
         self._server = grpc.server(
             self._executor,
             maximum_concurrent_rpcs=MAX_CALLS,
@@ -137,7 +145,9 @@ class TimelineServer:
             ],
         )
         calls = Calls(runtime.service, settings.api_token)
-        TimelineServicer(Limits.from_settings(settings), calls).add_to_server(self._server)
+        self.holds = Holds(runtime.wakes, held, settings.sync_wait_max_ms)
+        servicer = TimelineServicer(Limits.from_settings(settings), calls, self.holds)
+        servicer.add_to_server(self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -156,10 +166,13 @@ class TimelineServer:
         threading.Thread(target=self._watch, name="timeline-grpc-health", daemon=True).start()
 
     def stop(self, grace_s: float) -> None:
-        """Stop gracefully: health says NOT_SERVING, new calls are refused, calls in flight
-        get `grace_s` to finish (then they are cancelled)."""
+        """Stop gracefully: health says NOT_SERVING, calls waiting for entries end now (a read
+        answers its page, a Subscribe UNAVAILABLE: its client subscribes again elsewhere or
+        later), new calls are refused, calls in flight get `grace_s` to finish (then they
+        are cancelled)."""
         self._stopping.set()
         self.health.enter_graceful_shutdown()
+        self.holds.stop()
         self._server.stop(grace_s).wait()
         self._executor.shutdown(wait=False)
 

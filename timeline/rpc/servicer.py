@@ -1,20 +1,23 @@
 """timeline.v1.Timeline: each method parses and validates its request with the HTTP API's rules
 (timeline.validation, in the same order, so a request refused over HTTP is refused here
 with the same reason, message and metadata), calls the same service method and builds
-the reply. Nothing more: calls.py does the rest."""
+the reply. Nothing more: calls.py does the rest, waiting.py holds the calls that wait for
+entries (wait_ms, Subscribe)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from timeline.errors import InvalidParam
-from timeline.model import Entry, Message, conversation_id
+from timeline.errors import InvalidParam, Unavailable
+from timeline.model import Entry, Kind, Message, Timeline, conversation_id
 from timeline.rpc.calls import Calls
 from timeline.rpc.v1 import timeline_pb2 as pb
 from timeline.rpc.v1 import timeline_pb2_grpc
+from timeline.rpc.waiting import Holds
 from timeline.service import TimelineService
 from timeline.validation import (
     Limits,
@@ -52,8 +55,9 @@ def timestamp_ms(value: timestamp_pb2.Timestamp) -> int:
 class TimelineServicer:
     """The methods of timeline.v1.Timeline, registered by add_to_server."""
 
-    def __init__(self, limits: Limits, calls: Calls) -> None:
+    def __init__(self, limits: Limits, calls: Calls, holds: Holds) -> None:
         self.limits = limits
+        self.holds = holds
         # The names protoc's generated registration looks for, each wrapped by `calls`.
         self.Send = calls.method("Send", self._send, writes=True)
         self.SendGroup = calls.method("SendGroup", self._send_group, writes=True)
@@ -61,6 +65,7 @@ class TimelineServicer:
         self.GetSingleHistoryMessage = calls.method("GetSingleHistoryMessage", self._single)
         self.GetGroupHistoryMessage = calls.method("GetGroupHistoryMessage", self._group)
         self.Ack = calls.method("Ack", self._ack)
+        self.Subscribe = calls.stream("Subscribe", self._subscribe)
 
     def add_to_server(self, server: grpc.Server) -> None:
         timeline_pb2_grpc.add_TimelineServicer_to_server(self, server)
@@ -133,6 +138,19 @@ class TimelineServicer:
         member = parse_id(request.member, "member", limits)
         last_read = parse_int64(request.last_read, "last_read")
         count = parse_count(request.count, "count", limits)
+        wait_ms = parse_int64(request.wait_ms, "wait_ms")
+        return self.holds.read(
+            context,
+            Timeline(Kind.SYNC, member),
+            wait_ms,
+            lambda: self._sync_page(service, member, last_read, count),
+            _has_entries,
+        )
+
+    @staticmethod
+    def _sync_page(
+        service: TimelineService, member: str, last_read: int, count: int
+    ) -> pb.SyncMessageReply:
         result = service.sync(member, last_read, count)
         return pb.SyncMessageReply(
             latest_seq=result.latest_seq,
@@ -140,6 +158,37 @@ class TimelineServicer:
             entry_set=entries(result.entries),
             min_seq=result.min_seq,
         )
+
+    def _subscribe(
+        self, request: pb.SubscribeRequest, context: Context, service: TimelineService
+    ) -> Iterator[pb.SyncMessageReply]:
+        """Each sync page after last_read once it has entries, the next from its last one.
+        A page is read when a wake-up says the timeline has entries, and at least every
+        sync_wait_max_ms (a wake-up lost with Redis, a hole that is never written and that
+        the service steps over once its gap grace has passed). One page at a time: the
+        next is read once grpc has handed this one to the transport, which it does while
+        the client reads (HTTP/2 flow control); so a client that stops reading stops the
+        stream, and the server holds at most a page and the connection's window for it."""
+        limits = self.limits
+        member = parse_id(request.member, "member", limits)
+        last_read = parse_int64(request.last_read, "last_read")
+        timeline = Timeline(Kind.SYNC, member)
+        holds = self.holds
+        round_s = holds.wait_max_ms / 1000
+        with holds.hold(context, slot=True) as hold:
+            while True:
+                read = partial(self._sync_page, service, member, last_read, limits.count_default)
+                page = hold.until(timeline, read, _has_entries, round_s)
+                if page.entry_set:
+                    yield page
+                    last_read = page.entry_set_last_seq
+                if hold.ended:
+                    break
+        if holds.stopping and context.is_active():
+            raise Unavailable(
+                "the server is stopping: subscribe again with last_read = the last sequence "
+                "received"
+            )
 
     def _single(
         self,
@@ -149,7 +198,7 @@ class TimelineServicer:
     ) -> pb.GetSingleHistoryMessageReply:
         a = parse_id(getattr(request, "from"), "from", self.limits)
         b = parse_id(request.to, "to", self.limits)
-        found, next_before = self._history(service, conversation_id(a, b), request)
+        found, next_before = self._history(service, conversation_id(a, b), request, context)
         return pb.GetSingleHistoryMessageReply(entry_set=found, next_before=next_before)
 
     def _group(
@@ -159,7 +208,7 @@ class TimelineServicer:
         service: TimelineService,
     ) -> pb.GetGroupHistoryMessageReply:
         group = parse_id(request.group, "group", self.limits)
-        found, next_before = self._history(service, group, request)
+        found, next_before = self._history(service, group, request, context)
         return pb.GetGroupHistoryMessageReply(entry_set=found, next_before=next_before)
 
     def _history(
@@ -167,8 +216,10 @@ class TimelineServicer:
         service: TimelineService,
         timeline_id: str,
         request: pb.GetSingleHistoryMessageRequest | pb.GetGroupHistoryMessageRequest,
+        context: Context,
     ) -> tuple[list[pb.TimelineEntry], int]:
-        """A page of history and, backward, the next page's `before` (0 forward)."""
+        """A page of history and, backward, the next page's `before` (0 forward). Forward,
+        extension wait_ms holds it while empty, as a sync."""
         count = parse_count(request.count, "count", self.limits)
         if request.direction == pb.HISTORY_DIRECTION_BACKWARD:
             before = parse_int64(request.before, "before")
@@ -177,4 +228,16 @@ class TimelineServicer:
         if request.direction != pb.HISTORY_DIRECTION_FORWARD:
             raise InvalidParam("direction must be forward or backward", field="direction")
         last_read = parse_int64(request.last_read, "last_read")
-        return entries(service.history(timeline_id, last_read, count)), 0
+        wait_ms = parse_int64(request.wait_ms, "wait_ms")
+        found = self.holds.read(
+            context,
+            Timeline(Kind.HISTORY, timeline_id),
+            wait_ms,
+            lambda: entries(service.history(timeline_id, last_read, count)),
+            bool,
+        )
+        return found, 0
+
+
+def _has_entries(page: pb.SyncMessageReply) -> bool:
+    return len(page.entry_set) > 0

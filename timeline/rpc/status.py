@@ -31,8 +31,10 @@ KRATOS_CODES: dict[int, grpc.StatusCode] = {
 }
 
 #: The header a 503 sends as Retry-After, as a google.rpc.RetryInfo detail beside ErrorInfo
-#: (go-kratos clients read ErrorInfo only, and ignore it).
+#: (go-kratos clients read ErrorInfo only, and ignore it); sent on RESOURCE_EXHAUSTED too.
 RETRY_AFTER_S = 1
+#: The codes whose status carries RetryInfo: try again later, the same request.
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def grpc_code(http_code: int) -> grpc.StatusCode:
@@ -51,6 +53,14 @@ class Cancelled(TimelineError):
 
     code = 499
     reason = "TIMELINE_CANCELLED"
+
+
+class TooManyWaiting(TimelineError):
+    """The server holds as many calls waiting for entries (Subscribe, reads with wait_ms)
+    as it has threads set aside for them (gRPC only: the HTTP worker holds none)."""
+
+    code = 429
+    reason = "TIMELINE_TOO_MANY_WAITING"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +83,15 @@ def metadata_value(value: Any) -> str:
 
 def error_status(error: TimelineError, trailing: tuple[tuple[str, str], ...] = ()) -> Status:
     """The status of an error: go-kratos's code, the message, ErrorInfo (and RetryInfo on
-    UNAVAILABLE), in grpc-status-details-bin as google.rpc.Status, grpcio-status's way."""
+    UNAVAILABLE and RESOURCE_EXHAUSTED), in grpc-status-details-bin as google.rpc.Status,
+    grpcio-status's way."""
     code = grpc_code(error.code)
     info = error_details_pb2.ErrorInfo(
         reason=error.reason,
         metadata={key: metadata_value(value) for key, value in error.metadata.items()},
     )
     details = [_packed(info)]
-    if code is grpc.StatusCode.UNAVAILABLE:
+    if code in RETRIED:
         retry = error_details_pb2.RetryInfo(
             retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_S)
         )
