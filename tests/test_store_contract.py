@@ -953,6 +953,37 @@ def test_an_error_in_a_group_fails_each_of_its_writes_and_stores_none(
     )
 
 
+def test_without_group_commit_each_small_write_is_a_transaction_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLiteStore(group_commit=False), what tests/bench_ab.py measures group commit against:
+    writes made at the same time each take the writer lock and commit alone."""
+    store = SQLiteStore(tmp_path / "timeline.sqlite3", group_commit=False)
+    store.write(None, copies("a", 2, mid="earlier"))  # a's 2 is taken
+    groups: list[int] = []
+    monkeypatch.setattr(store, "_write_batch", lambda batch: groups.append(len(batch)))
+    results: dict[int, Any] = {}
+
+    def write(i: int) -> None:
+        results[i] = store.write(
+            copies(f"g{i}", 1, mid=f"m{i}"), copies(["a", "b"], i, mid=f"m{i}")
+        )
+
+    store._writer.acquire()  # they all wait for it at once
+    threads = [threading.Thread(target=write, args=(i,)) for i in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)
+    store._writer.release()
+    for thread in threads:
+        thread.join(5)
+    assert groups == []
+    assert results == {1: WriteResult(), 2: WriteResult(sync_taken=[0]), 3: WriteResult()}
+    assert [e.mid for e in store.read(Kind.SYNC, "a", 0, 9)] == ["m1", "earlier", "m3"]
+    assert [e.mid for e in store.read(Kind.SYNC, "b", 0, 9)] == ["m1", "m2", "m3"]
+    store.close()
+
+
 def test_writes_queued_behind_a_stuck_writer_fail_fast(
     sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -238,8 +238,11 @@ class SQLiteStore:
         retention_ms: dict[Kind, int] | None = None,
         write_chunk_rows: int = WRITE_CHUNK_ROWS,
         write_chunk_bytes: int = WRITE_CHUNK_BYTES,
+        group_commit: bool = True,
     ) -> None:
         self.path = Path(path)
+        # False: every small write is a transaction of its own (to measure what grouping pays).
+        self.group_commit = group_commit
         self._busy_timeout = busy_timeout_ms / 1000
         self._busy_timeout_ms = busy_timeout_ms
         self.write_chunk_rows = write_chunk_rows
@@ -468,7 +471,10 @@ class SQLiteStore:
             parts = list(split(sync, self.write_chunk_rows, self.write_chunk_bytes))
         if len(parts) == 1:
             try:
-                result = self._write_grouped(history, sync, claim, now_ms)
+                if self.group_commit:
+                    result = self._write_grouped(history, sync, claim, now_ms)
+                else:
+                    result = self._write_alone(_Job(history, sync, claim, now_ms))
             except sqlite3.Error as exc:
                 log.warning("sqlite write failed: %s", exc)
                 dependency_failed("store")
@@ -556,6 +562,16 @@ class SQLiteStore:
             raise type(job.error)(*job.error.args) from job.error
         assert job.result is not None
         return job.result
+
+    def _write_alone(self, job: _Job) -> WriteResult:
+        """A small write in a transaction of its own (group_commit=False)."""
+        conn = self._connection()
+        with self._writing():
+            try:
+                return self._write_part(conn, job)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
 
     def _write_batch(self, batch: list[_Job]) -> None:
         """Store the writes of a group (see _write_grouped), setting each one's result or
