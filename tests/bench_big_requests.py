@@ -13,9 +13,10 @@
    service retries those), the sends' latencies (a 503's included), and how long each of
    the fan-out's transactions held the write lock.
 
---store-file measures another version of timeline/store/sqlite.py (the one before a change:
-`git show HEAD:timeline/store/sqlite.py > /tmp/sqlite_before.py`). The service's request
-deadline is set far away: the figures are the work's cost, not where a deadline cut it.
+--store-file measures a version of the SQLite store from before it became a package
+(timeline/store/sqlite/), one file: `git show c019b7a:timeline/store/sqlite.py >
+/tmp/sqlite_before.py`. The service's request deadline is set far away: the figures are the
+work's cost, not where a deadline cut it.
 
 A redis-server of its own is started on a free port.
 """
@@ -88,6 +89,13 @@ def service(redis_url: str, store: Any, prefix: str = "bench:") -> TimelineServi
     return TimelineService(allocator, store, policy)
 
 
+def connection(store: Any) -> Any:
+    """This thread's connection of the store: of the package, or of a --store-file."""
+    if hasattr(store, "_connections"):
+        return store._connections.connection()
+    return store._connection()
+
+
 def replay(redis_url: str, path: Path, members: list[str], count: int) -> None:
     store = SQLiteStore(path)
     counting = Counting(store)
@@ -106,11 +114,11 @@ def replay(redis_url: str, path: Path, members: list[str], count: int) -> None:
         counting.seconds.clear()
         statements.clear()
         if attempt == "traced":
-            store._connection().set_trace_callback(trace)
+            connection(store).set_trace_callback(trace)
         start = time.perf_counter()
         failed = svc.send_group("g", members, batch, client_msg_id="bench-1")
         took = time.perf_counter() - start
-        store._connection().set_trace_callback(None)
+        connection(store).set_trace_callback(None)
         assert not failed, failed
         calls = ", ".join(
             f"{name} x{n} {counting.seconds[name] * 1000:.0f} ms"
@@ -144,9 +152,13 @@ def held(store: Any) -> list[float]:
     """Record how long each of the store's write transactions holds the lock (from the
     moment BEGIN IMMEDIATE succeeds to the end of COMMIT), where the store says."""
     holds: list[float] = []
-    if not hasattr(store, "_write_part"):
-        return holds  # a store of before the change: one transaction per write
-    begin, part = store._begin, store._write_part
+    if hasattr(store, "_parts"):  # the package
+        connections, parts = store._connections, store._parts
+        begin, part = connections.begin, parts.write
+    elif hasattr(store, "_write_part"):  # a --store-file of one module
+        begin, part = store._begin, store._write_part
+    else:
+        return holds  # a store of before _write_part: one transaction per write
     started = [0.0]
 
     def timed_begin(*args: Any) -> None:
@@ -158,7 +170,10 @@ def held(store: Any) -> list[float]:
         holds.append(time.perf_counter() - started[0])
         return result
 
-    store._begin, store._write_part = timed_begin, timed_part
+    if hasattr(store, "_parts"):
+        connections.begin, parts.write = timed_begin, timed_part
+    else:
+        store._begin, store._write_part = timed_begin, timed_part
     return holds
 
 
@@ -227,7 +242,7 @@ def main() -> None:
     parser.add_argument(
         "--store-file",
         help="take SQLiteStore from this file instead (e.g. `git show "
-        "HEAD:timeline/store/sqlite.py > /tmp/sqlite_before.py`), for the figures before",
+        "c019b7a:timeline/store/sqlite.py > /tmp/sqlite_before.py`), for the figures before",
     )
     args = parser.parse_args()
     global DIRECT, PADDING, SQLiteStore
@@ -238,6 +253,7 @@ def main() -> None:
         assert spec is not None
         assert spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
         spec.loader.exec_module(module)
         SQLiteStore = module.SQLiteStore
     members = [f"member-{i:05d}" for i in range(args.members)]

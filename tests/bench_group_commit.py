@@ -4,12 +4,12 @@
 
 Sends' copies (a history copy, two sync copies, the store's record of the message) are
 written to a SQLite store already holding `--warm` sends, in groups of 1 to 4 through
-`SQLiteStore._write_batch`, the code a worker's threads run when their writes meet
-(`_write_grouped`). For each group size it prints the WAL pages written per send (counted by
-`PRAGMA wal_checkpoint`, with the store's own checkpoints held off) and the CPU time per
-send of this process (Python and SQLite). A group of 1 is a transaction per write, as a
-write alone is stored. One process and thread: what it measures is the commit's cost, not
-the contention that grouping also removes.
+`GroupCommit.write_batch` (timeline/store/sqlite/group.py), the code a worker's threads run
+when their writes meet (`GroupCommit.write`). For each group size it prints the WAL pages
+written per send (counted by `PRAGMA wal_checkpoint`, with the store's own checkpoints held
+off) and the CPU time per send of this process (Python and SQLite). A group of 1 is a
+transaction per write, as a write alone is stored. One process and thread: what it measures
+is the commit's cost, not the contention that grouping also removes.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from timeline.model import Copies, Message
 from timeline.store import Claim
-from timeline.store import sqlite as sqlite_module
 from timeline.store.sqlite import SQLiteStore
+from timeline.store.sqlite.connections import Checkpointer
+from timeline.store.sqlite.group import GroupCommit, Queued
+from timeline.store.sqlite.writing import Part
 
 USERS = 30
 
@@ -47,7 +49,7 @@ class Sends:
         self.seqs[key] = self.seqs.get(key, 0) + 1
         return self.seqs[key]
 
-    def job(self) -> sqlite_module._Job:
+    def job(self) -> Queued:
         self.n += 1
         a = self.rng.randrange(USERS)
         b = (a + 1 + self.rng.randrange(USERS - 1)) % USERS
@@ -60,7 +62,7 @@ class Sends:
         sync = Copies(ids, [self._next(i) for i in ids], [message], now, mid)
         lasts = (history.firsts[0], *sync.firsts)
         claim = Claim(mid, "f" * 16, lasts, now, now + 86_400_000)
-        return sqlite_module._Job(history, sync, claim, now)
+        return Queued(Part(history, sync, claim, now))
 
 
 def main() -> int:
@@ -68,26 +70,28 @@ def main() -> int:
     parser.add_argument("--sends", type=int, default=2000)
     parser.add_argument("--warm", type=int, default=20_000)
     args = parser.parse_args()
-    sqlite_module._Checkpointer.start = lambda self: None  # type: ignore[method-assign]
+    Checkpointer.start = lambda self: None  # type: ignore[method-assign]
     path = Path(tempfile.mkdtemp(prefix="group-commit-")) / "timeline.sqlite3"
     store = SQLiteStore(path)
+    group = store._group
+    assert isinstance(group, GroupCommit)
     sends = Sends()
     for _ in range(args.warm):
-        store._write_batch([sends.job()])
-    store._connection().execute("PRAGMA wal_autocheckpoint = 0")
+        group.write_batch([sends.job()])
+    store._connections.connection().execute("PRAGMA wal_autocheckpoint = 0")
     wal = sqlite3.connect(path)
     print("| sends per transaction | WAL pages per send | CPU per send (us) |")
     print("| ---: | ---: | ---: |")
     for size in (1, 2, 3, 4, 1):
         wal.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        groups = [[sends.job() for _ in range(size)] for _ in range(args.sends // size)]
+        batches = [[sends.job() for _ in range(size)] for _ in range(args.sends // size)]
         started = time.process_time()
-        for group in groups:
-            store._write_batch(group)
-            assert all(job.result is not None and not job.result.sync_taken for job in group)
+        for batch in batches:
+            group.write_batch(batch)
+            assert all(job.result is not None and not job.result.sync_taken for job in batch)
         cpu = time.process_time() - started
         frames = wal.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
-        sent = size * len(groups)
+        sent = size * len(batches)
         print(f"| {size} | {frames / sent:.2f} | {cpu / sent * 1e6:.0f} |")
     wal.close()
     store.close()

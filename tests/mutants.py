@@ -66,7 +66,9 @@ class Mutation:
 API, VALIDATION = "timeline/api.py", "timeline/validation.py"
 READING, WRITING = "timeline/service/reading.py", "timeline/service/writing.py"
 ALLOCATOR, RELEASE = "timeline/allocator/__init__.py", "lua/release.lua"
-ALLOCATE, SQLITE, MONGO = "lua/allocate.lua", "timeline/store/sqlite.py", "timeline/store/mongo.py"
+ALLOCATE, MONGO = "lua/allocate.lua", "timeline/store/mongo.py"
+SQLITE_SCHEMA, SQLITE_STORE = "timeline/store/sqlite/schema.py", "timeline/store/sqlite/store.py"
+SQLITE_WRITING, SQLITE_GROUP = "timeline/store/sqlite/writing.py", "timeline/store/sqlite/group.py"
 T_API, T_LIFE, T_ALLOC = "tests/test_api.py", "tests/test_lifecycle.py", "tests/test_allocator.py"
 T_STORE, T_READERS = "tests/test_store_contract.py", "tests/test_readers.py"
 T_MODES, T_CLUSTER = "tests/test_modes.py", "tests/test_cluster.py"
@@ -78,7 +80,7 @@ T_MONGO = "tests/test_mongo.py"
 MUTATIONS: list[Mutation] = [
     Mutation(
         "the store's record of a message changed by a blind write (no compare-and-set)",
-        SQLITE,
+        SQLITE_SCHEMA,
         'SET lasts = ? WHERE mid = ? AND fingerprint = ? AND lasts = ?"',
         'SET lasts = ? WHERE mid = ? AND fingerprint = ? AND ? IS NOT NULL"',
         (T_STORE, T_ONCE, "-k", "reclaim or stale"),
@@ -92,21 +94,21 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "SQLite writes a small write at or below a timeline's floor (its floors not read)",
-        SQLITE,
+        SQLITE_SCHEMA,
         '"ON f.id = v.column1 WHERE f.seq >= v.column2)"',
         '"ON f.id = v.column1 WHERE 0)"',
         (T_STORE, "-k", "floor"),
     ),
     Mutation(
         "SQLite group commit keeps what a write of the group stored, whatever it was refused",
-        SQLITE,
-        "                    if not self._write_all(conn, job):\n",
-        "                    if not (self._write_all(conn, job) or True):\n",
+        SQLITE_GROUP,
+        "                    if not self._parts.write_all(conn, job.part):\n",
+        "                    if not (self._parts.write_all(conn, job.part) or True):\n",
         (T_STORE, "-k", "group"),
     ),
     Mutation(
         "SQLite writes a big write at or below a timeline's floor (its floors not read)",
-        SQLITE,
+        SQLITE_WRITING,
         "    if any(firsts[id_] <= floor for id_, floor in floors):\n",
         "    if False:\n",
         (T_STORE, "-k", "floor"),
@@ -162,9 +164,9 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "the store's record of a message ignored (a retry after Redis forgot stores it again)",
-        SQLITE,
-        "    if conn.execute(_CLAIM, (*row, now_ms)).rowcount:\n",
-        "    if conn.execute(_CLAIM, (*row, now_ms)).rowcount or True:\n",
+        SQLITE_WRITING,
+        "    if conn.execute(CLAIM, (*row, now_ms)).rowcount:\n",
+        "    if conn.execute(CLAIM, (*row, now_ms)).rowcount or True:\n",
         (T_MODES, "-k", "forgot and standalone"),
     ),
     Mutation(
@@ -232,9 +234,9 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "SQLite ack keeps the acked seq (< instead of <=)",
-        SQLITE,
-        'f"DELETE FROM {_SYNC} WHERE id = ? AND seq <= ?"',
-        'f"DELETE FROM {_SYNC} WHERE id = ? AND seq < ?"',
+        SQLITE_STORE,
+        'f"DELETE FROM {SYNC} WHERE id = ? AND seq <= ?"',
+        'f"DELETE FROM {SYNC} WHERE id = ? AND seq < ?"',
         (T_LIFE, T_STORE, "-k", "ack"),
     ),
     Mutation(
@@ -246,7 +248,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "SQLite table without UNIQUE (id, seq)",
-        SQLITE,
+        SQLITE_SCHEMA,
         "    mid TEXT NOT NULL DEFAULT '',\n    UNIQUE (id, seq)\n)",
         "    mid TEXT NOT NULL DEFAULT ''\n)",
         (T_STORE, "-k", "sqlite and (taken or stored_once)"),

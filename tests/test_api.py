@@ -636,7 +636,7 @@ def test_sqlite_fan_out_is_one_transaction(settings: Any, sqlite_store: Any) -> 
     client = create_app(settings, store=sqlite_store).test_client()
     send(client, "a", "b", "warm up")  # opens this thread's connection
     statements: list[str] = []
-    sqlite_store._connection().set_trace_callback(statements.append)
+    sqlite_store._connections.connection().set_trace_callback(statements.append)
     send_group(client, "a", "g", [f"m{i}" for i in range(300)], "hello")
     transactions = [s for s in statements if s.split()[0] in {"BEGIN", "COMMIT", "ROLLBACK"}]
     assert transactions == ["BEGIN IMMEDIATE", "COMMIT"]

@@ -116,7 +116,7 @@ def test_a_writer_waiting_for_the_lock_goes_in_between_two_parts(tmp_path: Path)
     path = tmp_path / "timeline.sqlite3"
     big = SQLiteStore(path, write_chunk_rows=4)
     small = SQLiteStore(path)
-    write_part = big._write_part
+    write_part = big._parts.write
     parts = 0
     failures: list[BaseException] = []
 
@@ -136,7 +136,7 @@ def test_a_writer_waiting_for_the_lock_goes_in_between_two_parts(tmp_path: Path)
             failures.append(exc)
 
     thread = threading.Thread(target=send)
-    begin = big._begin
+    begin = big._connections.begin
 
     def first_part_waits_for_the_other(conn: sqlite3.Connection) -> None:
         begin(conn)
@@ -152,8 +152,8 @@ def test_a_writer_waiting_for_the_lock_goes_in_between_two_parts(tmp_path: Path)
         parts += 1
         return write_part(*args)
 
-    big._write_part = counted  # type: ignore[method-assign]
-    big._begin = first_part_waits_for_the_other  # type: ignore[method-assign]
+    big._parts.write = counted  # type: ignore[method-assign]
+    big._connections.begin = first_part_waits_for_the_other  # type: ignore[method-assign]
     sync = Copies(["a", "b", "c", "d", "e", "f"], [1] * 6, batch(2), 1_000, "big")
     assert big.write(None, sync) == WriteResult()
     thread.join()
@@ -178,7 +178,7 @@ class Traced:
         self.statements = 0
         self.calls: list[tuple[str, int]] = []  # (method, statements)
         self.parts: list[int] = []  # statements of each transaction of each write
-        write_part = inner._write_part
+        write_part = inner._parts.write
 
         def counted_part(*args: Any) -> Any:
             before = self.statements
@@ -187,7 +187,7 @@ class Traced:
             finally:
                 self.parts.append(self.statements - before)
 
-        inner._write_part = counted_part  # type: ignore[method-assign]
+        inner._parts.write = counted_part  # type: ignore[method-assign]
 
     def trace(self, _: str) -> None:
         self.statements += 1
@@ -195,10 +195,10 @@ class Traced:
     def start(self) -> None:
         self.calls.clear()
         self.parts.clear()
-        self.inner._connection().set_trace_callback(self.trace)
+        self.inner._connections.connection().set_trace_callback(self.trace)
 
     def stop(self) -> None:
-        self.inner._connection().set_trace_callback(None)
+        self.inner._connections.connection().set_trace_callback(None)
 
     def __getattr__(self, name: str) -> Any:
         real = getattr(self.inner, name)

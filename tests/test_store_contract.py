@@ -17,9 +17,11 @@ from pymongo.errors import AutoReconnect
 from timeline.errors import PartialWrite, Unavailable
 from timeline.model import HOLE_MID, Copies, Kind, Message
 from timeline.store import Claim, Purger, Store, WriteResult
-from timeline.store import sqlite as sqlite_module
 from timeline.store.mongo import MongoStore
 from timeline.store.sqlite import SQLiteStore
+from timeline.store.sqlite import store as sqlite_module
+from timeline.store.sqlite import writing as sqlite_writing
+from timeline.store.sqlite.group import GroupCommit
 
 
 def message(**fields: object) -> Message:
@@ -315,7 +317,7 @@ class Parts:
     def __init__(self, store: Store, fail: int = 0) -> None:
         self.store, self.fail, self.started, self.injected = store, fail, 0, 0
         if isinstance(store, SQLiteStore):
-            write_part, begin = store._write_part, store._begin
+            write_part, begin = store._parts.write, store._connections.begin
             armed = [False]
 
             def counted_write_part(*args: Any) -> Any:
@@ -330,17 +332,17 @@ class Parts:
                 self.injected += 1
                 blocker = sqlite3.connect(store.path, isolation_level=None)
                 blocker.execute("BEGIN IMMEDIATE")
-                timeout = store._busy_timeout
-                store._busy_timeout = 0.05
+                timeout = store._connections.busy_timeout_s
+                store._connections.busy_timeout_s = 0.05
                 try:
                     return begin(conn)
                 finally:
-                    store._busy_timeout = timeout
+                    store._connections.busy_timeout_s = timeout
                     blocker.execute("ROLLBACK")
                     blocker.close()
 
-            store._write_part = counted_write_part  # type: ignore[method-assign]
-            store._begin = locked_begin  # type: ignore[method-assign]
+            store._parts.write = counted_write_part  # type: ignore[method-assign]
+            store._connections.begin = locked_begin  # type: ignore[method-assign]
         else:
             assert isinstance(store, MongoStore)
             collection = store._collections[Kind.SYNC]
@@ -720,9 +722,9 @@ def test_sqlite_purges_expired_claims_in_batches(
 ) -> None:
     monkeypatch.setattr(sqlite_module, "_FORGET_BATCH", 100)
     batches: list[int] = []
-    let_in = sqlite_store._let_waiting_writers_in
+    let_in = sqlite_store._connections.let_waiting_writers_in
     monkeypatch.setattr(
-        sqlite_store, "_let_waiting_writers_in", lambda: batches.append(1) or let_in()
+        sqlite_store._connections, "let_waiting_writers_in", lambda: batches.append(1) or let_in()
     )
     for n in range(250):
         sqlite_store.claim(claim_of(n, expires_ms=NOW + n % 5), NOW - 1)  # NOW .. NOW + 4
@@ -829,9 +831,11 @@ def write_grouped(
     threads, queue behind it. Then the lock is let go. Returns each queued write's result
     (or the exception it raised), and the size of each group stored."""
     groups: list[int] = []
-    write_batch = store._write_batch
+    group = store._group
+    assert group is not None
+    write_batch = group.write_batch
     monkeypatch.setattr(
-        store, "_write_batch", lambda batch: groups.append(len(batch)) or write_batch(batch)
+        group, "write_batch", lambda batch: groups.append(len(batch)) or write_batch(batch)
     )
     results: list[Any] = [None] * len(writes)
 
@@ -847,15 +851,15 @@ def write_grouped(
             assert time.monotonic() < deadline
             time.sleep(0.001)
 
-    store._writer.acquire()
+    store._connections.writer.acquire()
     leader = threading.Thread(target=store.write, args=(None, copies("lead", 1, mid="lead")))
     leader.start()
-    wait_for(lambda: store._leading and not store._jobs)  # it leads, waiting for the lock
+    wait_for(lambda: group.leading and not group.queued)  # it leads, waiting for the lock
     threads = [threading.Thread(target=write, args=(i, *w)) for i, w in enumerate(writes)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: len(store._jobs) == len(writes))  # all queued behind it
-    store._writer.release()
+    wait_for(lambda: len(group.queued) == len(writes))  # all queued behind it
+    store._connections.writer.release()
     for thread in [leader, *threads]:
         thread.join(10)
     return results, groups
@@ -927,14 +931,14 @@ def test_a_write_of_a_group_that_cannot_store_all_it_holds_is_written_alone(
 def test_an_error_in_a_group_fails_each_of_its_writes_and_stores_none(
     sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    insert = sqlite_module._insert
+    insert = sqlite_writing.insert
 
     def failing(conn: sqlite3.Connection, table: str, copies: Copies, rows: Any) -> bool:
         if copies.mid == "m2":
             raise sqlite3.OperationalError("disk I/O error")
         return insert(conn, table, copies, rows)
 
-    monkeypatch.setattr(sqlite_module, "_insert", failing)
+    monkeypatch.setattr(sqlite_writing, "insert", failing)
     writes = [
         (copies(f"g{i}", 1, mid=f"m{i}"), copies([f"u{i}"], 1, mid=f"m{i}"), claim_of(i))
         for i in (1, 2, 3)
@@ -947,17 +951,48 @@ def test_an_error_in_a_group_fails_each_of_its_writes_and_stores_none(
         assert sqlite_store.read(Kind.SYNC, f"u{i}", 0, 9) == []
         assert held(sqlite_store, claim_of(i)).fingerprint == "0" * 16  # no record: the probe's
     # The store goes on: the next writes are stored.
-    monkeypatch.setattr(sqlite_module, "_insert", insert)
+    monkeypatch.setattr(sqlite_writing, "insert", insert)
     assert sqlite_store.write(copies("g1", 1, mid="m1"), copies(["u1"], 1, mid="m1")) == (
         WriteResult()
     )
 
 
+def test_without_group_commit_each_small_write_is_a_transaction_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLiteStore(group_commit=False), what tests/bench_ab.py measures group commit against:
+    writes made at the same time each take the writer lock and commit alone."""
+    store = SQLiteStore(tmp_path / "timeline.sqlite3", group_commit=False)
+    store.write(None, copies("a", 2, mid="earlier"))  # a's 2 is taken
+    groups: list[int] = []
+    monkeypatch.setattr(GroupCommit, "write_batch", lambda _, batch: groups.append(len(batch)))
+    results: dict[int, Any] = {}
+
+    def write(i: int) -> None:
+        results[i] = store.write(
+            copies(f"g{i}", 1, mid=f"m{i}"), copies(["a", "b"], i, mid=f"m{i}")
+        )
+
+    store._connections.writer.acquire()  # they all wait for it at once
+    threads = [threading.Thread(target=write, args=(i,)) for i in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)
+    store._connections.writer.release()
+    for thread in threads:
+        thread.join(5)
+    assert groups == []
+    assert results == {1: WriteResult(), 2: WriteResult(sync_taken=[0]), 3: WriteResult()}
+    assert [e.mid for e in store.read(Kind.SYNC, "a", 0, 9)] == ["m1", "earlier", "m3"]
+    assert [e.mid for e in store.read(Kind.SYNC, "b", 0, 9)] == ["m1", "m2", "m3"]
+    store.close()
+
+
 def test_writes_queued_behind_a_stuck_writer_fail_fast(
     sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "_busy_timeout", 0.2)
-    sqlite_store._writer.acquire()  # a writer of this process that does not let go
+    monkeypatch.setattr(sqlite_store._connections, "busy_timeout_s", 0.2)
+    sqlite_store._connections.writer.acquire()  # a writer of this process that does not let go
     results: list[Any] = []
 
     def write(i: int) -> None:
@@ -973,7 +1008,7 @@ def test_writes_queued_behind_a_stuck_writer_fail_fast(
     for thread in threads:
         thread.join(5)
     elapsed = time.monotonic() - started
-    sqlite_store._writer.release()
+    sqlite_store._connections.writer.release()
     assert len(results) == 4
     assert all(isinstance(result, Unavailable) for result in results), results
     assert elapsed < 1.5  # the busy timeout (0.2 s) for each, not a wait for ever

@@ -1,0 +1,165 @@
+"""The SQLite store's file: its tables, the SQL text every part of the store runs on them, and
+the migration of a file an earlier version made (all done once, as the store opens)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sqlite3
+
+from timeline.model import Kind
+from timeline.store import COLLECTIONS
+
+log = logging.getLogger(__name__)
+
+HISTORY = COLLECTIONS[Kind.HISTORY]
+SYNC = COLLECTIONS[Kind.SYNC]
+
+# A rowid table with a unique (id, seq) index. Rows append in rowid order, which is also
+# the order of their creation time: the purge finds the expired ones by a binary search on
+# rowid, so no index on created_at has to be kept up on every insert (it cost a 10,000-copy
+# fan-out about 30% more). Every scan of a timeline is served by the unique index.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    mid TEXT NOT NULL DEFAULT '',
+    UNIQUE (id, seq)
+)
+"""
+# What ack and purge removed, per timeline: the highest sequence the table no longer holds,
+# so that counters Redis lost still continue above it.
+_FLOOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table}_floor (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID
+"""
+# Nothing is written at or below a timeline's floor (what ack and purge removed): a counter
+# that lags behind (a Redis replica promoted before it caught up) would otherwise put a
+# message where no reader looks any more. The write sees a taken key and moves above. The
+# floors of a write's timelines are read in its own transaction (writing.insert): floors
+# rise only in write transactions, so none rises between that read and the insert. (Earlier
+# versions checked each row in a trigger: 25 ms of a 10,000-row write; dropped at open.)
+_FLOOR_GUARD_DROP = "DROP TRIGGER IF EXISTS {table}_floor_guard"
+_FLOORS_OF = "SELECT id, seq FROM {table}_floor WHERE id IN (SELECT value FROM json_each(?))"
+RAISE_FLOOR = """
+INSERT INTO {table}_floor (id, seq) VALUES (?, ?)
+ON CONFLICT (id) DO UPDATE SET seq = MAX(seq, excluded.seq)
+"""
+# Idempotent messages' records (Store.claim): which sequences each holds. `lasts` is the
+# record's integers in decimal, joined by commas ("7,12,3,40"), as Redis holds them: a byte
+# a digit and one a comma, so a 10,000-member fan-out's record (10,001 integers) is about
+# 70 KB at sequences below a million; only a retry reads it back. A rowid table: SQLite
+# advises WITHOUT ROWID only for rows well under a page. The index on expires_ms serves
+# the purge (forget_expired_claims), never a request.
+IDEMPOTENCY = "idempotency"
+_IDEMPOTENCY_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {IDEMPOTENCY} (
+    mid TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    lasts TEXT NOT NULL,
+    allocated_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+)
+"""
+_IDEMPOTENCY_EXPIRY = (
+    f"CREATE INDEX IF NOT EXISTS {IDEMPOTENCY}_expires ON {IDEMPOTENCY} (expires_ms)"
+)
+# Stored unless an unexpired record of the mid is: an expired one is replaced in place.
+CLAIM = f"""
+INSERT INTO {IDEMPOTENCY} (mid, fingerprint, lasts, allocated_ms, expires_ms)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (mid) DO UPDATE SET fingerprint = excluded.fingerprint, lasts = excluded.lasts,
+    allocated_ms = excluded.allocated_ms, expires_ms = excluded.expires_ms
+WHERE {IDEMPOTENCY}.expires_ms <= ?
+"""
+CLAIMED = f"SELECT fingerprint, lasts, allocated_ms, expires_ms FROM {IDEMPOTENCY} WHERE mid = ?"
+RECLAIM = f"UPDATE {IDEMPOTENCY} SET lasts = ? WHERE mid = ? AND fingerprint = ? AND lasts = ?"
+FORGET_EXPIRED = (
+    f"DELETE FROM {IDEMPOTENCY} WHERE rowid IN "
+    f"(SELECT rowid FROM {IDEMPOTENCY} WHERE expires_ms <= ? LIMIT ?)"
+)
+COLUMNS = "(id, seq, message, created_at, mid)"
+INSERT = {
+    table: f"INSERT INTO {table} {COLUMNS} VALUES (?, ?, ?, ?, ?)" for table in COLLECTIONS.values()
+}
+FLOORS = {table: _FLOORS_OF.format(table=table) for table in COLLECTIONS.values()}
+# A small write (a send's copies, a small group's) is one statement per table: its rows,
+# inserted only if no timeline's range starts at or below its floor (0 rows inserted then).
+# One statement instead of a floor lookup and a step per row: each is a moment without the
+# GIL, and getting it back (other request threads want it too) keeps the write lock held
+# longer. Up to this many rows (so as many timelines at most) are bound one by one.
+FEW = 64
+
+
+@functools.lru_cache(maxsize=256)
+def guarded_insert(table: str, rows: int, timelines: int) -> str:
+    """The small write's statement for `rows` rows of `timelines` timelines (see FEW)."""
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    firsts = ", ".join(["(?, ?)"] * timelines)
+    return (
+        f"INSERT INTO {table} {COLUMNS} SELECT * FROM (VALUES {values}) WHERE NOT EXISTS "
+        f"(SELECT 1 FROM (VALUES {firsts}) AS v JOIN {table}_floor AS f "
+        "ON f.id = v.column1 WHERE f.seq >= v.column2)"
+    )
+
+
+# The ranges of sequences a statement is given as one JSON parameter: [[id, first, last]...].
+RANGES_JOIN = (
+    "json_each(?) AS r CROSS JOIN {table} AS t ON t.id = json_extract(r.value, '$[0]') "
+    "AND t.seq BETWEEN json_extract(r.value, '$[1]') AND json_extract(r.value, '$[2]')"
+)
+# Which of these sync ranges (by index) hold a document, or lie at or below their floor
+# (the floor guard would refuse them): each an index range scan and a floor lookup.
+TAKEN_RANGES = f"""
+SELECT r.key FROM json_each(?) AS r
+WHERE EXISTS (
+    SELECT 1 FROM {SYNC} AS t WHERE t.id = json_extract(r.value, '$[0]')
+    AND t.seq BETWEEN json_extract(r.value, '$[1]') AND json_extract(r.value, '$[2]')
+) OR json_extract(r.value, '$[1]') <= (
+    SELECT seq FROM {SYNC}_floor WHERE id = json_extract(r.value, '$[0]')
+)
+"""
+
+
+def create(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
+    """Make the file's tables (or bring an earlier version's to them), in WAL mode. Several
+    workers open the file at once: meanwhile SQLite's own busy handler waits, up to the
+    busy timeout; it is off again after (see connections.Connections.begin)."""
+    conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("SELECT json_extract('[1]', '$[0]')")  # the JSON functions exist
+    for table in COLLECTIONS.values():
+        _migrate(conn, table)
+        conn.execute(_SCHEMA.format(table=table))
+        conn.execute(_FLOOR_SCHEMA.format(table=table))
+        conn.execute(_FLOOR_GUARD_DROP.format(table=table))
+    # In a file an earlier version made too: IF NOT EXISTS.
+    conn.execute(_IDEMPOTENCY_SCHEMA)
+    conn.execute(_IDEMPOTENCY_EXPIRY)
+    conn.execute("PRAGMA busy_timeout = 0")
+
+
+def _migrate(conn: sqlite3.Connection, table: str) -> None:
+    """Bring a file an earlier version made (WITHOUT ROWID, no mid) to the schema."""
+    found = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone()
+    if found is None or "WITHOUT ROWID" not in found[0].upper():
+        return
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    mid = "mid" if "mid" in columns else "''"
+    log.warning("migrating sqlite table %s to the current schema", table)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+    conn.execute(_SCHEMA.format(table=table))
+    conn.execute(
+        f"INSERT INTO {table} {COLUMNS} "
+        f"SELECT id, seq, message, created_at, {mid} FROM {table}_old ORDER BY created_at"
+    )
+    conn.execute(f"DROP TABLE {table}_old")
+    conn.execute(f"DROP INDEX IF EXISTS {table}_created")
+    conn.execute("COMMIT")
