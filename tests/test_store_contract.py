@@ -74,6 +74,19 @@ def test_read_honours_after_and_limit(store: Store) -> None:
     assert store.read(Kind.SYNC, "nobody", after=0, limit=100) == []
 
 
+def test_a_read_bounded_in_bytes_stops_after_the_entry_that_crosses(store: Store) -> None:
+    # Ten messages of about 1,000 bytes each: a bound of 2,500 gives the first three (the
+    # third takes the total past it), never a part of one, and at least one whatever it is.
+    big = [message(i=i, pad="x" * 1_000) for i in range(10)]
+    store.write(None, copies("a", 1, *big))
+    size = len(big[0].json)
+    assert [e.seq for e in store.read(Kind.SYNC, "a", 0, 10, 0, 2 * size + size // 2)] == [1, 2, 3]
+    assert [e.seq for e in store.read(Kind.SYNC, "a", 0, 10, 0, 1)] == [1]
+    assert [e.seq for e in store.read(Kind.SYNC, "a", 4, 10, 0, 10**9)] == [5, 6, 7, 8, 9, 10]
+    page = store.page(Kind.SYNC, "a", 2, 10, 0, size + 1)
+    assert ([e.seq for e in page.entries], page.lowest and page.lowest.seq) == ([3, 4], 1)
+
+
 def test_sync_and_history_are_separate_collections(store: Store) -> None:
     store.write(copies("a", 1, message(text="history")), copies("a", 1, message(text="sync")))
     [history] = store.read(Kind.HISTORY, "a", 0, 10)

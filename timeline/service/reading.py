@@ -114,7 +114,9 @@ class Reader:
         """The member's sync entries after last_read, the newest sequence allocated, and
         the lowest sequence the timeline can still return (minSeq)."""
         cutoff = self._cutoff(Kind.SYNC)
-        first = self.store.page(Kind.SYNC, member, last_read, count, cutoff)
+        first = self.store.page(
+            Kind.SYNC, member, last_read, count, cutoff, self.policy.page_max_bytes
+        )
         entries = self._readable(Kind.SYNC, member, last_read, count, cutoff, first)
         # Store first, then Redis: latestSeq is then never below the last entry returned.
         latest = self._latest(member)
@@ -128,7 +130,9 @@ class Reader:
     def history(self, conversation: str, last_read: int, count: int) -> list[Entry]:
         """A conversation's history entries after last_read, ascending."""
         cutoff = self._cutoff(Kind.HISTORY)
-        first = self.store.page(Kind.HISTORY, conversation, last_read, count, cutoff)
+        first = self.store.page(
+            Kind.HISTORY, conversation, last_read, count, cutoff, self.policy.page_max_bytes
+        )
         return self._readable(Kind.HISTORY, conversation, last_read, count, cutoff, first)
 
     def history_backward(self, conversation: str, before: int, count: int) -> HistoryPage:
@@ -168,7 +172,9 @@ class Reader:
         page: list[Entry] | None = first.entries if expected == after + 1 else None
         for _ in range(_READ_PAGES):
             if page is None:
-                page = self.store.read(kind, timeline_id, expected - 1, count, cutoff)
+                page = self.store.read(
+                    kind, timeline_id, expected - 1, count, cutoff, self.policy.page_max_bytes
+                )
             reread = False
             for entry in page:
                 if entry.seq != expected:

@@ -173,10 +173,18 @@ class Store(Protocol):
         ...
 
     def read(
-        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int = 0
+        self,
+        kind: Kind,
+        timeline_id: str,
+        after: int,
+        limit: int,
+        not_before_ms: int = 0,
+        max_bytes: int = 0,
     ) -> list[Entry]:
         """Entries with `seq > after`, ascending, at most `limit`: neither placeholders nor
-        entries created before `not_before_ms` (count() tells what else fills a gap)."""
+        entries created before `not_before_ms` (count() tells what else fills a gap). With
+        `max_bytes`, the read stops after the entry whose message takes the total past it
+        (at least one entry): a page of big messages is not read whole to return a few."""
         ...
 
     def read_backward(
@@ -187,10 +195,16 @@ class Store(Protocol):
         ...
 
     def page(
-        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int
+        self,
+        kind: Kind,
+        timeline_id: str,
+        after: int,
+        limit: int,
+        not_before_ms: int,
+        max_bytes: int = 0,
     ) -> Page:
-        """read(after, limit, not_before_ms), with the timeline's lowest such entry and its
-        floor: one round trip where it can be."""
+        """read(after, limit, not_before_ms, max_bytes), with the timeline's lowest such entry
+        and its floor: one round trip where it can be."""
         ...
 
     def purge(self, kind: Kind, before_ms: int) -> int:

@@ -90,6 +90,8 @@ PURGE_BATCH = 1_000
 _COLLISIONS_SHOWN = 3
 _DUPLICATE_KEY = 11000
 _PROJECTION = {"_id": 0, "seq": 1, "message": 1, "created_at": 1, "mid": 1}
+#: Documents per batch of a read bounded in bytes (Store.read's max_bytes).
+_READ_BATCH = 64
 #: Branches per `$or` query of keys: a replay to 10,000 members is many small queries, each
 #: planned and served by the (id, seq) index, not one query of 10,000 branches.
 _OR_BRANCHES = 256
@@ -749,12 +751,35 @@ class MongoStore:
         return {id_: found.get(id_, 0) for id_ in ids}
 
     def read(
-        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int = 0
+        self,
+        kind: Kind,
+        timeline_id: str,
+        after: int,
+        limit: int,
+        not_before_ms: int = 0,
+        max_bytes: int = 0,
     ) -> list[Entry]:
         query = {"id": timeline_id, "seq": {"$gt": after}, "mid": {"$ne": HOLE_MID}}
         query |= _unexpired(not_before_ms)
         cursor = self._visible[kind].find(query, _PROJECTION).sort("seq", 1).limit(limit)
-        return [_entry(d) for d in self._call("read", lambda: list(cursor))]
+        if not max_bytes:
+            return [_entry(d) for d in self._call("read", lambda: list(cursor))]
+
+        def until() -> list[Entry]:
+            # In batches of _READ_BATCH documents, stopped (and the cursor closed) once the
+            # messages read are past max_bytes: a page of big ones is not fetched whole.
+            entries: list[Entry] = []
+            left = max_bytes
+            with cursor.batch_size(min(limit, _READ_BATCH)) as documents:
+                for document in documents:
+                    entry = _entry(document)
+                    entries.append(entry)
+                    left -= len(entry.message)
+                    if left < 0:
+                        break
+            return entries
+
+        return self._call("read", until)
 
     def read_backward(
         self, kind: Kind, timeline_id: str, before: int, limit: int, not_before_ms: int
@@ -767,7 +792,13 @@ class MongoStore:
         return [_entry(d) for d in self._call("read", lambda: list(cursor))]
 
     def page(
-        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int
+        self,
+        kind: Kind,
+        timeline_id: str,
+        after: int,
+        limit: int,
+        not_before_ms: int,
+        max_bytes: int = 0,
     ) -> Page:
         # Everything a client is shown is read at majority (VISIBLE): the entries, the
         # lowest one, the floor, and gap()'s counts, which decide whether a reader steps
@@ -786,7 +817,9 @@ class MongoStore:
             )
 
         lowest, floor = self._call("read", find)
-        entries = self.read(kind, timeline_id, after, limit, not_before_ms) if limit else []
+        entries = (
+            self.read(kind, timeline_id, after, limit, not_before_ms, max_bytes) if limit else []
+        )
         return Page(lowest, floor, entries)
 
     def ping(self) -> None:

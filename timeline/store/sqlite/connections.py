@@ -223,6 +223,23 @@ class Connections:
         """One statement's rows, read as `read` reads."""
         return self.read(lambda conn: conn.execute(sql, params).fetchall())
 
+    def query_until(
+        self, sql: str, params: Sequence[Any], enough: Callable[[Any], bool]
+    ) -> list[Any]:
+        """One statement's rows, stepped one at a time (SQLite computes a row as it is asked
+        for), up to the first row for which `enough` says so: what is not needed is never
+        read from the file."""
+
+        def rows(conn: sqlite3.Connection) -> list[Any]:
+            taken = []
+            for row in conn.execute(sql, params):
+                taken.append(row)
+                if enough(row):
+                    break
+            return taken
+
+        return self.read(rows)
+
     def close(self) -> None:
         """Stop the checkpointer; close this thread's connection and `-wait` file."""
         self.checkpoints.stop()

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
@@ -228,14 +229,23 @@ class SQLiteStore:
         return highest
 
     def read(
-        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int = 0
+        self,
+        kind: Kind,
+        timeline_id: str,
+        after: int,
+        limit: int,
+        not_before_ms: int = 0,
+        max_bytes: int = 0,
     ) -> list[Entry]:
         sql = (
             f"SELECT seq, message, created_at, mid FROM {COLLECTIONS[kind]} "
             "WHERE id = ? AND seq > ? AND mid != ? AND created_at >= ? ORDER BY seq LIMIT ?"
         )
         params = (timeline_id, after, HOLE_MID, not_before_ms, limit)
-        return [Entry(*row) for row in self._connections.query(sql, params)]
+        if not max_bytes:
+            return [Entry(*row) for row in self._connections.query(sql, params)]
+        enough = _Bytes(max_bytes, 1)
+        return [Entry(*row) for row in self._connections.query_until(sql, params, enough)]
 
     def read_backward(
         self, kind: Kind, timeline_id: str, before: int, limit: int, not_before_ms: int
@@ -249,7 +259,13 @@ class SQLiteStore:
         return [Entry(*row) for row in self._connections.query(sql, params)]
 
     def page(
-        self, kind: Kind, timeline_id: str, after: int, limit: int, not_before_ms: int
+        self,
+        kind: Kind,
+        timeline_id: str,
+        after: int,
+        limit: int,
+        not_before_ms: int,
+        max_bytes: int = 0,
     ) -> Page:
         table = COLLECTIONS[kind]
         # One statement for the three: the lowest entry (0), the floor (1), the page (2).
@@ -265,7 +281,12 @@ class SQLiteStore:
             *(timeline_id, after, HOLE_MID, not_before_ms, limit),
         )
         lowest, floor, entries = None, 0, []
-        for part, seq, message, created_at, mid in self._connections.query(sql, params):
+        rows = (
+            self._connections.query_until(sql, params, _Bytes(max_bytes, 2, part=2))
+            if max_bytes
+            else self._connections.query(sql, params)
+        )
+        for part, seq, message, created_at, mid in rows:
             if part == 2:
                 entries.append(Entry(seq, message, created_at, mid))
             elif part == 0:
@@ -450,3 +471,19 @@ def _runs(ranges: list[tuple[str, int, int]], rows: int) -> Iterator[list[tuple[
         size += length
     if group:
         yield group
+
+
+class _Bytes:
+    """Whether the rows so far carry more than `limit` bytes of messages (the message at
+    `column`; with `part`, only the rows whose first column is it count)."""
+
+    __slots__ = ("column", "left", "part")
+
+    def __init__(self, limit: int, column: int, part: int | None = None) -> None:
+        self.left, self.column, self.part = limit, column, part
+
+    def __call__(self, row: Any) -> bool:
+        if self.part is not None and row[0] != self.part:
+            return False
+        self.left -= len(row[self.column])
+        return self.left < 0
