@@ -57,7 +57,10 @@ def test_every_request_of_every_run_is_a_new_message(
     # Each completed request stored one message of its own (a request still in flight when
     # wrk stopped may have been stored without being counted).
     assert len(set(messages)) == len(messages) >= requests
-    assert records == len(messages)
+    # Each stored message has its record; a request that wrk left in flight when it stopped
+    # (at most one per connection and run: 2 x 4) may have stored its record and not yet its
+    # copies when the server stopped: its retry would write them at the recorded sequences.
+    assert len(messages) <= records <= len(messages) + 8
 
 
 @pytest.mark.slow
