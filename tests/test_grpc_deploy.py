@@ -211,14 +211,7 @@ def test_gunicorn_exits_when_grpc_cannot_start(tmp_path: Path, reuse_port: bool)
             PORT=str(free_port()),
             HOST="127.0.0.1",
         )
-        done = subprocess.run(
-            [sys.executable, "-m", "gunicorn", "app:app"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
+        done = gunicorn_to_the_end(env, timeout=60)
     lines = done.stderr.decode().splitlines()
     assert done.returncode == 1
     assert lines[-1] == (
@@ -226,6 +219,18 @@ def test_gunicorn_exits_when_grpc_cannot_start(tmp_path: Path, reuse_port: bool)
         "listens there; TIMELINE_GRPC_BIND=off serves HTTP alone"
     )
     assert not (data / "redis.sock").exists()  # the embedded redis-server was stopped too
+
+
+def gunicorn_to_the_end(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """gunicorn serving app:app in this environment, run until it exits by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn", "app:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.mark.e2e
@@ -241,14 +246,7 @@ def test_gunicorn_exits_when_a_grpc_process_cannot_start(tmp_path: Path) -> None
         PORT=str(free_port()),
         HOST="127.0.0.1",
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "app:app"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        timeout=90,
-        check=False,
-    )
+    done = gunicorn_to_the_end(env, timeout=90)
     lines = done.stderr.decode().splitlines()
     assert done.returncode == 1
     assert lines[-1] == (
