@@ -8,6 +8,7 @@ browser download is never used.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -363,6 +364,70 @@ def test_the_token_is_asked_for_and_kept_for_the_tab_only(settings: Settings, co
             "401 TIMELINE_UNAUTHORIZED"
         )
         other.check_clean()
+
+
+def post(url: str, sender: str, receiver: str, text: str) -> None:
+    """A message sent through the API from outside the page, as another device sends it."""
+    message = json.dumps({"text": text}, separators=(",", ":"))
+    body = json.dumps({"from": sender, "to": receiver, "message": message})
+    request = urllib.request.Request(url + "/timeline/send", data=body.encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200
+
+
+def hide(page: Any) -> None:
+    """What the browser does when the tab goes to the background."""
+    page.evaluate(
+        "Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});"
+        "document.dispatchEvent(new Event('visibilitychange'));"
+    )
+
+
+@pytest.mark.slow
+def test_follow_shows_messages_as_they_arrive(service: str, context: Any) -> None:
+    console = open_console(context, service)
+    page = console.page
+    form = page.locator("#sync-form")
+    toggle = form.locator("[name=follow]")
+    status = page.locator("#follow-status")
+    live = page.locator("#follow-result td.message")
+    # Given b, synced by the page up to its one message,
+    post(service, "a", "b", "before")
+    sync(page, "b", "0", "10")
+    expect(page.locator("#sync-result .done")).to_have_text("Up to date at 1.")
+    # when the page follows b,
+    toggle.check()
+    expect(status).to_have_text("Following b: waiting for entries after 1…")
+    # then a message sent to b from elsewhere appears as it arrives, and the next one too,
+    # each moving the device's position on.
+    post(service, "a", "b", "live one")
+    expect(live).to_have_text(['{"text":"live one"}'])
+    expect(form.locator("[name=last_read]")).to_have_value("2")
+    post(service, "c", "b", "live two")
+    expect(live).to_have_text(['{"text":"live one"}', '{"text":"live two"}'])
+    expect(form.locator("[name=last_read]")).to_have_value("3")
+    expect(page.locator("#ack-form [name=seq]")).to_have_value("3")
+    expect(page.locator("#follow-result td.seq")).to_have_text(["2", "3"])
+    expect(status).to_have_text("Following b: waiting for entries after 3…")
+
+    # Toggled off, the waiting sync is let go: what comes next is not shown,
+    toggle.uncheck()
+    expect(status).to_have_text("Stopped following b at 3.")
+    post(service, "a", "b", "while off")
+    page.wait_for_timeout(500)  # time enough for a request still waiting to show it
+    expect(live).to_have_count(2)
+    # until the page follows again, from where it got to.
+    toggle.check()
+    expect(live).to_have_text(['{"text":"while off"}'])
+    expect(form.locator("[name=last_read]")).to_have_value("4")
+
+    # Hidden, the page stops following and says why.
+    hide(page)
+    expect(toggle).not_to_be_checked()
+    expect(status).to_have_text("Stopped following: the page was hidden.")
+    # (A last message lets go of the request the service still holds for the page.)
+    post(service, "a", "b", "bye")
+    console.check_clean()
 
 
 def test_a_policy_violation_would_be_caught(service: str, context: Any) -> None:

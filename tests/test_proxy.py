@@ -156,8 +156,15 @@ def test_the_proxy_limits_and_timeouts_agree_with_the_service(
     [upstream_idle] = re.findall(r"keepalive_timeout (\w+);", upstream.group(1))
     gunicorn_idle_ms = min(settings.http_keepalive_ms, conf.keepalive * 1000)
     assert seconds(upstream_idle) * 1000 < gunicorn_idle_ms
-    # nginx never gives up on a request the service may still complete.
+    # nginx never gives up on a request the service may still complete: a sync held on
+    # wait_ms (at most sync_wait_max_ms, then read once more) is held for its whole wait.
     assert seconds(directive("proxy_read_timeout")) > conf.timeout
+    wait_s = settings.sync_wait_max_ms / 1000
+    assert seconds(directive("proxy_read_timeout")) >= wait_s + settings.request_deadline_ms / 1000
+    # Each held sync is two connections in nginx (the client's, gunicorn's): room for
+    # thousands per worker, each connection a descriptor.
+    assert int(directive("worker_connections")) // 2 >= 10_000
+    assert int(directive("worker_rlimit_nofile")) >= 2 * int(directive("worker_connections"))
     # A request line nginx lets through is one gunicorn accepts (4 KiB buffers hold 4,094
     # bytes and the CRLF): longer ones get nginx's envelope, not gunicorn's HTML.
     count, buffer = directive("large_client_header_buffers").split()
@@ -697,6 +704,53 @@ def test_connections_to_gunicorn_are_kept_alive(
         seen |= gunicorn_connections(service.port) - before
     client.close()
     assert len(seen) == 1, seen
+
+
+def answered(connection: http.client.HTTPConnection) -> bool:
+    """Whether a byte of the reply to the request sent on `connection` has come."""
+    assert connection.sock is not None
+    readable, _, _ = select.select([connection.sock], [], [], 0)
+    return bool(readable)
+
+
+def messages(body: bytes) -> list[Any]:
+    return [json.loads(entry["message"]) for entry in json.loads(body)["entrySet"]]
+
+
+@needs_nginx
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_sync_that_waits_is_held_through_the_proxy(
+    service: Service, nginx: Nginx, nginx_factory: Callable[..., Nginx]
+) -> None:
+    a, b = user(), user()
+    # Given a sync of b that may wait 3 s for its next message, through nginx,
+    held = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=30)
+    held.request("GET", f"/timeline/sync?member={b}&last_read=0&wait_ms=3000")
+    time.sleep(1.0)
+    assert not answered(held)  # held, by gunicorn and by nginx
+    # when a's message to b is sent meanwhile (through nginx too),
+    body = json.dumps({"from": a, "to": b, "message": {"text": "meanwhile"}}).encode()
+    status, _, reply = nginx.request("POST", "/timeline/send", body)
+    assert (status, json.loads(reply)) == (200, {"sequence": "1"})
+    # then the held sync answers 200 with that message.
+    answer = held.getresponse()
+    assert answer.status == 200
+    assert messages(answer.read()) == [{"text": "meanwhile"}]
+
+    # A wait with nothing to wake it is held for all of its 3 s, then the normal empty page,
+    # on the same kept-alive connection.
+    started = time.monotonic()
+    held.request("GET", f"/timeline/sync?member={b}&last_read=1&wait_ms=3000")
+    answer = held.getresponse()
+    assert (answer.status, messages(answer.read())) == (200, [])
+    assert time.monotonic() - started >= 3.0
+    held.close()
+
+    # What the read timeout is for: a proxy that reads for less than the wait cuts it (504).
+    short = nginx_factory(service.port, **{"proxy_read_timeout 35s;": "proxy_read_timeout 1s;"})
+    cut = short.request("GET", f"/timeline/sync?member={b}&last_read=1&wait_ms=3000")
+    unavailable(cut, 504)
 
 
 def unavailable(reply: tuple[int, http.client.HTTPMessage, bytes], code: int) -> None:

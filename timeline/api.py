@@ -469,7 +469,9 @@ class Api:
                     body = orjson.dumps(handler(self.context, call, *params))
                 except Parked as parked:
                     # Held by the worker, which runs the request again: no reply, no line.
-                    environ[PARKED] = parked
+                    # Without its traceback: the handler's frames (the environ, gunicorn's
+                    # request) would otherwise stay in a cycle only a full collection frees.
+                    environ[PARKED] = parked.with_traceback(None)
                     return []  # (the finally below unbinds its request id)
                 code = 200
         except TimelineError as error:

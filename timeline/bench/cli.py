@@ -2,6 +2,7 @@
 
     .venv/bin/timeline-bench --url http://127.0.0.1:8000 --scenario sendGroup --group-size 50 \\
                              --duration 3 --verify --json var/bench.json
+    .venv/bin/timeline-bench --url http://127.0.0.1:8000 --scenario wait --waiters 1000
 
 Exit status: 0 after a run, 1 when --verify finds a broken timeline, 2 when the run could not
 be made (a bad argument, a service that does not answer or refuses to be prepared), 3 when
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from timeline.bench import wait
 from timeline.bench.harness import SCENARIOS, BenchError, Result, Scenario, run, verify
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--scenario", required=True, choices=SCENARIOS)
+    parser.add_argument("--scenario", required=True, choices=(*SCENARIOS, wait.NAME))
     parser.add_argument("--group-size", type=int, default=10, help="members per sendGroup")
     parser.add_argument("--concurrency", type=int, default=4, help="workers, one connection each")
     parser.add_argument(
@@ -60,7 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "one per core; a process spends about 0.1-0.2 ms of CPU per request)",
     )
     limit = parser.add_mutually_exclusive_group()
-    limit.add_argument("--duration", type=float, help="seconds to run (default 10)")
+    limit.add_argument(
+        "--duration", type=float, help="seconds to run (default 10; wait: 40, in --phases)"
+    )
     limit.add_argument("--requests", type=int, help="requests to make in all")
     parser.add_argument("--verify", action="store_true", help="check every touched timeline")
     parser.add_argument(
@@ -78,10 +82,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="write latency plots as PNG here (needs matplotlib: the bench extra)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the table stays)")
+    waiting = parser.add_argument_group(
+        f"--scenario {wait.NAME}",
+        f"N readers held on wait_ms={wait.WAIT_MS}, a sender waking one at a time, and the "
+        "other traffic's latency in phases without and with them held (one process: "
+        "--processes does not apply; --concurrency is the other traffic's connections)",
+    )
+    waiting.add_argument(
+        "--waiters", type=int, default=1000, help="readers held, one connection each (1000)"
+    )
+    waiting.add_argument(
+        "--phases",
+        type=int,
+        default=4,
+        help="phases --duration is cut into, without and with the waiters held, alternating "
+        "(an even number; 4)",
+    )
+    waiting.add_argument(
+        "--ramp",
+        type=float,
+        default=wait.RAMP_S,
+        help=f"seconds over which the waiters connect before each held phase "
+        f"({wait.RAMP_S:g}: their waits then end evenly spread, N/{wait.RAMP_S:g} a second "
+        "asking again, as in a steady state; 0: at once, and none times out in a short phase)",
+    )
+    waiting.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="the other traffic's requests/s, sends and syncs of other members (200; "
+        "0: back to back on --concurrency connections)",
+    )
     parser.add_argument(
         "--token", default=os.environ.get("TIMELINE_API_TOKEN"), help="bearer token, if any"
     )
     args = parser.parse_args(argv)
+    if args.scenario == wait.NAME:
+        if args.requests is not None or args.plot is not None:
+            parser.error(f"--scenario {wait.NAME} runs for --duration and draws no --plot")
+        if args.waiters < 1 or args.phases < 2 or args.phases % 2 or args.rate < 0 or args.ramp < 0:
+            parser.error(
+                "--waiters must be at least 1, --phases even, --rate and --ramp not negative"
+            )
+        if args.duration is None:
+            args.duration = 40.0
     if args.duration is None and args.requests is None:
         args.duration = 10.0
     if args.processes is None:
@@ -231,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """The run the arguments ask for, its report, and the exit status."""
+    if args.scenario == wait.NAME:
+        return bench_wait(args)
     scenario = Scenario(args.scenario, args.group_size)
     show = not args.quiet and sys.stderr.isatty()
     bar = progress_bar(args.duration or args.requests, args.requests is not None) if show else None
@@ -277,4 +323,45 @@ def bench(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         plot(result, args.plot)
+    return 0 if result.verify is None or result.verify["ok"] else EXIT_VERIFY_FAILED
+
+
+def bench_wait(args: argparse.Namespace) -> int:
+    """--scenario wait: its run, report and exit status."""
+    show = not args.quiet and sys.stderr.isatty()
+    bar = progress_bar(args.duration, False) if show else None
+    try:
+        result, scenario = wait.run_wait(
+            args.url,
+            args.waiters,
+            args.duration,
+            args.phases,
+            args.concurrency,
+            args.rate,
+            args.ramp,
+            token=args.token,
+            progress=bar,
+        )
+        if show:
+            sys.stderr.write("\n")
+        if args.verify:
+            if any(scenario.ledger.uncertain.values()) and args.verify_wait > 0:
+                time.sleep(args.verify_wait)
+            result.verify = verify(args.url, scenario, args.token)
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise BenchError(f"cannot reach {args.url}: {reason}") from exc
+    report = result.summary()
+    if report["client_cpu_cores"] >= SATURATED:
+        print(
+            f"warning: the load generator used {report['client_cpu_cores']:.2f} cores; it may be "
+            "the bottleneck",
+            file=sys.stderr,
+        )
+    print(wait.table(report))
+    for problem in (result.verify or {}).get("problems", [])[:20]:
+        print(f"  problem: {problem}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if result.verify is None or result.verify["ok"] else EXIT_VERIFY_FAILED

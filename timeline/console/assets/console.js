@@ -6,6 +6,11 @@
 const TOKEN_KEY = "timeline.console.token"; // sessionStorage: kept for this tab only
 const REFRESH_MS = 5000;
 const MAX_PAGES = 50; // one Sync click pulls at most this many pages; the next click continues
+// Follow keeps one sync waiting this long: under the service's sync_wait_max_ms (30 s) and
+// the compose proxy's read timeout (35 s), so a wait ends as the service answers it.
+const FOLLOW_WAIT_MS = 25000;
+const FOLLOW_RETRY_MS = 2000; // after a failure that may pass (no reply, 5xx); doubling
+const FOLLOW_ROWS_MAX = 500; // entries shown while following; the oldest go first
 const ACTIVITY_MAX = 40;
 
 // --- DOM ------------------------------------------------------------------------------------
@@ -46,8 +51,9 @@ function isEnvelope(data) {
 }
 
 /** Calls a route; the parsed JSON of a 2xx, else an ApiError. A 401 asks for the token and,
-    once one is given, sends the request again (nothing was done the first time). */
-async function api(method, path, body, { quiet = false } = {}) {
+    once one is given, sends the request again (nothing was done the first time). A call
+    aborted through `signal` rejects with the abort itself, unlogged. */
+async function api(method, path, body, { quiet = false, signal } = {}) {
   for (;;) {
     const token = sessionStorage.getItem(TOKEN_KEY);
     const headers = {};
@@ -61,8 +67,10 @@ async function api(method, path, body, { quiet = false } = {}) {
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
         cache: "no-store",
+        signal,
       });
     } catch (failure) {
+      if (signal && signal.aborted) throw failure;
       const message = `the service did not answer (${failure.message})`;
       const envelope = { code: 0, reason: "NO_REPLY", message, metadata: {} };
       if (!quiet) logCall(method, path, body, 0, performance.now() - started, "", envelope.message);
@@ -324,12 +332,133 @@ async function sync(form, out) {
   }
 }
 
+// --- Follow: one sync always waiting (wait_ms), entries appended as they come ---------------
+
+let following = null; // {member, lastRead, count, controller} while a member is followed
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function followSays(text, state) {
+  const status = $("follow-status");
+  status.textContent = text;
+  status.classList.toggle("live", state === "live");
+  status.classList.toggle("stopped", state === "stopped");
+}
+
+/** Follows the sync form's member from its last_read: one sync with wait_ms outstanding at a
+    time, each next one from the reply's entrySetLastSeq. */
+function startFollow(form) {
+  stopFollow();
+  const member = value(form, "member");
+  const state = {
+    member,
+    lastRead: value(form, "last_read") || "0",
+    count: value(form, "count"),
+    controller: new AbortController(),
+  };
+  following = state;
+  form.elements.follow.checked = true;
+  $("follow-result").hidden = false;
+  $("follow-entries").tBodies[0].replaceChildren();
+  $("follow-error").replaceChildren();
+  follow(state, form);
+}
+
+/** Stops following: the waiting sync is aborted and the toggle turned off. */
+function stopFollow(reason) {
+  const state = following;
+  if (state === null) return;
+  following = null;
+  state.controller.abort();
+  $("sync-form").elements.follow.checked = false;
+  followSays(reason || `Stopped following ${state.member} at ${state.lastRead}.`, "stopped");
+}
+
+async function follow(state, form) {
+  let failures = 0;
+  while (following === state) {
+    followSays(`Following ${state.member}: waiting for entries after ${state.lastRead}…`, "live");
+    const query = new URLSearchParams({
+      member: state.member,
+      last_read: state.lastRead,
+      wait_ms: String(FOLLOW_WAIT_MS),
+    });
+    if (state.count) query.set("count", state.count);
+    let page;
+    try {
+      page = await api("GET", `/timeline/sync?${query}`, undefined, {
+        signal: state.controller.signal,
+      });
+    } catch (failure) {
+      if (following !== state) return; // stopped: this was the abort
+      $("follow-error").replaceChildren(errorBox(failure));
+      if (failure instanceof ApiError && (failure.status === 0 || failure.status >= 500)) {
+        failures += 1;
+        const pause = Math.min(FOLLOW_RETRY_MS * 2 ** (failures - 1), 30000);
+        followSays(`Following ${state.member}: asking again in ${pause / 1000} s…`, "live");
+        await sleep(pause);
+        continue;
+      }
+      stopFollow(`Stopped following ${state.member}: the service refused the sync.`);
+      return;
+    }
+    if (following !== state) return;
+    failures = 0;
+    $("follow-error").replaceChildren();
+    if (page.entrySet.length === 0) continue; // the wait ended with nothing new: wait again
+    const rows = $("follow-entries").tBodies[0];
+    for (const entry of page.entrySet) {
+      rows.append(
+        h(
+          "tr",
+          {},
+          h("td", { class: "seq" }, entry.sequence),
+          h("td", { class: "time", title: entry.timestamp }, when(entry.timestamp)),
+          h("td", { class: "message" }, entry.message),
+        ),
+      );
+    }
+    while (rows.children.length > FOLLOW_ROWS_MAX) rows.firstElementChild.remove();
+    if (BigInt(state.lastRead) + 1n < BigInt(page.minSeq)) {
+      const first = BigInt(state.lastRead) + 1n;
+      const last = BigInt(page.minSeq) - 1n;
+      const range = first === last ? `Entry ${first} is` : `Entries ${first} to ${last} are`;
+      $("follow-error").replaceChildren(
+        h(
+          "div",
+          { class: "gap", role: "note" },
+          h("strong", {}, "Missed entries. "),
+          `${range} no longer in this timeline (another device acked them, or they expired).`,
+        ),
+      );
+    }
+    // The device's position moves on, as a Sync moves it.
+    state.lastRead = page.entrySetLastSeq;
+    positions.set(state.member, state.lastRead);
+    form.elements.last_read.value = state.lastRead;
+    $("ack-form").elements.seq.value = state.lastRead;
+  }
+}
+
 function setUpSync() {
   const form = $("sync-form");
   const out = $("sync-result");
-  handle(form, out, () => sync(form, out));
+  handle(form, out, () => {
+    stopFollow(); // the Sync moves the position itself
+    return sync(form, out);
+  });
+  form.elements.follow.addEventListener("change", () => {
+    if (form.elements.follow.checked) startFollow(form);
+    else stopFollow();
+  });
+  // A hidden page (another tab, minimised, left) holds no request open.
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) stopFollow("Stopped following: the page was hidden.");
+  });
+  window.addEventListener("pagehide", () => stopFollow("Stopped following: the page was left."));
   // Each member is its own device here: switching member shows where that one got to.
   form.elements.member.addEventListener("input", () => {
+    stopFollow();
     const reached = positions.get(value(form, "member")) || "0";
     form.elements.last_read.value = reached;
     $("ack-form").elements.seq.value = reached;
