@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -308,22 +309,33 @@ def bench(args: argparse.Namespace) -> int:
         # one means the service is not there (the run's own requests count errors instead).
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise BenchError(f"cannot reach {args.url}: {reason}") from exc
-    report = result.summary()
-    if report["client_cpu_cores"] >= SATURATED:
+    status = report(args, result.summary(), table, result.verify)
+    if args.plot:
+        plot(result, args.plot)
+    return status
+
+
+def report(
+    args: argparse.Namespace,
+    summary: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    verified: dict[str, Any] | None,
+) -> int:
+    """A run's report: the saturation warning, the table, the problems --verify found, the
+    --json file; its exit status."""
+    if summary["client_cpu_cores"] >= SATURATED:
         print(
-            f"warning: the load generator used {report['client_cpu_cores']:.2f} cores; it may be "
-            "the bottleneck (run it on another machine, or with fewer workers)",
+            f"warning: the load generator used {summary['client_cpu_cores']:.2f} cores; it may "
+            "be the bottleneck (run it on another machine, or with fewer workers)",
             file=sys.stderr,
         )
-    print(table(report))
-    for problem in (result.verify or {}).get("problems", [])[:20]:
+    print(render(summary))
+    for problem in (verified or {}).get("problems", [])[:20]:
         print(f"  problem: {problem}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        plot(result, args.plot)
-    return 0 if result.verify is None or result.verify["ok"] else EXIT_VERIFY_FAILED
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if verified is None or verified["ok"] else EXIT_VERIFY_FAILED
 
 
 def bench_wait(args: argparse.Namespace) -> int:
@@ -351,17 +363,4 @@ def bench_wait(args: argparse.Namespace) -> int:
     except (OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise BenchError(f"cannot reach {args.url}: {reason}") from exc
-    report = result.summary()
-    if report["client_cpu_cores"] >= SATURATED:
-        print(
-            f"warning: the load generator used {report['client_cpu_cores']:.2f} cores; it may be "
-            "the bottleneck",
-            file=sys.stderr,
-        )
-    print(wait.table(report))
-    for problem in (result.verify or {}).get("problems", [])[:20]:
-        print(f"  problem: {problem}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if result.verify is None or result.verify["ok"] else EXIT_VERIFY_FAILED
+    return report(args, result.summary(), wait.table, result.verify)

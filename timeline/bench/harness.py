@@ -120,18 +120,10 @@ class Client:
             if not chunk:
                 raise _Closed(before_reply=not buffer)
             buffer += chunk
-        lines = buffer[:end].decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        length, close = 0, False
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "connection":
-                close = value.strip().lower() == "close"
-            elif name == "transfer-encoding":
-                raise http.client.HTTPException("chunked replies are not expected here")
+        try:
+            status, length, close = reply_head(bytes(buffer[:end]))
+        except ValueError as exc:
+            raise http.client.HTTPException(str(exc)) from None
         buffer = buffer[end + 4 :]
         while len(buffer) < length:
             chunk = self.sock.recv(max(65536, length - len(buffer)))
@@ -181,6 +173,24 @@ class Client:
             self.sock.close()
             self.sock = None
             self.buffer = b""
+
+
+def reply_head(head: bytes) -> tuple[int, int, bool]:
+    """A reply's status, Content-Length and whether the server closes the connection, from
+    its head (up to the blank line). ValueError for a chunked reply: the service sends none."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    length, close = 0, False
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "connection":
+            close = value.strip().lower() == "close"
+        elif name == "transfer-encoding":
+            raise ValueError("chunked replies are not expected here")
+    return status, length, close
 
 
 class _Closed(ConnectionError):

@@ -37,7 +37,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from timeline.bench.harness import SYNC_ENTRIES, BenchError, Client, Scenario
+from timeline.bench.harness import SYNC_ENTRIES, BenchError, Client, Scenario, reply_head
 
 NAME = "wait"
 #: Each waiter's wait_ms: the service's sync_wait_max_ms, as a device following in real time.
@@ -286,18 +286,10 @@ def _parse(buffer: bytearray) -> tuple[int, bool, bytes, int] | None:
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         return None
-    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    length, close = 0, False
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "connection":
-            close = value.strip().lower() == "close"
-        elif name == "transfer-encoding":
-            raise BenchError("chunked replies are not expected here")
+    try:
+        status, length, close = reply_head(bytes(buffer[:end]))
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
     total = end + 4 + length
     if len(buffer) < total:
         return None
