@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import heapq
 import itertools
 import logging
@@ -518,7 +519,7 @@ class Conn:
         self.wait_until = 0.0  # its deadline (time.monotonic), across runs of the request
         self.wake: Callable[[], None] | None = None  # what wakes it (from any thread)
         self.woken_at = 0.0
-        self.on_event = partial(on_event, self)
+        self.on_event: Callable[[Any], None] | None = partial(on_event, self)
 
 
 class _Capture:
@@ -596,6 +597,10 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
     # --- the main loop ------------------------------------------------------------------
 
     def run(self) -> None:
+        # The app, its modules and settings live as long as the worker: out of the cycle
+        # collector's way, so that its passes cost what the connections hold, not them.
+        gc.collect()
+        gc.freeze()
         self.poller.register(
             self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks
         )
@@ -740,6 +745,9 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         util.close(conn.sock)
         conn.buf = bytearray()
         conn.out = []
+        # Its callbacks refer to it: dropped, it is freed when the last reference goes, not
+        # left to the cycle collector (whose passes grow with every connection alive).
+        conn.on_event = conn.wake = conn.parked = None
 
     # --- reading --------------------------------------------------------------------------
 
