@@ -223,10 +223,26 @@ class Wakes:
             except Exception:  # closing a broken connection
                 log.debug("closing the wake-up subscription failed", exc_info=True)
 
+    def _rediscover(self) -> None:
+        """Before subscribing again after a loss, on a Redis Cluster: read the slot map
+        again. redis-py subscribes on the master of the channel's slot as its map says, and
+        reads the map again only after one of its own commands failed (when the next command
+        runs), never after a subscription failed: once that master is killed and a replica
+        took over, the listener would otherwise try the dead node for as long as nothing
+        else this process sends meets it (a quiet process, or traffic that touches only the
+        other masters), and every waiter would sleep to its deadline. A map read while the
+        failover is still under way still names the dead node: the next try reads it again.
+        (Sentinel needs nothing: its pool asks the sentinels for the primary at every
+        connection.)"""
+        if getattr(self._redis, "mode", None) == "cluster":
+            self._redis.client.nodes_manager.initialize()
+
     def _listen(self) -> None:
         tries = 0
         while not self._stopping.is_set():
             try:
+                if tries:
+                    self._rediscover()
                 self._pubsub = pubsub = self._redis.pubsub()
                 pubsub.subscribe(self.channel)
                 subscribed = False
