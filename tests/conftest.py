@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from support import RedisServer
+from support import RedisServer, release
 from timeline.embedded import redis_server_binary
 from timeline.factory import create_app
 from timeline.settings import Settings
@@ -181,8 +181,10 @@ def settings(tmp_path: Path, redis_url: str, key_prefix: str) -> Settings:
 
 
 @pytest.fixture
-def app(settings: Settings, store: Store) -> Any:
-    return create_app(settings, store=store)
+def app(settings: Settings, store: Store) -> Iterator[Any]:
+    made = create_app(settings, store=store)
+    yield made
+    release(made)
 
 
 @pytest.fixture

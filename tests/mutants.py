@@ -75,9 +75,55 @@ T_MODES, T_CLUSTER = "tests/test_modes.py", "tests/test_cluster.py"
 PAGING = "count or page or paging or pages"
 
 T_ONCE = "tests/test_one_authority.py"
+T_CONV, T_CONV_STORE = "tests/test_conversations.py", "tests/test_conversations_store.py"
+CONVERSATIONS = "timeline/service/conversations.py"
 T_MONGO = "tests/test_mongo.py"
 
 MUTATIONS: list[Mutation] = [
+    Mutation(
+        "a sender's own message is unread to it (its read position not moved, SQLite)",
+        SQLITE_WRITING,
+        "    if activity.sender:\n",
+        "    if False:\n",
+        (T_CONV, T_CONV_STORE, "-k", "sqlite"),
+    ),
+    Mutation(
+        "a sender's own message is unread to it (its read position not moved, MongoDB)",
+        MONGO,
+        "        if activity.sender and not sender_listed:\n",
+        "        if False:\n",
+        (T_CONV, T_CONV_STORE, "-k", "mongo"),
+    ),
+    Mutation(
+        "a sealed hole counts as unread",
+        SQLITE_SCHEMA,
+        "WHERE h.id = c.id AND h.seq > m.read_seq AND h.seq <= c.latest AND h.mid = '~hole')",
+        "WHERE h.id = c.id AND h.seq > m.read_seq AND h.seq <= c.latest AND 0)",
+        (T_CONV_STORE, "-k", "sqlite and holes"),
+    ),
+    Mutation(
+        "a read position moves back",
+        SQLITE_SCHEMA,
+        "ON CONFLICT (member, id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq),\n"
+        "    listed = MAX(listed, excluded.listed)",
+        "ON CONFLICT (member, id) DO UPDATE SET read_seq = excluded.read_seq,\n"
+        "    listed = MAX(listed, excluded.listed)",
+        (T_CONV, T_CONV_STORE, "-k", "sqlite and read"),
+    ),
+    Mutation(
+        "one device's ack releases what another has not acked",
+        READING,
+        "        upto = self.devices.acked(member, device, seq)\n",
+        "        upto = max(seq, self.devices.acked(member, device, seq))\n",
+        (T_CONV, "-k", "sqlite and device"),
+    ),
+    Mutation(
+        "a sync entry's conversation sequence is its own sequence",
+        "timeline/service/common.py",
+        "        about = About(self.conversation, self.ids[0], self.firsts[0], peers)\n",
+        "        about = About(self.conversation, self.ids[0], self.firsts[1], peers)\n",
+        ("tests/test_conversation_order.py",),
+    ),
     Mutation(
         "the store's record of a message changed by a blind write (no compare-and-set)",
         SQLITE_SCHEMA,
@@ -116,8 +162,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "sync ignores count (always 100)",
         API,
-        "result = ctx.service.sync(member, last_read, count)",
-        "result = ctx.service.sync(member, last_read, 100)",
+        "result = ctx.service.sync(member, last_read, count, device)",
+        "result = ctx.service.sync(member, last_read, 100, device)",
         (T_API, T_LIFE, "-k", PAGING),
     ),
     Mutation(
@@ -221,15 +267,15 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "ack removes up to seq + 1",
         READING,
-        "self.store.ack(member, seq, min(seq, latest))",
-        "self.store.ack(member, seq + 1, min(seq, latest))",
+        "self.store.ack(member, upto, min(upto, latest))",
+        "self.store.ack(member, upto + 1, min(upto, latest))",
         (T_LIFE, "-k", "ack"),
     ),
     Mutation(
         "ack removes up to seq - 1",
         READING,
-        "self.store.ack(member, seq, min(seq, latest))",
-        "self.store.ack(member, seq - 1, min(seq, latest))",
+        "self.store.ack(member, upto, min(upto, latest))",
+        "self.store.ack(member, upto - 1, min(upto, latest))",
         (T_LIFE, "-k", "ack"),
     ),
     Mutation(
@@ -249,8 +295,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "SQLite table without UNIQUE (id, seq)",
         SQLITE_SCHEMA,
-        "    mid TEXT NOT NULL DEFAULT '',\n    UNIQUE (id, seq)\n)",
-        "    mid TEXT NOT NULL DEFAULT ''\n)",
+        "    conv_seq INTEGER NOT NULL DEFAULT 0,\n    UNIQUE (id, seq)\n)",
+        "    conv_seq INTEGER NOT NULL DEFAULT 0\n)",
         (T_STORE, "-k", "sqlite and (taken or stored_once)"),
     ),
     Mutation(

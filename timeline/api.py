@@ -28,6 +28,8 @@ from timeline.errors import (
 )
 from timeline.model import Entry, Kind, Message, Timeline, conversation_id
 from timeline.service import TimelineService
+from timeline.service.conversations import parse_cursor
+from timeline.store import ConversationState, Device
 from timeline.validation import (
     Limits,
     check_batch,
@@ -36,7 +38,9 @@ from timeline.validation import (
     check_fan_out,
     decode_body,
     field,
+    parse_conversation_kind,
     parse_count,
+    parse_device,
     parse_id,
     parse_int64,
     parse_members,
@@ -221,6 +225,45 @@ def _entries(entries: list[Entry]) -> list[dict[str, str]]:
     ]
 
 
+def _sync_entries(entries: list[Entry]) -> list[dict[str, str]]:
+    """Sync entries, each with its conversation (extension) when its copy recorded it."""
+    out = _entries(entries)
+    for entry, item in zip(entries, out, strict=True):
+        if entry.conv_kind:
+            item["type"] = entry.conv_kind
+            item["conversation"] = entry.conv
+            item["conversationSeq"] = str(entry.conv_seq)
+    return out
+
+
+def _conversation(state: ConversationState) -> dict[str, Any]:
+    last = state.last
+    return {
+        "type": state.kind.value,
+        "conversation": state.peer,
+        "latestSeq": str(state.latest),
+        "readSeq": str(state.read),
+        "unread": state.unread,
+        "lastMessage": (
+            {
+                "sequence": str(last.seq),
+                "message": last.message,
+                "timestamp": _timestamp(last.created_at_ms),
+            }
+            if last is not None
+            else None
+        ),
+    }
+
+
+def _device_reply(device: Device) -> dict[str, str]:
+    return {
+        "device": device.device,
+        "position": str(device.position),
+        "lastSeen": _timestamp(device.last_seen_ms),
+    }
+
+
 # --- The handlers: one per route, framework-free ---------------------------------------------
 
 
@@ -249,7 +292,11 @@ def send_group(ctx: Context, call: Call) -> dict[str, Any]:
     check_documents(len(members), len(messages), limits)
     check_fan_out(members, messages, limits)
     client_msg_id = _client_msg_id(body, limits)
-    failed = ctx.service.send_group(group, members, messages, client_msg_id)
+    # Extension: the sender, whose read position moves to the message (go-timeline's
+    # sendGroup names none: then the message is unread for every member).
+    sender = body.get("from")
+    sender = "" if sender is None or sender == "" else parse_id(sender, "from", limits)
+    failed = ctx.service.send_group(group, members, messages, client_msg_id, sender)
     return {"failedMembers": failed}
 
 
@@ -260,7 +307,39 @@ def ack(ctx: Context, call: Call) -> dict[str, Any]:
     if body.get("seq") is None:
         raise InvalidParam("seq is required", field="seq")
     seq = parse_int64(body.get("seq"), "seq")
-    return {"minSeq": str(ctx.service.ack(member, seq))}
+    device = parse_device(body.get("device"), ctx.limits)
+    return {"minSeq": str(ctx.service.ack(member, seq, device))}
+
+
+def read(ctx: Context, call: Call) -> dict[str, Any]:
+    """Extension: the member has read a conversation up to `seq`."""
+    body, _ = _body(call)
+    limits = ctx.limits
+    member = parse_id(body.get("member"), "member", limits)
+    kind = parse_conversation_kind(body.get("type"))
+    name = parse_id(body.get("conversation"), "conversation", limits)
+    if body.get("seq") is None:
+        raise InvalidParam("seq is required", field="seq")
+    seq = parse_int64(body.get("seq"), "seq")
+    state = ctx.service.read(member, kind, name, seq)
+    return {"readSeq": str(state.read), "unread": state.unread}
+
+
+def conversations(ctx: Context, call: Call) -> dict[str, Any]:
+    """Extension: the member's conversations, most recent activity first."""
+    limits = ctx.limits
+    member = parse_id(call.query("member"), "member", limits)
+    count = parse_count(call.query("count"), "count", limits)
+    before = call.query("before")
+    cursor = parse_cursor(before) if before else None
+    page = ctx.service.conversation_list(member, count, cursor)
+    return {"conversations": [_conversation(c) for c in page.conversations], "next": page.next}
+
+
+def devices(ctx: Context, call: Call) -> dict[str, Any]:
+    """Extension: the member's devices, each one's acked position and when it was seen."""
+    member = parse_id(call.query("member"), "member", ctx.limits)
+    return {"devices": [_device_reply(d) for d in ctx.service.devices(member)]}
 
 
 def sync(ctx: Context, call: Call) -> dict[str, Any]:
@@ -269,17 +348,18 @@ def sync(ctx: Context, call: Call) -> dict[str, Any]:
     last_read = parse_int64(call.query("last_read", "lastRead"), "last_read")
     count = parse_count(call.query("count"), "count", limits)
     wait_ms = _wait_ms(ctx, call)
+    device = parse_device(call.query("device"), limits)
 
-    def read() -> dict[str, Any]:
-        result = ctx.service.sync(member, last_read, count)
+    def page() -> dict[str, Any]:
+        result = ctx.service.sync(member, last_read, count, device)
         return {
             "latestSeq": str(result.latest_seq),
             "entrySetLastSeq": str(result.entries[-1].seq if result.entries else 0),
-            "entrySet": _entries(result.entries),
+            "entrySet": _sync_entries(result.entries),
             "minSeq": str(result.min_seq),
         }
 
-    return _waiting(ctx, call, Timeline(Kind.SYNC, member), wait_ms, read)
+    return _waiting(ctx, call, Timeline(Kind.SYNC, member), wait_ms, page)
 
 
 def _wait_ms(ctx: Context, call: Call) -> int:
@@ -333,10 +413,10 @@ def _history(ctx: Context, call: Call, timeline_id: str) -> dict[str, Any]:
     last_read = parse_int64(call.query("last_read", "lastRead"), "last_read")
     wait_ms = _wait_ms(ctx, call)
 
-    def read() -> dict[str, Any]:
+    def forward() -> dict[str, Any]:
         return {"entrySet": _entries(ctx.service.history(timeline_id, last_read, count))}
 
-    return _waiting(ctx, call, Timeline(Kind.HISTORY, timeline_id), wait_ms, read)
+    return _waiting(ctx, call, Timeline(Kind.HISTORY, timeline_id), wait_ms, forward)
 
 
 def history_single(ctx: Context, call: Call, sender: str, receiver: str) -> dict[str, Any]:
@@ -360,6 +440,9 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/sync", sync),
     ("GET", "/history/single/<sender>/<receiver>", history_single),
     ("GET", "/history/group/<group>", history_group),
+    ("POST", "/read", read),
+    ("GET", "/conversations", conversations),
+    ("GET", "/devices", devices),
 )
 
 

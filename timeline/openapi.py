@@ -101,6 +101,19 @@ _PAGE = [
         "At most this many entries; absent or 0: 100.",
     ),
 ]
+_WAIT = _query(
+    "wait_ms",
+    _INT64_IN,
+    "Extension: when nothing after last_read is readable, hold the request until something "
+    "is (then the page) or this many milliseconds pass (then the empty page); clamped to "
+    "sync_wait_max_ms (30,000). Absent or 0: answer at once.",
+)
+_DEVICE = {
+    **_ID,
+    "pattern": "^[^:\\x00-\\x1f\\x7f]+$",
+    "description": "Extension: which of the member's devices asks (1 to 128 printable "
+    "characters, no ':'). Absent: the member as one device.",
+}
 _BACKWARD = [
     _query(
         "direction",
@@ -162,6 +175,12 @@ _SCHEMAS: dict[str, Any] = {
             "messages": _MESSAGES,
             "client_msg_id": _CLIENT_MSG_ID,
             "clientMsgId": _CLIENT_MSG_ID,
+            "from": {
+                **_ID,
+                "description": "Extension: the sender. Its read position in the group moves to "
+                "the message, and its own messages are never unread to it. Without it a group "
+                "message is unread for every member.",
+            },
         },
     },
     "SendGroupReply": {
@@ -182,10 +201,107 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "SyncEntry": {
+        "type": "object",
+        "required": ["sequence", "message"],
+        "properties": {
+            "sequence": _INT64_OUT,
+            "message": {"type": "string", "description": "The message's JSON object, as text."},
+            "timestamp": {"type": "string", "pattern": "^$|^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z$"},
+            "type": {
+                "type": "string",
+                "enum": ["single", "group"],
+                "description": "Extension: the message's conversation (absent on entries "
+                "stored before this version).",
+            },
+            "conversation": {
+                "type": "string",
+                "description": "Extension: the conversation as this member names it: the other "
+                "user, or the group.",
+            },
+            "conversationSeq": {
+                **_INT64_OUT,
+                "description": "Extension: the message's sequence in the conversation's history. "
+                "Sorted by it, a conversation's entries read as its history does, on every "
+                "topology (the sync timeline itself is in delivery order).",
+            },
+        },
+    },
+    "ReadRequest": {
+        "type": "object",
+        "required": ["member", "type", "conversation", "seq"],
+        "properties": {
+            "member": _ID,
+            "type": {"type": "string", "enum": ["single", "group"]},
+            "conversation": {
+                **_ID,
+                "description": "single: the other user; group: the group's name.",
+            },
+            "seq": _INT64_IN,
+        },
+    },
+    "ReadReply": {
+        "type": "object",
+        "required": ["readSeq", "unread"],
+        "properties": {
+            "readSeq": {
+                **_INT64_OUT,
+                "description": "The position now: never lower than before, never above the "
+                "conversation's latest message.",
+            },
+            "unread": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Conversation": {
+        "type": "object",
+        "required": ["type", "conversation", "latestSeq", "readSeq", "unread", "lastMessage"],
+        "properties": {
+            "type": {"type": "string", "enum": ["single", "group"]},
+            "conversation": {"type": "string"},
+            "latestSeq": _INT64_OUT,
+            "readSeq": _INT64_OUT,
+            "unread": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Messages of the history after readSeq, less sequences that "
+                "hold none; the member's own messages are never among them.",
+            },
+            "lastMessage": {"nullable": True, "allOf": [_ref("Entry")]},
+        },
+    },
+    "ConversationsReply": {
+        "type": "object",
+        "required": ["conversations", "next"],
+        "properties": {
+            "conversations": {"type": "array", "items": _ref("Conversation")},
+            "next": {
+                "type": "string",
+                "description": "`before` of the next page; empty at the end.",
+            },
+        },
+    },
+    "DevicesReply": {
+        "type": "object",
+        "required": ["devices"],
+        "properties": {
+            "devices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["device", "position", "lastSeen"],
+                    "properties": {
+                        "device": {"type": "string"},
+                        "position": _INT64_OUT,
+                        "lastSeen": {"type": "string"},
+                    },
+                },
+            }
+        },
+    },
     "AckRequest": {
         "type": "object",
         "required": ["member", "seq"],
-        "properties": {"member": _ID, "seq": _INT64_IN},
+        "properties": {"member": _ID, "seq": _INT64_IN, "device": _DEVICE},
     },
     "AckReply": {
         "type": "object",
@@ -198,7 +314,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "latestSeq": _INT64_OUT,
             "entrySetLastSeq": _INT64_OUT,
-            "entrySet": {"type": "array", "items": _ref("Entry")},
+            "entrySet": {"type": "array", "items": _ref("SyncEntry")},
             "minSeq": {
                 **_INT64_OUT,
                 "description": "Extension: the lowest sequence still returnable; a client "
@@ -282,6 +398,13 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [
                         _query("member", _ID, "The member whose timeline to read.", True),
                         *_PAGE,
+                        _WAIT,
+                        _query(
+                            "device",
+                            _DEVICE,
+                            "Extension: the device syncing. Once seen, the member's entries are "
+                            "released only below every device's ack (see ack).",
+                        ),
                     ],
                     "responses": {
                         "200": _json(_ref("SyncReply"), "Entries with seq > last_read."),
@@ -292,15 +415,60 @@ def openapi_document() -> dict[str, Any]:
             "/timeline/history/single/{from}/{to}": {
                 "get": {
                     "summary": "History of a one-to-one conversation (either order)",
-                    "parameters": [_path("from"), _path("to"), *_PAGE, *_BACKWARD],
+                    "parameters": [_path("from"), _path("to"), *_PAGE, _WAIT, *_BACKWARD],
                     "responses": history,
                 }
             },
             "/timeline/history/group/{group}": {
                 "get": {
                     "summary": "History of a group conversation",
-                    "parameters": [_path("group"), *_PAGE, *_BACKWARD],
+                    "parameters": [_path("group"), *_PAGE, _WAIT, *_BACKWARD],
                     "responses": history,
+                }
+            },
+            "/timeline/read": {
+                "post": {
+                    "summary": "Extension: the member has read a conversation up to seq",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("ReadRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("ReadReply"), "The read position and unread count."),
+                        **_errors(400, 401, 413, 503),
+                    },
+                }
+            },
+            "/timeline/conversations": {
+                "get": {
+                    "summary": "Extension: the member's conversations, most recent first",
+                    "parameters": [
+                        _query("member", _ID, "Whose conversations.", True),
+                        _query(
+                            "count",
+                            {"type": "integer", "minimum": 0, "maximum": 1000},
+                            "At most this many; absent or 0: 100.",
+                        ),
+                        _query(
+                            "before",
+                            {"type": "string"},
+                            "The `next` of the previous page (an opaque cursor).",
+                        ),
+                    ],
+                    "responses": {
+                        "200": _json(_ref("ConversationsReply"), "A page of the list."),
+                        **_errors(400, 401, 503),
+                    },
+                }
+            },
+            "/timeline/devices": {
+                "get": {
+                    "summary": "Extension: the member's devices and their acked positions",
+                    "parameters": [_query("member", _ID, "Whose devices.", True)],
+                    "responses": {
+                        "200": _json(_ref("DevicesReply"), "The devices, by name."),
+                        **_errors(400, 401, 503),
+                    },
                 }
             },
             "/healthz": {

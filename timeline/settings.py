@@ -190,6 +190,9 @@ class Settings:
     # The longest a sync or forward history read waits for entries (wait_ms); a larger
     # wait_ms is clamped to it.
     sync_wait_max_ms: int = 30_000
+    # A device (the `device` of a sync or ack) not seen for longer stops holding back its
+    # member's sync entries: they are released below the other devices' positions.
+    device_idle_seconds: int = 30 * 86_400
 
     # The gRPC API (timeline-grpc, timeline/rpc/): host:port or unix:/path. Unset,
     # timeline-grpc listens on GRPC_DEFAULT_BIND and gunicorn serves HTTP alone; set, gunicorn's
@@ -248,6 +251,7 @@ class Settings:
             "http_memory_budget_bytes",
             "page_max_bytes",
             "sync_wait_max_ms",
+            "device_idle_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from timeline.errors import InvalidParam, PayloadTooLarge, Unauthorized
-from timeline.model import Message
+from timeline.model import Conversation, Message
 from timeline.settings import Settings
 
 INT64_MAX = 2**63 - 1
@@ -112,6 +112,26 @@ def _unroutable(value: str, name: str) -> None:
 
 
 _DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def parse_device(value: Any, limits: Limits) -> str:
+    """Extension: which of a member's devices asks, an id (not routable: never in a path);
+    absent or empty: "" (the member as one device)."""
+    if value is None or value == "":
+        return ""
+    return parse_id(value, "device", limits, routable=False)
+
+
+def parse_conversation_kind(value: Any) -> Conversation:
+    """A conversation's kind: "single" or "group"."""
+    if value is None or value == "":
+        raise InvalidParam("type is required (single or group)", field="type")
+    if not isinstance(value, str):
+        raise InvalidParam("type must be single or group", field="type")
+    try:
+        return Conversation(value)
+    except ValueError:
+        raise InvalidParam("type must be single or group", field="type") from None
 
 
 def parse_members(value: Any, name: str, limits: Limits) -> list[str]:

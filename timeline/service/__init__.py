@@ -16,12 +16,21 @@ from collections.abc import Callable, Sequence
 from timeline.allocator import Allocator
 from timeline.model import Timeline
 from timeline.service.common import Parts, Policy, _now_ms
+from timeline.service.conversations import ConversationPage, Conversations
 from timeline.service.reading import HistoryPage, Reader, SyncResult
 from timeline.service.repairing import Repairer
 from timeline.service.writing import Delivery, Writer
 from timeline.store import Store
 
-__all__ = ["Delivery", "HistoryPage", "Policy", "SyncResult", "TimelineService", "_now_ms"]
+__all__ = [
+    "ConversationPage",
+    "Delivery",
+    "HistoryPage",
+    "Policy",
+    "SyncResult",
+    "TimelineService",
+    "_now_ms",
+]
 
 
 class TimelineService:
@@ -48,7 +57,8 @@ class TimelineService:
         parts = Parts(allocator, store, policy or Policy(), clock_ms, sleep)
         self.parts = parts if notify is None else dataclasses.replace(parts, notify=notify)
         self.writer = Writer(self.parts, Repairer(self.parts))
-        self.reader = Reader(self.parts)
+        self.conversations = Conversations(self.parts)
+        self.reader = Reader(self.parts, self.conversations)
         # What the API layers call, each answered by the part that does it.
         self.send = self.writer.send
         self.send_group = self.writer.send_group
@@ -56,6 +66,9 @@ class TimelineService:
         self.history = self.reader.history
         self.history_backward = self.reader.history_backward
         self.ack = self.reader.ack
+        self.read = self.conversations.read
+        self.conversation_list = self.conversations.page
+        self.devices = self.conversations.devices
 
     @property
     def allocator(self) -> Allocator:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from timeline.allocator import Allocator, Record
-from timeline.model import Copies, Kind, Message, Timeline
+from timeline.model import About, Activity, Conversation, Copies, Kind, Message, Timeline
 from timeline.settings import Settings
 from timeline.store import Claim, Store
 
@@ -35,6 +35,7 @@ class Policy:
     sync_retention_ms: int = 0
     history_retention_ms: int = 0
     page_max_bytes: int = 4 << 20  # of a page's entries, as JSON encodes them
+    device_idle_ms: int = 30 * 86_400_000  # a device not seen for longer holds nothing back
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -50,6 +51,7 @@ class Policy:
             sync_retention_ms=settings.sync_retention_seconds * 1000,
             history_retention_ms=settings.history_retention_seconds * 1000,
             page_max_bytes=settings.page_max_bytes,
+            device_idle_ms=settings.device_idle_seconds * 1000,
         )
 
     def retention_ms(self, kind: Kind) -> int:
@@ -87,6 +89,11 @@ class _Plan:
     tried: set[int] = field(default_factory=set)
     moved: set[int] = field(default_factory=set)
     store_failed: bool = False  # a store write of this request failed
+    # The conversation: its kind, the sender ("" when the request names none), and for a
+    # one-to-one send the name each position's member knows it by (the other user).
+    conversation: Conversation = Conversation.GROUP
+    sender: str = ""
+    peers: Sequence[str] | None = None
 
     @property
     def count(self) -> int:
@@ -103,10 +110,54 @@ class _Plan:
         """The copies of these positions; None: every sync timeline (the usual case)."""
         if positions is None:
             ids, firsts = self.ids[1:], self.firsts[1:]
+            peers = self.peers[1:] if self.peers is not None else None
         else:
             ids = [self.ids[p] for p in positions]
             firsts = [self.firsts[p] for p in positions]
-        return Copies(ids, firsts, self.messages, self.created_at_ms, self.mid)
+            peers = [self.peers[p] for p in positions] if self.peers is not None else None
+        if positions is not None and list(positions) == [0]:
+            return self.one(0, self.messages)
+        about = About(self.conversation, self.ids[0], self.firsts[0], peers)
+        return Copies(ids, firsts, self.messages, self.created_at_ms, self.mid, about)
+
+    def one(self, position: int, messages: Sequence[Message], offset: int = 0) -> Copies:
+        """The copies of one position: `messages`, the request's from `offset` on."""
+        first = self.firsts[position] + offset
+        if position == 0:
+            return Copies(
+                [self.ids[0]],
+                [first],
+                messages,
+                self.created_at_ms,
+                self.mid,
+                activity=self.activity(first + len(messages) - 1, messages[-1]),
+            )
+        peers = [self.peers[position]] if self.peers is not None else None
+        about = About(self.conversation, self.ids[0], self.firsts[0] + offset, peers)
+        return Copies([self.ids[position]], [first], messages, self.created_at_ms, self.mid, about)
+
+    def activity(self, last: int = 0, message: Message | None = None) -> Activity:
+        """What the history copies change in the conversation's state: those of the whole
+        request, or (`last`, `message`) of the part of it being written."""
+        members = self.ids[1:]
+        if self.sender and self.sender not in members:
+            members = [*members, self.sender]
+        peers = None
+        if self.peers is not None:
+            peers = list(self.peers[1:])
+            if len(peers) < len(members):
+                peers.append(self.ids[0])
+        return Activity(
+            kind=self.conversation,
+            conversation=self.ids[0],
+            members=members,
+            peer=self.ids[0],
+            peers=peers,
+            sender=self.sender,
+            last=last or self.firsts[0] + self.count - 1,
+            message=(message or self.messages[-1]).json,
+            created_at_ms=self.created_at_ms,
+        )
 
     def keys(self, position: int) -> list[tuple[str, int]]:
         first = self.firsts[position]

@@ -12,6 +12,7 @@ from timeline import metrics
 from timeline.errors import Unavailable
 from timeline.model import Entry, Kind, Timeline
 from timeline.service.common import Parts
+from timeline.service.conversations import Conversations
 from timeline.store import Page
 
 log = logging.getLogger("timeline.service")
@@ -66,16 +67,21 @@ class _PageBytes:
 class Reader:
     """Pages of sync and history timelines, and the ack that releases what a device pulled."""
 
-    def __init__(self, parts: Parts) -> None:
+    def __init__(self, parts: Parts, devices: Conversations) -> None:
         self.allocator, self.store, self.policy = parts.allocator, parts.store, parts.policy
         self._clock_ms = parts.clock_ms
+        self.devices = devices
 
-    def ack(self, member: str, seq: int) -> int:
-        """Remove the member's sync entries up to `seq`; returns the new minSeq."""
+    def ack(self, member: str, seq: int, device: str = "") -> int:
+        """The member's device (without a name: the member as one device) has its sync
+        entries up to `seq`: remove those every device seen lately has; returns the new
+        minSeq."""
         latest = self._latest(member)
-        # Whatever the ack removes is at most min(seq, latest): that floor covers it all and
+        upto = self.devices.acked(member, device, seq)
+        # Whatever the ack removes is at most min(upto, latest): that floor covers it all and
         # never runs ahead of what was allocated (a lost counter continues above it).
-        self.store.ack(member, seq, min(seq, latest))
+        if upto > 0:
+            self.store.ack(member, upto, min(upto, latest))
         metrics.ACKED.inc()
         cutoff = self._cutoff(Kind.SYNC)
         first = self.store.page(Kind.SYNC, member, 0, 0, cutoff)
@@ -110,9 +116,12 @@ class Reader:
             return top  # all there, only hidden (expired, placeholders)
         return floor + 1  # missing, or written since the page was read: nothing to skip
 
-    def sync(self, member: str, last_read: int, count: int) -> SyncResult:
+    def sync(self, member: str, last_read: int, count: int, device: str = "") -> SyncResult:
         """The member's sync entries after last_read, the newest sequence allocated, and
-        the lowest sequence the timeline can still return (minSeq)."""
+        the lowest sequence the timeline can still return (minSeq). A named device is seen:
+        from then on the member's entries are released only once it has acked them too."""
+        if device:
+            self.devices.seen(member, device)
         cutoff = self._cutoff(Kind.SYNC)
         first = self.store.page(
             Kind.SYNC, member, last_read, count, cutoff, self.policy.page_max_bytes

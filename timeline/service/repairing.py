@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from timeline import metrics
 from timeline.errors import Unavailable
-from timeline.model import Copies, Kind, Timeline
+from timeline.model import Kind, Timeline
 from timeline.service.common import Parts, _Plan
 
 log = logging.getLogger("timeline.service")
@@ -156,9 +156,7 @@ class Repairer:
                 continue
             if self._clock_ms() >= plan.deadline_ms:
                 return False  # reported; the caller's retry fills it in
-            copy = Copies(
-                [plan.ids[position]], [first + j], [plan.messages[j]], plan.created_at_ms, plan.mid
-            )
+            copy = plan.one(position, [plan.messages[j]], j)
             history, sync = (copy, None) if position == 0 else (None, copy)
             result = self.store.write(history, sync)
             if result.history_taken or result.sync_taken:

@@ -19,7 +19,7 @@ import orjson
 from timeline import metrics
 from timeline.allocator import Record
 from timeline.errors import ClientMsgIdReused, Unavailable, WriteFailed
-from timeline.model import Copies, Kind, Message, Timeline, conversation_id
+from timeline.model import Conversation, Copies, Kind, Message, Timeline, conversation_id, peer_of
 from timeline.service.common import Parts, _Allocated, _Plan
 from timeline.service.repairing import Repairer, _MoveLost
 from timeline.store import Claim, WriteResult
@@ -112,7 +112,9 @@ class Writer:
         """One-to-one messages, in order; returns the receiver's sync sequences for them."""
         recipients = [sender] if sender == receiver else [sender, receiver]
         conversation = conversation_id(sender, receiver)
-        delivery = self._deliver(conversation, recipients, messages, client_msg_id)
+        delivery = self._deliver(
+            conversation, recipients, messages, client_msg_id, Conversation.SINGLE, sender
+        )
         if delivery.failed:
             raise WriteFailed(
                 "message could not be stored for every recipient; retry with the same "
@@ -127,9 +129,13 @@ class Writer:
         members: Sequence[str],
         messages: Sequence[Message],
         client_msg_id: str | None = None,
+        sender: str = "",
     ) -> list[str]:
-        """Group messages to the listed (distinct) members; returns those not written."""
-        return self._deliver(group, members, messages, client_msg_id).failed
+        """Group messages to the listed (distinct) members; returns those not written.
+        `sender` (extension): who sent them, whose read position moves to them."""
+        return self._deliver(
+            group, members, messages, client_msg_id, Conversation.GROUP, sender
+        ).failed
 
     def _deliver(
         self,
@@ -137,6 +143,8 @@ class Writer:
         recipients: Sequence[str],
         messages: Sequence[Message],
         client_msg_id: str | None,
+        kind: Conversation = Conversation.GROUP,
+        sender: str = "",
     ) -> Delivery:
         """Allocate a contiguous range for the history timeline and every recipient at once,
         then store it all."""
@@ -157,7 +165,13 @@ class Writer:
             record = Record(
                 conversation=history_id,
                 client_msg_id=client_msg_id,
-                fingerprint=_digest(history_id, *recipients, "\x01", *canonical)[:16],
+                fingerprint=_digest(
+                    history_id,
+                    *recipients,
+                    "\x01",
+                    *canonical,
+                    *(("\x02", sender) if sender else ()),
+                )[:16],
                 ttl_ms=min(self.policy.record_redis_ttl_ms, self.policy.record_ttl_ms),
             )
             # The same for every attempt, so each can tell the copies of another apart.
@@ -191,6 +205,13 @@ class Writer:
             record=record,
             claim=claim,
             deadline_ms=deadline_ms,
+            conversation=kind,
+            sender=sender,
+            peers=(
+                ["", *(peer_of(history_id, member) for member in recipients)]
+                if kind is Conversation.SINGLE
+                else None
+            ),
         )
         try:
             positions = self._store(plan, self._ages(allocated), allocated.failed, first)

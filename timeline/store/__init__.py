@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from timeline.model import Copies, Entry, Kind
+from timeline.model import Conversation, Copies, Entry, Kind
 from timeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,45 @@ class Claim:
     expires_ms: int  # after this the record may be forgotten (ms since epoch)
 
 
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """One conversation as one member sees it (Store.conversations, Store.mark_read).
+
+    `latest` is the highest history sequence stored in it; `read` the member's read
+    position (never above `latest`); `unread` the messages after it, that is
+    `latest - read` less the sequences there that hold no message (placeholders sealing a
+    hole). A member's own messages are never among them: storing a message moves its
+    sender's position to it, in the same step (see Activity). `activity_ms` orders the
+    list: when its latest message was created."""
+
+    kind: Conversation
+    conversation: str  # the history timeline's id
+    peer: str  # what the member calls it: the other user, or the group's name
+    latest: int
+    read: int
+    unread: int
+    last: Entry | None  # the latest message (None: none stored yet)
+    activity_ms: int
+
+
+class Cursor(NamedTuple):
+    """Where a page of the conversation list ends: the list is ordered by (activity_ms,
+    conversation) descending, and the next page starts below this."""
+
+    activity_ms: int
+    conversation: str
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One of a member's devices: the sync position it acked, and when it was last seen
+    (by a sync or an ack; ms since the epoch)."""
+
+    device: str
+    position: int
+    last_seen_ms: int
+
+
 def split(copies: Copies, rows: int, size: int) -> Iterator[tuple[int, Copies]]:
     """The copies in parts of whole timelines, each at most `rows` copies and `size` bytes
     of messages (a timeline's batch alone may be more: it is never cut), with the position
@@ -74,14 +113,7 @@ def split(copies: Copies, rows: int, size: int) -> Iterator[tuple[int, Copies]]:
         yield 0, copies
         return
     for start in range(0, timelines, step):
-        part = Copies(
-            copies.ids[start : start + step],
-            copies.firsts[start : start + step],
-            copies.messages,
-            copies.created_at_ms,
-            copies.mid,
-        )
-        yield start * count, part
+        yield start * count, copies.part(start, start + step)
 
 
 class Store(Protocol):
@@ -119,6 +151,16 @@ class Store(Protocol):
         Finding keys taken costs what storing them would, or less: a replay of a request
         whose copies are all stored (a client's retry) is set-based work, never a
         statement or a savepoint per copy or per timeline.
+
+        Sync copies with `about` store, beside each message, its conversation's kind, name
+        (as that member knows it) and the message's history sequence; read back as Entry's
+        conv_kind, conv and conv_seq. History copies with `activity` update the
+        conversation's state (see "conversations" below) when they are stored, and also
+        when they are found taken by the same mid (a retry of a write whose history got in):
+        the latest message, the members' list entries, the sender's read position. Where
+        that update follows the history copies in a step of its own (MongoDB) and fails, the
+        write raises Unavailable (not PartialWrite): the caller writes the history again,
+        finds it taken by the same mid, and the update is made then.
 
         With `claim`, the claim is stored first, as claim(claim, now_ms) would store it, and
         where the store can, in the same transaction as the first copies (SQLite: one
@@ -262,6 +304,45 @@ class Store(Protocol):
         """Why preparing cannot go on without an operator, in one line that says what to
         do (documents that collide on (id, seq), a build past its deadline); "" when
         nothing blocks it. The Preparer stops trying then."""
+        ...
+
+    # --- conversations, read positions, devices ---------------------------------------------
+    #
+    # The store keeps them (not Redis): they survive what Redis loses. A write's history
+    # copies carry an Activity (see write): where the store can (SQLite), it is applied in
+    # the transaction that stores them; elsewhere (MongoDB) the memberships and the sender's
+    # read position are raised before the copies are written and the conversation's latest
+    # after (a read in between sees the sender's own message as read, never as unread).
+    # Every change is a maximum or an insert-if-absent: a retry applies it again harmlessly.
+
+    def conversations(
+        self, member: str, limit: int, before: Cursor | None
+    ) -> list[ConversationState]:
+        """The member's conversations (those it sent or received a message in), most recent
+        activity first, at most `limit`, below `before` when given."""
+        ...
+
+    def mark_read(
+        self, member: str, kind: Conversation, conversation: str, peer: str, seq: int
+    ) -> ConversationState:
+        """Raise the member's read position in the conversation to `seq`, or to the
+        conversation's latest when `seq` is above it (a lower `seq` changes nothing), and
+        return the conversation as the member sees it then. A conversation the member has
+        no message in is not added to its list."""
+        ...
+
+    def device_seen(self, member: str, device: str, now_ms: int) -> None:
+        """Record that the device was seen now (its position unchanged; 0 when new)."""
+        ...
+
+    def device_ack(self, member: str, device: str, seq: int, now_ms: int, idle_ms: int) -> int:
+        """Atomically: raise the device's position to `seq`, mark it seen now, and return
+        the lowest position among the member's devices seen since `now_ms - idle_ms` (this
+        one included): what the member's sync timeline may release up to."""
+        ...
+
+    def devices(self, member: str) -> list[Device]:
+        """The member's devices, by name."""
         ...
 
     def ping(self) -> None:

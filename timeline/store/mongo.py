@@ -39,10 +39,15 @@ What it relies on, from the MongoDB manual:
   selection alone is bounded by mongo_timeout_ms (see _bound_selection).
 - Idempotency records (chat_idempotency) rely on the unique `_id` index for "one record per
   message", and on a TTL index on `expires_at` to forget them: see CLAIMS and prepare().
+- Conversations, read positions and devices (chat_conversations, chat_memberships,
+  chat_devices) change only by maximums and inserts-if-absent, so a retry applies a change
+  again harmlessly; see CONVERSATIONS for what each holds, and write() for the order in
+  which a message's history copies and its conversation's state are stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -65,9 +70,19 @@ from pymongo.write_concern import WriteConcern
 
 from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
-from timeline.model import HOLE_MID, Copies, Entry, Kind
+from timeline.model import HOLE_MID, Activity, Conversation, Copies, Entry, Kind, peer_of
 from timeline.settings import Settings
-from timeline.store import COLLECTIONS, Claim, Gap, Page, WriteResult, split
+from timeline.store import (
+    COLLECTIONS,
+    Claim,
+    ConversationState,
+    Cursor,
+    Device,
+    Gap,
+    Page,
+    WriteResult,
+    split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +104,16 @@ PURGE_BATCH = 1_000
 #: How many colliding (id, seq) keys a blocked index build names (and counts up to).
 _COLLISIONS_SHOWN = 3
 _DUPLICATE_KEY = 11000
-_PROJECTION = {"_id": 0, "seq": 1, "message": 1, "created_at": 1, "mid": 1}
+_PROJECTION = {
+    "_id": 0,
+    "seq": 1,
+    "message": 1,
+    "created_at": 1,
+    "mid": 1,
+    "conv_kind": 1,
+    "conv": 1,
+    "conv_seq": 1,
+}
 #: Documents per batch of a read bounded in bytes (Store.read's max_bytes).
 _READ_BATCH = 64
 #: Branches per `$or` query of keys: a replay to 10,000 members is many small queries, each
@@ -118,6 +142,38 @@ CLAIMS_TTL_INDEX_NAME = "expires_at_ttl"
 #: How many times claim() reads again after losing a race (an insert or a replacement of an
 #: expired record that another claim made first); each round, another claim made progress.
 _CLAIM_ROUNDS = 5
+#: Conversations (Store.conversations), one document per history timeline:
+#: `{_id: history id, kind, latest, last: {seq, message, created_at, mid}, activity_at: Date,
+#: members: digest}`. `latest` only rises (a conditional update: see _raise_conversation);
+#: `last` is the message at `latest`, `activity_at` its creation time (what the list is
+#: ordered by); `members` the digest of the member list whose memberships are all stored
+#: (a group's sends mostly list the same members: then none is written). No secondary index:
+#: the list looks documents up by `_id` only (see conversations()).
+CONVERSATIONS = "chat_conversations"
+#: One document per member and conversation: `{member, conversation, kind, peer, read,
+#: listed}`. `read` only rises; `listed` (in the member's list: it sent or received a message
+#: there) only turns true: mark_read alone leaves a position unlisted.
+MEMBERSHIPS = "chat_memberships"
+#: One document per member and device: `{member, device, position, last_seen: Date}`.
+DEVICES = "chat_devices"
+#: Their unique indexes. They gate what upserts by their key (write(), mark_read, the
+#: devices' calls): without one, two upserts of the same key racing both insert (MongoDB
+#: retries an upsert's duplicate key error only where a unique index raised it: "Upsert with
+#: Duplicate Values", db.collection.update()), and the index could then never be built. On
+#: collections this version makes they are empty, so built at once, before the (id, seq) ones.
+MEMBERSHIP_INDEX_NAME = "member_conversation_unique"
+MEMBERSHIP_KEY = [("member", pymongo.ASCENDING), ("conversation", pymongo.ASCENDING)]
+DEVICE_INDEX_NAME = "member_device_unique"
+DEVICE_KEY = [("member", pymongo.ASCENDING), ("device", pymongo.ASCENDING)]
+#: The placeholders of the history timelines, and only they: an unread count subtracts those
+#: after the member's read position, a count over a few index keys. Same key as the unique
+#: index, told apart by its partial filter (MongoDB 5.0 and later keep both: the filter is
+#: part of an index's identity, "Partial Indexes", Restrictions). Not gating: until it is
+#: built the count scans the conversation's range of the unique index.
+HOLES_INDEX_NAME = "id_seq_holes"
+HOLES_FILTER = {"mid": HOLE_MID}
+#: Membership upserts per bulk write (a fan-out to 10,000+ members is several).
+MEMBERSHIP_CHUNK = 10_000
 T = TypeVar("T")
 
 
@@ -136,13 +192,26 @@ def _date(ms: int) -> datetime:
 
 
 def _bson(copies: Copies) -> list[dict[str, Any]]:
-    """The documents of these copies, as MongoDB stores them (`message` as a document)."""
+    """The documents of these copies, as MongoDB stores them (`message` as a document). Sync
+    copies with `about` also hold their conversation: `conv_kind`, `conv` (its name as that
+    member knows it) and `conv_seq` (the message's history sequence), as Copies.rows()."""
     created_at = _date(copies.created_at_ms)
     documents = [message.document for message in copies.messages]
+    about = copies.about
+    if about is None:
+        return [
+            {"id": id_, "seq": first + j, "message": document, "created_at": created_at}
+            | {"mid": copies.mid}
+            for id_, first in zip(copies.ids, copies.firsts, strict=True)
+            for j, document in enumerate(documents)
+        ]
+    kind, start = about.kind.value, about.first
+    names = about.peers if about.peers is not None else [about.name] * len(copies.ids)
     return [
         {"id": id_, "seq": first + j, "message": document, "created_at": created_at}
-        | {"mid": copies.mid}
-        for id_, first in zip(copies.ids, copies.firsts, strict=True)
+        | {"mid": copies.mid, "conv_kind": kind, "conv": name}
+        | {"conv_seq": start + j if start else 0}
+        for id_, first, name in zip(copies.ids, copies.firsts, names, strict=True)
         for j, document in enumerate(documents)
     ]
 
@@ -165,6 +234,73 @@ def _ms(value: Any) -> int:
         # Exact: int(timestamp() * 1000) is a millisecond short for some dates (floats).
         return int((value - _EPOCH) // _MS)
     return 0  # documents written by go-timeline carry no creation time
+
+
+#: The latest date a cursor can name (datetime's range); a cursor above it bounds nothing.
+_LATEST_MS = 253_402_300_799_999
+
+
+def _unread_range(membership: dict[str, Any], conversation: dict[str, Any]) -> tuple[str, int, int]:
+    """(history id, read, latest): where the member's unread messages are."""
+    latest = int(conversation.get("latest", 0))
+    return conversation["_id"], min(int(membership.get("read", 0)), latest), latest
+
+
+def _state(
+    membership: dict[str, Any], conversation: dict[str, Any], holes: int
+) -> ConversationState:
+    """The conversation as the member sees it, from its membership and conversation
+    documents and the number of placeholders after the member's read position."""
+    _, read, latest = _unread_range(membership, conversation)
+    last = conversation.get("last")
+    kind = conversation.get("kind") or membership.get("kind") or Conversation.GROUP.value
+    return ConversationState(
+        kind=Conversation(kind),
+        conversation=conversation["_id"],
+        peer=membership.get("peer", ""),
+        latest=latest,
+        read=read,
+        unread=max(0, latest - read - holes),
+        last=_entry(last) if last else None,
+        activity_ms=_ms(conversation.get("activity_at")),
+    )
+
+
+def _peer_of_sender(activity: Activity) -> str:
+    """What the sender calls the conversation: the other user of a one-to-one one."""
+    if activity.kind is Conversation.SINGLE:
+        return peer_of(activity.conversation, activity.sender)
+    return activity.peer
+
+
+def _upsert(collection: Collection[Any], key: dict[str, Any], change: dict[str, Any]) -> Any:
+    """update_one(upsert=True) by a unique key. Two upserts of a new key racing: MongoDB
+    retries the one that lost itself (an equality match on the unique index's fields, "Upsert
+    with Duplicate Values"); should a server not, it is retried here once: it matches now."""
+    try:
+        return collection.update_one(key, change, upsert=True)
+    except DuplicateKeyError:
+        return collection.update_one(key, change, upsert=True)
+
+
+def _upsert_all(collection: Collection[Any], upserts: list[UpdateOne]) -> None:
+    """One unordered bulk write of upserts by a unique key; those that lost a race for a new
+    key (a duplicate key error) are sent once more, as _upsert does. Any other error, or a
+    write concern error, is raised."""
+    for attempt in range(2):
+        try:
+            collection.bulk_write(upserts, ordered=False)
+            return
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if (
+                attempt
+                or exc.details.get("writeConcernErrors")
+                or not errors
+                or any(e.get("code") != _DUPLICATE_KEY for e in errors)
+            ):
+                raise
+            upserts = [upserts[int(e["index"])] for e in errors]
 
 
 def _claim_document(claim: Claim) -> dict[str, Any]:
@@ -203,7 +339,32 @@ def _entry(document: dict[str, Any]) -> Entry:
         orjson.dumps(document.get("message") or {}, default=_json_default).decode(),
         _ms(document.get("created_at")),
         document.get("mid", ""),
+        document.get("conv_kind", ""),
+        document.get("conv", ""),
+        int(document.get("conv_seq", 0)),
     )
+
+
+def members_digest(members: Sequence[str]) -> str:
+    """What a conversation keeps of the member list whose memberships are all stored. Of the
+    members sorted: the same members listed in another order need nothing written either."""
+    return hashlib.sha256("\x00".join(sorted(members)).encode()).hexdigest()[:32]
+
+
+def _last_document(history: Copies, activity: Activity) -> dict[str, Any]:
+    """The conversation's latest message as the history holds it (`message` a document)."""
+    message = history.messages[-1] if history.messages else None
+    document = (
+        message.document
+        if message is not None and message.json == activity.message
+        else orjson.loads(activity.message)
+    )
+    return {
+        "seq": activity.last,
+        "message": document,
+        "created_at": _date(activity.created_at_ms),
+        "mid": history.mid,
+    }
 
 
 class MongoStore:
@@ -242,10 +403,20 @@ class MongoStore:
         self._claims = _pinned(database["timeline_claims"], OWN)
         self._idempotency = _pinned(database[CLAIMS], OWN)
         self._visible_idempotency = _pinned(database[CLAIMS], VISIBLE)
+        self._conversations = _pinned(database[CONVERSATIONS], OWN)
+        self._visible_conversations = _pinned(database[CONVERSATIONS], VISIBLE)
+        self._memberships = _pinned(database[MEMBERSHIPS], OWN)
+        self._visible_memberships = _pinned(database[MEMBERSHIPS], VISIBLE)
+        self._devices = _pinned(database[DEVICES], OWN)
+        self._visible_devices = _pinned(database[DEVICES], VISIBLE)
+        self.membership_chunk = MEMBERSHIP_CHUNK
         self._retention = {kind: (retention_ms or {}).get(kind, 0) for kind in Kind}
         # 0: no deadline (timeline-admin migrate); the service sets one (see connect()).
         self._index_build_timeout_s = index_build_timeout_s
         self._state = "building"  # of the unique indexes, which gate writes
+        # The unique indexes of memberships and devices, built first (instantly: new
+        # collections): read positions and devices need only them, not the (id, seq) ones.
+        self._positions_ready = False
         self._others = "building"  # of the indexes built beside the traffic
         self._problem = ""  # why the state is "blocked": one line for an operator
         self._purge_index: dict[Kind, str | None] = {}  # its name, once built
@@ -306,12 +477,23 @@ class MongoStore:
                 indexes=self._state,
             )
 
+    def _positions_writable(self) -> None:
+        """Refuse an upsert of a read position or a device, at once, until the unique
+        indexes on their keys are built (see MEMBERSHIP_INDEX_NAME)."""
+        if not self._positions_ready:
+            state = "building" if self._state == "ready" else self._state
+            raise Unavailable(
+                f"store (mongo) is not ready: indexes {state} (see /readyz)", indexes=state
+            )
+
     # --- indexes --------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """First the unique (id, seq) index on both collections, which gates writes; then,
-        beside the traffic, the index the purge finds expired entries by (when a retention
-        asks for one) and the TTL index that forgets expired idempotency records. Each
+        """First the unique indexes, which gate writes: those of memberships and devices
+        (on collections this version makes: built at once), then (id, seq) on both
+        collections; then, beside the traffic, the index the purge finds expired entries by
+        (when a retention asks for one), the TTL index that forgets expired idempotency
+        records and the partial index of the history's placeholders. Each
         build has the store's deadline (none for timeline-admin migrate) and, on a replica
         set, a commit quorum of "majority". Run at start-up in a thread of its own
         (Preparer) or by `timeline-admin migrate`, never in a request.
@@ -327,6 +509,12 @@ class MongoStore:
                 with pymongo.timeout(self._index_build_timeout_s):
                     if self._state != "ready":
                         self._state = "building"
+                        if not self._positions_ready:
+                            _ensure_unique_key(
+                                self._memberships, MEMBERSHIP_KEY, MEMBERSHIP_INDEX_NAME
+                            )
+                            _ensure_unique_key(self._devices, DEVICE_KEY, DEVICE_INDEX_NAME)
+                            self._positions_ready = True
                         for collection in self._collections.values():
                             _ensure_unique(collection)
                         self._state = "ready"
@@ -336,6 +524,7 @@ class MongoStore:
                         wanted = bool(self._retention[kind])
                         self._purge_index[kind] = _ensure_purge_index(collection, wanted)
                     _ensure_expiry(self._idempotency)
+                    _ensure_holes_index(self._collections[Kind.HISTORY])
                     self._others = "ready"
             except PyMongoError as exc:
                 deadline = self._index_build_timeout_s
@@ -391,7 +580,7 @@ class MongoStore:
             stored = self.claim(claim, now_ms)
             if stored != claim:
                 return WriteResult(claimed=stored)
-        if history is not None and not self._call("write", lambda: self._write_history(history)):
+        if history is not None and not self._store_history(history):
             return WriteResult(history_taken=True)
         if sync is None:
             return WriteResult()
@@ -407,6 +596,106 @@ class MongoStore:
                 raise PartialWrite("store (mongo) failed midway") from exc
             raise Unavailable("store (mongo) is unavailable") from exc
         return WriteResult(sync_taken=taken)
+
+    def _store_history(self, history: Copies) -> bool:
+        """The history copies, with their Activity around them: the memberships and the
+        sender's read position before (a reader in between sees the sender's message as read,
+        never as unread), the conversation's latest after, once they are stored or found
+        stored by this very message (a retry of a write whose copies got in and whose
+        conversation may not have followed). Whether they went in.
+
+        A failure after the copies went in but before the conversation followed is
+        Unavailable, not PartialWrite: the caller then writes the history copies again, and
+        that retry (found taken, by this mid) is what moves the conversation; after
+        PartialWrite it would not write them again."""
+        activity = history.activity
+        if activity is not None:
+            self._call("write", lambda: self._before_history(activity))
+        if self._call("write", lambda: self._write_history(history)):
+            if activity is not None:
+                self._call("write", lambda: self._raise_conversation(history, activity))
+            return True
+        if activity is not None and self._call("write", lambda: self._stored_as(history)):
+            self._call("write", lambda: self._raise_conversation(history, activity))
+        return False
+
+    def _stored_as(self, history: Copies) -> bool:
+        """Whether every history copy is stored, by this message (read at "local", like
+        owners(): the collision was decided on the primary's data; a majority has the first
+        one, see _confirm_taken, and the majority write that follows waits for the rest)."""
+        keys = list(_keys(history))
+        found = {
+            (d["id"], int(d["seq"])): d.get("mid", "")
+            for query in _key_queries(keys)
+            for d in self._collections[Kind.HISTORY].find(
+                query, {"_id": 0, "id": 1, "seq": 1, "mid": 1}
+            )
+        }
+        return all(found.get(key) == history.mid for key in keys)
+
+    def _before_history(self, activity: Activity) -> None:
+        """Every member's list entry (none written when the conversation's digest says its
+        members are all stored already), then the sender's read position, raised to its
+        own last message."""
+        conversation = activity.conversation
+        kind = activity.kind.value
+        digest = members_digest(activity.members)
+        stored = self._conversations.find_one({"_id": conversation}, {"members": 1})
+        sender_listed = False
+        if stored is None or stored.get("members") != digest:
+            entries: list[UpdateOne] = []
+            for i, member in enumerate(activity.members):
+                change: dict[str, Any] = {
+                    "$set": {"listed": True, "kind": kind, "peer": activity.peer_of(i)}
+                }
+                if member == activity.sender:
+                    change["$max"] = {"read": activity.last}
+                    sender_listed = True
+                key = {"member": member, "conversation": conversation}
+                entries.append(UpdateOne(key, change, upsert=True))
+            step = max(1, self.membership_chunk)
+            for start in range(0, len(entries), step):
+                _upsert_all(self._memberships, entries[start : start + step])
+            _upsert(
+                self._conversations,
+                {"_id": conversation},
+                {"$set": {"members": digest}, "$setOnInsert": {"kind": kind, "latest": 0}},
+            )
+        if activity.sender and not sender_listed:
+            # Listed already (the digest held), or not among the members (a request that
+            # names its sender apart): its read position alone.
+            peer = _peer_of_sender(activity)
+            _upsert(
+                self._memberships,
+                {"member": activity.sender, "conversation": conversation},
+                {
+                    "$max": {"read": activity.last},
+                    "$set": {"listed": True},
+                    "$setOnInsert": {"kind": kind, "peer": peer},
+                },
+            )
+
+    def _raise_conversation(self, history: Copies, activity: Activity) -> None:
+        """latest = max(latest, activity.last), with the message and its time when it is
+        the new maximum: an update that matches only a lower `latest`, so that a late or
+        retried write of an earlier message never overwrites a later one. Two first
+        messages racing: the upsert of one meets the other's document (duplicate _id), and
+        updates it only while it is still lower."""
+        conversations = self._conversations
+        below = {"_id": activity.conversation, "latest": {"$lt": activity.last}}
+        change = {
+            "$set": {
+                "kind": activity.kind.value,
+                "latest": activity.last,
+                "last": _last_document(history, activity),
+                "activity_at": _date(activity.created_at_ms),
+            }
+        }
+        try:
+            conversations.update_one(below, change, upsert=True)
+        except DuplicateKeyError:
+            # It exists: as high already (nothing to do), or made a moment ago lower.
+            conversations.update_one(below, change)
 
     def _write_history(self, history: Copies) -> bool:
         """Insert the history documents; False when one's (id, seq) is taken (and that
@@ -822,6 +1111,178 @@ class MongoStore:
         )
         return Page(lowest, floor, entries)
 
+    # --- conversations, read positions, devices --------------------------------------------
+
+    def conversations(
+        self, member: str, limit: int, before: Cursor | None
+    ) -> list[ConversationState]:
+        """Two finds and at most a few small aggregations, whatever the member's number of
+        conversations: its listed memberships (the (member, conversation) index's range; a
+        few small fields each), then its conversations by `_id` among them, below the cursor,
+        sorted by (activity, id) and cut at `limit` on the server (a top-k sort: only
+        `limit` documents are kept), then the placeholders after each read position of the
+        page's conversations (see _holes). Activity is kept on the conversation alone, not
+        copied into each member's membership: a group's message then updates one document,
+        not one per member. All at "majority": what a client is shown."""
+        if limit <= 0:
+            return []
+        projection = {"_id": 0, "conversation": 1, "peer": 1, "read": 1, "kind": 1}
+
+        def run() -> list[ConversationState]:
+            memberships: dict[str, dict[str, Any]] = {}
+            listed = self._visible_memberships.find({"member": member, "listed": True}, projection)
+            for found in listed:
+                memberships[found["conversation"]] = found
+            if not memberships:
+                return []
+            query: dict[str, Any] = {"_id": {"$in": list(memberships)}, "latest": {"$gt": 0}}
+            if before is not None and before.activity_ms <= _LATEST_MS:
+                at = _date(before.activity_ms)
+                query["$or"] = [
+                    {"activity_at": {"$lt": at}},
+                    {"activity_at": at, "_id": {"$lt": before.conversation}},
+                ]
+            cursor = (
+                self._visible_conversations.find(query, {"members": 0})
+                .sort([("activity_at", pymongo.DESCENDING), ("_id", pymongo.DESCENDING)])
+                .limit(limit)
+            )
+            found = [(memberships[d["_id"]], d) for d in cursor]
+            holes = self._holes([_unread_range(m, d) for m, d in found])
+            return [_state(m, d, holes.get(d["_id"], 0)) for m, d in found]
+
+        return self._call("read", run)
+
+    def _holes(self, ranges: Sequence[tuple[str, int, int]]) -> dict[str, int]:
+        """How many placeholders each history timeline holds in `low < seq <= high`, at
+        "majority": a `$or` of one branch per range, each naming mid (so that the partial
+        index of placeholders serves it: a query must imply an index's filter for the
+        planner to use it), counted per timeline in one aggregation per _OR_BRANCHES ranges.
+        Empty ranges (nothing unread) are not asked about."""
+        branches = [
+            {"id": id_, "seq": {"$gt": low, "$lte": high}, "mid": HOLE_MID}
+            for id_, low, high in ranges
+            if high > low
+        ]
+        counts: dict[str, int] = {}
+        history = self._visible[Kind.HISTORY]
+        for start in range(0, len(branches), _OR_BRANCHES):
+            chunk = branches[start : start + _OR_BRANCHES]
+            pipeline: list[dict[str, Any]] = [
+                {"$match": chunk[0] if len(chunk) == 1 else {"$or": chunk}},
+                {"$group": {"_id": "$id", "n": {"$sum": 1}}},
+            ]
+            for found in history.aggregate(pipeline):
+                counts[found["_id"]] = counts.get(found["_id"], 0) + int(found["n"])
+        return counts
+
+    def mark_read(
+        self, member: str, kind: Conversation, conversation: str, peer: str, seq: int
+    ) -> ConversationState:
+        """The conversation's latest read at "majority" (what the member can have been
+        shown), `seq` clamped to it, then a `$max` on the membership (an upsert that leaves
+        it unlisted when new, and never unlists one), whose result is read back from the
+        update itself: its own write, acknowledged by a journaled majority, so nothing a
+        failover can undo. The conversation and its placeholders are read again after it,
+        at "majority", as the list shows them. Nothing is written when the clamped position
+        is 0 (a conversation without messages): there is nothing to have read."""
+        self._positions_writable()
+        key = {"member": member, "conversation": conversation}
+        projection = {"_id": 0, "conversation": 1, "peer": 1, "read": 1, "kind": 1}
+        visible = self._visible_conversations
+
+        def run() -> ConversationState:
+            found = visible.find_one({"_id": conversation}, {"latest": 1})
+            target = min(seq, int(found.get("latest", 0)) if found is not None else 0)
+            membership: dict[str, Any] | None
+            if target > 0:
+                change = {
+                    "$max": {"read": target},
+                    "$setOnInsert": {"listed": False, "kind": kind.value, "peer": peer},
+                }
+
+                def raised() -> dict[str, Any] | None:
+                    return self._memberships.find_one_and_update(
+                        key,
+                        change,
+                        projection,
+                        upsert=True,
+                        return_document=pymongo.ReturnDocument.AFTER,
+                    )
+
+                try:
+                    membership = raised()
+                except DuplicateKeyError:  # lost the race to insert it: it matches now
+                    membership = raised()
+            else:
+                membership = self._visible_memberships.find_one(key, projection)
+            document = visible.find_one({"_id": conversation}, {"members": 0})
+            if membership is None:
+                membership = {"conversation": conversation, "peer": peer, "read": 0}
+            membership.setdefault("kind", kind.value)
+            membership.setdefault("peer", peer)
+            if document is None:
+                document = {"_id": conversation, "kind": membership["kind"], "latest": 0}
+            holes = self._holes([_unread_range(membership, document)])
+            return _state(membership, document, holes.get(conversation, 0))
+
+        return self._call("mark_read", run)
+
+    def device_seen(self, member: str, device: str, now_ms: int) -> None:
+        self._positions_writable()
+        change = {"$max": {"last_seen": _date(now_ms)}, "$setOnInsert": {"position": 0}}
+        key = {"member": member, "device": device}
+        self._call("device", lambda: _upsert(self._devices, key, change))
+
+    def device_ack(self, member: str, device: str, seq: int, now_ms: int, idle_ms: int) -> int:
+        """A `$max` of the device's position and sighting (an upsert), then the lowest
+        position of the member's devices seen since the cutoff, read at "local": everything
+        the primary holds, a device that a sync or an ack made a moment ago included, also
+        one a majority has not acknowledged yet (a majority snapshot may not show it yet,
+        and would answer higher than that device's 0). Seeing more devices, or a position
+        that a failover could roll back (its device did read that far), only ever makes the
+        answer lower or the same: the caller releases no entry a live device lacks."""
+        self._positions_writable()
+        key = {"member": member, "device": device}
+        change = {"$max": {"position": seq, "last_seen": _date(now_ms)}}
+        since = _date(max(0, now_ms - idle_ms))
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"member": member, "last_seen": {"$gte": since}}},
+            {"$group": {"_id": None, "lowest": {"$min": "$position"}}},
+        ]
+
+        def run() -> int:
+            def raised() -> dict[str, Any] | None:
+                return self._devices.find_one_and_update(
+                    key,
+                    change,
+                    {"_id": 0, "position": 1},
+                    upsert=True,
+                    return_document=pymongo.ReturnDocument.AFTER,
+                )
+
+            try:
+                own = raised()
+            except DuplicateKeyError:  # lost the race to insert it: it matches now
+                own = raised()
+            lowest = int(own["position"]) if own is not None else seq
+            for found in self._devices.aggregate(pipeline):
+                if found.get("lowest") is not None:
+                    lowest = min(lowest, int(found["lowest"]))
+            return lowest
+
+        return self._call("device", run)
+
+    def devices(self, member: str) -> list[Device]:
+        """At "majority": what a client is shown."""
+        cursor = self._visible_devices.find(
+            {"member": member}, {"_id": 0, "device": 1, "position": 1, "last_seen": 1}
+        ).sort("device", pymongo.ASCENDING)
+        return [
+            Device(d["device"], int(d.get("position", 0)), _ms(d.get("last_seen")))
+            for d in self._call("read", lambda: list(cursor))
+        ]
+
     def ping(self) -> None:
         try:
             self._database.command("ping")
@@ -959,7 +1420,7 @@ def _ensure_unique(collection: Collection[Any]) -> None:
     progress."""
     name = INDEX_NAME
     for found, spec in collection.index_information().items():
-        if list(spec.get("key", [])) != INDEX_KEY:
+        if list(spec.get("key", [])) != INDEX_KEY or _is_holes_index(spec):
             continue
         if not spec.get("unique") or spec.get("partialFilterExpression"):
             raise SchemaProblem(
@@ -1010,6 +1471,45 @@ def _collisions(collection: Collection[Any], error: DuplicateKeyError) -> str:
 
 def _ids(ids: list[Any]) -> str:
     return ", ".join(f"ObjectId('{i}')" if type(i).__name__ == "ObjectId" else repr(i) for i in ids)
+
+
+def _is_holes_index(spec: dict[str, Any]) -> bool:
+    """The placeholders' partial index (ours, by whatever name): not a unique one."""
+    return not spec.get("unique") and spec.get("partialFilterExpression") == HOLES_FILTER
+
+
+def _ensure_holes_index(collection: Collection[Any]) -> None:
+    """The partial (id, seq) index of the history's placeholders (see HOLES_INDEX_NAME):
+    ours, or one of another name that indexes the same."""
+    for spec in collection.index_information().values():
+        if list(spec.get("key", [])) == INDEX_KEY and _is_holes_index(spec):
+            return
+    _create_index(
+        collection, INDEX_KEY, name=HOLES_INDEX_NAME, partialFilterExpression=HOLES_FILTER
+    )
+
+
+def _ensure_unique_key(collection: Collection[Any], key: list[tuple[str, int]], name: str) -> None:
+    """A unique index on `key` over every document (ours, or one of another name); built
+    at once on the new, empty collection."""
+    for found, spec in collection.index_information().items():
+        if list(spec.get("key", [])) != key:
+            continue
+        if spec.get("unique") and not spec.get("partialFilterExpression"):
+            if found != name:
+                log.warning("%s: using the unique index %r", collection.name, found)
+            return
+    fields = ", ".join(field for field, _ in key)
+    try:
+        _create_index(collection, key, unique=True, name=name)
+    except DuplicateKeyError as exc:
+        group = "{" + ", ".join(f"{field}: '${field}'" for field, _ in key) + "}"
+        raise SchemaProblem(
+            f"{collection.name} holds documents that share a ({fields}), so its unique index "
+            f"cannot be built ({exc}); keep one document of each and delete the others (all "
+            f"such keys: db.{collection.name}.aggregate([{{$group: {{_id: {group}, n: "
+            "{$sum: 1}}}, {$match: {n: {$gt: 1}}}])), then run timeline-admin migrate"
+        ) from exc
 
 
 def _ensure_expiry(collection: Collection[Any]) -> None:

@@ -26,9 +26,23 @@ CREATE TABLE IF NOT EXISTS {table} (
     message TEXT NOT NULL,
     created_at INTEGER NOT NULL,
     mid TEXT NOT NULL DEFAULT '',
+    conv_kind TEXT NOT NULL DEFAULT '',
+    conv TEXT NOT NULL DEFAULT '',
+    conv_seq INTEGER NOT NULL DEFAULT 0,
     UNIQUE (id, seq)
 )
 """
+# A sync entry's conversation (the About of its copy): kind, name as the member knows it,
+# and the message's history sequence. Added to a file an earlier version made.
+_ABOUT_COLUMNS = (
+    ("conv_kind", "TEXT NOT NULL DEFAULT ''"),
+    ("conv", "TEXT NOT NULL DEFAULT ''"),
+    ("conv_seq", "INTEGER NOT NULL DEFAULT 0"),
+)
+# The placeholders of a history timeline, and only they: a conversation's unread count
+# subtracts those after the read position (a hole sealed holds no message), one probe each.
+_HOLES_INDEX = "CREATE INDEX IF NOT EXISTS {table}_holes ON {table} (id, seq) WHERE mid = '~hole'"
+
 # What ack and purge removed, per timeline: the highest sequence the table no longer holds,
 # so that counters Redis lost still continue above it.
 _FLOOR_SCHEMA = """
@@ -82,10 +96,11 @@ FORGET_EXPIRED = (
     f"DELETE FROM {IDEMPOTENCY} WHERE rowid IN "
     f"(SELECT rowid FROM {IDEMPOTENCY} WHERE expires_ms <= ? LIMIT ?)"
 )
-COLUMNS = "(id, seq, message, created_at, mid)"
-INSERT = {
-    table: f"INSERT INTO {table} {COLUMNS} VALUES (?, ?, ?, ?, ?)" for table in COLLECTIONS.values()
-}
+COLUMNS = "(id, seq, message, created_at, mid, conv_kind, conv, conv_seq)"
+ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT = {table: f"INSERT INTO {table} {COLUMNS} VALUES {ROW}" for table in COLLECTIONS.values()}
+# What an entry is read back as (model.Entry, in its order).
+ENTRY = "seq, message, created_at, mid, conv_kind, conv, conv_seq"
 FLOORS = {table: _FLOORS_OF.format(table=table) for table in COLLECTIONS.values()}
 # A small write (a send's copies, a small group's) is one statement per table: its rows,
 # inserted only if no timeline's range starts at or below its floor (0 rows inserted then).
@@ -98,7 +113,7 @@ FEW = 64
 @functools.lru_cache(maxsize=256)
 def guarded_insert(table: str, rows: int, timelines: int) -> str:
     """The small write's statement for `rows` rows of `timelines` timelines (see FEW)."""
-    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    values = ", ".join([ROW] * rows)
     firsts = ", ".join(["(?, ?)"] * timelines)
     return (
         f"INSERT INTO {table} {COLUMNS} SELECT * FROM (VALUES {values}) WHERE NOT EXISTS "
@@ -137,9 +152,17 @@ def create(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
         conn.execute(_SCHEMA.format(table=table))
         conn.execute(_FLOOR_SCHEMA.format(table=table))
         conn.execute(_FLOOR_GUARD_DROP.format(table=table))
+    for table in COLLECTIONS.values():
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, definition in _ABOUT_COLUMNS:
+            if name not in columns:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+    conn.execute(_HOLES_INDEX.format(table=HISTORY))
     # In a file an earlier version made too: IF NOT EXISTS.
     conn.execute(_IDEMPOTENCY_SCHEMA)
     conn.execute(_IDEMPOTENCY_EXPIRY)
+    for statement in _CONVERSATION_SCHEMA:
+        conn.execute(statement)
     conn.execute("PRAGMA busy_timeout = 0")
 
 
@@ -157,9 +180,114 @@ def _migrate(conn: sqlite3.Connection, table: str) -> None:
     conn.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
     conn.execute(_SCHEMA.format(table=table))
     conn.execute(
-        f"INSERT INTO {table} {COLUMNS} "
+        f"INSERT INTO {table} (id, seq, message, created_at, mid) "
         f"SELECT id, seq, message, created_at, {mid} FROM {table}_old ORDER BY created_at"
     )
     conn.execute(f"DROP TABLE {table}_old")
     conn.execute(f"DROP INDEX IF EXISTS {table}_created")
     conn.execute("COMMIT")
+
+
+# --- conversations, read positions, devices ------------------------------------------------
+#
+# One row per conversation (its history timeline): its latest message, and the digest of the
+# member list last recorded (a group's sends mostly list the same members: then no
+# membership is written). One row per member and conversation: what the member calls it, its
+# read position, and whether it is in the member's list (a read position alone is not). One
+# row per member and device. Rowid tables where a row holds a message; the others WITHOUT
+# ROWID (small rows, looked up by their key).
+CONVERSATIONS = "conversations"
+MEMBERSHIPS = "memberships"
+DEVICES = "devices"
+_CONVERSATION_SCHEMA = (
+    f"""
+CREATE TABLE IF NOT EXISTS {CONVERSATIONS} (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    latest INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    created_at INTEGER NOT NULL DEFAULT 0,
+    mid TEXT NOT NULL DEFAULT '',
+    members TEXT NOT NULL DEFAULT ''
+)
+""",
+    f"""
+CREATE TABLE IF NOT EXISTS {MEMBERSHIPS} (
+    member TEXT NOT NULL,
+    id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    read_seq INTEGER NOT NULL DEFAULT 0,
+    listed INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (member, id)
+) WITHOUT ROWID
+""",
+    f"""
+CREATE TABLE IF NOT EXISTS {DEVICES} (
+    member TEXT NOT NULL,
+    device TEXT NOT NULL,
+    position INTEGER NOT NULL DEFAULT 0,
+    last_seen INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (member, device)
+) WITHOUT ROWID
+""",
+)
+# The conversation's latest message moves only up: a lower `last` (a late write, a retry)
+# changes nothing.
+RAISE_CONVERSATION = f"""
+INSERT INTO {CONVERSATIONS} (id, kind, latest, message, created_at, mid) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET latest = excluded.latest, message = excluded.message,
+    created_at = excluded.created_at, mid = excluded.mid
+WHERE excluded.latest > {CONVERSATIONS}.latest
+"""
+MEMBERS_DIGEST = f"SELECT members FROM {CONVERSATIONS} WHERE id = ?"
+SET_MEMBERS_DIGEST = f"UPDATE {CONVERSATIONS} SET members = ? WHERE id = ?"
+LIST_MEMBER = f"""
+INSERT INTO {MEMBERSHIPS} (member, id, kind, peer) VALUES (?, ?, ?, ?)
+ON CONFLICT (member, id) DO UPDATE SET listed = 1 WHERE NOT {MEMBERSHIPS}.listed
+"""
+# A read position moves only up, and never above the conversation's latest.
+RAISE_READ = f"""
+INSERT INTO {MEMBERSHIPS} (member, id, kind, peer, read_seq, listed)
+VALUES (?1, ?2, ?3, ?4,
+    MIN(?5, COALESCE((SELECT latest FROM {CONVERSATIONS} WHERE id = ?2), 0)), ?6)
+ON CONFLICT (member, id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq),
+    listed = MAX(listed, excluded.listed)
+"""
+# The sender's own message: its position moves to it (the conversation's latest may not be
+# raised yet in this transaction's order, so no clamp: it is at most what was allocated).
+RAISE_SENDER_READ = f"""
+INSERT INTO {MEMBERSHIPS} (member, id, kind, peer, read_seq) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (member, id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq), listed = 1
+"""
+_STATE = f"""
+SELECT c.kind, c.id, m.peer, c.latest, MIN(m.read_seq, c.latest), c.message, c.created_at,
+    c.mid, (SELECT COUNT(*) FROM {HISTORY} AS h
+        WHERE h.id = c.id AND h.seq > m.read_seq AND h.seq <= c.latest AND h.mid = '~hole')
+FROM {{source}}
+"""
+# The list: the member's memberships (its primary key's range), each joined to its
+# conversation, ordered by activity; the holes are counted for the page's rows only.
+CONVERSATION_PAGE = _STATE.format(
+    source=f"""(SELECT * FROM {MEMBERSHIPS} AS m0 JOIN {CONVERSATIONS} AS c0 ON c0.id = m0.id
+        WHERE m0.member = ?1 AND m0.listed AND (c0.created_at, c0.id) < (?2, ?3)
+        ORDER BY c0.created_at DESC, c0.id DESC LIMIT ?4) AS p
+    JOIN {MEMBERSHIPS} AS m ON m.member = p.member AND m.id = p.id
+    JOIN {CONVERSATIONS} AS c ON c.id = p.id
+    ORDER BY c.created_at DESC, c.id DESC"""
+)
+CONVERSATION_OF = _STATE.format(
+    source=f"""{MEMBERSHIPS} AS m LEFT JOIN {CONVERSATIONS} AS c ON c.id = m.id
+    WHERE m.member = ? AND m.id = ?"""
+)
+DEVICE_SEEN = f"""
+INSERT INTO {DEVICES} (member, device, position, last_seen) VALUES (?, ?, 0, ?)
+ON CONFLICT (member, device) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)
+"""
+DEVICE_ACK = f"""
+INSERT INTO {DEVICES} (member, device, position, last_seen) VALUES (?, ?, ?, ?)
+ON CONFLICT (member, device) DO UPDATE SET position = MAX(position, excluded.position),
+    last_seen = MAX(last_seen, excluded.last_seen)
+"""
+DEVICES_LOWEST = f"SELECT MIN(position) FROM {DEVICES} WHERE member = ? AND last_seen >= ?"
+DEVICES_OF = f"SELECT device, position, last_seen FROM {DEVICES} WHERE member = ? ORDER BY device"

@@ -12,16 +12,33 @@ from typing import Any
 
 from timeline.errors import PartialWrite, Unavailable
 from timeline.metrics import EXPIRED_REMOVED, dependency_failed
-from timeline.model import HOLE_MID, Copies, Entry, Kind
-from timeline.store import COLLECTIONS, Claim, Gap, Page, WriteResult, split
+from timeline.model import HOLE_MID, Conversation, Copies, Entry, Kind
+from timeline.store import (
+    COLLECTIONS,
+    Claim,
+    ConversationState,
+    Cursor,
+    Device,
+    Gap,
+    Page,
+    WriteResult,
+    split,
+)
 from timeline.store.sqlite import schema
 from timeline.store.sqlite.connections import Connections, unavailable
 from timeline.store.sqlite.group import GroupCommit
 from timeline.store.sqlite.schema import (
     CLAIMED,
-    COLUMNS,
+    CONVERSATION_OF,
+    CONVERSATION_PAGE,
+    DEVICE_ACK,
+    DEVICE_SEEN,
+    DEVICES_LOWEST,
+    DEVICES_OF,
+    ENTRY,
     FORGET_EXPIRED,
     RAISE_FLOOR,
+    RAISE_READ,
     RANGES_JOIN,
     RECLAIM,
     SYNC,
@@ -148,7 +165,10 @@ class SQLiteStore:
         """In transactions of at most a chunk's rows each (placeholders are independent of
         each other); what a transaction finds stored is found in one statement."""
         table = COLLECTIONS[kind]
-        insert = f"INSERT OR IGNORE INTO {table} {COLUMNS} VALUES (?, ?, '{{}}', ?, ?)"
+        insert = (
+            f"INSERT OR IGNORE INTO {table} (id, seq, message, created_at, mid) "
+            "VALUES (?, ?, '{}', ?, ?)"
+        )
         taken: list[tuple[str, int]] = []
         for start in range(0, len(keys), self.write_chunk_rows):
             if start:
@@ -238,7 +258,7 @@ class SQLiteStore:
         max_bytes: int = 0,
     ) -> list[Entry]:
         sql = (
-            f"SELECT seq, message, created_at, mid FROM {COLLECTIONS[kind]} "
+            f"SELECT {ENTRY} FROM {COLLECTIONS[kind]} "
             "WHERE id = ? AND seq > ? AND mid != ? AND created_at >= ? ORDER BY seq LIMIT ?"
         )
         params = (timeline_id, after, HOLE_MID, not_before_ms, limit)
@@ -251,7 +271,7 @@ class SQLiteStore:
         self, kind: Kind, timeline_id: str, before: int, limit: int, not_before_ms: int
     ) -> list[Entry]:
         sql = (
-            f"SELECT seq, message, created_at, mid FROM {COLLECTIONS[kind]} "
+            f"SELECT {ENTRY} FROM {COLLECTIONS[kind]} "
             "WHERE id = ? AND seq < ? AND created_at >= ? AND mid != ? ORDER BY seq DESC LIMIT ?"
         )
         upper = before if before > 0 else 2**63 - 1
@@ -270,10 +290,11 @@ class SQLiteStore:
         table = COLLECTIONS[kind]
         # One statement for the three: the lowest entry (0), the floor (1), the page (2).
         sql = (
-            f"SELECT * FROM (SELECT 0, seq, message, created_at, mid FROM {table} "
+            f"SELECT * FROM (SELECT 0, {ENTRY} FROM {table} "
             "WHERE id = ? AND created_at >= ? AND mid != ? ORDER BY seq LIMIT 1) "
-            f"UNION ALL SELECT 1, seq, NULL, NULL, NULL FROM {table}_floor WHERE id = ? "
-            f"UNION ALL SELECT * FROM (SELECT 2, seq, message, created_at, mid FROM {table} "
+            f"UNION ALL SELECT 1, seq, NULL, NULL, NULL, NULL, NULL, NULL FROM {table}_floor "
+            "WHERE id = ? "
+            f"UNION ALL SELECT * FROM (SELECT 2, {ENTRY} FROM {table} "
             "WHERE id = ? AND seq > ? AND mid != ? AND created_at >= ? ORDER BY seq LIMIT ?)"
         )
         params = (
@@ -286,13 +307,13 @@ class SQLiteStore:
             if max_bytes
             else self._connections.query(sql, params)
         )
-        for part, seq, message, created_at, mid in rows:
+        for part, *row in rows:
             if part == 2:
-                entries.append(Entry(seq, message, created_at, mid))
+                entries.append(Entry(*row))
             elif part == 0:
-                lowest = Entry(seq, message, created_at, mid)
+                lowest = Entry(*row)
             else:
-                floor = seq
+                floor = row[0]
         return Page(lowest, floor, entries)
 
     # --- retention ------------------------------------------------------------------------
@@ -394,6 +415,38 @@ class SQLiteStore:
         fingerprint, text, allocated_ms, expires_ms = found
         return Claim(expected.mid, fingerprint, lasts_of(text), allocated_ms, expires_ms)
 
+    # --- conversations, read positions, devices -------------------------------------------
+
+    def conversations(
+        self, member: str, limit: int, before: Cursor | None
+    ) -> list[ConversationState]:
+        below = before if before is not None else Cursor(2**63 - 1, "")
+        rows = self._connections.query(
+            CONVERSATION_PAGE, (member, below.activity_ms, below.conversation, limit)
+        )
+        return [_state(row) for row in rows]
+
+    def mark_read(
+        self, member: str, kind: Conversation, conversation: str, peer: str, seq: int
+    ) -> ConversationState:
+        with self._connections.transaction() as conn:
+            conn.execute(RAISE_READ, (member, conversation, kind.value, peer, seq, 0))
+            row = conn.execute(CONVERSATION_OF, (member, conversation)).fetchone()
+        return _state(row, kind, conversation, peer)
+
+    def device_seen(self, member: str, device: str, now_ms: int) -> None:
+        with self._connections.transaction() as conn:
+            conn.execute(DEVICE_SEEN, (member, device, now_ms))
+
+    def device_ack(self, member: str, device: str, seq: int, now_ms: int, idle_ms: int) -> int:
+        with self._connections.transaction() as conn:
+            conn.execute(DEVICE_ACK, (member, device, seq, now_ms))
+            (lowest,) = conn.execute(DEVICES_LOWEST, (member, now_ms - idle_ms)).fetchone()
+        return int(lowest)
+
+    def devices(self, member: str) -> list[Device]:
+        return [Device(*row) for row in self._connections.query(DEVICES_OF, (member,))]
+
     def prepare(self) -> None:
         """Nothing to wait for: the schema is made when the store opens."""
 
@@ -408,6 +461,27 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._connections.close()
+
+
+def _state(
+    row: Any, kind: Conversation | None = None, conversation: str = "", peer: str = ""
+) -> ConversationState:
+    """A row of schema._STATE as the member's view of the conversation. The conversation's
+    columns are NULL for a read position in a conversation that holds no message yet."""
+    found_kind, found, found_peer, latest, read, message, created_at, mid, holes = row
+    latest = latest or 0
+    read = min(read or 0, latest)
+    last = Entry(latest, message, created_at, mid) if latest and message else None
+    return ConversationState(
+        kind=Conversation(found_kind) if found_kind else kind or Conversation.GROUP,
+        conversation=found or conversation,
+        peer=found_peer or peer,
+        latest=latest,
+        read=read,
+        unread=max(0, latest - read - (holes or 0)),
+        last=last,
+        activity_ms=created_at or 0,
+    )
 
 
 def _stored(

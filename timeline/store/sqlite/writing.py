@@ -5,13 +5,14 @@ together when a key is taken or a floor is in the way."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
 
-from timeline.model import Copies
+from timeline.model import Conversation, Copies, peer_of
 from timeline.store import Claim, WriteResult
 from timeline.store.sqlite.connections import Connections
 from timeline.store.sqlite.schema import (
@@ -21,12 +22,17 @@ from timeline.store.sqlite.schema import (
     FLOORS,
     HISTORY,
     INSERT,
+    LIST_MEMBER,
+    MEMBERS_DIGEST,
+    RAISE_CONVERSATION,
+    RAISE_SENDER_READ,
+    SET_MEMBERS_DIGEST,
     SYNC,
     TAKEN_RANGES,
     guarded_insert,
 )
 
-Row = tuple[str, int, str, int, str]
+Row = tuple[str, int, str, int, str, str, str, int]
 Record = tuple[str, str, str, int, int]
 
 
@@ -160,11 +166,54 @@ class _Claimed(Exception):
 
 
 def _insert_history(conn: sqlite3.Connection, history: Copies) -> bool:
-    """Whether the history copies went in: none is taken, none at or below its floor."""
+    """Whether the history copies went in: none is taken, none at or below its floor. When
+    they did, their conversation's state follows in the same transaction (record_activity):
+    whoever sees the message sees the counts that include it."""
     try:
-        return insert(conn, HISTORY, history, list(history.rows()))
+        if not insert(conn, HISTORY, history, list(history.rows())):
+            return False
     except sqlite3.IntegrityError:
         return False
+    record_activity(conn, history)
+    return True
+
+
+def members_digest(members: Sequence[str]) -> str:
+    """What a conversation keeps of the member list last recorded: a digest of the members,
+    in any order (a group's sends mostly list the same members: then none is written)."""
+    return hashlib.sha256("\x00".join(sorted(members)).encode()).hexdigest()[:32]
+
+
+def record_activity(conn: sqlite3.Connection, history: Copies) -> None:
+    """The history copies' Activity, in their transaction: the conversation's latest
+    message, its members' list entries (only when the member list differs from the one
+    recorded last), the sender's read position."""
+    activity = history.activity
+    if activity is None:
+        return
+    kind, conversation = activity.kind.value, activity.conversation
+    conn.execute(
+        RAISE_CONVERSATION,
+        (conversation, kind, activity.last, activity.message, activity.created_at_ms, history.mid),
+    )
+    digest = members_digest(activity.members)
+    (recorded,) = conn.execute(MEMBERS_DIGEST, (conversation,)).fetchone()
+    if recorded != digest:
+        conn.executemany(
+            LIST_MEMBER,
+            (
+                (member, conversation, kind, activity.peer_of(i))
+                for i, member in enumerate(activity.members)
+            ),
+        )
+        conn.execute(SET_MEMBERS_DIGEST, (digest, conversation))
+    if activity.sender:
+        peer = (
+            peer_of(conversation, activity.sender)
+            if activity.kind is Conversation.SINGLE
+            else activity.peer
+        )
+        conn.execute(RAISE_SENDER_READ, (activity.sender, conversation, kind, peer, activity.last))
 
 
 def insert(conn: sqlite3.Connection, table: str, copies: Copies, rows: Sequence[Row]) -> bool:
