@@ -178,11 +178,17 @@ def rfc3339(entry: Any) -> str:
 
 
 def as_http(entries: Any) -> list[dict[str, str]]:
-    """Entries of a gRPC reply in the HTTP API's JSON form."""
-    return [
-        {"sequence": str(e.sequence), "message": e.message, "timestamp": rfc3339(e)}
-        for e in entries
-    ]
+    """Entries of a gRPC reply in the HTTP API's JSON form (a sync entry's conversation, an
+    extension, where it has one)."""
+    out = []
+    for e in entries:
+        item = {"sequence": str(e.sequence), "message": e.message, "timestamp": rfc3339(e)}
+        if e.type:
+            item["type"] = e.type
+            item["conversation"] = e.conversation
+            item["conversationSeq"] = str(e.conversation_seq)
+        out.append(item)
+    return out
 
 
 def texts(entries: Any) -> list[tuple[int, str]]:
@@ -1001,12 +1007,18 @@ def test_health_and_reflection_answer(rpc: Grpc) -> None:
         "GetGroupHistoryMessage",
         "Ack",
         "Subscribe",
+        "MarkRead",
+        "ListConversations",
+        "ListDevices",
     ]
     entry = pool.FindMessageTypeByName("timeline.v1.TimelineEntry")
     assert [(f.name, f.number) for f in entry.fields] == [
         ("sequence", 1),
         ("message", 2),
         ("timestamp", 3),
+        ("type", 4),
+        ("conversation", 5),
+        ("conversation_seq", 6),
     ]
 
 

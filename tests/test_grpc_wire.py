@@ -139,9 +139,16 @@ def test_the_proto_holds_go_timelines_interface_unchanged(tmp_path: Path) -> Non
     assert len(theirs.message_type) == 11
     added = {m.name: [f.name for f in m.field] for m in ours.message_type}
     assert added["SyncMessageReply"] == ["latest_seq", "entry_set_last_seq", "entry_set", "min_seq"]
-    assert added["TimelineEntry"] == ["sequence", "message", "timestamp"]
-    assert added["SyncMessageRequest"] == ["member", "last_read", "count", "wait_ms"]
-    assert added["SubscribeRequest"] == ["member", "last_read"]
+    assert added["TimelineEntry"] == [
+        "sequence",
+        "message",
+        "timestamp",
+        "type",
+        "conversation",
+        "conversation_seq",
+    ]
+    assert added["SyncMessageRequest"] == ["member", "last_read", "count", "wait_ms", "device"]
+    assert added["SubscribeRequest"] == ["member", "last_read", "device"]
     [subscribe] = [m for m in ours.service[0].method if m.name == "Subscribe"]
     assert (subscribe.output_type, subscribe.server_streaming) == (
         ".timeline.v1.SyncMessageReply",

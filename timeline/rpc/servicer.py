@@ -19,12 +19,16 @@ from timeline.rpc.v1 import timeline_pb2 as pb
 from timeline.rpc.v1 import timeline_pb2_grpc
 from timeline.rpc.waiting import Holds
 from timeline.service import TimelineService
+from timeline.service.conversations import parse_cursor
+from timeline.store import ConversationState, Device
 from timeline.validation import (
     Limits,
     check_batch,
     check_documents,
     check_fan_out,
+    parse_conversation_kind,
     parse_count,
+    parse_device,
     parse_id,
     parse_int64,
     parse_members,
@@ -34,17 +38,38 @@ from timeline.validation import (
 Context = grpc.ServicerContext
 
 
+#: proto3's int32, which `unread` is (a number over HTTP, as protojson writes an int32).
+INT32_MAX = 2**31 - 1
+
+
 def entries(found: Sequence[Entry]) -> list[pb.TimelineEntry]:
     """Entries as TimelineEntry; `timestamp` is left unset where the store does not know it."""
     out = []
     for entry in found:
         item = pb.TimelineEntry(sequence=entry.seq, message=entry.message)
-        if entry.created_at_ms > 0:
-            seconds, millis = divmod(entry.created_at_ms, 1000)
-            item.timestamp.seconds = seconds
-            item.timestamp.nanos = millis * 1_000_000
+        set_timestamp(item.timestamp, entry.created_at_ms)
         out.append(item)
     return out
+
+
+def sync_entries(found: Sequence[Entry]) -> list[pb.TimelineEntry]:
+    """Sync entries, each with its conversation (extension) when its copy recorded it, as
+    api.py's _sync_entries has them."""
+    out = entries(found)
+    for entry, item in zip(found, out, strict=True):
+        if entry.conv_kind:
+            item.type = entry.conv_kind
+            item.conversation = entry.conv
+            item.conversation_seq = entry.conv_seq
+    return out
+
+
+def set_timestamp(value: timestamp_pb2.Timestamp, ms: int) -> None:
+    """`value` set to `ms` since the epoch; left unset when ms is 0 (unknown)."""
+    if ms > 0:
+        seconds, millis = divmod(ms, 1000)
+        value.seconds = seconds
+        value.nanos = millis * 1_000_000
 
 
 def timestamp_ms(value: timestamp_pb2.Timestamp) -> int:
@@ -66,6 +91,9 @@ class TimelineServicer:
         self.GetGroupHistoryMessage = calls.method("GetGroupHistoryMessage", self._group)
         self.Ack = calls.method("Ack", self._ack)
         self.Subscribe = calls.stream("Subscribe", self._subscribe)
+        self.MarkRead = calls.method("MarkRead", self._mark_read)
+        self.ListConversations = calls.method("ListConversations", self._conversations)
+        self.ListDevices = calls.method("ListDevices", self._devices)
 
     def add_to_server(self, server: grpc.Server) -> None:
         timeline_pb2_grpc.add_TimelineServicer_to_server(self, server)
@@ -117,7 +145,11 @@ class TimelineServicer:
         check_documents(len(members), len(messages), limits)
         check_fan_out(members, messages, limits)
         client_msg_id = self._client_msg_id(request.client_msg_id)
-        failed = service.send_group(group, members, messages, client_msg_id)
+        # Extension: the sender, whose read position moves to the message (empty: none,
+        # go-timeline's way; the message is then unread for every member).
+        sender = getattr(request, "from")
+        sender = parse_id(sender, "from", limits) if sender else ""
+        failed = service.send_group(group, members, messages, client_msg_id, sender)
         return pb.SendGroupReply(failed_members=failed)
 
     def _ack(
@@ -127,7 +159,22 @@ class TimelineServicer:
         if not request.HasField("seq"):
             raise InvalidParam("seq is required", field="seq")
         seq = parse_int64(request.seq, "seq")
-        return pb.AckReply(min_seq=service.ack(member, seq))
+        device = parse_device(request.device, self.limits)
+        return pb.AckReply(min_seq=service.ack(member, seq, device))
+
+    def _mark_read(
+        self, request: pb.MarkReadRequest, context: Context, service: TimelineService
+    ) -> pb.MarkReadReply:
+        """Extension: the member has read a conversation up to `seq`."""
+        limits = self.limits
+        member = parse_id(request.member, "member", limits)
+        kind = parse_conversation_kind(request.type)
+        name = parse_id(request.conversation, "conversation", limits)
+        if not request.HasField("seq"):
+            raise InvalidParam("seq is required", field="seq")
+        seq = parse_int64(request.seq, "seq")
+        state = service.read(member, kind, name, seq)
+        return pb.MarkReadReply(read_seq=state.read, unread=_int32(state.unread))
 
     # --- reads -------------------------------------------------------------------------
 
@@ -139,25 +186,47 @@ class TimelineServicer:
         last_read = parse_int64(request.last_read, "last_read")
         count = parse_count(request.count, "count", limits)
         wait_ms = parse_int64(request.wait_ms, "wait_ms")
+        device = parse_device(request.device, self.limits)
         return self.holds.read(
             context,
             Timeline(Kind.SYNC, member),
             wait_ms,
-            lambda: self._sync_page(service, member, last_read, count),
+            lambda: self._sync_page(service, member, last_read, count, device),
             _has_entries,
         )
 
     @staticmethod
     def _sync_page(
-        service: TimelineService, member: str, last_read: int, count: int
+        service: TimelineService, member: str, last_read: int, count: int, device: str = ""
     ) -> pb.SyncMessageReply:
-        result = service.sync(member, last_read, count)
+        result = service.sync(member, last_read, count, device)
         return pb.SyncMessageReply(
             latest_seq=result.latest_seq,
             entry_set_last_seq=result.entries[-1].seq if result.entries else 0,
-            entry_set=entries(result.entries),
+            entry_set=sync_entries(result.entries),
             min_seq=result.min_seq,
         )
+
+    def _conversations(
+        self, request: pb.ListConversationsRequest, context: Context, service: TimelineService
+    ) -> pb.ListConversationsReply:
+        """Extension: the member's conversations, most recent activity first."""
+        limits = self.limits
+        member = parse_id(request.member, "member", limits)
+        count = parse_count(request.count, "count", limits)
+        cursor = parse_cursor(request.before) if request.before else None
+        page = service.conversation_list(member, count, cursor)
+        return pb.ListConversationsReply(
+            conversations=[_conversation(state) for state in page.conversations],
+            next=page.next,
+        )
+
+    def _devices(
+        self, request: pb.ListDevicesRequest, context: Context, service: TimelineService
+    ) -> pb.ListDevicesReply:
+        """Extension: the member's devices, each one's acked position and when it was seen."""
+        member = parse_id(request.member, "member", self.limits)
+        return pb.ListDevicesReply(devices=[_device(d) for d in service.devices(member)])
 
     def _subscribe(
         self, request: pb.SubscribeRequest, context: Context, service: TimelineService
@@ -172,12 +241,15 @@ class TimelineServicer:
         limits = self.limits
         member = parse_id(request.member, "member", limits)
         last_read = parse_int64(request.last_read, "last_read")
+        device = parse_device(request.device, limits)
         timeline = Timeline(Kind.SYNC, member)
         holds = self.holds
         round_s = holds.wait_max_ms / 1000
         with holds.hold(context, slot=True) as hold:
             while True:
-                read = partial(self._sync_page, service, member, last_read, limits.count_default)
+                read = partial(
+                    self._sync_page, service, member, last_read, limits.count_default, device
+                )
                 page = hold.until(timeline, read, _has_entries, round_s)
                 if page.entry_set:
                     yield page
@@ -241,3 +313,28 @@ class TimelineServicer:
 
 def _has_entries(page: pb.SyncMessageReply) -> bool:
     return len(page.entry_set) > 0
+
+
+def _int32(value: int) -> int:
+    """An unread count as the int32 it is sent as (a count that high is not expected)."""
+    return min(value, INT32_MAX)
+
+
+def _conversation(state: ConversationState) -> pb.Conversation:
+    # last_message is unset while none is stored (HTTP's lastMessage: null); it carries the
+    # sequence, message and timestamp only, as HTTP's (no conversation fields).
+    last = entries([state.last])[0] if state.last is not None else None
+    return pb.Conversation(
+        type=state.kind.value,
+        conversation=state.peer,
+        latest_seq=state.latest,
+        read_seq=state.read,
+        unread=_int32(state.unread),
+        last_message=last,
+    )
+
+
+def _device(device: Device) -> pb.Device:
+    item = pb.Device(device=device.device, position=device.position)
+    set_timestamp(item.last_seen, device.last_seen_ms)
+    return item
