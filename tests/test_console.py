@@ -304,3 +304,168 @@ def test_the_openapi_document_is_not_the_consoles(console: Any) -> None:
     paths = json.loads(console.get("/openapi.json").data)["paths"]
     assert "/" not in paths
     assert not [p for p in paths if p.startswith("/console")]
+
+
+# --- Conversations, read positions and devices (issue 26) ----------------------------------
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+
+class Tree(HTMLParser):
+    """Each start tag with the ids of the elements around it, and the text of each element
+    by those ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[tuple[str, ...], str, dict[str, str | None]]] = []
+        self.texts: list[tuple[tuple[str, ...], str, str]] = []
+        self._open: list[tuple[str, str]] = []
+
+    def _around(self) -> tuple[str, ...]:
+        return tuple(id_ for _, id_ in self._open if id_)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        self.tags.append((self._around(), tag, found))
+        if tag not in VOID:
+            self._open.append((tag, found.get("id") or ""))
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open:
+            if self._open.pop()[0] == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self._open and data.strip():
+            self.texts.append((self._around(), self._open[-1][0], data.strip()))
+
+    def inside(self, id_: str) -> list[tuple[str, dict[str, str | None]]]:
+        return [(tag, attrs) for around, tag, attrs in self.tags if id_ in around]
+
+
+def tree(html: str) -> Tree:
+    parser = Tree()
+    parser.feed(html)
+    return parser
+
+
+def served_script(console: Any) -> str:
+    """The script as the page loads it: from its hashed URL."""
+    urls = asset_urls(console.get("/").get_data(as_text=True))
+    script = console.get(next(url for url in urls if url.endswith(".js")))
+    assert script.status_code == 200
+    return str(script.get_data(as_text=True))
+
+
+def input_names(found: Tree, form: str) -> set[str | None]:
+    return {attrs.get("name") for tag, attrs in found.inside(form) if tag in ("input", "select")}
+
+
+def test_the_page_has_the_conversation_list_and_the_device_box(console: Any) -> None:
+    found = tree(console.get("/").get_data(as_text=True))
+    ids = {attrs.get("id") for _, _, attrs in found.tags}
+    # The conversation list: its member, a count, Refresh and Next page, the rows and the
+    # outcome of a mark read.
+    for id_ in (
+        "conversations-form",
+        "conversations-member",
+        "conversations-next",
+        "conversations-result",
+        "read-result",
+    ):
+        assert id_ in ids, id_
+    assert input_names(found, "conversations-form") == {"count"}
+    buttons = [a for tag, a in found.inside("conversations-form") if tag == "button"]
+    assert [b.get("type") for b in buttons] == ["submit", "button"]
+    # The device box is in the sync form, beside member; the list of devices in the panel.
+    assert {"member", "device", "last_read", "count", "follow"} <= input_names(found, "sync-form")
+    for id_ in ("devices-member", "devices-refresh", "devices-result"):
+        assert id_ in ids, id_
+    # sendGroup's sender, optional and empty by default (today's requests unchanged).
+    sender = [a for tag, a in found.inside("group-form") if a.get("name") == "from"]
+    assert len(sender) == 1
+    assert not sender[0].get("value")
+    device = [a for tag, a in found.inside("sync-form") if a.get("name") == "device"]
+    assert not device[0].get("value")
+    # The followed entries name their conversation, as the sync pages do.
+    headings = [text for around, tag, text in found.texts if "follow-entries" in around]
+    assert headings == ["seq", "conversation", "stored (UTC)", "message"]
+
+
+def test_the_script_calls_the_new_routes_with_the_device(console: Any) -> None:
+    script = served_script(console)
+    assert "`/timeline/conversations?${query}`" in script
+    assert 'api("POST", "/timeline/read", body)' in script
+    assert "`/timeline/devices?${new URLSearchParams({ member })}`" in script
+    assert 'query.set("before", before)' in script
+    # device on the sync (a page at a time, and following) and on the ack; empty: not sent.
+    assert script.count('if (device) query.set("device", device);') == 1
+    assert 'if (state.device) query.set("device", state.device);' in script
+    assert "if (device) body.device = device;" in script
+    assert "if (sender) body.from = sender;" in script
+    # Every value shown goes through textContent (h() and its String(child)); see
+    # test_the_script_never_writes_html_or_style for what it never uses.
+    assert "node.append(child instanceof Node ? child : String(child));" in script
+
+
+def test_every_field_the_console_shows_is_in_the_replies(console: Any) -> None:
+    """The script reads each field by name: each is in the service's replies, so the list,
+    the devices and the sync entries do not show blanks."""
+    client = console
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        reply = client.post(path, data=json.dumps(body), content_type="application/json")
+        assert reply.status_code == 200, reply.get_json()
+        return dict(reply.get_json())
+
+    def get(path: str, **query: Any) -> dict[str, Any]:
+        reply = client.get(path, query_string=query)
+        assert reply.status_code == 200, reply.get_json()
+        return dict(reply.get_json())
+
+    post("/timeline/send", {"from": "a", "to": "b", "message": '{"text":"hi"}'})
+    group = {"group_name": "g", "group_members": ["a", "b"], "message": '{"t":1}', "from": "a"}
+    post("/timeline/sendGroup", group)
+    entries = get("/timeline/sync", member="b", last_read=0, device="phone")["entrySet"]
+    post("/timeline/ack", {"member": "b", "seq": "2", "device": "phone"})
+    page = get("/timeline/conversations", member="b", count=10)
+    listed = {c["type"]: c for c in page["conversations"]}
+    assert set(listed) == {"single", "group"}
+    # As the console sends it: latestSeq, a string, as seq.
+    latest = listed["group"]["latestSeq"]
+    body = {"member": "b", "type": "group", "conversation": "g", "seq": latest}
+    read = post("/timeline/read", body)
+    devices = get("/timeline/devices", member="b")["devices"]
+
+    script = served_script(console)
+
+    def reads(field: str) -> bool:
+        return re.search(rf"\.{field}\b", script) is not None
+
+    shown = {
+        "conversation": ["type", "conversation", "latestSeq", "readSeq", "unread", "lastMessage"],
+        "last message": ["message", "timestamp"],
+        "conversations": ["conversations", "next"],
+        "read": ["readSeq", "unread"],
+        "device": ["device", "position", "lastSeen"],
+        "sync entry": ["type", "conversation", "conversationSeq"],
+    }
+    replies = {
+        "conversation": listed["group"],
+        "last message": listed["group"]["lastMessage"],
+        "conversations": page,
+        "read": read,
+        "device": devices[0],
+        "sync entry": entries[1],
+    }
+    for what, fields in shown.items():
+        for field in fields:
+            assert field in replies[what], (what, field)
+            assert reads(field), (what, field)
+    assert read == {"readSeq": "1", "unread": 0}
+    assert [(d["device"], d["position"]) for d in devices] == [("phone", "2")]
+    assert (entries[1]["type"], entries[1]["conversation"], entries[1]["conversationSeq"]) == (
+        "group",
+        "g",
+        "1",
+    )

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -437,3 +438,156 @@ def test_a_policy_violation_would_be_caught(service: str, context: Any) -> None:
     console.page.wait_for_function("window.__violations.length > 0")
     with pytest.raises(AssertionError):
         console.check_clean()
+
+
+# --- Conversations, read positions and devices (issue 26) ----------------------------------
+
+
+def get_json(url: str, path: str, **query: str) -> Any:
+    """A GET of the API from outside the page: what the service holds."""
+    address = f"{url}{path}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(address, timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def send_group(page: Any, group: str, members: str, message: str, sender: str = "") -> None:
+    form = page.locator("#group-form")
+    form.locator("[name=group_name]").fill(group)
+    form.locator("[name=group_members]").fill(members)
+    form.locator("[name=from]").fill(sender)
+    form.locator("[name=message]").fill(message)
+    form.locator("[name=batch]").set_checked(False)
+    form.get_by_role("button", name="Send to group").click()
+
+
+def listed(page: Any, column: str) -> Any:
+    """One column of the conversation list shown, row by row."""
+    return page.locator(f"#conversations-result tbody td.{column}")
+
+
+@pytest.mark.slow
+def test_conversations_unread_counts_mark_read_and_devices(service: str, context: Any) -> None:
+    console = open_console(context, service)
+    page = console.page
+    sent = page.locator("#send-result .summary")
+    # Given, from the page, a to b, then a batch of two; a group message a sends to a, b and c;
+    # and c to b from outside the page, a message with markup in it.
+    send(page, "a", "b", '{"text":"hi b"}')
+    expect(sent).to_have_text("stored: sequence 1 of b's sync timeline")
+    send(page, "a", "b", '{"text":"one"}\n{"text":"two"}', batch=True)
+    expect(sent).to_have_text("stored: sequence 3 of b's sync timeline (the batch: 2, 3)")
+    send_group(page, "group_a", "a, b, c", '{"text":"hello, all"}', sender="a")
+    expect(page.locator("#group-result .summary")).to_have_text(
+        "stored for 3 member(s); failedMembers is empty"
+    )
+    markup = '<img src=x onerror="window.__xss=1"><b>bold</b>'
+    post(service, "c", "b", markup)
+    shown_markup = json.dumps({"text": markup}, separators=(",", ":"))
+
+    # When the page syncs b,
+    sync(page, "b", "0", "10")
+    out = page.locator("#sync-result")
+    expect(out.locator(".done")).to_have_text("Up to date at 5.")
+    # then each entry names its conversation and its place in it,
+    expect(out.locator("td.conversation")).to_have_text(
+        ["single a #1", "single a #2", "single a #3", "group group_a #1", "single c #1"]
+    )
+    # and b's conversations are listed, most recent first, with what b has not read.
+    expect(page.locator("#conversations-member")).to_have_text("b")
+    expect(listed(page, "conv-name")).to_have_text(["c", "group_a", "a"])
+    expect(listed(page, "conv-type")).to_have_text(["single", "group", "single"])
+    expect(listed(page, "conv-unread")).to_have_text(["1", "1", "3"])
+    expect(listed(page, "conv-latest")).to_have_text(["1", "1", "3"])
+    expect(listed(page, "conv-read")).to_have_text(["0", "0", "0"])
+    expect(listed(page, "message")).to_have_text(
+        [shown_markup, '{"text":"hello, all"}', '{"text":"two"}']
+    )
+    # User data is text: the markup is shown as it was sent, never made into elements.
+    expect(out.locator("td.message").last).to_have_text(shown_markup)
+    assert page.locator("main img, main b:has-text('bold')").count() == 0
+    assert page.evaluate("window.__xss") is None
+    expect(page.locator("#conversations-result .done")).to_have_text("The end of the list.")
+
+    # Marking a's conversation read zeroes its count, here and in the service.
+    row = page.locator('#conversations-result tr[data-conversation="a"]')
+    row.get_by_role("button", name="Mark read").click()
+    expect(page.locator("#read-result .unread code")).to_have_text("0")
+    expect(page.locator("#read-result .read-seq code")).to_have_text("3")
+    expect(row.locator("td.conv-unread")).to_have_text("0")
+    expect(row.locator("td.conv-read")).to_have_text("3")
+    expect(row.get_by_role("button", name="Mark read")).to_be_disabled()
+    expect(listed(page, "conv-unread")).to_have_text(["1", "1", "0"])
+    held = get_json(service, "/timeline/conversations", member="b", count="10")
+    counts = {c["conversation"]: (c["readSeq"], c["unread"]) for c in held["conversations"]}
+    assert counts == {"c": ("0", 1), "group_a": ("0", 1), "a": ("3", 0)}
+
+    # a, the sender, has read everything: another member's list, with Refresh.
+    lists = page.locator("#conversations-form")
+    page.locator("#sync-form [name=member]").fill("a")
+    expect(page.locator("#conversations-member")).to_have_text("a")
+    expect(listed(page, "conv-name")).to_have_count(0)
+    lists.get_by_role("button", name="Refresh").click()
+    expect(listed(page, "conv-name")).to_have_text(["group_a", "b"])
+    expect(listed(page, "conv-unread")).to_have_text(["0", "0"])
+
+    # Back on b, two a page: Next page goes on from `next` to the end of the list.
+    page.locator("#sync-form [name=member]").fill("b")
+    lists.locator("[name=count]").fill("2")
+    lists.get_by_role("button", name="Refresh").click()
+    expect(listed(page, "conv-name")).to_have_text(["c", "group_a"])
+    expect(page.locator("#conversations-result .done")).to_have_count(0)
+    next_page = page.locator("#conversations-next")
+    expect(next_page).to_be_enabled()
+    next_page.click()
+    expect(listed(page, "conv-name")).to_have_text(["a"])
+    expect(page.locator("#conversations-result .done")).to_have_text("The end of the list.")
+    expect(next_page).to_be_disabled()
+
+    # Without a device name the page's syncs and acks name none, as before: no devices.
+    assert get_json(service, "/timeline/devices", member="b") == {"devices": []}
+    # With one, the sync and the ack carry it: the service knows the device and its position.
+    device = page.locator("#sync-form [name=device]")
+    device.fill("phone")
+    expect(page.locator("#sync-form [name=last_read]")).to_have_value("0")  # a new device
+    sync(page, "b", "0", "10")
+    expect(out.locator(".done")).to_have_text("Up to date at 5.")
+    expect(out.locator(".page .device code")).to_have_text("phone")
+    devices = page.locator("#devices-result tbody tr")
+    expect(devices.locator("td.device-name")).to_have_text(["phone"])
+    expect(devices.locator("td.device-position")).to_have_text(["0"])
+    expect(page.locator("#devices-result tr.current td.device-name")).to_have_text("phone")
+    known = get_json(service, "/timeline/devices", member="b")["devices"]
+    assert [(d["device"], d["position"]) for d in known] == [("phone", "0")]
+    page.locator("#ack-form [name=seq]").fill("4")
+    page.locator("#ack-form").get_by_role("button", name="Ack").click()
+    expect(page.locator("#ack-result")).to_contain_text("device phone acked up to 4")
+    expect(devices.locator("td.device-position")).to_have_text(["4"])
+    known = get_json(service, "/timeline/devices", member="b")["devices"]
+    assert [(d["device"], d["position"]) for d in known] == [("phone", "4")]
+
+    # A second device: listed beside the first, and its own position here.
+    device.fill("laptop")
+    expect(page.locator("#sync-form [name=last_read]")).to_have_value("0")
+    sync(page, "b", "0", "10")
+    expect(out.locator(".done")).to_have_text("Up to date at 5.")
+    expect(devices.locator("td.device-name")).to_have_text(["laptop", "phone"])
+    expect(page.locator("#devices-result tr.current td.device-name")).to_have_text("laptop")
+    known = get_json(service, "/timeline/devices", member="b")["devices"]
+    assert sorted((d["device"], d["position"]) for d in known) == [("laptop", "0"), ("phone", "4")]
+    device.fill("phone")
+    expect(page.locator("#sync-form [name=last_read]")).to_have_value("5")
+
+    # Following b: a message from outside shows its conversation, and the list is read again
+    # from the top as it arrives.
+    page.locator("#sync-form [name=follow]").check()
+    expect(page.locator("#follow-status")).to_have_text("Following b: waiting for entries after 5…")
+    post(service, "a", "b", "live")
+    expect(page.locator("#follow-result td.conversation")).to_have_text(["single a #4"])
+    expect(listed(page, "conv-name")).to_have_text(["a", "c"])
+    expect(listed(page, "conv-unread")).to_have_text(["1", "1"])
+    expect(listed(page, "conv-latest")).to_have_text(["4", "1"])
+    expect(listed(page, "conv-read")).to_have_text(["3", "0"])
+    page.locator("#sync-form [name=follow]").uncheck()
+    # (A last message lets go of the request the service still holds for the page.)
+    post(service, "a", "b", "bye")
+    console.check_clean()

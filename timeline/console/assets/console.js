@@ -162,25 +162,49 @@ function when(timestamp) {
   return timestamp ? timestamp.replace("T", " ").replace("Z", "") : "—";
 }
 
-function entriesTable(entries) {
+/** A sync entry's conversation: "single b #2" (its type, name and conversationSeq); "—" for
+    a copy stored before entries recorded it. */
+function conversationOf(entry) {
+  if (!entry.type) return "—";
+  return [
+    h("span", { class: "conv-type" }, entry.type),
+    " ",
+    h("span", { class: "conv-name" }, entry.conversation),
+    " ",
+    h("span", { class: "conv-seq" }, `#${entry.conversationSeq}`),
+  ];
+}
+
+/** One entry as a row; sync entries (`withConversation`) name their conversation too. */
+function entryRow(entry, withConversation) {
+  return h(
+    "tr",
+    {},
+    h("td", { class: "seq" }, entry.sequence),
+    withConversation ? h("td", { class: "conversation" }, conversationOf(entry)) : null,
+    h("td", { class: "time", title: entry.timestamp }, when(entry.timestamp)),
+    h("td", { class: "message" }, entry.message),
+  );
+}
+
+function entriesTable(entries, withConversation = false) {
   if (!entries.length) return h("p", { class: "empty" }, "no entries");
   return h(
     "table",
     { class: "entries" },
-    h("thead", {}, h("tr", {}, h("th", {}, "seq"), h("th", {}, "stored (UTC)"), h("th", {}, "message"))),
     h(
-      "tbody",
+      "thead",
       {},
-      entries.map((entry) =>
-        h(
-          "tr",
-          {},
-          h("td", { class: "seq" }, entry.sequence),
-          h("td", { class: "time", title: entry.timestamp }, when(entry.timestamp)),
-          h("td", { class: "message" }, entry.message),
-        ),
+      h(
+        "tr",
+        {},
+        h("th", {}, "seq"),
+        withConversation ? h("th", {}, "conversation") : null,
+        h("th", {}, "stored (UTC)"),
+        h("th", {}, "message"),
       ),
     ),
+    h("tbody", {}, entries.map((entry) => entryRow(entry, withConversation))),
   );
 }
 
@@ -211,6 +235,7 @@ async function busy(form, out, action) {
     form.removeAttribute("aria-busy");
     for (const button of buttons) button.disabled = false;
     refreshHistoryNext();
+    refreshConversationsNext();
   }
 }
 
@@ -241,6 +266,7 @@ function setUpSend() {
     const sequences = reply.sequences ? ` (the batch: ${reply.sequences.join(", ")})` : "";
     const summary = `stored: sequence ${reply.sequence} of ${body.to}'s sync timeline${sequences}`;
     out.append(replyBox(summary, reply));
+    refreshConversations();
   });
 
   const group = $("group-form");
@@ -249,26 +275,33 @@ function setUpSend() {
     groupOut.replaceChildren();
     const members = value(group, "group_members").split(/[\s,]+/).filter(Boolean);
     const body = { group_name: value(group, "group_name"), group_members: members, ...messageFields(group) };
+    const sender = value(group, "from");
+    if (sender) body.from = sender; // empty: none, as go-timeline sends it
     const reply = await api("POST", "/timeline/sendGroup", body);
     const failed = reply.failedMembers;
     const summary = failed.length
       ? `stored, except for ${failed.join(", ")}: send again with the same client_msg_id`
       : `stored for ${new Set(members).size} member(s); failedMembers is empty`;
     groupOut.append(replyBox(summary, reply));
+    refreshConversations();
   });
 }
 
 // --- Sync and ack -------------------------------------------------------------------------
 
-const positions = new Map(); // member -> the last_read this page's "device" reached
+const positions = new Map(); // member and device -> the last_read that device reached here
+
+/** The key of a member's device in `positions` (device "": the member as one device). */
+const deviceKey = (member, device) => JSON.stringify([member, device]);
 
 const isSeq = (text) => /^\d+$/.test(text);
 
-function syncPage(number, lastRead, page) {
+function syncPage(number, lastRead, page, device) {
   const header = h(
     "header",
     {},
     h("b", {}, `page ${number}`),
+    device ? figure("device", device, "device") : null,
     figure("last_read", lastRead, "last-read"),
     figure("latestSeq", page.latestSeq, "latest-seq"),
     figure("entrySetLastSeq", page.entrySetLastSeq, "entry-set-last-seq"),
@@ -289,19 +322,21 @@ function syncPage(number, lastRead, page) {
         "its conversations' history instead.",
     );
   }
-  return h("div", { class: "page" }, header, gap, entriesTable(page.entrySet));
+  return h("div", { class: "page" }, header, gap, entriesTable(page.entrySet, true));
 }
 
 async function sync(form, out) {
   out.replaceChildren();
   const member = value(form, "member");
+  const device = value(form, "device");
   const count = value(form, "count");
   let lastRead = value(form, "last_read") || "0";
   for (let pages = 1; ; pages += 1) {
     const query = new URLSearchParams({ member, last_read: lastRead });
     if (count) query.set("count", count);
+    if (device) query.set("device", device);
     const page = await api("GET", `/timeline/sync?${query}`);
-    out.append(syncPage(pages, lastRead, page));
+    out.append(syncPage(pages, lastRead, page, device));
     const latest = BigInt(page.latestSeq);
     if (page.entrySet.length === 0) {
       out.append(
@@ -317,7 +352,7 @@ async function sync(form, out) {
       break;
     }
     lastRead = page.entrySetLastSeq;
-    positions.set(member, lastRead);
+    positions.set(deviceKey(member, device), lastRead);
     form.elements.last_read.value = lastRead;
     $("ack-form").elements.seq.value = lastRead;
     if (BigInt(lastRead) >= latest) {
@@ -334,7 +369,7 @@ async function sync(form, out) {
 
 // --- Follow: one sync always waiting (wait_ms), entries appended as they come ---------------
 
-let following = null; // {member, lastRead, count, controller} while a member is followed
+let following = null; // {member, device, lastRead, count, controller} while following
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -352,6 +387,7 @@ function startFollow(form) {
   const member = value(form, "member");
   const state = {
     member,
+    device: value(form, "device"),
     lastRead: value(form, "last_read") || "0",
     count: value(form, "count"),
     controller: new AbortController(),
@@ -384,6 +420,7 @@ async function follow(state, form) {
       wait_ms: String(FOLLOW_WAIT_MS),
     });
     if (state.count) query.set("count", state.count);
+    if (state.device) query.set("device", state.device);
     let page;
     try {
       page = await api("GET", `/timeline/sync?${query}`, undefined, {
@@ -407,17 +444,7 @@ async function follow(state, form) {
     $("follow-error").replaceChildren();
     if (page.entrySet.length === 0) continue; // the wait ended with nothing new: wait again
     const rows = $("follow-entries").tBodies[0];
-    for (const entry of page.entrySet) {
-      rows.append(
-        h(
-          "tr",
-          {},
-          h("td", { class: "seq" }, entry.sequence),
-          h("td", { class: "time", title: entry.timestamp }, when(entry.timestamp)),
-          h("td", { class: "message" }, entry.message),
-        ),
-      );
-    }
+    for (const entry of page.entrySet) rows.append(entryRow(entry, true));
     while (rows.children.length > FOLLOW_ROWS_MAX) rows.firstElementChild.remove();
     if (BigInt(state.lastRead) + 1n < BigInt(page.minSeq)) {
       const first = BigInt(state.lastRead) + 1n;
@@ -434,18 +461,24 @@ async function follow(state, form) {
     }
     // The device's position moves on, as a Sync moves it.
     state.lastRead = page.entrySetLastSeq;
-    positions.set(state.member, state.lastRead);
+    positions.set(deviceKey(state.member, state.device), state.lastRead);
     form.elements.last_read.value = state.lastRead;
     $("ack-form").elements.seq.value = state.lastRead;
+    // New entries: the member's conversations and devices (this one was seen) are read again.
+    refreshConversations();
+    listDevices();
   }
 }
 
 function setUpSync() {
   const form = $("sync-form");
   const out = $("sync-result");
-  handle(form, out, () => {
+  handle(form, out, async () => {
     stopFollow(); // the Sync moves the position itself
-    return sync(form, out);
+    await sync(form, out);
+    // The sync may have changed both: read them again (not awaited: the Sync is done).
+    refreshConversations();
+    listDevices();
   });
   form.elements.follow.addEventListener("change", () => {
     if (form.elements.follow.checked) startFollow(form);
@@ -456,32 +489,286 @@ function setUpSync() {
     if (document.hidden) stopFollow("Stopped following: the page was hidden.");
   });
   window.addEventListener("pagehide", () => stopFollow("Stopped following: the page was left."));
-  // Each member is its own device here: switching member shows where that one got to.
-  form.elements.member.addEventListener("input", () => {
+  // Each member and device name is a device of its own here: switching shows where that one
+  // got to. Another member's conversations and devices are listed at its next Sync.
+  const switched = () => {
     stopFollow();
-    const reached = positions.get(value(form, "member")) || "0";
+    const reached = positions.get(deviceKey(value(form, "member"), value(form, "device"))) || "0";
     form.elements.last_read.value = reached;
     $("ack-form").elements.seq.value = reached;
     $("ack-result").replaceChildren();
+  };
+  form.elements.member.addEventListener("input", () => {
+    switched();
+    clearMemberLists();
   });
+  form.elements.device.addEventListener("input", () => {
+    switched();
+    markDevice();
+  });
+  $("devices-refresh").addEventListener("click", listDevices);
 
   const ack = $("ack-form");
   const ackOut = $("ack-result");
   handle(ack, ackOut, async () => {
     ackOut.replaceChildren();
     const member = value(form, "member");
+    const device = value(form, "device");
     const seq = value(ack, "seq");
     // An empty seq is sent as null, for the service to say it is required.
-    const reply = await api("POST", "/timeline/ack", { member, seq: seq === "" ? null : seq });
+    const body = { member, seq: seq === "" ? null : seq };
+    if (device) body.device = device;
+    const reply = await api("POST", "/timeline/ack", body);
     ackOut.append(
       h(
         "span",
         { class: "acked" },
-        `${member}'s entries up to ${seq} released; `,
+        device
+          ? `${member}'s device ${device} acked up to ${seq}; entries every device acked released; `
+          : `${member}'s entries up to ${seq} released; `,
         figure("minSeq", reply.minSeq, "min-seq"),
         " (history and latestSeq are untouched)",
       ),
     );
+    listDevices();
+  });
+}
+
+// --- Conversations and devices of the sync member ------------------------------------------
+
+/** The list shown: whose, from which cursor ("": the top) and the reply's `next`. Each read
+    takes a new generation; a reply of an older one (another member's) is dropped. */
+const listing = { member: "", before: "", next: "", generation: 0 };
+const CONVERSATION_COLUMNS = [
+  "type",
+  "conversation",
+  "last message",
+  "at (UTC)",
+  "latestSeq",
+  "readSeq",
+  "unread",
+  "", // Mark read
+];
+let devicesGeneration = 0;
+
+const syncMember = () => value($("sync-form"), "member");
+
+/** A long message in a cell: the start of it, the whole in its title. */
+function preview(text, max = 80) {
+  const chars = Array.from(String(text));
+  return chars.length > max ? `${chars.slice(0, max - 1).join("")}…` : chars.join("");
+}
+
+function refreshConversationsNext() {
+  $("conversations-next").disabled = listing.next === "";
+}
+
+/** Another member was typed in: its lists are not read yet (nor is a reply to the last one
+    shown). */
+function clearMemberLists() {
+  const member = syncMember() || "—";
+  listing.generation += 1;
+  devicesGeneration += 1;
+  Object.assign(listing, { member: "", before: "", next: "" });
+  refreshConversationsNext();
+  $("conversations-member").textContent = member;
+  $("devices-member").textContent = member;
+  $("read-result").replaceChildren();
+  $("conversations-result").replaceChildren(
+    h("p", { class: "note" }, "Listed after a Sync or a send, or with Refresh."),
+  );
+  $("devices-result").replaceChildren(
+    h("p", { class: "note" }, "Listed after a Sync or an Ack, or with Refresh."),
+  );
+}
+
+/** Reads a page of the sync member's conversations (`before`: "" for the most recent) and
+    shows it. A failure is shown in its place. */
+async function listConversations(before) {
+  const member = syncMember();
+  const out = $("conversations-result");
+  listing.generation += 1;
+  const mine = listing.generation;
+  $("conversations-member").textContent = member || "—";
+  if (!member) {
+    Object.assign(listing, { member: "", before: "", next: "" });
+    refreshConversationsNext();
+    out.replaceChildren(h("p", { class: "note" }, "No member: enter one in the sync form."));
+    return;
+  }
+  const query = new URLSearchParams({ member });
+  const count = value($("conversations-form"), "count");
+  if (count) query.set("count", count);
+  if (before) query.set("before", before);
+  let reply;
+  try {
+    reply = await api("GET", `/timeline/conversations?${query}`);
+  } catch (failure) {
+    if (mine !== listing.generation) return;
+    Object.assign(listing, { member: "", before: "", next: "" });
+    refreshConversationsNext();
+    out.replaceChildren(errorBox(failure));
+    return;
+  }
+  if (mine !== listing.generation) return;
+  Object.assign(listing, { member, before, next: reply.next });
+  refreshConversationsNext();
+  const list = reply.conversations;
+  const header = h(
+    "header",
+    {},
+    h("b", {}, before ? "further on" : "most recent first"),
+    before ? figure("before", preview(before, 24), "before") : null,
+    h("span", {}, `${list.length} conversation(s)`),
+    h("span", { class: "hint" }, `read at ${new Date().toLocaleTimeString()}`),
+  );
+  const table = list.length
+    ? h(
+        "table",
+        { class: "conversations" },
+        h(
+          "thead",
+          {},
+          h("tr", {}, CONVERSATION_COLUMNS.map((name) => h("th", {}, name))),
+        ),
+        h("tbody", {}, list.map((conversation) => conversationRow(member, conversation))),
+      )
+    : h("p", { class: "empty" }, "no conversations");
+  out.replaceChildren(
+    h("div", { class: "page" }, header, table),
+    reply.next === "" ? h("p", { class: "done" }, "The end of the list.") : null,
+  );
+}
+
+function conversationRow(member, conversation) {
+  const last = conversation.lastMessage;
+  const unread = Number(conversation.unread);
+  const done = BigInt(conversation.readSeq) >= BigInt(conversation.latestSeq);
+  const button = h("button", { type: "button", class: "quiet", disabled: done }, "Mark read");
+  button.addEventListener("click", () => markRead(member, conversation, button));
+  return h(
+    "tr",
+    {
+      class: unread > 0 ? "has-unread" : "",
+      "data-type": conversation.type,
+      "data-conversation": conversation.conversation,
+    },
+    h("td", { class: "conv-type" }, conversation.type),
+    h("td", { class: "conv-name" }, conversation.conversation),
+    h("td", { class: "message", title: last ? last.message : "" }, last ? preview(last.message) : "—"),
+    h("td", { class: "time", title: last ? last.timestamp : "" }, when(last && last.timestamp)),
+    h("td", { class: "num conv-latest" }, conversation.latestSeq),
+    h("td", { class: "num conv-read" }, conversation.readSeq),
+    h("td", { class: "conv-unread" }, h("span", { class: unread ? "badge unread" : "badge" }, unread)),
+    h("td", {}, button),
+  );
+}
+
+/** POST /timeline/read up to the conversation's latestSeq, then the list is read again. */
+async function markRead(member, conversation, button) {
+  const out = $("read-result");
+  out.replaceChildren();
+  button.disabled = true;
+  const body = {
+    member,
+    type: conversation.type,
+    conversation: conversation.conversation,
+    seq: conversation.latestSeq,
+  };
+  try {
+    const reply = await api("POST", "/timeline/read", body);
+    out.append(
+      h(
+        "span",
+        { class: "marked" },
+        `${member} read ${conversation.type} ${conversation.conversation} up to ` +
+          `${conversation.latestSeq}: `,
+        figure("readSeq", reply.readSeq, "read-seq"),
+        " ",
+        figure("unread", String(reply.unread), "unread"),
+      ),
+    );
+  } catch (failure) {
+    out.append(errorBox(failure));
+    button.disabled = false;
+    return;
+  }
+  await listConversations(listing.member === member ? listing.before : ""); // the page shown
+}
+
+/** Lists the sync member's conversations again from the most recent: new entries move theirs
+    to the top. Not awaited by its callers; it shows its own failure. */
+function refreshConversations() {
+  if (syncMember()) listConversations("");
+}
+
+/** Reads the sync member's devices: each one's acked position and when it was last seen. */
+async function listDevices() {
+  const member = syncMember();
+  const out = $("devices-result");
+  devicesGeneration += 1;
+  const mine = devicesGeneration;
+  $("devices-member").textContent = member || "—";
+  if (!member) {
+    out.replaceChildren(h("p", { class: "note" }, "No member: enter one in the sync form."));
+    return;
+  }
+  let reply;
+  try {
+    reply = await api("GET", `/timeline/devices?${new URLSearchParams({ member })}`);
+  } catch (failure) {
+    if (mine === devicesGeneration) out.replaceChildren(errorBox(failure));
+    return;
+  }
+  if (mine !== devicesGeneration) return;
+  const devices = reply.devices;
+  out.replaceChildren(
+    devices.length
+      ? h(
+          "table",
+          { class: "device-list" },
+          h(
+            "thead",
+            {},
+            h("tr", {}, ["device", "acked up to", "last seen (UTC)"].map((name) => h("th", {}, name))),
+          ),
+          h(
+            "tbody",
+            {},
+            devices.map((device) =>
+              h(
+                "tr",
+                { "data-device": device.device },
+                h("td", { class: "device-name" }, device.device),
+                h("td", { class: "num device-position" }, device.position),
+                h("td", { class: "time", title: device.lastSeen }, when(device.lastSeen)),
+              ),
+            ),
+          ),
+        )
+      : h(
+          "p",
+          { class: "empty" },
+          "no devices: a sync or an ack with a device name makes one known",
+        ),
+  );
+  markDevice();
+}
+
+/** The row of the device named in the sync form, if listed, is marked as this page's. */
+function markDevice() {
+  const device = value($("sync-form"), "device");
+  for (const row of $("devices-result").querySelectorAll("tr[data-device]")) {
+    row.classList.toggle("current", row.dataset.device === device);
+  }
+}
+
+function setUpConversations() {
+  const form = $("conversations-form");
+  const out = $("conversations-result");
+  handle(form, out, () => listConversations(""));
+  $("conversations-next").addEventListener("click", () => {
+    if (listing.next !== "") busy(form, out, () => listConversations(listing.next));
   });
 }
 
@@ -767,6 +1054,7 @@ function setUpToken() {
 setUpToken();
 setUpSend();
 setUpSync();
+setUpConversations();
 setUpHistory();
 $("service-refresh").addEventListener("click", refreshService);
 refreshService();
