@@ -57,15 +57,18 @@ def examples(text: str) -> list[Example]:
     return found
 
 
-# What legitimately differs from one run to the next: when an entry was stored. Nothing
-# else is normalised (the port is the command's, not the output's), so a changed sequence,
-# field, message or error text fails the comparison.
-TIMESTAMP = re.compile(r'"timestamp":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"')
+# What legitimately differs from one run to the next: when an entry was stored (or a device
+# seen), and a conversation list's cursor (it holds its last conversation's activity time).
+# Nothing else is normalised (the port is the command's, not the output's), so a changed
+# sequence, field, message or error text fails the comparison.
+TIMESTAMP = re.compile(r'"(timestamp|lastSeen)":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"')
+CURSOR = re.compile(r'"next":"[A-Za-z0-9_-]+"')
 
 
 def normalise(output: str) -> str:
-    """The output with each entry's storage time replaced by a placeholder."""
-    return TIMESTAMP.sub('"timestamp":"<stored at>"', output.rstrip("\n"))
+    """The output with each time of the run (and a cursor made of one) replaced."""
+    timeless = TIMESTAMP.sub(r'"\1":"<at>"', output.rstrip("\n"))
+    return CURSOR.sub('"next":"<cursor>"', timeless)
 
 
 def run(example: Example, port: int) -> str:
@@ -104,6 +107,12 @@ def test_the_normalisation_keeps_everything_but_the_time() -> None:
     assert normalise(shown) == normalise(shown.replace("08.341Z", "59.999Z"))
     assert normalise(shown) != normalise(shown.replace('"1"', '"2"'))
     assert normalise(shown) != normalise(shown.replace("08.341Z", "08Z"))
+    seen = '{"devices":[{"device":"p","position":"3","lastSeen":"2026-11-27T00:59:08.341Z"}]}'
+    assert normalise(seen) == normalise(seen.replace("08.341Z", "09.000Z"))
+    assert normalise(seen) != normalise(seen.replace('"3"', '"4"'))
+    listed = '{"conversations":[],"next":"MTc2NTA5OnRlYW0"}'
+    assert normalise(listed) == normalise(listed.replace("MTc2", "OTk5"))
+    assert normalise(listed) != normalise(listed.replace("MTc2NTA5OnRlYW0", ""))
 
 
 def test_every_example_prints_what_the_readme_shows(fresh_service: Service) -> None:
