@@ -14,7 +14,13 @@ def message(**fields: object) -> Message:
 
 
 def group_activity(
-    group: str, members: list[str], last: int, text: str, sender: str = "", at: int = 1_000
+    group: str,
+    members: list[str],
+    last: int,
+    text: str,
+    sender: str = "",
+    at: int = 1_000,
+    first: int = 0,
 ) -> Activity:
     return Activity(
         kind=Conversation.GROUP,
@@ -23,6 +29,7 @@ def group_activity(
         peer=group,
         peers=None,
         sender=sender,
+        first=first or last,
         last=last,
         message=orjson.dumps({"t": text}).decode(),
         created_at_ms=at,
@@ -50,7 +57,7 @@ def send_group(
         messages,
         at,
         mid,
-        activity=group_activity(group, members, last, texts[-1], sender, at),
+        activity=group_activity(group, members, last, texts[-1], sender, at, history_seq),
     )
     about = About(Conversation.GROUP, group, history_seq)
     sync = Copies(members, member_seqs, messages, at, mid, about)
@@ -76,6 +83,7 @@ def send_single(
             peer=conversation,
             peers=[b, a],
             sender=a,
+            first=seq,
             last=seq,
             message=msg.json,
             created_at_ms=at,
@@ -234,14 +242,17 @@ def test_a_late_lower_message_does_not_replace_the_latest(store: Store) -> None:
     assert state.last is not None
     assert orjson.loads(state.last.message) == {"t": "second"}
     assert state.activity_ms == 2_000
-    assert state.unread == 2
+    # "a" was listed by message 2, having read what came before it (1) then.
+    assert state.unread == 1
 
 
 def test_a_changed_member_list_is_recorded(store: Store) -> None:
     send_group(store, "g", ["a", "b"], 1, [1, 1], "x")
     send_group(store, "g", ["b", "a"], 2, [2, 2], "same members, another order")
     send_group(store, "g", ["a", "b", "c"], 3, [3, 3, 1], "c joined")
-    assert listed(store, "c") == [("g", 3, 0, 3)]
+    # A new member has read what came before it joined: only message 3 is unread.
+    assert listed(store, "c") == [("g", 3, 2, 1)]
+    assert listed(store, "a") == [("g", 3, 0, 3)]
 
 
 def test_a_big_group_lists_every_member(store: Store) -> None:
@@ -278,3 +289,10 @@ def test_state_of_an_unlisted_conversation_is_typed(store: Store) -> None:
     state = store.mark_read("a", Conversation.SINGLE, "a:b", "b", 3)
     assert isinstance(state, ConversationState)
     assert (state.kind, state.conversation, state.peer) == (Conversation.SINGLE, "a:b", "b")
+
+
+def test_a_new_member_has_read_what_came_before_it(store: Store) -> None:
+    send_group(store, "g", ["a"], 1, [1], "one", "two", "three")
+    send_group(store, "g", ["a", "late"], 4, [4, 1], "four", "five")
+    assert listed(store, "late") == [("g", 5, 3, 2)]
+    assert listed(store, "a") == [("g", 5, 0, 5)]

@@ -88,6 +88,7 @@ class Chat:
             peer=conversation,
             peers=[peer_of(conversation, m) for m in members] if peers is not None else None,
             sender=sender,
+            first=first,
             last=first + len(messages) - 1,
             message=messages[-1].json,
             created_at_ms=created_at_ms,
@@ -210,7 +211,7 @@ def test_a_later_message_moves_the_conversation_up_and_an_earlier_never_back(
     assert state.last == Entry(3, '{"t":"three"}', 2_000, "m2")
     # A late write of an earlier sequence (a repair, a retry) changes nothing.
     late_activity = Activity(
-        Conversation.GROUP, "g", ["a", "b"], "g", None, "", 2, '{"t":"late"}', 9_000
+        Conversation.GROUP, "g", ["a", "b"], "g", None, "", 2, 2, '{"t":"late"}', 9_000
     )
     late = Copies(["g"], [5], [message("late")], 9_000, "late", activity=late_activity)
     store.write(late, None)
@@ -311,7 +312,8 @@ def test_memberships_are_written_only_when_the_member_list_changes(chat: Chat) -
     chat.group("g", ["a", "b", "c", "d"], "3")  # one more member: all upserted
     assert counting.calls.count("bulk_write") == 1
     store._memberships = counting.inner
-    assert [c.unread for c in store.conversations("d", 5, None)] == [3]
+    # d joined with message 3: what came before it is not unread to it.
+    assert [c.unread for c in store.conversations("d", 5, None)] == [1]
     assert [c.read for c in store.conversations("b", 5, None)] == [2]
     document = store._conversations.find_one({"_id": "g"})
     assert document is not None
@@ -353,7 +355,9 @@ def test_a_retry_whose_history_got_in_moves_the_conversation(chat: Chat) -> None
     store._conversations = conversations
     assert store.conversations("b", 5, None) == []
     # and that retry finds them taken, by this message, and finishes.
-    activity = Activity(Conversation.GROUP, "g", ["a", "b"], "g", None, "a", 1, '{"t":"1"}', 1_000)
+    activity = Activity(
+        Conversation.GROUP, "g", ["a", "b"], "g", None, "a", 1, 1, '{"t":"1"}', 1_000
+    )
     again = Copies(["g"], [1], [message("1")], 1_000, "m1", activity=activity)
     assert store.write(again, None) == WriteResult(history_taken=True)
     (state,) = store.conversations("b", 5, None)
@@ -361,7 +365,7 @@ def test_a_retry_whose_history_got_in_moves_the_conversation(chat: Chat) -> None
     # Another message's copy there moves nothing.
     other = Copies(["g"], [2], [message("x")], 1_000, "m9")
     store.write(other, None)
-    moved = Activity(Conversation.GROUP, "g", ["a", "b"], "g", None, "", 2, '{"t":"y"}', 2_000)
+    moved = Activity(Conversation.GROUP, "g", ["a", "b"], "g", None, "", 2, 2, '{"t":"y"}', 2_000)
     assert store.write(
         Copies(["g"], [2], [message("y")], 2_000, "m2", activity=moved), None
     ) == WriteResult(history_taken=True)

@@ -130,15 +130,17 @@ class _Plan:
                 messages,
                 self.created_at_ms,
                 self.mid,
-                activity=self.activity(first + len(messages) - 1, messages[-1]),
+                activity=self.activity(first + len(messages) - 1, messages[-1], first),
             )
         peers = [self.peers[position]] if self.peers is not None else None
         about = About(self.conversation, self.ids[0], self.firsts[0] + offset, peers)
         return Copies([self.ids[position]], [first], messages, self.created_at_ms, self.mid, about)
 
-    def activity(self, last: int = 0, message: Message | None = None) -> Activity:
+    def activity(
+        self, last: int = 0, message: Message | None = None, first: int = 0
+    ) -> Activity:
         """What the history copies change in the conversation's state: those of the whole
-        request, or (`last`, `message`) of the part of it being written."""
+        request, or (`first`, `last`, `message`) of the part of it being written."""
         members = self.ids[1:]
         if self.sender and self.sender not in members:
             members = [*members, self.sender]
@@ -154,6 +156,7 @@ class _Plan:
             peer=self.ids[0],
             peers=peers,
             sender=self.sender,
+            first=first or self.firsts[0],
             last=last or self.firsts[0] + self.count - 1,
             message=(message or self.messages[-1]).json,
             created_at_ms=self.created_at_ms,

@@ -77,7 +77,9 @@ class Reader:
         entries up to `seq`: remove those every device seen lately has; returns the new
         minSeq."""
         latest = self._latest(member)
-        upto = self.devices.acked(member, device, seq)
+        # A device's position is what it can have pulled: never past the latest (an ack of
+        # "everything" must not release, later, entries that arrive after it).
+        upto = self.devices.acked(member, device, min(seq, latest))
         # Whatever the ack removes is at most min(upto, latest): that floor covers it all and
         # never runs ahead of what was allocated (a lost counter continues above it).
         if upto > 0:

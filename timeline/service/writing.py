@@ -170,7 +170,7 @@ class Writer:
                     *recipients,
                     "\x01",
                     *canonical,
-                    *(("\x02", sender) if sender else ()),
+                    *(("\x02", sender) if sender and kind is Conversation.GROUP else ()),
                 )[:16],
                 ttl_ms=min(self.policy.record_redis_ttl_ms, self.policy.record_ttl_ms),
             )

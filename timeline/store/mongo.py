@@ -651,6 +651,8 @@ class MongoStore:
                 if member == activity.sender:
                     change["$max"] = {"read": activity.last}
                     sender_listed = True
+                else:  # a new member has read what came before (see Activity.first)
+                    change["$setOnInsert"] = {"read": activity.first - 1}
                 key = {"member": member, "conversation": conversation}
                 entries.append(UpdateOne(key, change, upsert=True))
             step = max(1, self.membership_chunk)

@@ -153,10 +153,7 @@ def create(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
         conn.execute(_FLOOR_SCHEMA.format(table=table))
         conn.execute(_FLOOR_GUARD_DROP.format(table=table))
     for table in COLLECTIONS.values():
-        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        for name, definition in _ABOUT_COLUMNS:
-            if name not in columns:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+        _add_about_columns(conn, table)
     conn.execute(_HOLES_INDEX.format(table=HISTORY))
     # In a file an earlier version made too: IF NOT EXISTS.
     conn.execute(_IDEMPOTENCY_SCHEMA)
@@ -164,6 +161,27 @@ def create(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
     for statement in _CONVERSATION_SCHEMA:
         conn.execute(statement)
     conn.execute("PRAGMA busy_timeout = 0")
+
+
+def _add_about_columns(conn: sqlite3.Connection, table: str) -> None:
+    """Add the sync entry's conversation columns to a table an earlier version made. Every
+    worker (and gRPC process) opens the file at once: the columns are looked at again under
+    the write lock, so that one process adds them and the others find them added."""
+    if not _missing_about_columns(conn, table):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for name, definition in _missing_about_columns(conn, table):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _missing_about_columns(conn: sqlite3.Connection, table: str) -> list[tuple[str, str]]:
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    return [(name, definition) for name, definition in _ABOUT_COLUMNS if name not in columns]
 
 
 def _migrate(conn: sqlite3.Connection, table: str) -> None:
@@ -243,7 +261,7 @@ WHERE excluded.latest > {CONVERSATIONS}.latest
 MEMBERS_DIGEST = f"SELECT members FROM {CONVERSATIONS} WHERE id = ?"
 SET_MEMBERS_DIGEST = f"UPDATE {CONVERSATIONS} SET members = ? WHERE id = ?"
 LIST_MEMBER = f"""
-INSERT INTO {MEMBERSHIPS} (member, id, kind, peer) VALUES (?, ?, ?, ?)
+INSERT INTO {MEMBERSHIPS} (member, id, kind, peer, read_seq) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (member, id) DO UPDATE SET listed = 1 WHERE NOT {MEMBERSHIPS}.listed
 """
 # A read position moves only up, and never above the conversation's latest.

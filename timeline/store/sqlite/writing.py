@@ -199,10 +199,11 @@ def record_activity(conn: sqlite3.Connection, history: Copies) -> None:
     digest = members_digest(activity.members)
     (recorded,) = conn.execute(MEMBERS_DIGEST, (conversation,)).fetchone()
     if recorded != digest:
+        start = activity.first - 1  # a new member has read what came before
         conn.executemany(
             LIST_MEMBER,
             (
-                (member, conversation, kind, activity.peer_of(i))
+                (member, conversation, kind, activity.peer_of(i), start)
                 for i, member in enumerate(activity.members)
             ),
         )
