@@ -242,8 +242,8 @@ def test_a_late_lower_message_does_not_replace_the_latest(store: Store) -> None:
     assert state.last is not None
     assert orjson.loads(state.last.message) == {"t": "second"}
     assert state.activity_ms == 2_000
-    # "a" was listed by message 2, having read what came before it (1) then.
-    assert state.unread == 1
+    # "a" was listed by message 2, when nothing was stored below it: both are unread.
+    assert state.unread == 2
 
 
 def test_a_changed_member_list_is_recorded(store: Store) -> None:
@@ -296,3 +296,29 @@ def test_a_new_member_has_read_what_came_before_it(store: Store) -> None:
     send_group(store, "g", ["a", "late"], 4, [4, 1], "four", "five")
     assert listed(store, "late") == [("g", 5, 3, 2)]
     assert listed(store, "a") == [("g", 5, 0, 5)]
+
+
+def test_a_member_removed_from_a_group_leaves_its_list_and_comes_back_when_added(
+    store: Store,
+) -> None:
+    send_group(store, "g", ["a", "b", "c"], 1, [1, 1, 1], "all three")
+    send_group(store, "g", ["a", "b"], 2, [2, 2], "c was removed")
+    assert listed(store, "c") == []  # c is not shown what it is no longer sent
+    assert listed(store, "a") == [("g", 2, 0, 2)]
+    send_group(store, "g", ["a", "b"], 3, [3, 3], "still without c")
+    assert listed(store, "c") == []
+    send_group(store, "g", ["a", "b", "c"], 4, [4, 4, 2], "c is back")
+    assert listed(store, "c") == [("g", 4, 0, 4)]  # its position is where it was
+    # A sender left out of its own message's member list is listed by it all the same.
+    send_group(store, "g", ["a"], 5, [5], "only a", sender="b")
+    assert listed(store, "b") == [("g", 5, 5, 0)]
+    assert listed(store, "c") == []
+
+
+def test_a_first_message_stored_after_a_later_one_is_unread_to_the_members(store: Store) -> None:
+    """Two messages of a new conversation in flight at once, the later stored first: the
+    members are listed by it, and the earlier one, still on its way, is unread to them."""
+    send_group(store, "g", ["a", "b"], 2, [2, 2], "second, stored first", sender="b")
+    assert listed(store, "a") == [("g", 2, 0, 2)]
+    send_group(store, "g", ["a", "b"], 1, [1, 1], "first, stored second", sender="b")
+    assert listed(store, "a") == [("g", 2, 0, 2)]

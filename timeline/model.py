@@ -85,9 +85,9 @@ class Activity:
     peer: str  # what every member calls it (a group's name) when `peers` is None
     peers: Sequence[str] | None
     sender: str  # "" when the request names none (go-timeline's sendGroup)
-    # A member listed by this request starts with what came before it read (`first - 1`):
-    # a new member of a group, or a conversation older than this version, is not unread
-    # back to its start.
+    # A member listed by this request starts with what the history holds below `first`
+    # read: a new member of a group, or a conversation older than this version, is not
+    # unread back to its start.
     first: int  # the history sequence of the request's first message
     last: int  # the history sequence of the request's last message
     message: str  # its JSON

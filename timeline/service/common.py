@@ -136,9 +136,7 @@ class _Plan:
         about = About(self.conversation, self.ids[0], self.firsts[0] + offset, peers)
         return Copies([self.ids[position]], [first], messages, self.created_at_ms, self.mid, about)
 
-    def activity(
-        self, last: int = 0, message: Message | None = None, first: int = 0
-    ) -> Activity:
+    def activity(self, last: int = 0, message: Message | None = None, first: int = 0) -> Activity:
         """What the history copies change in the conversation's state: those of the whole
         request, or (`first`, `last`, `message`) of the part of it being written."""
         members = self.ids[1:]

@@ -514,6 +514,12 @@ class MongoStore:
                                 self._memberships, MEMBERSHIP_KEY, MEMBERSHIP_INDEX_NAME
                             )
                             _ensure_unique_key(self._devices, DEVICE_KEY, DEVICE_INDEX_NAME)
+                            # A conversation's memberships, for its member list's changes.
+                            _create_index(
+                                self._memberships,
+                                [("conversation", pymongo.ASCENDING)],
+                                name="conversation_1",
+                            )
                             self._positions_ready = True
                         for collection in self._collections.values():
                             _ensure_unique(collection)
@@ -643,6 +649,15 @@ class MongoStore:
         stored = self._conversations.find_one({"_id": conversation}, {"members": 1})
         sender_listed = False
         if stored is None or stored.get("members") != digest:
+            # A new member has read what the history holds below this message (not
+            # `first - 1`: a message below may still be on its way, and it is sent to this
+            # member too). At "local": the write's own read, as owners() is.
+            below = self._collections[Kind.HISTORY].find_one(
+                {"id": conversation, "seq": {"$lt": activity.first}},
+                {"_id": 0, "seq": 1},
+                sort=[("seq", pymongo.DESCENDING)],
+            )
+            start = int(below["seq"]) if below is not None else 0
             entries: list[UpdateOne] = []
             for i, member in enumerate(activity.members):
                 change: dict[str, Any] = {
@@ -652,12 +667,23 @@ class MongoStore:
                     change["$max"] = {"read": activity.last}
                     sender_listed = True
                 else:  # a new member has read what came before (see Activity.first)
-                    change["$setOnInsert"] = {"read": activity.first - 1}
+                    change["$setOnInsert"] = {"read": start}
                 key = {"member": member, "conversation": conversation}
                 entries.append(UpdateOne(key, change, upsert=True))
             step = max(1, self.membership_chunk)
             for start in range(0, len(entries), step):
                 _upsert_all(self._memberships, entries[start : start + step])
+            if stored is not None and stored.get("members"):
+                # A member the new list leaves out (removed from a group) leaves the list:
+                # it is no longer sent the conversation's messages.
+                self._memberships.update_many(
+                    {
+                        "conversation": conversation,
+                        "listed": True,
+                        "member": {"$nin": list(activity.members)},
+                    },
+                    {"$set": {"listed": False}},
+                )
             _upsert(
                 self._conversations,
                 {"_id": conversation},

@@ -240,6 +240,8 @@ CREATE TABLE IF NOT EXISTS {MEMBERSHIPS} (
     PRIMARY KEY (member, id)
 ) WITHOUT ROWID
 """,
+    # A conversation's memberships, for the member list's changes (see UNLIST_OTHERS).
+    f"CREATE INDEX IF NOT EXISTS {MEMBERSHIPS}_of ON {MEMBERSHIPS} (id, listed)",
     f"""
 CREATE TABLE IF NOT EXISTS {DEVICES} (
     member TEXT NOT NULL,
@@ -259,10 +261,17 @@ ON CONFLICT (id) DO UPDATE SET latest = excluded.latest, message = excluded.mess
 WHERE excluded.latest > {CONVERSATIONS}.latest
 """
 MEMBERS_DIGEST = f"SELECT members FROM {CONVERSATIONS} WHERE id = ?"
+HIGHEST_BELOW = f"SELECT MAX(seq) FROM {HISTORY} WHERE id = ? AND seq < ?"
 SET_MEMBERS_DIGEST = f"UPDATE {CONVERSATIONS} SET members = ? WHERE id = ?"
 LIST_MEMBER = f"""
 INSERT INTO {MEMBERSHIPS} (member, id, kind, peer, read_seq) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (member, id) DO UPDATE SET listed = 1 WHERE NOT {MEMBERSHIPS}.listed
+"""
+# A member the conversation's new member list leaves out (removed from a group) leaves the
+# list: it is no longer sent the conversation's messages, so its list stops showing them.
+UNLIST_OTHERS = f"""
+UPDATE {MEMBERSHIPS} SET listed = 0
+WHERE id = ? AND listed AND member NOT IN (SELECT value FROM json_each(?))
 """
 # A read position moves only up, and never above the conversation's latest.
 RAISE_READ = f"""

@@ -20,6 +20,7 @@ from timeline.store.sqlite.schema import (
     CLAIMED,
     FEW,
     FLOORS,
+    HIGHEST_BELOW,
     HISTORY,
     INSERT,
     LIST_MEMBER,
@@ -29,6 +30,7 @@ from timeline.store.sqlite.schema import (
     SET_MEMBERS_DIGEST,
     SYNC,
     TAKEN_RANGES,
+    UNLIST_OTHERS,
     guarded_insert,
 )
 
@@ -199,7 +201,14 @@ def record_activity(conn: sqlite3.Connection, history: Copies) -> None:
     digest = members_digest(activity.members)
     (recorded,) = conn.execute(MEMBERS_DIGEST, (conversation,)).fetchone()
     if recorded != digest:
-        start = activity.first - 1  # a new member has read what came before
+        # A new member has read what the conversation held before this message: what is
+        # stored below it (not `first - 1`: a message below may still be on its way, and it
+        # is sent to this member too).
+        (below,) = conn.execute(HIGHEST_BELOW, (conversation, activity.first)).fetchone()
+        start = below or 0
+        if recorded:  # a member list was recorded before: some may have been removed
+            members = orjson.dumps(list(activity.members)).decode()
+            conn.execute(UNLIST_OTHERS, (conversation, members))
         conn.executemany(
             LIST_MEMBER,
             (
