@@ -546,3 +546,17 @@ def test_a_page_of_a_thousand_conversations_is_two_finds(chat: Chat) -> None:
     # mongomock is pure Python (a real server: a few ms); this only guards against a
     # query per conversation.
     assert elapsed < 5.0, elapsed
+
+
+def test_a_member_in_more_conversations_than_one_find_names_gets_its_page(
+    chat: Chat, monkeypatch: Any
+) -> None:
+    from timeline.store import mongo
+
+    monkeypatch.setattr(mongo, "_IN_CHUNK", 3)  # 10 conversations: four finds, merged
+    for n in range(10):
+        chat.group(f"g{n}", ["m"], f"{n}", at=1_000 + n)
+    page = chat.store.conversations("m", 4, None)
+    assert [c.peer for c in page] == ["g9", "g8", "g7", "g6"]
+    cursor = Cursor(page[-1].activity_ms, page[-1].conversation)
+    assert [c.peer for c in chat.store.conversations("m", 4, cursor)] == ["g5", "g4", "g3", "g2"]

@@ -150,6 +150,9 @@ _CLAIM_ROUNDS = 5
 #: (a group's sends mostly list the same members: then none is written). No secondary index:
 #: the list looks documents up by `_id` only (see conversations()).
 CONVERSATIONS = "chat_conversations"
+#: Conversation ids one find of a member's list names at most (each up to ~300 bytes as
+#: BSON: far below a command's 16 MB).
+_IN_CHUNK = 20_000
 #: One document per member and conversation: `{member, conversation, kind, peer, read,
 #: listed}`. `read` only rises; `listed` (in the member's list: it sent or received a message
 #: there) only turns true: mark_read alone leaves a position unlisted.
@@ -1163,19 +1166,25 @@ class MongoStore:
                 memberships[found["conversation"]] = found
             if not memberships:
                 return []
-            query: dict[str, Any] = {"_id": {"$in": list(memberships)}, "latest": {"$gt": 0}}
+            below: dict[str, Any] = {}
             if before is not None and before.activity_ms <= _LATEST_MS:
                 at = _date(before.activity_ms)
-                query["$or"] = [
+                below["$or"] = [
                     {"activity_at": {"$lt": at}},
                     {"activity_at": at, "_id": {"$lt": before.conversation}},
                 ]
-            cursor = (
-                self._visible_conversations.find(query, {"members": 0})
-                .sort([("activity_at", pymongo.DESCENDING), ("_id", pymongo.DESCENDING)])
-                .limit(limit)
-            )
-            found = [(memberships[d["_id"]], d) for d in cursor]
+            order = [("activity_at", pymongo.DESCENDING), ("_id", pymongo.DESCENDING)]
+            ids = list(memberships)
+            documents: list[dict[str, Any]] = []
+            # A member in very many conversations: several finds, each a top-`limit` of its
+            # share of them (a command holds at most 16 MB), merged.
+            for start in range(0, len(ids), _IN_CHUNK):
+                query = {"_id": {"$in": ids[start : start + _IN_CHUNK]}, "latest": {"$gt": 0}}
+                cursor = self._visible_conversations.find(query | below, {"members": 0})
+                documents += cursor.sort(order).limit(limit)
+            if len(ids) > _IN_CHUNK:
+                documents.sort(key=lambda d: (d["activity_at"], d["_id"]), reverse=True)
+            found = [(memberships[d["_id"]], d) for d in documents[:limit]]
             holes = self._holes([_unread_range(m, d) for m, d in found])
             return [_state(m, d, holes.get(d["_id"], 0)) for m, d in found]
 
