@@ -212,8 +212,10 @@ def _migrate(conn: sqlite3.Connection, table: str) -> None:
 # member list last recorded (a group's sends mostly list the same members: then no
 # membership is written). One row per member and conversation: what the member calls it, its
 # read position, and whether it is in the member's list (a read position alone is not). One
-# row per member and device. Rowid tables where a row holds a message; the others WITHOUT
-# ROWID (small rows, looked up by their key).
+# row per member and device. All WITHOUT ROWID, small rows looked up by their key (a rowid
+# table with a TEXT primary key is two b-trees to write on every send). A conversation's row
+# names its latest message by sequence; the message itself is read from the history (a send
+# writes it once more than before, not twice).
 CONVERSATIONS = "conversations"
 MEMBERSHIPS = "memberships"
 DEVICES = "devices"
@@ -223,11 +225,9 @@ CREATE TABLE IF NOT EXISTS {CONVERSATIONS} (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
     latest INTEGER NOT NULL DEFAULT 0,
-    message TEXT NOT NULL DEFAULT '',
     created_at INTEGER NOT NULL DEFAULT 0,
-    mid TEXT NOT NULL DEFAULT '',
     members TEXT NOT NULL DEFAULT ''
-)
+) WITHOUT ROWID
 """,
     f"""
 CREATE TABLE IF NOT EXISTS {MEMBERSHIPS} (
@@ -255,10 +255,10 @@ CREATE TABLE IF NOT EXISTS {DEVICES} (
 # The conversation's latest message moves only up: a lower `last` (a late write, a retry)
 # changes nothing.
 RAISE_CONVERSATION = f"""
-INSERT INTO {CONVERSATIONS} (id, kind, latest, message, created_at, mid) VALUES (?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET latest = excluded.latest, message = excluded.message,
-    created_at = excluded.created_at, mid = excluded.mid
+INSERT INTO {CONVERSATIONS} (id, kind, latest, created_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET latest = excluded.latest, created_at = excluded.created_at
 WHERE excluded.latest > {CONVERSATIONS}.latest
+RETURNING members
 """
 MEMBERS_DIGEST = f"SELECT members FROM {CONVERSATIONS} WHERE id = ?"
 HIGHEST_BELOW = f"SELECT MAX(seq) FROM {HISTORY} WHERE id = ? AND seq < ?"
@@ -288,9 +288,10 @@ INSERT INTO {MEMBERSHIPS} (member, id, kind, peer, read_seq) VALUES (?, ?, ?, ?,
 ON CONFLICT (member, id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq), listed = 1
 """
 _STATE = f"""
-SELECT c.kind, c.id, m.peer, c.latest, MIN(m.read_seq, c.latest), c.message, c.created_at,
-    c.mid, (SELECT COUNT(*) FROM {HISTORY} AS h
-        WHERE h.id = c.id AND h.seq > m.read_seq AND h.seq <= c.latest AND h.mid = '~hole')
+SELECT c.kind, c.id, m.peer, c.latest, MIN(m.read_seq, c.latest), l.message, l.created_at,
+    l.mid, (SELECT COUNT(*) FROM {HISTORY} AS h
+        WHERE h.id = c.id AND h.seq > m.read_seq AND h.seq <= c.latest AND h.mid = '~hole'),
+    c.created_at
 FROM {{source}}
 """
 # The list: the member's memberships (its primary key's range), each joined to its
@@ -301,10 +302,12 @@ CONVERSATION_PAGE = _STATE.format(
         ORDER BY c0.created_at DESC, c0.id DESC LIMIT ?4) AS p
     JOIN {MEMBERSHIPS} AS m ON m.member = p.member AND m.id = p.id
     JOIN {CONVERSATIONS} AS c ON c.id = p.id
+    LEFT JOIN {HISTORY} AS l ON l.id = c.id AND l.seq = c.latest AND l.mid != '~hole'
     ORDER BY c.created_at DESC, c.id DESC"""
 )
 CONVERSATION_OF = _STATE.format(
     source=f"""{MEMBERSHIPS} AS m LEFT JOIN {CONVERSATIONS} AS c ON c.id = m.id
+    LEFT JOIN {HISTORY} AS l ON l.id = c.id AND l.seq = c.latest AND l.mid != '~hole'
     WHERE m.member = ? AND m.id = ?"""
 )
 DEVICE_SEEN = f"""

@@ -468,10 +468,10 @@ def _state(
 ) -> ConversationState:
     """A row of schema._STATE as the member's view of the conversation. The conversation's
     columns are NULL for a read position in a conversation that holds no message yet."""
-    found_kind, found, found_peer, latest, read, message, created_at, mid, holes = row
+    found_kind, found, found_peer, latest, read, message, created_at, mid, holes, active = row
     latest = latest or 0
     read = min(read or 0, latest)
-    last = Entry(latest, message, created_at, mid) if latest and message else None
+    last = Entry(latest, message, created_at, mid) if latest and message is not None else None
     return ConversationState(
         kind=Conversation(found_kind) if found_kind else kind or Conversation.GROUP,
         conversation=found or conversation,
@@ -480,7 +480,7 @@ def _state(
         read=read,
         unread=max(0, latest - read - (holes or 0)),
         last=last,
-        activity_ms=created_at or 0,
+        activity_ms=active or 0,
     )
 
 

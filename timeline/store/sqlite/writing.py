@@ -194,12 +194,14 @@ def record_activity(conn: sqlite3.Connection, history: Copies) -> None:
     if activity is None:
         return
     kind, conversation = activity.kind.value, activity.conversation
-    conn.execute(
+    # The member list recorded comes back from the raise (RETURNING), or, when a later message
+    # is there already (nothing raised), from a read of its own.
+    raised = conn.execute(
         RAISE_CONVERSATION,
-        (conversation, kind, activity.last, activity.message, activity.created_at_ms, history.mid),
-    )
+        (conversation, kind, activity.last, activity.created_at_ms),
+    ).fetchone()
+    (recorded,) = raised or conn.execute(MEMBERS_DIGEST, (conversation,)).fetchone()
     digest = members_digest(activity.members)
-    (recorded,) = conn.execute(MEMBERS_DIGEST, (conversation,)).fetchone()
     if recorded != digest:
         # A new member has read what the conversation held before this message: what is
         # stored below it (not `first - 1`: a message below may still be on its way, and it
