@@ -113,8 +113,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "one device's ack releases what another has not acked",
         READING,
-        "        upto = self.devices.acked(member, device, seq)\n",
-        "        upto = max(seq, self.devices.acked(member, device, seq))\n",
+        "        upto = self.devices.acked(member, device, min(seq, latest))\n",
+        "        upto = max(seq, self.devices.acked(member, device, min(seq, latest)))\n",
         (T_CONV, "-k", "sqlite and device"),
     ),
     Mutation(
