@@ -157,6 +157,23 @@ def mongo_store(mongo_uri: str | None) -> Iterator[MongoStore]:
 
 
 @pytest.fixture
+def database(mongo_uri: str | None) -> Iterator[Any]:
+    """An empty database of the test's own, on the suite's MongoDB (real or mongomock)."""
+    if mongo_uri is None:
+        import mongomock
+
+        client: Any = mongomock.MongoClient(tz_aware=True)
+    else:
+        import pymongo
+
+        client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True)
+    name = f"timeline_test_{uuid.uuid4().hex[:12]}"
+    yield client[name]
+    client.drop_database(name)
+    client.close()
+
+
+@pytest.fixture
 def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
     store = SQLiteStore(tmp_path / "timeline.sqlite3")
     yield store

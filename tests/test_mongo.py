@@ -12,7 +12,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import mongomock
@@ -276,19 +275,6 @@ def test_an_idempotency_record_is_adopted_only_once_a_majority_has_it(
 
 
 # --- indexes: built beside the requests, never in one -------------------------------------
-
-
-@pytest.fixture
-def database(mongo_uri: str | None) -> Iterator[Any]:
-    """An empty database of the test's own, on the suite's MongoDB."""
-    if mongo_uri is None:
-        client: Any = mongomock.MongoClient(tz_aware=True)
-    else:
-        client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True)
-    name = f"timeline_test_{uuid.uuid4().hex[:12]}"
-    yield client[name]
-    client.drop_database(name)
-    client.close()
 
 
 def test_prepare_builds_the_unique_index_once_and_again_harmlessly(database: Any) -> None:

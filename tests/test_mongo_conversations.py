@@ -4,12 +4,10 @@ documents hold, the order a write keeps, the indexes, and where each read goes."
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import mongomock
-import pymongo
 import pytest
 from pymongo.errors import AutoReconnect
 
@@ -112,19 +110,6 @@ class Chat:
 @pytest.fixture
 def chat(mongo_store: MongoStore) -> Chat:
     return Chat(mongo_store)
-
-
-@pytest.fixture
-def database(mongo_uri: str | None) -> Iterator[Any]:
-    """An empty database of the test's own, on the suite's MongoDB (as test_mongo.py's)."""
-    if mongo_uri is None:
-        client: Any = mongomock.MongoClient(tz_aware=True)
-    else:
-        client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True)
-    name = f"timeline_test_{uuid.uuid4().hex[:12]}"
-    yield client[name]
-    client.drop_database(name)
-    client.close()
 
 
 # --- sync documents say what they are about ---------------------------------------------
