@@ -132,3 +132,13 @@ def release(app: Any) -> None:
     parts["purger"].stop()
     parts["preparer"].stop()
     parts["service"].allocator.close()
+
+
+def readable(sock: Any, timeout_s: float) -> bool:
+    """Whether the socket has something to read within `timeout_s`: poll(), not select(),
+    which cannot watch a descriptor above 1024 (a long test run opens that many)."""
+    import select
+
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    return bool(poll.poll(timeout_s * 1000))

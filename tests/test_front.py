@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import select
 import signal
 import socket
 import sqlite3
@@ -24,6 +23,7 @@ import psutil
 import pytest
 import redis
 
+from support import readable
 from test_e2e import Service, clean_env, service_env
 
 pytestmark = pytest.mark.e2e
@@ -149,8 +149,7 @@ def drip(
             opened.release()
         sent = 0
         while time.monotonic() - story.opened < give_up:
-            readable, _, _ = select.select([sock], [], [], 1.0)
-            if readable:
+            if readable(sock, 1.0):
                 try:
                     data = sock.recv(65536)
                 except ConnectionResetError:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import select
 import socket
 import time
 import uuid
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_front import assert_envelope, connect, parse, read_all
 
+from support import readable
 from test_e2e import Service, service_env
 
 pytestmark = pytest.mark.e2e
@@ -178,9 +178,7 @@ def test_over_its_budget_a_worker_drops_its_slowest_readers_first(budgeted: Serv
     readers = []
     for _ in range(5):
         readers.append(slow_reader(budgeted))
-        poll = select.poll()  # not select(): descriptors above 1024 in a long test run
-        poll.register(readers[-1], select.POLLIN)
-        assert poll.poll(20_000), "no reply started"
+        assert readable(readers[-1], 20.0), "no reply started"
     # when they have been sending for over a second (what makes a reader slow),
     time.sleep(1.5)
     # then the oldest are dropped until the worker is under its budget; new requests are

@@ -16,7 +16,6 @@ import http.client
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -32,7 +31,7 @@ import pytest
 import yaml
 from gunicorn.config import Config as GunicornConfig
 
-from support import free_port
+from support import free_port, readable
 from test_deploy import load_gunicorn_conf
 from test_e2e import Service, service_env
 from timeline.settings import Settings, load_settings
@@ -599,8 +598,7 @@ def closed_after(sock: socket.socket, dribble: bytes = b"", every: float = 0.2) 
             if sent < len(dribble):
                 sock.sendall(dribble[sent : sent + 1])
                 sent += 1
-            readable, _, _ = select.select([sock], [], [], every)
-            if readable:
+            if readable(sock, every):
                 data = sock.recv(65_536)
                 assert not data, f"nginx answered instead of closing: {data[:200]!r}"
                 return time.monotonic() - started
@@ -709,8 +707,7 @@ def test_connections_to_gunicorn_are_kept_alive(
 def answered(connection: http.client.HTTPConnection) -> bool:
     """Whether a byte of the reply to the request sent on `connection` has come."""
     assert connection.sock is not None
-    readable, _, _ = select.select([connection.sock], [], [], 0)
-    return bool(readable)
+    return readable(connection.sock, 0)
 
 
 def messages(body: bytes) -> list[Any]:
