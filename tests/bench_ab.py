@@ -23,14 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -45,59 +42,28 @@ if "BENCH_AB_SERVING" in os.environ:  # in a gunicorn worker: give the app
     from app import app  # noqa: F401
 
 
-class Server:
-    """gunicorn serving the checkout at `root` with its gunicorn.conf.py."""
+def serve(name: str, root: Path, work: Path, env: dict[str, str]) -> Any:
+    """gunicorn serving the checkout at `root` with its gunicorn.conf.py (suite.Server: it
+    starts it and waits until it answers), its timeline package first on the path."""
+    from timeline.bench.suite import Server
 
-    def __init__(self, name: str, root: Path, env: dict[str, str], work: Path) -> None:
-        from timeline.bench.suite import free_port
+    data = work / name
+    env = env | {
+        "BENCH_AB_SERVING": "1",
+        "PYTHONPATH": f"{root}{os.pathsep}{HERE}",  # its timeline, then this module
+        "WEB_CONCURRENCY": "2",
+        "TIMELINE_DATA_DIR": str(data),
+        "TIMELINE_SQLITE_PATH": str(data / "timeline.sqlite3"),
+        "TIMELINE_GRPC_BIND": "off",
+    }
+    return Server(name, ["-c", str(root / "gunicorn.conf.py"), "bench_ab:app"], env, root, work)
 
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        data = work / name
-        environment = os.environ | env
-        environment |= {
-            "BENCH_AB_SERVING": "1",
-            "PYTHONPATH": f"{root}{os.pathsep}{HERE}",  # its timeline, then this module
-            "PORT": str(self.port),
-            "HOST": "127.0.0.1",
-            "WEB_CONCURRENCY": "2",
-            "TIMELINE_DATA_DIR": str(data),
-            "TIMELINE_SQLITE_PATH": str(data / "timeline.sqlite3"),
-        }
-        environment.pop("TIMELINE_GRPC_BIND", None)
-        self.log = work / f"{name}.log"
-        with self.log.open("wb") as log:
-            command = ["-m", "gunicorn", "-c", str(root / "gunicorn.conf.py"), "bench_ab:app"]
-            self.process = subprocess.Popen(
-                [sys.executable, *command],
-                cwd=root,
-                env=environment,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/timeline/sync?member=probe", timeout=2):
-                    return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start:\n{self.log.read_text()}") from None
-                time.sleep(0.2)
 
-    def cpu_s(self) -> float:
-        """CPU time (user and system) of its workers so far."""
-        import psutil
+def worker_cpu_s(server: Any) -> float:
+    """CPU time (user and system) of the server's HTTP workers so far."""
+    from timeline.bench.suite import cpu_seconds
 
-        total = 0.0
-        for worker in psutil.Process(self.process.pid).children():
-            times = worker.cpu_times()
-            total += times.user + times.system
-        return total
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(30)
+    return float(cpu_seconds(server.children()[0]))
 
 
 def spread(values: list[float], fmt: str = ",.0f") -> str:
@@ -124,7 +90,7 @@ def main() -> int:
         return 2
     scenarios = args.scenarios.split(",")
     work = Path(tempfile.mkdtemp(prefix="timeline-ab-"))
-    servers: list[Server] = []
+    servers: list[Any] = []
     rates: dict[str, dict[str, list[float]]] = {s: {"A": [], "B": []} for s in scenarios}
     cpu_us: dict[str, dict[str, list[float]]] = {s: {"A": [], "B": []} for s in scenarios}
     try:
@@ -133,7 +99,7 @@ def main() -> int:
             ("B", args.b_root, args.b_group_commit),
         ):
             env = {"BENCH_AB_GROUP_COMMIT": group_commit}
-            servers.append(Server(name, root.resolve(), env, work))
+            servers.append(serve(name, root.resolve(), work, env))
             print(f"{name}: {root.resolve()}, group commit {group_commit}", flush=True)
         for server in servers:  # warm: tables, pages, the timelines sync reads
             for scenario in scenarios:
@@ -142,9 +108,9 @@ def main() -> int:
             order = servers if i % 2 == 0 else servers[::-1]
             for scenario in scenarios:
                 for server in order:
-                    cpu = server.cpu_s()
+                    cpu = worker_cpu_s(server)
                     rate = wrk_rate(server.url, scenario, args.seconds, args.connections)
-                    cpu = server.cpu_s() - cpu
+                    cpu = worker_cpu_s(server) - cpu
                     rates[scenario][server.name].append(rate)
                     cpu_us[scenario][server.name].append(cpu / (rate * args.seconds) * 1e6)
                 a, b = rates[scenario]["A"][-1], rates[scenario]["B"][-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -95,6 +96,12 @@ class Activity:
 
     def peer_of(self, position: int) -> str:
         return self.peers[position] if self.peers is not None else self.peer
+
+    def members_digest(self) -> str:
+        """What a conversation keeps of the member list last recorded (the store writes the
+        members' list entries only when it changes): a digest of the members sorted, so that
+        the same members listed in another order need nothing written either."""
+        return hashlib.sha256("\x00".join(sorted(self.members)).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)

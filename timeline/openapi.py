@@ -202,12 +202,9 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "SyncEntry": {
-        "type": "object",
-        "required": ["sequence", "message"],
+        "description": "An Entry, with what it records of its conversation.",
+        "allOf": [_ref("Entry")],
         "properties": {
-            "sequence": _INT64_OUT,
-            "message": {"type": "string", "description": "The message's JSON object, as text."},
-            "timestamp": {"type": "string", "pattern": "^$|^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z$"},
             "type": {
                 "type": "string",
                 "enum": ["single", "group"],

@@ -65,7 +65,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = logs / f"{name}.log"
         environment = os.environ | env | {"PORT": str(self.port), "HOST": "127.0.0.1"}
-        environment["PYTHONPATH"] = str(ROOT)
+        environment["PYTHONPATH"] = env.get("PYTHONPATH", str(ROOT))
         args = [arg.replace("{port}", str(self.port)) for arg in args]
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(

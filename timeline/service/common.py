@@ -107,7 +107,8 @@ class _Plan:
         return self.timelines[position]
 
     def copies(self, positions: Sequence[int] | None) -> Copies:
-        """The copies of these positions; None: every sync timeline (the usual case)."""
+        """The sync copies of these positions; None: every sync timeline (the usual case).
+        The history's are `one(0, messages)`."""
         if positions is None:
             ids, firsts = self.ids[1:], self.firsts[1:]
             peers = self.peers[1:] if self.peers is not None else None
@@ -115,8 +116,6 @@ class _Plan:
             ids = [self.ids[p] for p in positions]
             firsts = [self.firsts[p] for p in positions]
             peers = [self.peers[p] for p in positions] if self.peers is not None else None
-        if positions is not None and list(positions) == [0]:
-            return self.one(0, self.messages)
         about = About(self.conversation, self.ids[0], self.firsts[0], peers)
         return Copies(ids, firsts, self.messages, self.created_at_ms, self.mid, about)
 

@@ -458,7 +458,7 @@ class Writer:
                 if 0 in todo:
                     raise Unavailable("the request ran out of time before its history copy")
                 return sorted(todo | given_up)
-            history = plan.copies([0]) if 0 in todo else None
+            history = plan.one(0, plan.messages) if 0 in todo else None
             pending = len(todo) - (0 in todo)
             everyone = pending == total - 1 and pending <= per_write
             positions = range(1, total) if everyone else sorted(todo - {0})[:per_write]

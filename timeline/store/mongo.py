@@ -47,7 +47,6 @@ What it relies on, from the MongoDB manual:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -250,12 +249,12 @@ def _unread_range(membership: dict[str, Any], conversation: dict[str, Any]) -> t
 
 
 def _state(
-    membership: dict[str, Any], conversation: dict[str, Any], holes: int
+    membership: dict[str, Any], conversation: dict[str, Any], holes: int, last: Entry | None
 ) -> ConversationState:
     """The conversation as the member sees it, from its membership and conversation
-    documents and the number of placeholders after the member's read position."""
+    documents, the number of placeholders after the member's read position, and its latest
+    message as the history holds it."""
     _, read, latest = _unread_range(membership, conversation)
-    last = conversation.get("last")
     kind = conversation.get("kind") or membership.get("kind") or Conversation.GROUP.value
     return ConversationState(
         kind=Conversation(kind),
@@ -264,7 +263,7 @@ def _state(
         latest=latest,
         read=read,
         unread=max(0, latest - read - holes),
-        last=_entry(last) if last else None,
+        last=last,
         activity_ms=_ms(conversation.get("activity_at")),
     )
 
@@ -284,6 +283,26 @@ def _upsert(collection: Collection[Any], key: dict[str, Any], change: dict[str, 
         return collection.update_one(key, change, upsert=True)
     except DuplicateKeyError:
         return collection.update_one(key, change, upsert=True)
+
+
+def _upserted(
+    collection: Collection[Any],
+    key: dict[str, Any],
+    change: dict[str, Any],
+    projection: dict[str, Any],
+) -> dict[str, Any] | None:
+    """_upsert, answering the document as the change left it (find_one_and_update)."""
+
+    def once() -> dict[str, Any] | None:
+        found: dict[str, Any] | None = collection.find_one_and_update(
+            key, change, projection, upsert=True, return_document=pymongo.ReturnDocument.AFTER
+        )
+        return found
+
+    try:
+        return once()
+    except DuplicateKeyError:  # lost the race to insert it: it matches now
+        return once()
 
 
 def _upsert_all(collection: Collection[Any], upserts: list[UpdateOne]) -> None:
@@ -346,28 +365,6 @@ def _entry(document: dict[str, Any]) -> Entry:
         document.get("conv", ""),
         int(document.get("conv_seq", 0)),
     )
-
-
-def members_digest(members: Sequence[str]) -> str:
-    """What a conversation keeps of the member list whose memberships are all stored. Of the
-    members sorted: the same members listed in another order need nothing written either."""
-    return hashlib.sha256("\x00".join(sorted(members)).encode()).hexdigest()[:32]
-
-
-def _last_document(history: Copies, activity: Activity) -> dict[str, Any]:
-    """The conversation's latest message as the history holds it (`message` a document)."""
-    message = history.messages[-1] if history.messages else None
-    document = (
-        message.document
-        if message is not None and message.json == activity.message
-        else orjson.loads(activity.message)
-    )
-    return {
-        "seq": activity.last,
-        "message": document,
-        "created_at": _date(activity.created_at_ms),
-        "mid": history.mid,
-    }
 
 
 class MongoStore:
@@ -622,10 +619,10 @@ class MongoStore:
             self._call("write", lambda: self._before_history(activity))
         if self._call("write", lambda: self._write_history(history)):
             if activity is not None:
-                self._call("write", lambda: self._raise_conversation(history, activity))
+                self._call("write", lambda: self._raise_conversation(activity))
             return True
         if activity is not None and self._call("write", lambda: self._stored_as(history)):
-            self._call("write", lambda: self._raise_conversation(history, activity))
+            self._call("write", lambda: self._raise_conversation(activity))
         return False
 
     def _stored_as(self, history: Copies) -> bool:
@@ -648,7 +645,7 @@ class MongoStore:
         own last message."""
         conversation = activity.conversation
         kind = activity.kind.value
-        digest = members_digest(activity.members)
+        digest = activity.members_digest()
         stored = self._conversations.find_one({"_id": conversation}, {"members": 1})
         sender_listed = False
         if stored is None or stored.get("members") != digest:
@@ -706,19 +703,18 @@ class MongoStore:
                 },
             )
 
-    def _raise_conversation(self, history: Copies, activity: Activity) -> None:
-        """latest = max(latest, activity.last), with the message and its time when it is
-        the new maximum: an update that matches only a lower `latest`, so that a late or
-        retried write of an earlier message never overwrites a later one. Two first
-        messages racing: the upsert of one meets the other's document (duplicate _id), and
-        updates it only while it is still lower."""
+    def _raise_conversation(self, activity: Activity) -> None:
+        """latest = max(latest, activity.last), with its time when it is the new maximum
+        (the message itself is read from the history, see _latest_entries): an update that
+        matches only a lower `latest`, so that a late or retried write of an earlier message
+        never overwrites a later one. Two first messages racing: the upsert of one meets the
+        other's document (duplicate _id), and updates it only while it is still lower."""
         conversations = self._conversations
         below = {"_id": activity.conversation, "latest": {"$lt": activity.last}}
         change = {
             "$set": {
                 "kind": activity.kind.value,
                 "latest": activity.last,
-                "last": _last_document(history, activity),
                 "activity_at": _date(activity.created_at_ms),
             }
         }
@@ -1186,9 +1182,20 @@ class MongoStore:
                 documents.sort(key=lambda d: (d["activity_at"], d["_id"]), reverse=True)
             found = [(memberships[d["_id"]], d) for d in documents[:limit]]
             holes = self._holes([_unread_range(m, d) for m, d in found])
-            return [_state(m, d, holes.get(d["_id"], 0)) for m, d in found]
+            last = self._latest_entries([(d["_id"], int(d.get("latest", 0))) for _, d in found])
+            return [_state(m, d, holes.get(d["_id"], 0), last.get(d["_id"])) for m, d in found]
 
         return self._call("read", run)
+
+    def _latest_entries(self, keys: Sequence[tuple[str, int]]) -> dict[str, Entry]:
+        """The history entry at each (conversation, latest), at "majority", in one find:
+        a conversation's latest message as its history holds it (none once purged)."""
+        branches = [{"id": id_, "seq": seq} for id_, seq in keys if seq > 0]
+        if not branches:
+            return {}
+        query = branches[0] if len(branches) == 1 else {"$or": branches}
+        found = self._visible[Kind.HISTORY].find(query, {**_PROJECTION, "id": 1})
+        return {d["id"]: _entry(d) for d in found if d.get("mid") != HOLE_MID}
 
     def _holes(self, ranges: Sequence[tuple[str, int, int]]) -> dict[str, int]:
         """How many placeholders each history timeline holds in `low < seq <= high`, at
@@ -1237,20 +1244,7 @@ class MongoStore:
                     "$max": {"read": target},
                     "$setOnInsert": {"listed": False, "kind": kind.value, "peer": peer},
                 }
-
-                def raised() -> dict[str, Any] | None:
-                    return self._memberships.find_one_and_update(
-                        key,
-                        change,
-                        projection,
-                        upsert=True,
-                        return_document=pymongo.ReturnDocument.AFTER,
-                    )
-
-                try:
-                    membership = raised()
-                except DuplicateKeyError:  # lost the race to insert it: it matches now
-                    membership = raised()
+                membership = _upserted(self._memberships, key, change, projection)
             else:
                 membership = self._visible_memberships.find_one(key, projection)
             document = visible.find_one({"_id": conversation}, {"members": 0})
@@ -1261,7 +1255,9 @@ class MongoStore:
             if document is None:
                 document = {"_id": conversation, "kind": membership["kind"], "latest": 0}
             holes = self._holes([_unread_range(membership, document)])
-            return _state(membership, document, holes.get(conversation, 0))
+            latest = [(conversation, int(document.get("latest", 0)))]
+            last = self._latest_entries(latest).get(conversation)
+            return _state(membership, document, holes.get(conversation, 0), last)
 
         return self._call("mark_read", run)
 
@@ -1289,19 +1285,7 @@ class MongoStore:
         ]
 
         def run() -> int:
-            def raised() -> dict[str, Any] | None:
-                return self._devices.find_one_and_update(
-                    key,
-                    change,
-                    {"_id": 0, "position": 1},
-                    upsert=True,
-                    return_document=pymongo.ReturnDocument.AFTER,
-                )
-
-            try:
-                own = raised()
-            except DuplicateKeyError:  # lost the race to insert it: it matches now
-                own = raised()
+            own = _upserted(self._devices, key, change, {"_id": 0, "position": 1})
             lowest = int(own["position"]) if own is not None else seq
             for found in self._devices.aggregate(pipeline):
                 if found.get("lowest") is not None:

@@ -5,7 +5,6 @@ together when a key is taken or a floor is in the way."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,12 +179,6 @@ def _insert_history(conn: sqlite3.Connection, history: Copies) -> bool:
     return True
 
 
-def members_digest(members: Sequence[str]) -> str:
-    """What a conversation keeps of the member list last recorded: a digest of the members,
-    in any order (a group's sends mostly list the same members: then none is written)."""
-    return hashlib.sha256("\x00".join(sorted(members)).encode()).hexdigest()[:32]
-
-
 def record_activity(conn: sqlite3.Connection, history: Copies) -> None:
     """The history copies' Activity, in their transaction: the conversation's latest
     message, its members' list entries (only when the member list differs from the one
@@ -201,7 +194,7 @@ def record_activity(conn: sqlite3.Connection, history: Copies) -> None:
         (conversation, kind, activity.last, activity.created_at_ms),
     ).fetchone()
     (recorded,) = raised or conn.execute(MEMBERS_DIGEST, (conversation,)).fetchone()
-    digest = members_digest(activity.members)
+    digest = activity.members_digest()
     if recorded != digest:
         # A new member has read what the conversation held before this message: what is
         # stored below it (not `first - 1`: a message below may still be on its way, and it
