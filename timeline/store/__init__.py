@@ -79,7 +79,7 @@ class ConversationState:
     latest: int
     read: int
     unread: int
-    last: Entry | None  # the latest message (None: none stored yet)
+    last: Entry | None  # the latest message, as the history holds it (None: none, or purged)
     activity_ms: int
 
 
