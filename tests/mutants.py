@@ -349,6 +349,20 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_waiting.py", "-k", "resubscription"),
     ),
     Mutation(
+        "A wait ends on the page it parked on though the listener lost wake-ups meanwhile",
+        "timeline/wakes.py",
+        "            return self.listening\n",
+        "            return True\n",
+        ("tests/test_waiting.py", "-k", "lost_the_channel"),
+    ),
+    Mutation(
+        "A wait stopped before a hole ends on the page it parked on (a seal wakes nobody)",
+        "timeline/api.py",
+        'return int(page["latestSeq"]) <= last_read',
+        "return True",
+        ("tests/test_waiting.py", "-k", "stopped_at_a_hole"),
+    ),
+    Mutation(
         "Preparer rebuilds after colliding documents (rescans for ever)",
         "timeline/store/__init__.py",
         "                if self._store.problem():\n",

@@ -21,7 +21,7 @@ import pytest
 from support import put
 from test_e2e import Service, service_env
 from timeline.factory import create_app
-from timeline.model import Kind, Message
+from timeline.model import Kind, Message, Timeline
 from timeline.settings import Settings
 from timeline.store import Store
 from timeline.wakes import Wakes
@@ -135,7 +135,6 @@ def test_a_waiter_is_never_answered_beyond_a_hole(waiting_app: Any, store: Store
     # Given a member whose seq 1 is allocated and not yet written (a write in flight),
     service = waiting_app.extensions["timeline"]["service"]
     wakes = waiting_app.extensions["timeline"]["wakes"]
-    from timeline.model import Timeline
 
     b = Timeline(Kind.SYNC, "b")
     service.allocator.allocate([b], 1, None, int(time.time() * 1000))
@@ -234,6 +233,87 @@ def test_a_resubscription_wakes_every_waiter(waiting_app: Any) -> None:
     assert texts(waiter.result(timeout=5).get_json()) == ["lost"]
 
 
+class CountsSyncPages:
+    """A store that counts the sync pages read of one member."""
+
+    def __init__(self, store: Store, member: str) -> None:
+        self._store = store
+        self._member = member
+        self.reads = 0
+
+    def page(self, kind: Kind, timeline_id: str, *args: Any) -> Any:
+        if kind is Kind.SYNC and timeline_id == self._member:
+            self.reads += 1
+        return self._store.page(kind, timeline_id, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@pytest.fixture
+def counted(settings: Settings, store: Store) -> Iterator[tuple[Any, CountsSyncPages]]:
+    counting = CountsSyncPages(store, "b")
+    app = create_app(settings.replace(sync_wait_max_ms=10_000), store=counting)  # type: ignore[arg-type]
+    wakes_of(app)
+    yield app, counting
+    app.extensions["timeline"]["wakes"].stop()
+
+
+def test_a_quiet_wait_ends_on_the_page_it_read_without_reading_again(
+    counted: tuple[Any, CountsSyncPages],
+) -> None:
+    # A member with nothing allocated past last_read: only a write, which publishes, can
+    # change its page. A wait that no wake-up ends answers the page it read, once.
+    app, counting = counted
+    service = app.extensions["timeline"]["service"]
+    waiter = in_background(lambda: app.test_client().get("/timeline/sync?member=b&wait_ms=600"))
+    time.sleep(0.2)
+    # (A sequence allocated meanwhile, its write still in flight: no wake-up yet.)
+    service.allocator.allocate([Timeline(Kind.SYNC, "b")], 1, None, int(time.time() * 1000))
+    page = waiter.result(timeout=5).get_json()
+    assert page == {"latestSeq": "0", "entrySetLastSeq": "0", "entrySet": [], "minSeq": "1"}
+    assert counting.reads == 1
+
+
+def test_a_wait_whose_listener_lost_the_channel_reads_again_at_its_end(
+    counted: tuple[Any, CountsSyncPages],
+) -> None:
+    # The listener lost its channel during the wait (what was published meanwhile never
+    # reached it): the wait's end reads again, and finds the message.
+    app, counting = counted
+    wakes = app.extensions["timeline"]["wakes"]
+    waiter = in_background(lambda: app.test_client().get("/timeline/sync?member=b&wait_ms=800"))
+    time.sleep(0.2)
+    redis = wakes._redis
+    wakes._redis = Unpublished(redis)
+    wakes.listening = False  # as the listener marks a lost channel, until it subscribes again
+    try:
+        send(app.test_client(), "a", "b", "unheard")
+        assert texts(waiter.result(timeout=5).get_json()) == ["unheard"]
+    finally:
+        wakes._redis = redis
+        wakes.listening = True
+    assert counting.reads == 2
+
+
+def test_a_wait_stopped_at_a_hole_reads_again_at_its_end(
+    counted: tuple[Any, CountsSyncPages], store: Store
+) -> None:
+    # Seq 1 allocated and never written, seq 2 stored: the wait stops before the hole. A
+    # seal publishes nothing, so its end reads again and finds 2 past the sealed hole.
+    app, counting = counted
+    service = app.extensions["timeline"]["service"]
+    b = Timeline(Kind.SYNC, "b")
+    now = int(time.time() * 1000)
+    service.allocator.allocate([b], 2, None, now)
+    put(store, Kind.SYNC, "b", 2, Message({"t": "2"}, '{"t":"2"}'), now, "m2")
+    waiter = in_background(lambda: app.test_client().get("/timeline/sync?member=b&wait_ms=800"))
+    time.sleep(0.3)
+    store.seal(Kind.SYNC, [("b", 1)], now)
+    assert texts(waiter.result(timeout=5).get_json()) == ["2"]
+    assert counting.reads == 2
+
+
 # --- the HTTP worker: across processes, no thread per waiter --------------------------------
 
 
@@ -311,6 +391,27 @@ def test_a_waiter_whose_client_leaves_is_let_go(served: Service) -> None:
     held = [line for line in text.splitlines() if line.startswith("timeline_waiters ")]
     assert held, text[:500]
     assert float(held[0].split()[1]) == 0.0
+
+
+@pytest.mark.e2e
+def test_the_worker_ends_a_quiet_wait_on_the_page_it_parked_on(
+    served: Service, redis_client: Any
+) -> None:
+    # Held by a worker (parked, no thread) with nothing allocated past last_read. A sequence
+    # allocated meanwhile (a write in flight: no wake-up) is not seen at the deadline: the
+    # worker answers the page the wait parked on, without reading again.
+    sock = hold(served, "quiet", wait_ms=1500)
+    time.sleep(0.5)
+    prefix = served.env["TIMELINE_REDIS_KEY_PREFIX"]
+    redis_client.incr(f"{prefix}seq:sync:quiet")
+    started = time.monotonic()
+    page = reply_of(sock)
+    assert time.monotonic() - started > 0.5  # answered at the deadline, not before
+    assert page == {"latestSeq": "0", "entrySetLastSeq": "0", "entrySet": [], "minSeq": "1"}
+    sock.close()
+    # The next read sees the allocation.
+    _, body = served.request("GET", "/timeline/sync?member=quiet")
+    assert body["latestSeq"] == "1"
 
 
 def test_wakes_run_in_their_own_threads_only(waiting_app: Any) -> None:

@@ -47,7 +47,7 @@ from timeline.validation import (
     parse_message,
     reread_message,
 )
-from timeline.wakes import CAN_PARK, PARKED, WAIT_UNTIL, Parked, Wakes, key_of
+from timeline.wakes import CAN_PARK, PARKED, SETTLED, WAIT_UNTIL, Parked, Wakes, key_of
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,12 @@ def sync(ctx: Context, call: Call) -> dict[str, Any]:
             "minSeq": str(result.min_seq),
         }
 
-    return _waiting(ctx, call, Timeline(Kind.SYNC, member), wait_ms, page)
+    def settled(page: dict[str, Any]) -> bool:
+        # Nothing allocated past last_read (latestSeq is read after the store): whatever
+        # comes next is a write that publishes its wake-up once stored.
+        return int(page["latestSeq"]) <= last_read
+
+    return _waiting(ctx, call, Timeline(Kind.SYNC, member), wait_ms, page, settled)
 
 
 def _wait_ms(ctx: Context, call: Call) -> int:
@@ -374,14 +379,26 @@ def _waiting(
     timeline: Timeline,
     wait_ms: int,
     read: Callable[[], dict[str, Any]],
+    settled: Callable[[dict[str, Any]], bool] = lambda page: False,
 ) -> dict[str, Any]:
     """`read()`, held for up to wait_ms while its entrySet is empty. The token is taken
     before each read: a wake-up between the read and the park (a message stored after the
-    read looked) makes the park fail, and the read runs again at once."""
+    read looked) makes the park fail, and the read runs again at once.
+
+    `settled(page)`: an empty page that only a wake-up can change (nothing allocated past
+    last_read). When its wait ends with no wake-up for it, and the listener held the channel
+    all along, that page is the answer, as of when it was read: the read does not run again
+    (it would find the same, at the cost of a store read and a Redis round trip for every
+    wait that times out). Otherwise the wait ends with a read."""
     wakes = ctx.wakes
     if not wait_ms or wakes is None:
         return read()
-    deadline = call.environ.get(WAIT_UNTIL) or time.monotonic() + wait_ms / 1000
+    environ = call.environ
+    kept = environ.get(SETTLED)
+    if kept is not None:  # the worker's deadline, nothing woke it: the page it parked on
+        metrics.WAITS_TIMED_OUT.inc()
+        return kept  # type: ignore[no-any-return]
+    deadline = environ.get(WAIT_UNTIL) or time.monotonic() + wait_ms / 1000
     key = key_of(timeline)
     while True:
         token = wakes.watch(key)
@@ -396,9 +413,13 @@ def _waiting(
             if not page["entrySet"]:
                 metrics.WAITS_TIMED_OUT.inc()
             return page
-        if call.environ.get(CAN_PARK):
-            raise Parked(wakes, key, token, deadline)  # the worker holds it: no thread
-        wakes.wait(key, token, left)  # a thread to spare (another WSGI server, tests)
+        keep = page if settled(page) else None
+        if environ.get(CAN_PARK):
+            raise Parked(wakes, key, token, deadline, keep)  # the worker holds it: no thread
+        # A thread to spare (another WSGI server, tests).
+        if wakes.wait(key, token, left) and keep is not None:
+            metrics.WAITS_TIMED_OUT.inc()
+            return keep
 
 
 def _history(ctx: Context, call: Call, timeline_id: str) -> dict[str, Any]:

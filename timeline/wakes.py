@@ -48,19 +48,30 @@ def _metrics() -> Any:
 #: In a request's WSGI environ. CAN_PARK: set by the HTTP worker (timeline.worker), which can
 #: hold a waiting read without a thread: a read with nothing to return then raises Parked,
 #: the API leaves it under PARKED, and the worker runs the request again when woken (with
-#: WAIT_UNTIL, the same deadline) or at its deadline.
+#: WAIT_UNTIL, the same deadline) or at its deadline (with SETTLED, the page it parked on,
+#: when nothing can have changed it: see Parked).
 CAN_PARK = "timeline.can_park"
 PARKED = "timeline.parked"
 WAIT_UNTIL = "timeline.wait_until"
+SETTLED = "timeline.settled"
 
 
 class Parked(Exception):
     """A read with nothing to return yet, to be held until `wakes` wakes `key` (`token`
-    says since when) or `deadline` (time.monotonic) passes."""
+    says since when) or `deadline` (time.monotonic) passes.
 
-    def __init__(self, wakes: Wakes, key: str, token: Token, deadline: float) -> None:
+    `page` is the reply when the deadline comes and nothing woke it, so that the read need
+    not run again: only a read whose emptiness a wake-up is sure to end carries one (a sync
+    with nothing allocated beyond `last_read`: whatever comes next is a write that
+    publishes once stored). One stopped before a hole does not (a hole can be sealed
+    without a wake-up, and readers seal old ones themselves): it reads again."""
+
+    def __init__(
+        self, wakes: Wakes, key: str, token: Token, deadline: float, page: Any = None
+    ) -> None:
         super().__init__(key)
         self.wakes, self.key, self.token, self.deadline = wakes, key, token, deadline
+        self.page = page
 
 
 def key_of(timeline: Timeline) -> str:
@@ -113,29 +124,35 @@ class Wakes:
             _metrics().WAITERS.inc()
             return True
 
-    def cancel(self, key: str, wake: Callable[[], None]) -> None:
+    def cancel(self, key: str, wake: Callable[[], None]) -> bool:
         """The waiter gives up (its wait is over, its client went away); nothing if it was
-        woken already."""
+        woken already. True when nothing for `key` can have been published since it parked:
+        it was not woken, and the listener has held the channel all along (a loss ends in
+        a resubscription, which wakes every waiter; until then `listening` is False)."""
         with self._lock:
             parked = self._parked.get(key)
             if parked is None or wake not in parked:
-                return
+                return False
             parked.remove(wake)
             if not parked:
                 del self._parked[key]
             _metrics().WAITERS.dec()
             self._release(key)
+            return self.listening
 
-    def wait(self, key: str, token: Token, timeout_s: float) -> None:
+    def wait(self, key: str, token: Token, timeout_s: float) -> bool:
         """In a thread: until the next wake-up of `key` (or one since `token`), at most
-        `timeout_s`. For callers with a thread to spare; the HTTP worker parks instead."""
+        `timeout_s`. For callers with a thread to spare; the HTTP worker parks instead.
+        True when it timed out with nothing published for `key` meanwhile (as `cancel`)."""
         woken = threading.Event()
         if not self.park(key, token, woken.set):
-            return
+            return False
+        quiet = False
         try:
             woken.wait(timeout_s)
         finally:
-            self.cancel(key, woken.set)
+            quiet = self.cancel(key, woken.set)
+        return quiet
 
     def _release(self, key: str) -> None:
         entry = self._watched.get(key)

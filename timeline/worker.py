@@ -97,7 +97,7 @@ from timeline.errors import (
 )
 from timeline.logs import REQUEST_ID, REQUEST_ID_PATTERN
 from timeline.settings import load_settings
-from timeline.wakes import CAN_PARK, PARKED, WAIT_UNTIL, Parked
+from timeline.wakes import CAN_PARK, PARKED, SETTLED, WAIT_UNTIL, Parked
 
 # --- The envelope -----------------------------------------------------------------------
 
@@ -476,6 +476,7 @@ class Conn:
         "paused",
         "pending",
         "server",
+        "settled",
         "sock",
         "state",
         "ticket",
@@ -517,6 +518,7 @@ class Conn:
         self.pending = b""  # the request a thread runs (run again after a wait)
         self.parked: Parked | None = None  # the wait it is held for
         self.wait_until = 0.0  # its deadline (time.monotonic), across runs of the request
+        self.settled: Any = None  # the page it parked on, the answer at a quiet deadline
         self.wake: Callable[[], None] | None = None  # what wakes it (from any thread)
         self.woken_at = 0.0
         self.on_event: Callable[[Any], None] | None = partial(on_event, self)
@@ -951,6 +953,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         self._hold(conn, -conn.in_thread)
         conn.in_thread = 0
         conn.environ = None
+        conn.settled = None
         if conn.woken_at:
             from timeline.metrics import WAKE_LATENCY  # not at import: see timeline.wakes
 
@@ -991,10 +994,13 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
 
     def _unpark(self, conn: Conn) -> None:
         """The wait is over (its deadline, or the worker stops): the request runs once more
-        and answers with what is readable then."""
+        and answers with what is readable then; or, when the page it parked on is one only
+        a wake-up could change (Parked.page) and none can have come, with that page,
+        without reading again."""
         parked, wake = conn.parked, conn.wake
-        if parked is not None and wake is not None:
-            parked.wakes.cancel(parked.key, wake)
+        quiet = parked is not None and wake is not None and parked.wakes.cancel(parked.key, wake)
+        if quiet and parked is not None:
+            conn.settled = parked.page
         conn.wait_until = min(conn.wait_until, time.monotonic())
         self._rerun(conn)
 
@@ -1158,6 +1164,8 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             environ[CAN_PARK] = True
             if conn.wait_until:
                 environ[WAIT_UNTIL] = conn.wait_until
+            if conn.settled is not None:
+                environ[SETTLED] = conn.settled
             conn.environ = environ
             self.nr += 1
             if self.nr >= self.max_requests:
