@@ -142,3 +142,22 @@ def readable(sock: Any, timeout_s: float) -> bool:
     poll = select.poll()
     poll.register(sock, select.POLLIN)
     return bool(poll.poll(timeout_s * 1000))
+
+
+class CountedReads:
+    """A store that counts the sync pages read of `member` (the rest is the store's)."""
+
+    def __init__(self, store: Any, member: str) -> None:
+        self._store = store
+        self._member = member
+        self.reads = 0
+
+    def page(self, kind: Any, timeline_id: str, *args: Any) -> Any:
+        from timeline.model import Kind
+
+        if kind is Kind.SYNC and timeline_id == self._member:
+            self.reads += 1
+        return self._store.page(kind, timeline_id, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)

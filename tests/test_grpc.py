@@ -4,6 +4,7 @@ Redis and store, for the calls that cross transports."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
@@ -29,7 +30,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
-from support import put
+from support import CountedReads, put
 from timeline.bench.grpc_load import run_sends
 from timeline.bench.harness import SEND_USERS
 from timeline.errors import PartialWrite, Unavailable
@@ -37,13 +38,13 @@ from timeline.factory import create_app
 from timeline.logs import JsonFormatter, RequestIdFilter
 from timeline.model import Kind, Message, Timeline
 from timeline.rpc.calls import Calls
-from timeline.rpc.server import Runtime, TimelineServer
+from timeline.rpc.server import THREADS, Runtime, TimelineServer
 from timeline.rpc.status import KRATOS_CODES, grpc_code
 from timeline.rpc.supervisor import PortLease
 from timeline.rpc.v1 import timeline_pb2 as pb
 from timeline.rpc.v1 import timeline_pb2_grpc
 from timeline.settings import Settings
-from timeline.store import Page, Store, WriteResult
+from timeline.store import Store, WriteResult
 from timeline.store.sqlite import SQLiteStore
 
 SEED_TEXTS = ["吃了吗？", "吃了", "大家好", "报三围", "初次见面，多多指教"]
@@ -818,7 +819,7 @@ def test_a_write_stops_at_the_calls_deadline(settings: Settings, tmp_path: Path)
     served = Grpc(settings)
     blocker = sqlite3.connect(settings.sqlite_path, isolation_level=None)
     try:
-        before = duration_count("Send", 503)
+        before = duration_count("Send", 504)
         # Given every store write waits on a lock another process holds
         blocker.execute("BEGIN IMMEDIATE")
         # When a send has half a second
@@ -830,7 +831,8 @@ def test_a_write_stops_at_the_calls_deadline(settings: Settings, tmp_path: Path)
         assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
         # Then the server gives up on it soon after, while the lock is still held (without the
         # deadline it would try for 10 s, and store the message once the lock is gone)
-        wait_for(lambda: duration_count("Send", 503) == before + 1, "the send to end", 3.0)
+        # (its access line: 504, what the client got, written when the write ended)
+        wait_for(lambda: duration_count("Send", 504) == before + 1, "the send to end", 3.0)
         assert time.monotonic() - started < 2.0
         blocker.execute("ROLLBACK")
         time.sleep(0.5)
@@ -873,15 +875,15 @@ def test_a_call_whose_deadline_passes_while_queued_never_starts(
 
 
 class PickedUpLate:
-    """What a handler thread sees when it picks up a call whose deadline passed (or whose
-    client left) after grpc queued it, before grpc noticed: a context still open."""
+    """The context of a call whose deadline passed (or whose client left) before its
+    handler began: grpc.aio's ServicerContext, as much of it as Calls uses."""
 
-    def __init__(self, remaining: float, active: bool = True) -> None:
-        self.remaining, self.active = remaining, active
+    def __init__(self, remaining: float, cancelled: bool = False) -> None:
+        self.remaining, self._cancelled = remaining, cancelled
         self.status: Any = None
 
-    def is_active(self) -> bool:
-        return self.active
+    def cancelled(self) -> bool:
+        return self._cancelled
 
     def time_remaining(self) -> float:
         return self.remaining
@@ -895,32 +897,67 @@ class PickedUpLate:
     def set_trailing_metadata(self, metadata: Any) -> None:
         pass
 
-    def abort_with_status(self, status: Any) -> None:
-        self.status = status
+    async def abort(self, code: Any, details: str, trailing_metadata: Any) -> None:
+        self.status = AbortedWith(code, details, trailing_metadata)
         raise RuntimeError("aborted")  # what grpc's abort does: the handler stops here
+
+
+@dataclass(frozen=True)
+class AbortedWith:
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: Any
+
+
+def reason_of(status: AbortedWith) -> str:
+    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(details).details[0].Unpack(info)
+    return info.reason
 
 
 @pytest.mark.parametrize(
     ("context", "code", "reason"),
     [
         (PickedUpLate(0.0), grpc.StatusCode.DEADLINE_EXCEEDED, "TIMELINE_DEADLINE_EXCEEDED"),
-        (PickedUpLate(5.0, active=False), grpc.StatusCode.CANCELLED, "TIMELINE_CANCELLED"),
+        (PickedUpLate(5.0, cancelled=True), grpc.StatusCode.CANCELLED, "TIMELINE_CANCELLED"),
     ],
 )
-def test_a_call_picked_up_too_late_is_not_started(
+def test_a_call_over_before_it_began_is_not_started(
     rpc: Grpc, context: PickedUpLate, code: grpc.StatusCode, reason: str
 ) -> None:
     started: list[Any] = []
     calls = Calls(rpc.runtime.service, None)
     method = calls.method("Send", lambda *args: started.append(args), writes=True)
     with pytest.raises(RuntimeError, match="aborted"):
-        method(pb.SendMessageRequest(), context)  # type: ignore[arg-type]
+        asyncio.run(method(pb.SendMessageRequest(), context))  # type: ignore[arg-type]
     assert started == []
     assert context.status.code is code
-    details = dict(context.status.trailing_metadata)["grpc-status-details-bin"]
-    info = error_details_pb2.ErrorInfo()
-    status_pb2.Status.FromString(details).details[0].Unpack(info)
-    assert info.reason == reason
+    assert reason_of(context.status) == reason
+
+
+def test_a_call_picked_up_by_a_thread_after_its_deadline_is_not_started(rpc: Grpc) -> None:
+    # Given the pool's only thread busy past the call's deadline
+    pool = ThreadPoolExecutor(1)
+    release = threading.Event()
+    pool.submit(release.wait, 5)
+    started: list[Any] = []
+    calls = Calls(rpc.runtime.service, None, pool)
+    method = calls.method("Send", lambda *args: started.append(args), writes=True)
+    context = PickedUpLate(0.2)
+
+    async def call() -> None:
+        asyncio.get_running_loop().call_later(0.4, release.set)
+        await method(pb.SendMessageRequest(), context)  # type: ignore[arg-type]
+
+    # When the thread takes it (grpc had not cancelled it yet: nothing does, here)
+    with pytest.raises(RuntimeError, match="aborted"):
+        asyncio.run(call())
+    pool.shutdown()
+    # Then it never ran, and the call ends DEADLINE_EXCEEDED
+    assert started == []
+    assert context.status.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert reason_of(context.status) == "TIMELINE_DEADLINE_EXCEEDED"
 
 
 def test_a_write_gets_the_sooner_of_the_two_deadlines(rpc: Grpc) -> None:
@@ -930,7 +967,7 @@ def test_a_write_gets_the_sooner_of_the_two_deadlines(rpc: Grpc) -> None:
         "Send", lambda r, c, service: seen.append(service.policy.request_deadline_ms), writes=True
     )
     for remaining in (0.25, 1e9):
-        method(pb.SendMessageRequest(), PickedUpLate(remaining))  # type: ignore[arg-type]
+        asyncio.run(method(pb.SendMessageRequest(), PickedUpLate(remaining)))  # type: ignore[arg-type]
     assert seen == [250, rpc.runtime.service.policy.request_deadline_ms]
     assert rpc.runtime.service.policy.request_deadline_ms == 3000  # the shared one untouched
 
@@ -1041,7 +1078,7 @@ def test_health_says_not_serving_while_it_stops(settings: Settings, store: Store
     health = served.health
     try:
         assert health("") == health_pb2.HealthCheckResponse.SERVING
-        served.server.health.enter_graceful_shutdown()  # what stop() does first
+        served.server.on_loop(served.server.health.enter_graceful_shutdown())  # stop() does
         assert health("") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert health("timeline.v1.Timeline") == health_pb2.HealthCheckResponse.NOT_SERVING
         time.sleep(0.3)  # the readiness checks go on: they must not say SERVING again
@@ -1385,23 +1422,6 @@ def test_subscribe_resumes_from_the_last_sequence_received(waiting: Grpc, sender
         again.cancel()
 
 
-class CountedReads:
-    """A store that counts the sync pages read of `member`."""
-
-    def __init__(self, store: Store, member: str) -> None:
-        self._store = store
-        self._member = member
-        self.reads = 0
-
-    def page(self, kind: Kind, timeline_id: str, *args: Any) -> Page:
-        if kind is Kind.SYNC and timeline_id == self._member:
-            self.reads += 1
-        return self._store.page(kind, timeline_id, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
 def test_a_hole_holds_the_stream_back_until_it_is_written(settings: Settings, store: Store) -> None:
     counted = CountedReads(store, "b")
     served = Grpc(settings.replace(sync_wait_max_ms=10_000), counted)  # type: ignore[arg-type]
@@ -1495,6 +1515,61 @@ def test_waiting_calls_are_capped_and_never_starve_the_others(
     finally:
         for follower in followers:
             follower.cancel()
+        served.close()
+
+
+def test_waiting_calls_hold_no_thread(waiting: Grpc, sender: Any) -> None:
+    # Given 300 streams and 300 reads with wait_ms held by one server, for 3 members
+    stub = waiting.stub
+    members = ["w0", "w1", "w2"]
+
+    def server_threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name.startswith("timeline-grpc"))
+
+    streams = [stub.Subscribe(pb.SubscribeRequest(member=members[i % 3])) for i in range(150)]
+    reads = [
+        stub.GetSyncMessage.future(pb.SyncMessageRequest(member=members[i % 3], wait_ms=10_000))
+        for i in range(150)
+    ]
+    wait_for(lambda: waiting.server.holds.held == 300, "300 to wait", 10.0)
+    streams += [stub.Subscribe(pb.SubscribeRequest(member=members[i % 3])) for i in range(150)]
+    reads += [
+        stub.GetSyncMessage.future(pb.SyncMessageRequest(member=members[i % 3], wait_ms=10_000))
+        for i in range(150)
+    ]
+    wait_for(lambda: waiting.server.holds.held == 600, "600 to wait", 10.0)
+    # the server's threads are its pool's (at most THREADS, made as reads need them), its
+    # loop's and its health check's, whatever the waiters (grpcio's own server held one
+    # per call),
+    assert server_threads() <= THREADS + 2
+    # and one group message wakes every one of them.
+    body = {"group_name": "g", "group_members": members, "message": json.dumps({"text": "all"})}
+    assert sender.post("/timeline/sendGroup", data=json.dumps(body)).status_code == 200
+    for read in reads:
+        assert texts(read.result(timeout=10).entry_set) == [(1, "all")]
+    for stream in streams:
+        assert texts(next(stream).entry_set) == [(1, "all")]
+        stream.cancel()
+    wait_for(lambda: released(waiting), "every waiter to go")
+
+
+def test_a_quiet_wait_ends_on_the_page_it_read(settings: Settings, store: Store) -> None:
+    # Nothing allocated past last_read: a wait that nothing woke answers the page it read,
+    # without reading again (a sequence allocated meanwhile, its write in flight, is not
+    # a wake-up).
+    counted = CountedReads(store, "q")
+    served = Grpc(settings.replace(sync_wait_max_ms=10_000), counted)  # type: ignore[arg-type]
+    try:
+        wait_for(lambda: served.runtime.wakes.listening, "the wake-up listener to subscribe")
+        held = served.stub.GetSyncMessage.future(pb.SyncMessageRequest(member="q", wait_ms=600))
+        wait_for(lambda: parked(served, "q") == 1, "the read to wait")
+        served.runtime.service.allocator.allocate(
+            [Timeline(Kind.SYNC, "q")], 1, None, int(time.time() * 1000)
+        )
+        reply = held.result(timeout=5)
+        assert (list(reply.entry_set), reply.latest_seq) == ([], 0)
+        assert counted.reads == 1
+    finally:
         served.close()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from support import put
+from support import CountedReads, put
 from test_e2e import Service, service_env
 from timeline.factory import create_app
 from timeline.model import Kind, Message, Timeline
@@ -233,26 +233,9 @@ def test_a_resubscription_wakes_every_waiter(waiting_app: Any) -> None:
     assert texts(waiter.result(timeout=5).get_json()) == ["lost"]
 
 
-class CountsSyncPages:
-    """A store that counts the sync pages read of one member."""
-
-    def __init__(self, store: Store, member: str) -> None:
-        self._store = store
-        self._member = member
-        self.reads = 0
-
-    def page(self, kind: Kind, timeline_id: str, *args: Any) -> Any:
-        if kind is Kind.SYNC and timeline_id == self._member:
-            self.reads += 1
-        return self._store.page(kind, timeline_id, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
 @pytest.fixture
-def counted(settings: Settings, store: Store) -> Iterator[tuple[Any, CountsSyncPages]]:
-    counting = CountsSyncPages(store, "b")
+def counted(settings: Settings, store: Store) -> Iterator[tuple[Any, CountedReads]]:
+    counting = CountedReads(store, "b")
     app = create_app(settings.replace(sync_wait_max_ms=10_000), store=counting)  # type: ignore[arg-type]
     wakes_of(app)
     yield app, counting
@@ -260,7 +243,7 @@ def counted(settings: Settings, store: Store) -> Iterator[tuple[Any, CountsSyncP
 
 
 def test_a_quiet_wait_ends_on_the_page_it_read_without_reading_again(
-    counted: tuple[Any, CountsSyncPages],
+    counted: tuple[Any, CountedReads],
 ) -> None:
     # A member with nothing allocated past last_read: only a write, which publishes, can
     # change its page. A wait that no wake-up ends answers the page it read, once.
@@ -276,7 +259,7 @@ def test_a_quiet_wait_ends_on_the_page_it_read_without_reading_again(
 
 
 def test_a_wait_whose_listener_lost_the_channel_reads_again_at_its_end(
-    counted: tuple[Any, CountsSyncPages],
+    counted: tuple[Any, CountedReads],
 ) -> None:
     # The listener lost its channel during the wait (what was published meanwhile never
     # reached it): the wait's end reads again, and finds the message.
@@ -297,7 +280,7 @@ def test_a_wait_whose_listener_lost_the_channel_reads_again_at_its_end(
 
 
 def test_a_wait_stopped_at_a_hole_reads_again_at_its_end(
-    counted: tuple[Any, CountsSyncPages], store: Store
+    counted: tuple[Any, CountedReads], store: Store
 ) -> None:
     # Seq 1 allocated and never written, seq 2 stored: the wait stops before the hole. A
     # seal publishes nothing, so its end reads again and finds 2 past the sealed hole.

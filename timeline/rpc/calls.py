@@ -4,11 +4,16 @@ line and the request metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import dataclasses
+import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -31,12 +36,20 @@ METHOD_LABEL = "GRPC"
 access_log = logging.getLogger("timeline.access")
 log = logging.getLogger(__name__)
 
+#: A call's context: grpc.aio's (its objects belong to the server's event loop).
+Context = grpc.aio.ServicerContext[Any, Any]
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
-#: A method's own work: the request, the call's context, and the service to run it with.
-Handler = Callable[[Request, grpc.ServicerContext, TimelineService], Reply]
-#: A server-streaming method's own work: the replies, one at a time.
-StreamHandler = Callable[[Request, grpc.ServicerContext, TimelineService], Iterator[Reply]]
+T = TypeVar("T")
+#: A method's own work: the request, the call's context, and the service to run it with. A
+#: plain function runs on a thread of the server's pool and must not touch the context
+#: (grpc's asyncio objects belong to the loop); a coroutine function runs on the loop, and
+#: runs its blocking work through Calls.run.
+Handler = Callable[[Request, Context, TimelineService], Any]
+#: A server-streaming method's own work: the replies, one at a time, on the loop.
+StreamHandler = Callable[[Request, Context, TimelineService], AsyncIterator[Reply]]
+Method = Callable[[Request, Context], Coroutine[Any, Any, Reply]]
+StreamMethod = Callable[[Request, Context], AsyncIterator[Reply]]
 
 
 def remote_address(peer: str) -> str:
@@ -49,22 +62,58 @@ def remote_address(peer: str) -> str:
     return kind or peer
 
 
-class Calls:
-    """Wraps each method of the servicer; one per server."""
+def _in_time(deadline: float | None, work: Callable[..., T], *args: Any) -> T:
+    """On a thread of the pool: `work(*args)`, unless the call's deadline passed while it
+    waited for the thread (grpc cancels such a call, and with it the queued work, but a
+    thread can take it first)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the call's deadline passed before it started")
+    return work(*args)
 
-    def __init__(self, service: TimelineService, api_token: str | None) -> None:
+
+class Calls:
+    """Wraps each method of the servicer; one per server.
+
+    Every method is a coroutine on the server's event loop (grpc.aio): what blocks (the
+    service: Redis, the store) runs on a thread of `executor`, whose size bounds the calls
+    that run at once; a call waiting for messages (timeline.rpc.waiting) holds no thread."""
+
+    def __init__(
+        self, service: TimelineService, api_token: str | None, executor: Executor | None = None
+    ) -> None:
         self.service = service
         self._token = api_token
+        self._executor = executor or ThreadPoolExecutor(4, thread_name_prefix="timeline-calls")
+
+    async def run(self, work: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
+        """`work(*args)` on a thread of the pool, with the call's log context (its request
+        id); not started when `deadline` (time.monotonic) has passed by the time a thread
+        takes it.
+
+        Cancelled (its client went away, its deadline passed) while it waits for a thread,
+        it never starts; while a thread runs it, the thread finishes it (a write is bounded
+        by the call's deadline already, timeline.service) and the cancellation waits for
+        that, so that the call's access line and duration are the work's."""
+        context = contextvars.copy_context()
+        future = self._executor.submit(context.run, _in_time, deadline, work, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancelled():  # it was running: wait for its end, whatever it is
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(future)
+            raise
 
     def method(
-        self, name: str, handler: Handler[Request, Reply], *, writes: bool = False
-    ) -> Callable[[Request, grpc.ServicerContext], Reply]:
+        self, name: str, handler: Handler[Request], *, writes: bool = False
+    ) -> Method[Request, Any]:
         """The gRPC method `name` running `handler`. A method that `writes` is bounded by the
         call's deadline too: its service stops starting store writes when it passes."""
         path = f"/{SERVICE_NAME}/{name}"
         route = f"grpc:{path}"
+        on_loop = inspect.iscoroutinefunction(handler)
 
-        def call(request: Request, context: grpc.ServicerContext) -> Reply:
+        async def call(request: Request, context: Context) -> Any:
             started = time.perf_counter()
             request_id = self._request_id(context)
             # On every line logged meanwhile (timeline.logs.RequestIdFilter), as for HTTP.
@@ -75,11 +124,20 @@ class Calls:
                     self._authorize(context)
                     remaining = self._remaining(context)
                     service = self._within(remaining) if writes else self.service
-                    reply = handler(request, context, service)
+                    if on_loop:
+                        reply = await handler(request, context, service)
+                    else:
+                        deadline = None if remaining is None else time.monotonic() + remaining
+                        reply = await self.run(
+                            handler, request, context, service, deadline=deadline
+                        )
                 except TimelineError as error:
                     failure = error
                     if error.code >= 500:
                         log.warning("%s: %s (%s)", path, error.reason, error.message)
+                except asyncio.CancelledError:
+                    status = self._gone(context)
+                    raise
                 except Exception:
                     log.exception("unhandled error on %s", path)
                     failure = TimelineError("internal error")
@@ -87,26 +145,29 @@ class Calls:
                     context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
                     return reply
                 status = failure.code
-                context.abort_with_status(
-                    error_status(failure, trailing=((REQUEST_ID_KEY, request_id),))
-                )
-                raise AssertionError("abort_with_status returned")  # pragma: no cover
-            finally:
+                # Before the abort, which sends the status: the line is written when the
+                # client has its answer, as for a reply.
                 self._record(route, path, status, started, request_id, context)
+                status = 0
+                await self._abort(context, failure, request_id)
+                raise AssertionError("abort returned")  # pragma: no cover
+            finally:
+                if status:
+                    self._record(route, path, status, started, request_id, context)
                 logs.unbind_request_id(token)
 
         return call
 
     def stream(
         self, name: str, handler: StreamHandler[Request, Reply]
-    ) -> Callable[[Request, grpc.ServicerContext], Iterator[Reply]]:
+    ) -> StreamMethod[Request, Reply]:
         """The server-streaming method `name` running `handler`: the same request id, token
         check, errors and metrics, and one access line when the stream ends (its status:
         200 ended by the server, 499 the client cancelled, 504 its deadline passed)."""
         path = f"/{SERVICE_NAME}/{name}"
         route = f"grpc:{path}"
 
-        def call(request: Request, context: grpc.ServicerContext) -> Iterator[Reply]:
+        async def call(request: Request, context: Context) -> AsyncIterator[Reply]:
             started = time.perf_counter()
             request_id = self._request_id(context)
             token = logs.bind_request_id(request_id)
@@ -116,7 +177,9 @@ class Calls:
                     self._authorize(context)
                     self._remaining(context)
                     context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-                    yield from handler(request, context, self.service)
+                    async for reply in handler(request, context, self.service):
+                        yield reply
+                    status = 200
                     return
                 except TimelineError as error:
                     failure = error
@@ -126,28 +189,34 @@ class Calls:
                     log.exception("unhandled error on %s", path)
                     failure = TimelineError("internal error")
                 status = failure.code
-                context.abort_with_status(
-                    error_status(failure, trailing=((REQUEST_ID_KEY, request_id),))
-                )
-                raise AssertionError("abort_with_status returned")  # pragma: no cover
-            finally:
-                # Also when grpc drops the stream at a reply its client will never read.
-                if status is None:
-                    status = self._ended(context)
                 self._record(route, path, status, started, request_id, context)
+                status = 0  # written: the abort sends the status
+                await self._abort(context, failure, request_id)
+                raise AssertionError("abort returned")  # pragma: no cover
+            finally:
+                # Also when the client cancelled, or its deadline passed, mid-stream.
+                if status is None:
+                    status = self._gone(context)
+                if status:
+                    self._record(route, path, status, started, request_id, context)
                 logs.unbind_request_id(token)
 
         return call
 
     @staticmethod
-    def _ended(context: grpc.ServicerContext) -> int:
-        """How a stream that raised nothing ended, as an HTTP status."""
-        if context.is_active():
-            return 200
+    async def _abort(context: Context, failure: TimelineError, request_id: str) -> None:
+        """End the call with the error's status (raises grpc's AbortError)."""
+        status = error_status(failure, trailing=((REQUEST_ID_KEY, request_id),))
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    @staticmethod
+    def _gone(context: Context) -> int:
+        """How a call that its client did not wait for ended, as an HTTP status: 504 its
+        deadline passed, 499 it cancelled."""
         remaining = context.time_remaining()
         return 504 if remaining is not None and remaining <= 0 else 499
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
+    def _authorize(self, context: Context) -> None:
         """With an api_token set, the `authorization` metadata must be `Bearer <token>`."""
         given = next(
             (v for k, v in context.invocation_metadata() or () if k == "authorization"), ""
@@ -155,10 +224,10 @@ class Calls:
         check_bearer(self._token, str(given))
 
     @staticmethod
-    def _remaining(context: grpc.ServicerContext) -> float | None:
-        """Seconds left before the call's deadline (None: it has none). A call that waited
-        past it in the queue, or whose client went away, is not started."""
-        if not context.is_active():
+    def _remaining(context: Context) -> float | None:
+        """Seconds left before the call's deadline (None: it has none). A call whose deadline
+        passed, or whose client went away, before it began is not started."""
+        if context.cancelled():
             raise Cancelled("the client cancelled the call")
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
@@ -178,7 +247,7 @@ class Calls:
         )
 
     @staticmethod
-    def _request_id(context: grpc.ServicerContext) -> str:
+    def _request_id(context: Context) -> str:
         """The client's x-request-id when it is a valid one, else one of ours."""
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_KEY and isinstance(value, str):
@@ -194,7 +263,7 @@ class Calls:
         status: int,
         started: float,
         request_id: str,
-        context: grpc.ServicerContext,
+        context: Context,
     ) -> None:
         """The request metrics and the access line, as timeline.ops writes them for HTTP;
         `status` is the HTTP code the HTTP twin answers with, grpc_code what was sent."""

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,18 +32,18 @@ from timeline.validation import Limits
 from timeline.wakes import CHANNEL, Wakes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-#: Calls run at once (the service's clients are thread-safe, as under gunicorn's threads).
+#: Calls run at once: the threads of the pool that runs the service (its clients are
+#: thread-safe, as under gunicorn's threads); the calls themselves are coroutines.
 THREADS = 16
 #: Calls held open waiting for entries at once (Subscribe streams, and reads with wait_ms
-#: while they wait): grpcio's server holds a thread for each, so the pool has this many
-#: threads beside THREADS, and a call that would wait beyond them is refused with
-#: RESOURCE_EXHAUSTED (timeline.rpc.waiting). The other calls always have THREADS threads
-#: (and the rest of the pool while fewer wait).
-HELD = 16
-#: Calls accepted at once, running or queued for a thread; beyond, grpc answers
+#: while they wait): each is a coroutine parked on the loop, a few KB, no thread; beyond,
+#: RESOURCE_EXHAUSTED (timeline.rpc.waiting). The HTTP worker's budget, per process.
+HELD = 10_000
+#: Other calls accepted at once, running or queued for a thread; beyond, grpc answers
 #: RESOURCE_EXHAUSTED at once rather than let a queue grow without bound. A queued call
-#: whose deadline passes meanwhile is refused when its turn comes (calls.Calls).
+#: whose deadline passes meanwhile never starts (calls.Calls).
 MAX_CALLS = 256
 #: The health service name of readiness for reads alone (see TimelineServer).
 READS_SERVICE_NAME = f"{SERVICE_NAME}.reads"
@@ -103,8 +106,32 @@ class Runtime:
             self.lease.release()
 
 
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    """The process's event loop for its gRPC servers, run by a daemon thread of its own
+    (grpc.aio's objects belong to the loop they were made on: one loop for all of them)."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(
+                target=loop.run_forever, name="timeline-grpc-loop", daemon=True
+            ).start()
+            _LOOP = loop
+        return _LOOP
+
+
 class TimelineServer:
-    """timeline.v1.Timeline, grpc.health.v1.Health and reflection on one grpc.Server.
+    """timeline.v1.Timeline, grpc.health.v1.Health and reflection on one grpc.aio server.
+
+    The calls are coroutines on one event loop (the process's, run by a thread of its own);
+    what blocks (the service's Redis and store calls) runs on a pool of `threads`, so a call
+    that waits for messages holds no thread (timeline.rpc.waiting). grpc.aio, not grpcio's
+    thread-per-call server, for that reason: it is grpcio's own asyncio stack, on the same
+    core, and the service stays synchronous code run on threads.
 
     Health: the service "" is liveness (SERVING while the process serves, like /healthz);
     "timeline.v1.Timeline" is readiness for every call (SERVING while Redis and the store
@@ -131,38 +158,46 @@ class TimelineServer:
         self.bind = bind
         self._health_interval_s = health_interval_s
         self._stopping = threading.Event()
-        self._executor = ThreadPoolExecutor(threads + held, thread_name_prefix="timeline-grpc")
-        self._server = grpc.server(
-            self._executor,
-            maximum_concurrent_rpcs=MAX_CALLS,
-            options=[
-                # grpc sets SO_REUSEPORT by default: a second server on the same port would
-                # share its traffic in silence. One server per address, or a bind error,
-                # unless this is one of the processes a supervisor runs there.
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-                # The HTTP API's body limit; a larger request is RESOURCE_EXHAUSTED.
-                ("grpc.max_receive_message_length", settings.body_max_bytes),
-            ],
-        )
-        calls = Calls(runtime.service, settings.api_token)
-        self.holds = Holds(runtime.wakes, held, settings.sync_wait_max_ms)
+        self._loop = _loop()
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="timeline-grpc")
+        calls = Calls(runtime.service, settings.api_token, self._executor)
+        self.holds = Holds(runtime.wakes, held, settings.sync_wait_max_ms, calls.run)
         servicer = TimelineServicer(Limits.from_settings(settings), calls, self.holds)
-        servicer.add_to_server(self._server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        self.health = health.aio.HealthServicer()
+
+        async def build() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server(
+                maximum_concurrent_rpcs=MAX_CALLS + held,
+                options=[
+                    # grpc sets SO_REUSEPORT by default: a second server on the same port
+                    # would share its traffic in silence. One server per address, or a bind
+                    # error, unless this is one of the processes a supervisor runs there.
+                    ("grpc.so_reuseport", 1 if reuse_port else 0),
+                    # The HTTP API's body limit; a larger request is RESOURCE_EXHAUSTED.
+                    ("grpc.max_receive_message_length", settings.body_max_bytes),
+                ],
+            )
+            servicer.add_to_server(server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+            return server, server.add_insecure_port(bind)
+
         try:
-            self.port = self._server.add_insecure_port(bind)
+            self._server, self.port = self.on_loop(build())
         except RuntimeError:  # it cannot bind there
             self._executor.shutdown(wait=False)
             raise
 
+    def on_loop(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` on the server's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+
     def start(self) -> None:
         self._check_readiness()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self._server.start()
+        self._set_health("", health_pb2.HealthCheckResponse.SERVING)
+        self.on_loop(self._server.start())
         threading.Thread(target=self._watch, name="timeline-grpc-health", daemon=True).start()
 
     def stop(self, grace_s: float) -> None:
@@ -171,10 +206,13 @@ class TimelineServer:
         later), new calls are refused, calls in flight get `grace_s` to finish (then they
         are cancelled)."""
         self._stopping.set()
-        self.health.enter_graceful_shutdown()
+        self.on_loop(self.health.enter_graceful_shutdown())
         self.holds.stop()
-        self._server.stop(grace_s).wait()
+        self.on_loop(self._server.stop(grace_s))
         self._executor.shutdown(wait=False)
+
+    def _set_health(self, service: str, status: Any) -> None:
+        self.on_loop(self.health.set(service, status))
 
     def _watch(self) -> None:
         while not self._stopping.wait(self._health_interval_s):
@@ -195,8 +233,8 @@ class TimelineServer:
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
-        self.health.set(SERVICE_NAME, serving if ready else not_serving)
-        self.health.set(READS_SERVICE_NAME, serving if readable else not_serving)
+        self._set_health(SERVICE_NAME, serving if ready else not_serving)
+        self._set_health(READS_SERVICE_NAME, serving if readable else not_serving)
 
 
 def grace_s(settings: Settings) -> float:

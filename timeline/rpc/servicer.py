@@ -6,7 +6,7 @@ entries (wait_ms, Subscribe)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 
 import grpc
@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from timeline.errors import InvalidParam, Unavailable
 from timeline.model import Entry, Kind, Message, Timeline, conversation_id
-from timeline.rpc.calls import Calls
+from timeline.rpc.calls import Calls, Context
 from timeline.rpc.v1 import timeline_pb2 as pb
 from timeline.rpc.v1 import timeline_pb2_grpc
 from timeline.rpc.waiting import Holds
@@ -34,9 +34,6 @@ from timeline.validation import (
     parse_members,
     parse_message,
 )
-
-Context = grpc.ServicerContext
-
 
 #: proto3's int32, which `unread` is (a number over HTTP, as protojson writes an int32).
 INT32_MAX = 2**31 - 1
@@ -95,7 +92,7 @@ class TimelineServicer:
         self.ListConversations = calls.method("ListConversations", self._conversations)
         self.ListDevices = calls.method("ListDevices", self._devices)
 
-    def add_to_server(self, server: grpc.Server) -> None:
+    def add_to_server(self, server: grpc.aio.Server) -> None:
         timeline_pb2_grpc.add_TimelineServicer_to_server(self, server)
 
     # --- writes ------------------------------------------------------------------------
@@ -178,7 +175,7 @@ class TimelineServicer:
 
     # --- reads -------------------------------------------------------------------------
 
-    def _sync(
+    async def _sync(
         self, request: pb.SyncMessageRequest, context: Context, service: TimelineService
     ) -> pb.SyncMessageReply:
         limits = self.limits
@@ -187,12 +184,14 @@ class TimelineServicer:
         count = parse_count(request.count, "count", limits)
         wait_ms = parse_int64(request.wait_ms, "wait_ms")
         device = parse_device(request.device, self.limits)
-        return self.holds.read(
+        return await self.holds.read(
             context,
             Timeline(Kind.SYNC, member),
             wait_ms,
-            lambda: self._sync_page(service, member, last_read, count, device),
+            partial(self._sync_page, service, member, last_read, count, device),
             _has_entries,
+            # Nothing allocated past last_read: only a write, which publishes, changes it.
+            lambda page: page.latest_seq <= last_read,
         )
 
     @staticmethod
@@ -228,9 +227,9 @@ class TimelineServicer:
         member = parse_id(request.member, "member", self.limits)
         return pb.ListDevicesReply(devices=[_device(d) for d in service.devices(member)])
 
-    def _subscribe(
+    async def _subscribe(
         self, request: pb.SubscribeRequest, context: Context, service: TimelineService
-    ) -> Iterator[pb.SyncMessageReply]:
+    ) -> AsyncIterator[pb.SyncMessageReply]:
         """Each sync page after last_read once it has entries, the next from its last one.
         A page is read when a wake-up says the timeline has entries, and at least every
         sync_wait_max_ms (a wake-up lost with Redis, a hole that is never written and that
@@ -245,24 +244,24 @@ class TimelineServicer:
         timeline = Timeline(Kind.SYNC, member)
         holds = self.holds
         round_s = holds.wait_max_ms / 1000
-        with holds.hold(context, slot=True) as hold:
+        async with holds.hold(slot=True) as hold:
             while True:
                 read = partial(
                     self._sync_page, service, member, last_read, limits.count_default, device
                 )
-                page = hold.until(timeline, read, _has_entries, round_s)
+                page = await hold.until(timeline, read, _has_entries, round_s)
                 if page.entry_set:
                     yield page
                     last_read = page.entry_set_last_seq
                 if hold.ended:
                     break
-        if holds.stopping and context.is_active():
+        if holds.stopping and not context.done():
             raise Unavailable(
                 "the server is stopping: subscribe again with last_read = the last sequence "
                 "received"
             )
 
-    def _single(
+    async def _single(
         self,
         request: pb.GetSingleHistoryMessageRequest,
         context: Context,
@@ -270,20 +269,20 @@ class TimelineServicer:
     ) -> pb.GetSingleHistoryMessageReply:
         a = parse_id(getattr(request, "from"), "from", self.limits)
         b = parse_id(request.to, "to", self.limits)
-        found, next_before = self._history(service, conversation_id(a, b), request, context)
+        found, next_before = await self._history(service, conversation_id(a, b), request, context)
         return pb.GetSingleHistoryMessageReply(entry_set=found, next_before=next_before)
 
-    def _group(
+    async def _group(
         self,
         request: pb.GetGroupHistoryMessageRequest,
         context: Context,
         service: TimelineService,
     ) -> pb.GetGroupHistoryMessageReply:
         group = parse_id(request.group, "group", self.limits)
-        found, next_before = self._history(service, group, request, context)
+        found, next_before = await self._history(service, group, request, context)
         return pb.GetGroupHistoryMessageReply(entry_set=found, next_before=next_before)
 
-    def _history(
+    async def _history(
         self,
         service: TimelineService,
         timeline_id: str,
@@ -295,13 +294,15 @@ class TimelineServicer:
         count = parse_count(request.count, "count", self.limits)
         if request.direction == pb.HISTORY_DIRECTION_BACKWARD:
             before = parse_int64(request.before, "before")
-            page = service.history_backward(timeline_id, before, count)
+            page = await self.holds.run(
+                partial(service.history_backward, timeline_id, before, count)
+            )
             return entries(page.entries), page.next_before
         if request.direction != pb.HISTORY_DIRECTION_FORWARD:
             raise InvalidParam("direction must be forward or backward", field="direction")
         last_read = parse_int64(request.last_read, "last_read")
         wait_ms = parse_int64(request.wait_ms, "wait_ms")
-        found = self.holds.read(
+        found = await self.holds.read(
             context,
             Timeline(Kind.HISTORY, timeline_id),
             wait_ms,

@@ -57,7 +57,7 @@ class Cancelled(TimelineError):
 
 class TooManyWaiting(TimelineError):
     """The server holds as many calls waiting for entries (Subscribe, reads with wait_ms)
-    as it has threads set aside for them (gRPC only: the HTTP worker holds none)."""
+    as it allows (gRPC only: a bound on their memory, timeline.rpc.server.HELD)."""
 
     code = 429
     reason = "TIMELINE_TOO_MANY_WAITING"
