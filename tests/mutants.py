@@ -363,6 +363,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_waiting.py", "-k", "stopped_at_a_hole"),
     ),
     Mutation(
+        "A gRPC wait stopped before a hole ends on the page it parked on",
+        "timeline/rpc/servicer.py",
+        "lambda page: page.latest_seq <= last_read",
+        "lambda page: True",
+        ("tests/test_grpc.py", "-k", "stopped_at_a_hole"),
+    ),
+    Mutation(
         "Preparer rebuilds after colliding documents (rescans for ever)",
         "timeline/store/__init__.py",
         "                if self._store.problem():\n",

@@ -1573,6 +1573,25 @@ def test_a_quiet_wait_ends_on_the_page_it_read(settings: Settings, store: Store)
         served.close()
 
 
+def test_a_wait_stopped_at_a_hole_reads_again_at_its_end(settings: Settings, store: Store) -> None:
+    # Seq 1 allocated and never written, seq 2 stored: the read stops before the hole. A
+    # seal publishes nothing, so the end of the wait reads again and finds 2.
+    counted = CountedReads(store, "h")
+    served = Grpc(settings.replace(sync_wait_max_ms=10_000), counted)  # type: ignore[arg-type]
+    try:
+        wait_for(lambda: served.runtime.wakes.listening, "the wake-up listener to subscribe")
+        now = int(time.time() * 1000)
+        served.runtime.service.allocator.allocate([Timeline(Kind.SYNC, "h")], 2, None, now)
+        put(store, Kind.SYNC, "h", 2, Message({"text": "2"}, '{"text":"2"}'), now, "m2")
+        held = served.stub.GetSyncMessage.future(pb.SyncMessageRequest(member="h", wait_ms=800))
+        wait_for(lambda: parked(served, "h") == 1, "the read to wait")
+        store.seal(Kind.SYNC, [("h", 1)], now)
+        assert texts(held.result(timeout=5).entry_set) == [(2, "2")]
+        assert counted.reads == 2
+    finally:
+        served.close()
+
+
 def test_a_stopping_server_ends_its_waiting_calls_at_once(
     settings: Settings, sqlite_store: SQLiteStore
 ) -> None:
