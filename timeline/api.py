@@ -397,7 +397,8 @@ def _waiting(
     kept = environ.get(SETTLED)
     if kept is not None:  # the worker's deadline, nothing woke it: the page it parked on
         metrics.WAITS_TIMED_OUT.inc()
-        return kept  # type: ignore[no-any-return]
+        page: dict[str, Any] = orjson.loads(kept)
+        return page
     deadline = environ.get(WAIT_UNTIL) or time.monotonic() + wait_ms / 1000
     key = key_of(timeline)
     while True:
@@ -413,13 +414,12 @@ def _waiting(
             if not page["entrySet"]:
                 metrics.WAITS_TIMED_OUT.inc()
             return page
-        keep = page if settled(page) else None
-        if environ.get(CAN_PARK):
-            raise Parked(wakes, key, token, deadline, keep)  # the worker holds it: no thread
+        if environ.get(CAN_PARK):  # the worker holds it: no thread
+            raise Parked(wakes, key, token, deadline, orjson.dumps(page) if settled(page) else None)
         # A thread to spare (another WSGI server, tests).
-        if wakes.wait(key, token, left) and keep is not None:
+        if wakes.wait(key, token, left) and settled(page):
             metrics.WAITS_TIMED_OUT.inc()
-            return keep
+            return page
 
 
 def _history(ctx: Context, call: Call, timeline_id: str) -> dict[str, Any]:

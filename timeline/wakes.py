@@ -60,16 +60,21 @@ class Parked(Exception):
     """A read with nothing to return yet, to be held until `wakes` wakes `key` (`token`
     says since when) or `deadline` (time.monotonic) passes.
 
-    `page` is the reply when the deadline comes and nothing woke it, so that the read need
-    not run again: only a read whose emptiness a wake-up is sure to end carries one (a sync
-    with nothing allocated beyond `last_read`: whatever comes next is a write that
-    publishes once stored). One stopped before a hole does not (a hole can be sealed
-    without a wake-up, and readers seal old ones themselves): it reads again."""
+    `page` is the reply (its JSON: bytes, which the collector need not walk) when the
+    deadline comes and nothing woke it, so that the read need not run again: only a read
+    whose emptiness a wake-up is sure to end carries one (a sync with nothing allocated
+    beyond `last_read`: whatever comes next is a write that publishes once stored). One
+    stopped before a hole does not (a hole can be sealed without a wake-up, and readers seal
+    old ones themselves): it reads again."""
+
+    # Slots, and no args: a held request keeps this, and the cycle collector walks each
+    # object it keeps (a dict and a tuple more, per waiter, otherwise).
+    __slots__ = ("deadline", "key", "page", "token", "wakes")
 
     def __init__(
-        self, wakes: Wakes, key: str, token: Token, deadline: float, page: Any = None
+        self, wakes: Wakes, key: str, token: Token, deadline: float, page: bytes | None = None
     ) -> None:
-        super().__init__(key)
+        super().__init__()
         self.wakes, self.key, self.token, self.deadline = wakes, key, token, deadline
         self.page = page
 

@@ -452,6 +452,11 @@ def _accept_queue(listener: socket.socket) -> int:
         return 0
 
 
+#: The reply chunks of a connection with no reply to send: one empty list shared by all (never
+#: written to: _write changes a list only at an index below its length).
+_NO_OUT: list[memoryview] = []
+
+
 class Conn:
     """One client connection, owned by the main loop."""
 
@@ -506,7 +511,7 @@ class Conn:
         self.continued = False  # 100 Continue sent for the request being read
         self.events = 0  # what the poller watches the socket for; 0: not registered
         self.ticket = -1  # the timer that counts for this connection; -1: none
-        self.out: list[memoryview] = []
+        self.out: list[memoryview] = _NO_OUT  # between replies: no list of its own
         self.out_index = 0
         self.keep = False
         self.lingered = 0
@@ -603,6 +608,11 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         # collector's way, so that its passes cost what the connections hold, not them.
         gc.collect()
         gc.freeze()
+        # Bound once: a held connection's callbacks then cost one partial each, not a bound
+        # method more (the collector walks every object a held connection keeps).
+        self._on_event_bound = self._on_event
+        self._defer = self.method_queue.defer
+        self._woken_bound = self._woken
         self.poller.register(
             self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks
         )
@@ -746,7 +756,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         util.close(conn.sock)
         conn.buf = bytearray()
-        conn.out = []
+        conn.out = _NO_OUT
         # Its callbacks refer to it: dropped, it is freed when the last reference goes, not
         # left to the cycle collector (whose passes grow with every connection alive).
         conn.on_event = conn.wake = conn.parked = None
@@ -794,7 +804,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
             raise
         sock.setblocking(False)
         assert self.limits is not None
-        conn = Conn(sock, client, listener.getsockname(), self.limits, self._on_event)
+        conn = Conn(sock, client, listener.getsockname(), self.limits, self._on_event_bound)
         self.conns.add(conn)
         self.silent[conn] = None
         if not flood:  # in a flood, sharing by load gives way to draining the queue
@@ -980,7 +990,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         assert parked is not None
         conn.state = WAITING
         conn.wait_until = parked.deadline
-        conn.wake = partial(self.method_queue.defer, self._woken, conn, parked)
+        conn.wake = partial(self._defer, self._woken_bound, conn, parked)
         if not parked.wakes.park(parked.key, parked.token, conn.wake):
             self._rerun(conn)
             return
@@ -1060,7 +1070,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
                 else:
                     out[conn.out_index] = view[sent:]
                     sent = 0
-        conn.out = []
+        conn.out = _NO_OUT
         self._replied(conn)
 
     def _replied(self, conn: Conn) -> None:
