@@ -39,7 +39,7 @@ def test_every_wake_up_is_received_and_reported(
     status = main(
         [
             "--url", served.base, "--scenario", "wait", "--waiters", "60", "--duration", "4",
-            "--phases", "2", "--rate", "50", "--ramp", "1",
+            "--phases", "2", "--rate", "50", "--ramp", "1", "--wake-every", "0.1",
             "--verify", "--quiet", "--json", str(out),
         ]
     )  # fmt: skip
@@ -49,7 +49,8 @@ def test_every_wake_up_is_received_and_reported(
     # then every message sent to a held waiter reached it, and nothing failed;
     wake = report["wake_ups"]
     assert set(wake) == {"sent", "received", "missed", "before_send_reply"} | LATENCIES
-    assert wake["sent"] > 0
+    assert 0 < wake["sent"] <= 2 / 0.1 + 1  # one at a time, at most every 0.1 s
+    assert report["wake_every_seconds"] == 0.1
     assert wake["received"] == wake["sent"]
     assert wake["missed"] == 0
     assert report["errors"] == 0
@@ -73,6 +74,7 @@ def test_every_wake_up_is_received_and_reported(
     # and the table says the same.
     table = capsys.readouterr().out
     assert f"{wake['sent']} sent, {wake['received']} received, 0 missed" in table
+    assert "at most every 100 ms" in table
     assert "verify              ok" in table
 
 
@@ -80,7 +82,13 @@ def test_the_wait_scenario_runs_for_a_duration_and_draws_no_plot(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    for more in (["--requests", "5"], ["--plot", "x.png"], ["--phases", "3"], ["--waiters", "0"]):
+    for more in (
+        ["--requests", "5"],
+        ["--plot", "x.png"],
+        ["--phases", "3"],
+        ["--waiters", "0"],
+        ["--wake-every", "0"],
+    ):
         with pytest.raises(SystemExit) as stopped:
             main(["--url", url, "--scenario", "wait", *more])
         assert stopped.value.code == 2, more

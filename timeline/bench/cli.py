@@ -108,6 +108,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "asking again, as in a steady state; 0: at once, and none times out in a short phase)",
     )
     waiting.add_argument(
+        "--wake-every",
+        type=float,
+        default=wait.WAKE_EVERY,
+        help=f"seconds between the sender's messages, at least ({wait.WAKE_EVERY:g}; each "
+        "woken waiter's reply and its next ask are requests the held phases have and the "
+        "others have not: a larger value measures the holding alone)",
+    )
+    waiting.add_argument(
         "--rate",
         type=float,
         default=200.0,
@@ -121,9 +129,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.scenario == wait.NAME:
         if args.requests is not None or args.plot is not None:
             parser.error(f"--scenario {wait.NAME} runs for --duration and draws no --plot")
-        if args.waiters < 1 or args.phases < 2 or args.phases % 2 or args.rate < 0 or args.ramp < 0:
+        if (
+            args.waiters < 1
+            or args.phases < 2
+            or args.phases % 2
+            or min(args.rate, args.ramp) < 0
+            or args.wake_every <= 0
+        ):
             parser.error(
-                "--waiters must be at least 1, --phases even, --rate and --ramp not negative"
+                "--waiters must be at least 1, --phases even, --rate and --ramp not negative, "
+                "--wake-every positive"
             )
         if args.duration is None:
             args.duration = 40.0
@@ -353,6 +368,7 @@ def bench_wait(args: argparse.Namespace) -> int:
             args.ramp,
             token=args.token,
             progress=bar,
+            wake_every=args.wake_every,
         )
         if show:
             sys.stderr.write("\n")

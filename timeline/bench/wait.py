@@ -350,6 +350,7 @@ class WaitResult:
     concurrency: int
     rate: float
     ramp: float
+    wake_every: float
     phases: list[Phase]
     wakes: list[float]  # wake-up latencies, ms
     wakes_sent: int
@@ -393,6 +394,7 @@ class WaitResult:
             "concurrency": self.concurrency,
             "traffic_rate": self.rate,
             "ramp_seconds": self.ramp,
+            "wake_every_seconds": self.wake_every,
             "duration": round(self.duration, 3),
             "wake_ups": {
                 "sent": self.wakes_sent,
@@ -433,8 +435,10 @@ class WaitRun:
         rate: float,
         token: str | None = None,
         progress: Callable[[float, int, int], None] | None = None,
+        wake_every: float = WAKE_EVERY,
     ) -> None:
         self.url = url.rstrip("/")
+        self.wake_every = wake_every
         self.scenario = scenario
         self.loop = _Loop(url, token)
         self.rng = random.Random(7)  # noqa: S311 - load shapes, not secrets
@@ -577,12 +581,13 @@ class WaitRun:
         if self.sender_busy or self.wake is not None:
             return  # one at a time: called again when that one is done
         now = time.monotonic()
-        if now < self.last_send + WAKE_EVERY:
-            self.loop.at(self.last_send + WAKE_EVERY, partial(self._send_next, generation))
+        every = self.wake_every
+        if now < self.last_send + every:
+            self.loop.at(self.last_send + every, partial(self._send_next, generation))
             return
         waiter = self._pick(now)
         if waiter is None:
-            self.loop.at(now + WAKE_EVERY, partial(self._send_next, generation))
+            self.loop.at(now + every, partial(self._send_next, generation))
             return
         self.last_send = now
         self.sender_busy = True
@@ -808,6 +813,7 @@ def run_wait(
     token: str | None = None,
     progress: Callable[[float, int, int], None] | None = None,
     scenario: Scenario | None = None,
+    wake_every: float = WAKE_EVERY,
 ) -> tuple[WaitResult, Scenario]:
     """The scenario against the service at `url`: its result, and the Scenario whose ledger
     holds every message it sent (for verify)."""
@@ -816,7 +822,7 @@ def run_wait(
     scenario = scenario or Scenario("mixed", 1)
     scenario.prepare(Client(url, token))
     cpu, started = time.process_time(), time.monotonic()
-    run = WaitRun(url, scenario, waiters, concurrency, rate, token, progress)
+    run = WaitRun(url, scenario, waiters, concurrency, rate, token, progress, wake_every)
     try:
         done = run.run(duration, phases, ramp)
     finally:
@@ -828,6 +834,7 @@ def run_wait(
         concurrency=concurrency,
         rate=rate,
         ramp=ramp,
+        wake_every=wake_every,
         phases=done,
         wakes=run.wakes,
         wakes_sent=run.wakes_sent,
@@ -870,7 +877,8 @@ def table(report: dict[str, Any]) -> str:
                           "timeline_waiters as each held phase began)") if counted
          else "not reported (no timeline_waiters at /metrics)"),
         ("wake-ups", f"{wake['sent']:,} sent, {wake['received']:,} received, "
-                     f"{wake['missed']} missed"),
+                     f"{wake['missed']} missed (one at a time, at most every "
+                     f"{report['wake_every_seconds'] * 1000:g} ms)"),
         ("wake-up latency", f"p50 {wake['p50']:.2f} ms, p99 {wake['p99']:.2f} ms, "
                             f"max {wake['max']:.2f} ms (from the send's 200 to the reply)"),
         ("traffic", f"{report['concurrency']} connections, "
