@@ -242,6 +242,15 @@ def counted(settings: Settings, store: Store) -> Iterator[tuple[Any, CountedRead
     app.extensions["timeline"]["wakes"].stop()
 
 
+def held_sync(app: Any, wait_ms: int) -> Any:
+    """b's sync with wait_ms, asked from a thread of its own, and given time to park."""
+    waiter = in_background(
+        lambda: app.test_client().get(f"/timeline/sync?member=b&wait_ms={wait_ms}")
+    )
+    time.sleep(0.2)
+    return waiter
+
+
 def test_a_quiet_wait_ends_on_the_page_it_read_without_reading_again(
     counted: tuple[Any, CountedReads],
 ) -> None:
@@ -249,8 +258,7 @@ def test_a_quiet_wait_ends_on_the_page_it_read_without_reading_again(
     # change its page. A wait that no wake-up ends answers the page it read, once.
     app, counting = counted
     service = app.extensions["timeline"]["service"]
-    waiter = in_background(lambda: app.test_client().get("/timeline/sync?member=b&wait_ms=600"))
-    time.sleep(0.2)
+    waiter = held_sync(app, 600)
     # (A sequence allocated meanwhile, its write still in flight: no wake-up yet.)
     service.allocator.allocate([Timeline(Kind.SYNC, "b")], 1, None, int(time.time() * 1000))
     page = waiter.result(timeout=5).get_json()
@@ -265,8 +273,7 @@ def test_a_wait_whose_listener_lost_the_channel_reads_again_at_its_end(
     # reached it): the wait's end reads again, and finds the message.
     app, counting = counted
     wakes = app.extensions["timeline"]["wakes"]
-    waiter = in_background(lambda: app.test_client().get("/timeline/sync?member=b&wait_ms=800"))
-    time.sleep(0.2)
+    waiter = held_sync(app, 800)
     redis = wakes._redis
     wakes._redis = Unpublished(redis)
     wakes.listening = False  # as the listener marks a lost channel, until it subscribes again
@@ -290,8 +297,8 @@ def test_a_wait_stopped_at_a_hole_reads_again_at_its_end(
     now = int(time.time() * 1000)
     service.allocator.allocate([b], 2, None, now)
     put(store, Kind.SYNC, "b", 2, Message({"t": "2"}, '{"t":"2"}'), now, "m2")
-    waiter = in_background(lambda: app.test_client().get("/timeline/sync?member=b&wait_ms=800"))
-    time.sleep(0.3)
+    waiter = held_sync(app, 800)
+    time.sleep(0.1)
     store.seal(Kind.SYNC, [("b", 1)], now)
     assert texts(waiter.result(timeout=5).get_json()) == ["2"]
     assert counting.reads == 2
