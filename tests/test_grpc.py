@@ -960,6 +960,34 @@ def test_a_call_picked_up_by_a_thread_after_its_deadline_is_not_started(rpc: Grp
     assert reason_of(context.status) == "TIMELINE_DEADLINE_EXCEEDED"
 
 
+def test_calls_beyond_what_the_pool_may_queue_are_refused_at_once(rpc: Grpc) -> None:
+    # Given a pool of one thread, busy, and room for 2 calls running or queued
+    pool = ThreadPoolExecutor(1)
+    release = threading.Event()
+    ran: list[Any] = []
+    calls = Calls(rpc.runtime.service, None, pool, queued_max=2)
+    method = calls.method("Ack", lambda *args: (release.wait(5), ran.append(args)))
+    contexts = [PickedUpLate(30.0) for _ in range(3)]
+
+    async def three() -> list[Any]:
+        tasks = [
+            asyncio.ensure_future(method(pb.AckRequest(), context))  # type: ignore[arg-type]
+            for context in contexts
+        ]
+        await asyncio.sleep(0.2)
+        release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outcomes = asyncio.run(three())
+    pool.shutdown()
+    # Then the third is refused at once, UNAVAILABLE (retry shortly), and never runs
+    assert len(ran) == 2
+    assert [type(outcome) for outcome in outcomes] == [tuple, tuple, RuntimeError]
+    assert contexts[2].status.code is grpc.StatusCode.UNAVAILABLE
+    assert reason_of(contexts[2].status) == "TIMELINE_UNAVAILABLE"
+    assert calls.queued == 0
+
+
 def test_a_write_gets_the_sooner_of_the_two_deadlines(rpc: Grpc) -> None:
     calls = Calls(rpc.runtime.service, None)
     seen: list[int] = []

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import grpc
 
 from timeline import logs, metrics
-from timeline.errors import TimelineError
+from timeline.errors import TimelineError, Unavailable
 from timeline.logs import REQUEST_ID_PATTERN
 from timeline.rpc.status import Cancelled, DeadlineExceeded, error_status, grpc_code
 from timeline.service import TimelineService
@@ -79,23 +79,46 @@ class Calls:
     that run at once; a call waiting for messages (timeline.rpc.waiting) holds no thread."""
 
     def __init__(
-        self, service: TimelineService, api_token: str | None, executor: Executor | None = None
+        self,
+        service: TimelineService,
+        api_token: str | None,
+        executor: Executor | None = None,
+        queued_max: int = 256,
     ) -> None:
+        """`queued_max`: the most work items running or queued for a thread at once; one
+        more is refused (UNAVAILABLE, retry shortly), so that a flood of calls cannot grow
+        the queue, and what its requests hold, without bound."""
         self.service = service
         self._token = api_token
         self._executor = executor or ThreadPoolExecutor(4, thread_name_prefix="timeline-calls")
+        self.queued_max = queued_max
+        self.queued = 0  # on the loop's thread only
 
-    async def run(self, work: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
+    async def run(
+        self,
+        work: Callable[..., T],
+        *args: Any,
+        deadline: float | None = None,
+        admit: bool = True,
+    ) -> T:
         """`work(*args)` on a thread of the pool, with the call's log context (its request
         id); not started when `deadline` (time.monotonic) has passed by the time a thread
-        takes it.
+        takes it. With `admit` (a call's first work), refused when queued_max are running
+        or queued already; without (the read of a held call that a wake-up woke: a
+        group message can wake thousands at once), it queues (the held calls are bounded).
 
         Cancelled (its client went away, its deadline passed) while it waits for a thread,
         it never starts; while a thread runs it, the thread finishes it (a write is bounded
         by the call's deadline already, timeline.service) and the cancellation waits for
         that, so that the call's access line and duration are the work's."""
+        if admit and self.queued >= self.queued_max:
+            raise Unavailable(
+                f"this server runs or queues as many calls as it allows ({self.queued_max}); "
+                "retry shortly",
+            )
         context = contextvars.copy_context()
         future = self._executor.submit(context.run, _in_time, deadline, work, *args)
+        self.queued += 1
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -103,6 +126,8 @@ class Calls:
                 with contextlib.suppress(Exception):
                     await asyncio.wrap_future(future)
             raise
+        finally:
+            self.queued -= 1
 
     def method(
         self, name: str, handler: Handler[Request], *, writes: bool = False

@@ -41,9 +41,10 @@ THREADS = 16
 #: while they wait): each is a coroutine parked on the loop, a few KB, no thread; beyond,
 #: RESOURCE_EXHAUSTED (timeline.rpc.waiting). The HTTP worker's budget, per process.
 HELD = 10_000
-#: Other calls accepted at once, running or queued for a thread; beyond, grpc answers
-#: RESOURCE_EXHAUSTED at once rather than let a queue grow without bound. A queued call
-#: whose deadline passes meanwhile never starts (calls.Calls).
+#: Work (a call's service work, a waiting call's read) running or queued for a thread at
+#: once; beyond, UNAVAILABLE at once (retry shortly) rather than a queue that grows without
+#: bound (calls.Calls). A queued call whose deadline passes meanwhile never starts. grpc
+#: itself accepts at most this many calls beside the waiting ones (RESOURCE_EXHAUSTED).
 MAX_CALLS = 256
 #: The health service name of readiness for reads alone (see TimelineServer).
 READS_SERVICE_NAME = f"{SERVICE_NAME}.reads"
@@ -160,7 +161,7 @@ class TimelineServer:
         self._stopping = threading.Event()
         self._loop = _loop()
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="timeline-grpc")
-        calls = Calls(runtime.service, settings.api_token, self._executor)
+        calls = Calls(runtime.service, settings.api_token, self._executor, MAX_CALLS)
         self.holds = Holds(runtime.wakes, held, settings.sync_wait_max_ms, calls.run)
         servicer = TimelineServicer(Limits.from_settings(settings), calls, self.holds)
         self.health = health.aio.HealthServicer()

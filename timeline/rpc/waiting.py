@@ -33,8 +33,9 @@ from timeline.rpc.status import TooManyWaiting
 from timeline.wakes import Token, Wakes, key_of
 
 Page = TypeVar("Page")
-#: Runs a blocking function on a thread of the server's pool (Calls.run).
-Run = Callable[[Callable[[], Any]], Awaitable[Any]]
+#: Runs a blocking function on a thread of the server's pool (Calls.run: `admit`, whether
+#: it may be refused when the pool's queue is full).
+Run = Callable[..., Awaitable[Any]]
 
 #: A read held by wait_ms answers its page this long before the call's deadline (a quarter
 #: of the time left, when that is less), so that the page reaches the client in time.
@@ -81,10 +82,12 @@ class Hold:
         wakes = self._holds.wakes
         key = key_of(timeline)
         deadline = time.monotonic() + wait_s
+        admit = not self.slotted  # a call not yet held: refused, like any, when overloaded
         while True:
             token = wakes.watch(key)
             try:
-                page: Page = await self._holds.run(read)
+                page: Page = await self._holds.run(read, admit=admit)
+                admit = False
                 left = deadline - time.monotonic()
                 if ready(page) or left <= 0 or self.ended:
                     wakes.unwatch(key)
