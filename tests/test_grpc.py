@@ -927,10 +927,11 @@ def test_a_call_over_before_it_began_is_not_started(
     rpc: Grpc, context: PickedUpLate, code: grpc.StatusCode, reason: str
 ) -> None:
     started: list[Any] = []
-    calls = Calls(rpc.runtime.service, None)
-    method = calls.method("Send", lambda *args: started.append(args), writes=True)
-    with pytest.raises(RuntimeError, match="aborted"):
-        asyncio.run(method(pb.SendMessageRequest(), context))  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as pool:
+        calls = Calls(rpc.runtime.service, None, pool)
+        method = calls.method("Send", lambda *args: started.append(args), writes=True)
+        with pytest.raises(RuntimeError, match="aborted"):
+            asyncio.run(method(pb.SendMessageRequest(), context))  # type: ignore[arg-type]
     assert started == []
     assert context.status.code is code
     assert reason_of(context.status) == reason
@@ -989,13 +990,15 @@ def test_calls_beyond_what_the_pool_may_queue_are_refused_at_once(rpc: Grpc) -> 
 
 
 def test_a_write_gets_the_sooner_of_the_two_deadlines(rpc: Grpc) -> None:
-    calls = Calls(rpc.runtime.service, None)
     seen: list[int] = []
-    method = calls.method(
-        "Send", lambda r, c, service: seen.append(service.policy.request_deadline_ms), writes=True
-    )
-    for remaining in (0.25, 1e9):
-        asyncio.run(method(pb.SendMessageRequest(), PickedUpLate(remaining)))  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as pool:
+        method = Calls(rpc.runtime.service, None, pool).method(
+            "Send",
+            lambda r, c, service: seen.append(service.policy.request_deadline_ms),
+            writes=True,
+        )
+        for remaining in (0.25, 1e9):
+            asyncio.run(method(pb.SendMessageRequest(), PickedUpLate(remaining)))  # type: ignore[arg-type]
     assert seen == [250, rpc.runtime.service.policy.request_deadline_ms]
     assert rpc.runtime.service.policy.request_deadline_ms == 3000  # the shared one untouched
 

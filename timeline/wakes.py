@@ -152,7 +152,6 @@ class Wakes:
         woken = threading.Event()
         if not self.park(key, token, woken.set):
             return False
-        quiet = False
         try:
             woken.wait(timeout_s)
         finally:

@@ -523,7 +523,7 @@ class Conn:
         self.pending = b""  # the request a thread runs (run again after a wait)
         self.parked: Parked | None = None  # the wait it is held for
         self.wait_until = 0.0  # its deadline (time.monotonic), across runs of the request
-        self.settled: Any = None  # the page it parked on, the answer at a quiet deadline
+        self.settled: bytes | None = None  # the page it parked on, answered at a quiet deadline
         self.wake: Callable[[], None] | None = None  # what wakes it (from any thread)
         self.woken_at = 0.0
         self.on_event: Callable[[Any], None] | None = partial(on_event, self)
@@ -1008,8 +1008,7 @@ class TimelineWorker(ThreadWorker):  # type: ignore[misc]
         a wake-up could change (Parked.page) and none can have come, with that page,
         without reading again."""
         parked, wake = conn.parked, conn.wake
-        quiet = parked is not None and wake is not None and parked.wakes.cancel(parked.key, wake)
-        if quiet and parked is not None:
+        if parked is not None and wake is not None and parked.wakes.cancel(parked.key, wake):
             conn.settled = parked.page
         conn.wait_until = min(conn.wait_until, time.monotonic())
         self._rerun(conn)

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -62,10 +62,18 @@ def remote_address(peer: str) -> str:
     return kind or peer
 
 
-def _in_time(deadline: float | None, work: Callable[..., T], *args: Any) -> T:
+#: The call's deadline (time.monotonic; None: it has none), set as it begins, in the context
+#: of the task grpc runs it in: every work item of the call carries it to its thread.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "timeline_grpc_deadline", default=None
+)
+
+
+def _in_time(work: Callable[..., T], *args: Any) -> T:
     """On a thread of the pool: `work(*args)`, unless the call's deadline passed while it
     waited for the thread (grpc cancels such a call, and with it the queued work, but a
     thread can take it first)."""
+    deadline = _DEADLINE.get()
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("the call's deadline passed before it started")
     return work(*args)
@@ -82,7 +90,7 @@ class Calls:
         self,
         service: TimelineService,
         api_token: str | None,
-        executor: Executor | None = None,
+        executor: Executor,
         queued_max: int = 256,
     ) -> None:
         """`queued_max`: the most work items running or queued for a thread at once; one
@@ -90,20 +98,14 @@ class Calls:
         the queue, and what its requests hold, without bound."""
         self.service = service
         self._token = api_token
-        self._executor = executor or ThreadPoolExecutor(4, thread_name_prefix="timeline-calls")
+        self._executor = executor
         self.queued_max = queued_max
         self.queued = 0  # on the loop's thread only
 
-    async def run(
-        self,
-        work: Callable[..., T],
-        *args: Any,
-        deadline: float | None = None,
-        admit: bool = True,
-    ) -> T:
-        """`work(*args)` on a thread of the pool, with the call's log context (its request
-        id); not started when `deadline` (time.monotonic) has passed by the time a thread
-        takes it. With `admit` (a call's first work), refused when queued_max are running
+    async def run(self, work: Callable[..., T], *args: Any, admit: bool = True) -> T:
+        """`work(*args)` on a thread of the pool, with the call's context (its request id on
+        the log lines, its deadline); not started when the deadline has passed by the time a
+        thread takes it. With `admit` (a call's first work), refused when queued_max are running
         or queued already; without (the read of a held call that a wake-up woke: a
         group message can wake thousands at once), it queues (the held calls are bounded).
 
@@ -117,7 +119,7 @@ class Calls:
                 "retry shortly",
             )
         context = contextvars.copy_context()
-        future = self._executor.submit(context.run, _in_time, deadline, work, *args)
+        future = self._executor.submit(context.run, _in_time, work, *args)
         self.queued += 1
         try:
             return await asyncio.wrap_future(future)
@@ -152,10 +154,7 @@ class Calls:
                     if on_loop:
                         reply = await handler(request, context, service)
                     else:
-                        deadline = None if remaining is None else time.monotonic() + remaining
-                        reply = await self.run(
-                            handler, request, context, service, deadline=deadline
-                        )
+                        reply = await self.run(handler, request, context, service)
                 except TimelineError as error:
                     failure = error
                     if error.code >= 500:
@@ -250,13 +249,15 @@ class Calls:
 
     @staticmethod
     def _remaining(context: Context) -> float | None:
-        """Seconds left before the call's deadline (None: it has none). A call whose deadline
-        passed, or whose client went away, before it began is not started."""
+        """Seconds left before the call's deadline (None: it has none), which its work then
+        carries (_DEADLINE). A call whose deadline passed, or whose client went away, before
+        it began is not started."""
         if context.cancelled():
             raise Cancelled("the client cancelled the call")
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the call's deadline passed before it started")
+        _DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
         return remaining
 
     def _within(self, remaining: float | None) -> TimelineService:

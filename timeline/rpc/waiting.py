@@ -82,12 +82,11 @@ class Hold:
         wakes = self._holds.wakes
         key = key_of(timeline)
         deadline = time.monotonic() + wait_s
-        admit = not self.slotted  # a call not yet held: refused, like any, when overloaded
         while True:
             token = wakes.watch(key)
             try:
-                page: Page = await self._holds.run(read, admit=admit)
-                admit = False
+                # A call not held yet is refused, as any, when the pool's queue is full.
+                page: Page = await self._holds.run(read, admit=not self.slotted)
                 left = deadline - time.monotonic()
                 if ready(page) or left <= 0 or self.ended:
                     wakes.unwatch(key)
