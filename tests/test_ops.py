@@ -496,7 +496,13 @@ def test_the_document_is_served(client: Any) -> None:
 _SCHEMA_DIR = Path(tempfile.mkdtemp(prefix="timeline-schemathesis-"))
 _SCHEMA_REDIS = RedisServer(_SCHEMA_DIR / "redis")
 _SCHEMA_APP = create_app(
-    Settings(redis_url=_SCHEMA_REDIS.url, sqlite_path=str(_SCHEMA_DIR / "t.sqlite3")),
+    Settings(
+        redis_url=_SCHEMA_REDIS.url,
+        sqlite_path=str(_SCHEMA_DIR / "t.sqlite3"),
+        # Generated reads carry any wait_ms: each may be held this long (clamped), not 30 s,
+        # so that 40 examples stay well within the test's timeout.
+        sync_wait_max_ms=50,
+    ),
 )
 schema = schemathesis.openapi.from_wsgi("/openapi.json", _SCHEMA_APP)
 
